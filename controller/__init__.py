@@ -1,0 +1,1 @@
+"""controller: make the cluster match the spec (make it so)."""

@@ -1,0 +1,156 @@
+"""The `homelab` command line.
+
+Every command that reads a spec takes `-f FILE` (default `./cluster.yaml`, or
+`$HOMELAB_SPEC`). A user mistake — a missing file, bad YAML, an invalid spec —
+is reported as located one-line errors on stderr with exit status 1, never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+
+from specs import Diagnostic, LoadedSpec, SpecError, load_spec
+from specs.schema import json_schema_text
+from specs.units import format_size
+
+DEFAULT_SPEC = "cluster.yaml"
+SPEC_ENV = "HOMELAB_SPEC"
+
+app = typer.Typer(
+    name="homelab",
+    help="Declarative reconciliation controller for homelab LLM inference clusters.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+SpecFileOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--file",
+        "-f",
+        help=f"Spec file [default: ${SPEC_ENV} or ./{DEFAULT_SPEC}]",
+        show_default=False,
+        dir_okay=False,
+    ),
+]
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print one `error:` line to stderr and exit."""
+    err.print(f"[red]error:[/red] {message}", markup=True, highlight=False)
+    raise typer.Exit(code)
+
+
+def spec_path(file: Path | None, positional: Path | None = None) -> Path:
+    """The spec file a command works on: positional, then -f, then $HOMELAB_SPEC, then ./cluster.yaml."""
+    if file is not None and positional is not None and file != positional:
+        fail(f"two spec files given: {positional} and -f {file}")
+    chosen = positional or file
+    if chosen is not None:
+        return chosen
+    env = os.environ.get(SPEC_ENV)
+    return Path(env) if env else Path(DEFAULT_SPEC)
+
+
+def print_diagnostics(diagnostics: tuple[Diagnostic, ...] | list[Diagnostic]) -> None:
+    for diagnostic in diagnostics:
+        err.print(str(diagnostic), markup=False)
+
+
+def load_or_exit(path: Path) -> LoadedSpec:
+    """Load and validate the spec, or print every error and exit 1."""
+    try:
+        loaded = load_spec(path)
+    except SpecError as exc:
+        print_diagnostics(exc.diagnostics)
+        n = len(exc.diagnostics)
+        err.print(f"{n} error{'s' if n != 1 else ''} in {path}", markup=False)
+        raise typer.Exit(1) from None
+    print_diagnostics(loaded.warnings)
+    return loaded
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            out.print(f"homelab {version('homelab-cluster')}")
+        except PackageNotFoundError:  # pragma: no cover - running from a source tree
+            out.print("homelab (not installed)")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """Declarative reconciliation controller for homelab LLM inference clusters."""
+
+
+@app.command()
+def validate(
+    spec: Annotated[
+        Path | None, typer.Argument(help="Spec file (same as -f)", show_default=False, dir_okay=False)
+    ] = None,
+    file: SpecFileOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the validated spec as JSON.")] = False,
+) -> None:
+    """Check a spec: syntax, types, unknown keys and cross-references. Exit 1 on any error."""
+    path = spec_path(file, spec)
+    loaded = load_or_exit(path)
+    s = loaded.spec
+    if as_json:
+        out.print(json.dumps(s.model_dump(mode="json"), indent=2), markup=False)
+        return
+    gpus = [gpu for node in s.nodes for gpu in node.gpus]
+    vram = sum(gpu.vram for gpu in gpus)
+    gateway = f", gateway on port {s.gateway.port}" if s.gateway is not None else ""
+    out.print(
+        f"{path}: valid — cluster '{s.cluster.name}': {len(s.nodes)} node{'s' if len(s.nodes) != 1 else ''},"
+        f" {len(gpus)} GPU{'s' if len(gpus) != 1 else ''} ({format_size(vram)}),"
+        f" {len(s.models)} model{'s' if len(s.models) != 1 else ''}{gateway}",
+        markup=False,
+    )
+
+
+@app.command()
+def schema(
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout.", dir_okay=False)
+    ] = None,
+) -> None:
+    """Print the JSON Schema of the spec (for editors: `# yaml-language-server: $schema=...`)."""
+    text = json_schema_text()
+    if output is None:
+        sys.stdout.write(text)
+        return
+    from specs.files import atomic_write
+
+    try:
+        atomic_write(output, text)
+    except OSError as exc:
+        fail(f"{output}: cannot write: {exc.strerror}")
+    err.print(f"wrote {output}", markup=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

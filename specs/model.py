@@ -1,0 +1,568 @@
+"""The desired-state language: one frozen pydantic model per section of cluster.yaml.
+
+Structure and types are checked here; references between sections (a model
+pinned to a node that does not exist, a routing list naming an unknown model,
+duplicate names …) are checked in `specs.validate`, which reports them with
+their location in the file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Annotated, Literal, Self
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    WithJsonSchema,
+    model_validator,
+)
+
+from specs.enums import (
+    Category,
+    GpuAccess,
+    KVCacheType,
+    LayerOrder,
+    OsFamily,
+    Runtime,
+    Tier,
+)
+from specs.units import format_size, parse_duration, parse_size
+
+# --------------------------------------------------------------------------- types
+
+Size = Annotated[
+    int,
+    BeforeValidator(parse_size),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer", "minimum": 0},
+                {
+                    "type": "string",
+                    "pattern": r"^\s*(\d+(\.\d+)?|\.\d+)\s*([kKmMgGtT]([iI]?[bB]?)?|[bB])?\s*$",
+                },
+            ],
+            "description": "bytes, or a size such as 24GiB, 9.0 GB, 512MiB",
+        }
+    ),
+]
+"""A number of bytes; written as an integer or as `24GiB`, `9.0 GB`, `512MiB`."""
+
+Duration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "minimum": 0},
+                {"type": "string", "pattern": r"^\s*((\d+(\.\d+)?(ms|s|m|h|d))+|\d+(\.\d+)?)\s*$"},
+            ],
+            "description": "seconds, or a duration such as 30s, 2m, 1h30m, 250ms",
+        }
+    ),
+]
+"""A number of seconds; written as a number or as `30s`, `2m`, `1h30m`."""
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=63)]
+"""A name that can be part of a container name: letters, digits, `.`, `_`, `-`."""
+
+PositiveInt = Annotated[int, Strict(), Field(gt=0)]
+NonNegativeInt = Annotated[int, Strict(), Field(ge=0)]
+Port = Annotated[int, Strict(), Field(ge=1, le=65535)]
+
+SECRET_PROVIDERS = ("env:", "file:", "cmd:")
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_MAC_RE = re.compile(r"^[0-9A-Fa-f]{2}([:-][0-9A-Fa-f]{2}){5}$")
+
+
+def _check_provider_ref(value: str) -> str:
+    """A secret provider reference: `env:NAME`, `file:/abs/path` or `cmd:COMMAND`.
+
+    Error messages never repeat the value: a literal secret in the wrong place
+    must not be echoed to a terminal or a CI log.
+    """
+    if value.startswith("env:"):
+        if not _ENV_NAME_RE.match(value[4:]):
+            raise ValueError("env: reference needs an environment variable name (env:NAME)")
+        return value
+    if value.startswith("file:"):
+        path = value[5:]
+        if not (path.startswith("/") or path.startswith("~")):
+            raise ValueError("file: reference needs an absolute path (file:/path/to/secret)")
+        return value
+    if value.startswith("cmd:"):
+        if not value[4:].strip():
+            raise ValueError("cmd: reference needs a command (cmd:vault kv get ...)")
+        return value
+    raise ValueError(
+        "must be a secret reference (env:NAME, file:/path or cmd:COMMAND);"
+        " literal secret values are not allowed in the spec"
+    )
+
+
+def _check_secret_ref(value: str) -> str:
+    """Where a secret is used: `secret:NAME` (an entry of `secrets:`) or a provider reference."""
+    if value.startswith("secret:"):
+        if not re.match(NAME_PATTERN, value[7:]):
+            raise ValueError("secret: reference needs the name of an entry in `secrets` (secret:NAME)")
+        return value
+    try:
+        return _check_provider_ref(value)
+    except ValueError:
+        raise ValueError(
+            "must be a secret reference (secret:NAME, env:NAME, file:/path or cmd:COMMAND);"
+            " literal secret values are not allowed in the spec"
+        ) from None
+
+
+ProviderRef = Annotated[
+    str,
+    AfterValidator(_check_provider_ref),
+    Field(
+        description="where the secret comes from: env:NAME, file:/path or cmd:COMMAND",
+        pattern=r"^(env|file|cmd):.+",
+    ),
+]
+SecretRef = Annotated[
+    str,
+    AfterValidator(_check_secret_ref),
+    Field(
+        description="secret:NAME (an entry of `secrets`), or env:NAME, file:/path, cmd:COMMAND",
+        pattern=r"^(secret|env|file|cmd):.+",
+    ),
+]
+
+
+class _Spec(BaseModel):
+    """Base of every spec section: frozen, unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+
+
+# --------------------------------------------------------------------------- nodes
+
+
+class SshAccess(_Spec):
+    """How `homelab` reaches a node over SSH (recovery, discovery, ssh:// Docker)."""
+
+    user: str = Field(min_length=1)
+    port: Port = 22
+    key_file: str | None = Field(default=None, description="private key; default: the SSH agent")
+    known_hosts: str = Field(default="~/.ssh/known_hosts", description="host keys are checked, never auto-accepted")
+    sudo_password: SecretRef | None = Field(default=None, description="for `sudo -S`; passed through stdin only")
+    connect_timeout: Duration = 10.0
+
+
+class Gpu(_Spec):
+    """One GPU of a node."""
+
+    index: NonNegativeInt
+    name: str = Field(min_length=1, description="model name, e.g. RTX 4090")
+    vram: Size = Field(description="total memory of the card")
+    reserve: Size = Field(default=0, description="kept free for the desktop, other programs")
+    uuid: str | None = None
+
+    @model_validator(mode="after")
+    def _reserve_fits(self) -> Self:
+        if self.vram <= 0:
+            raise ValueError("vram: must be greater than 0")
+        if self.reserve >= self.vram:
+            raise ValueError(f"reserve: must be smaller than vram ({format_size(self.vram)})")
+        return self
+
+
+class PortRange(_Spec):
+    """An inclusive range of TCP ports: `3000-3099` or {start, end}."""
+
+    start: Port
+    end: Port
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, data: object) -> object:
+        if isinstance(data, str):
+            m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", data)
+            if m is None:
+                raise ValueError(f"must be a port range such as 3000-3099 (got {data!r})")
+            return {"start": int(m[1]), "end": int(m[2])}
+        if isinstance(data, int) and not isinstance(data, bool):
+            return {"start": data, "end": data}
+        return data
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if self.end < self.start:
+            raise ValueError(f"range end {self.end} is below its start {self.start}")
+        return self
+
+    def __contains__(self, port: object) -> bool:
+        return isinstance(port, int) and self.start <= port <= self.end
+
+    def __len__(self) -> int:
+        return self.end - self.start + 1
+
+
+class OllamaRuntime(_Spec):
+    """An Ollama server on the node."""
+
+    url: str = Field(pattern=r"^https?://", description="e.g. http://192.168.1.10:11434")
+    prune: bool = Field(default=False, description="delete models not in the spec (off: hand-pulled models stay)")
+    keep_alive: Duration | None = Field(default=None, description="preload with this keep-alive")
+
+
+class LlamaCppRuntime(_Spec):
+    """llama.cpp servers run as Docker containers on the node."""
+
+    image: str = Field(min_length=1, description="image with llama-server, already on the node")
+    ports: PortRange = Field(description="ports the llama.cpp containers may listen on")
+    volume: Name = Field(default="homelab-models", description="Docker volume for model files")
+    bind_address: str = Field(default="0.0.0.0", description="address llama-server listens on")
+    layer_order: LayerOrder = Field(
+        default=LayerOrder.OUTPUT_FIRST,
+        description="how this node's llama.cpp build assigns -ngl layers",
+    )
+    server_args: list[str] = Field(default_factory=list, description="extra llama-server args")
+    threads: PositiveInt | None = None
+
+
+class DockerEndpoint(_Spec):
+    """The node's Docker engine."""
+
+    endpoint: str = Field(
+        pattern=r"^(unix|tcp|ssh)://.+",
+        description="unix:///var/run/docker.sock, tcp://host:2375 or ssh://user@host",
+    )
+    gpu_access: GpuAccess = Field(default=GpuAccess.NVIDIA, description="how containers get GPUs: nvidia, dri, none")
+    restart_command: str | None = Field(default=None, description="overrides recovery.docker_restart for this node")
+    timeout: Duration = 10.0
+
+
+class WakeOnLan(_Spec):
+    mac: str = Field(description="MAC address, aa:bb:cc:dd:ee:ff")
+    broadcast: str = Field(default="255.255.255.255", description="broadcast address")
+    port: Port = 9
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if not _MAC_RE.match(self.mac):
+            raise ValueError(f"mac: must be a MAC address such as aa:bb:cc:dd:ee:ff (got {self.mac!r})")
+        try:
+            ipaddress.IPv4Address(self.broadcast)
+        except ValueError:
+            raise ValueError(f"broadcast: must be an IPv4 address (got {self.broadcast!r})") from None
+        return self
+
+
+class Wake(_Spec):
+    """How to wake a sleeping node: a Wake-on-LAN packet or a command (IPMI, smart plug, RDP)."""
+
+    wol: WakeOnLan | None = None
+    command: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Self:
+        if (self.wol is None) == (self.command is None):
+            raise ValueError("give exactly one of `wol` or `command`")
+        return self
+
+
+class Node(_Spec):
+    """A machine of the cluster."""
+
+    name: Name
+    tier: Tier
+    address: str = Field(min_length=1, description="IP address or host name")
+    os: OsFamily = OsFamily.LINUX
+    docker: DockerEndpoint | None = None
+    ssh: SshAccess | None = None
+    gpus: list[Gpu] = Field(default_factory=list)
+    gpu_overhead: Size | None = Field(
+        default=None, description="fixed memory per GPU (CUDA context …); default from the estimator"
+    )
+    ram: Size = Field(description="memory of the node")
+    ram_reserve: Size = Field(default=0, description="kept free for the OS and other programs")
+    ollama: OllamaRuntime | None = None
+    llamacpp: LlamaCppRuntime | None = None
+    wake: Wake | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.ram <= 0:
+            raise ValueError("ram: must be greater than 0")
+        if self.ram_reserve >= self.ram:
+            raise ValueError(f"ram_reserve: must be smaller than ram ({format_size(self.ram)})")
+        if self.ollama is None and self.llamacpp is None:
+            raise ValueError("a node needs at least one runtime: `ollama` or `llamacpp`")
+        if self.llamacpp is not None and self.docker is None:
+            raise ValueError("llamacpp: needs `docker` on the node (its containers run there)")
+        return self
+
+    @property
+    def runtimes(self) -> frozenset[Runtime]:
+        found = set()
+        if self.ollama is not None:
+            found.add(Runtime.OLLAMA)
+        if self.llamacpp is not None:
+            found.add(Runtime.LLAMACPP)
+        return frozenset(found)
+
+
+# --------------------------------------------------------------------------- models
+
+
+class ModelSource(_Spec):
+    """Where a model's weights come from: a GGUF file on a node, or an Ollama tag."""
+
+    gguf: str | None = Field(default=None, description="path of the .gguf file")
+    node: Name | None = Field(default=None, description="node that holds the file (default: the node it runs on)")
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
+    ollama: str | None = Field(default=None, description="Ollama tag, e.g. qwen2.5:14b")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Self:
+        if (self.gguf is None) == (self.ollama is None):
+            raise ValueError("give exactly one of `gguf` (a file path) or `ollama` (a tag)")
+        if self.ollama is not None and (self.node is not None or self.sha256 is not None):
+            raise ValueError("`node` and `sha256` belong to a `gguf` source, not an `ollama` one")
+        if self.gguf is not None and not self.gguf.strip():
+            raise ValueError("gguf: must be a file path")
+        return self
+
+
+class Placement(_Spec):
+    """Constraints on where a model may run and how much of it must be on a GPU."""
+
+    node: Name | None = Field(default=None, description="pin to this node")
+    tier: Tier | None = Field(default=None, description="pin to a node of this tier")
+    gpus: list[NonNegativeInt] | None = Field(
+        default=None, description="pin to these GPU indices of the node (needs `node`)"
+    )
+    cpu_offload: bool = Field(default=True, description="allow some layers on the CPU when the GPU is too small")
+    min_gpu_layers: NonNegativeInt = Field(default=0, description="at least this many on a GPU")
+    split: bool = Field(default=False, description="allow splitting across several GPUs of one node")
+    cpu_only: bool = Field(default=False, description="run with 0 GPU layers")
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.gpus is not None and self.node is None:
+            raise ValueError("gpus: needs `node`, since GPU indices are per node")
+        if self.gpus is not None and len(set(self.gpus)) != len(self.gpus):
+            raise ValueError("gpus: an index is listed twice")
+        if self.gpus is not None and len(self.gpus) > 1 and not self.split:
+            raise ValueError("gpus: several GPUs need `split: true`")
+        if self.cpu_only and (self.min_gpu_layers > 0 or self.gpus):
+            raise ValueError("`cpu_only` contradicts `min_gpu_layers` / `gpus`")
+        if self.cpu_only and not self.cpu_offload:
+            raise ValueError("`cpu_only` contradicts `cpu_offload: false`")
+        return self
+
+
+class DeclaredMemory(_Spec):
+    """Memory declared by hand, for a model whose GGUF header can't be read."""
+
+    vram: Size = Field(description="GPU memory at full offload, all included")
+    ram: Size = Field(default=0, description="host memory at full offload")
+    layers: PositiveInt | None = Field(default=None, description="number of blocks, so partial offload can be planned")
+
+
+class Model(_Spec):
+    """A model to serve."""
+
+    name: Name
+    runtime: Runtime
+    source: ModelSource
+    context: PositiveInt = Field(default=4096, description="context length in tokens")
+    kv_cache: KVCacheType = KVCacheType.F16
+    flash_attn: bool = True
+    categories: list[Category] = Field(default_factory=list)
+    priority: Annotated[int, Strict(), Field(ge=0, le=1000)] = Field(default=50, description="higher is placed first")
+    replicas: PositiveInt = 1
+    placement: Placement = Field(default_factory=Placement)
+    memory: DeclaredMemory | None = None
+    port: Port | None = Field(default=None, description="fixed port (llamacpp); default: any free")
+    alias: str | None = Field(default=None, description="name the server answers to (default: name)")
+    parallel: PositiveInt | None = Field(default=None, description="llama-server -np slots")
+    preload: bool = Field(default=False, description="keep loaded (Ollama keep-alive)")
+    args: list[str] = Field(default_factory=list, description="extra server arguments")
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.runtime is Runtime.LLAMACPP and self.source.gguf is None:
+            raise ValueError("source: a llamacpp model needs a `gguf` source")
+        if self.runtime is Runtime.OLLAMA and self.source.ollama is None:
+            raise ValueError("source: an ollama model needs an `ollama` source (a tag)")
+        if self.runtime is Runtime.OLLAMA and self.port is not None:
+            raise ValueError("port: is for llamacpp models; Ollama serves on its node's URL")
+        if len(set(self.categories)) != len(self.categories):
+            raise ValueError("categories: a category is listed twice")
+        if self.kv_cache is not KVCacheType.F16 and not self.flash_attn:
+            raise ValueError("kv_cache: a quantized KV cache needs flash_attn: true (llama.cpp requires it)")
+        return self
+
+    @property
+    def served_name(self) -> str:
+        return self.alias or self.name
+
+
+# --------------------------------------------------------------------------- gateway
+
+
+class Gateway(_Spec):
+    """The LiteLLM proxy in front of the cluster."""
+
+    node: Name | None = Field(default=None, description="node it runs on")
+    mode: Literal["container", "process", "external"] = Field(
+        default="external",
+        description="container: homelab runs it on `node`; process: a local process; external: you run it",
+    )
+    image: str | None = Field(default=None, description="LiteLLM image, for mode: container")
+    host: str = "0.0.0.0"
+    port: Port = 4000
+    url: str | None = Field(default=None, pattern=r"^https?://", description="default http://NODE:PORT")
+    config_path: str = Field(default="litellm/config.yaml", description="where the config is written")
+    master_key: SecretRef = Field(description="secret:NAME or env:NAME, never the key itself")
+    auto_model: str = Field(default="auto", min_length=1, description="model name routed by content")
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.mode == "container" and (self.image is None or self.node is None):
+            raise ValueError("mode: `container` needs `image` and `node`")
+        return self
+
+
+# --------------------------------------------------------------------------- routing
+
+
+class CategoryRoute(_Spec):
+    """Preferred models of one category, best first, and where to go when none is healthy."""
+
+    models: list[Name] = Field(default_factory=list)
+    fallback: Category | None = None
+
+
+class ClassifierRule(_Spec):
+    """Signals that vote for a category; added to (or replacing) the built-in defaults."""
+
+    keywords: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    patterns: list[str] = Field(default_factory=list, description="regular expressions")
+    file_extensions: list[Annotated[str, Field(pattern=r"^\.[A-Za-z0-9_+-]+$")]] = Field(default_factory=list)
+    weight: Annotated[float, Field(gt=0)] = 1.0
+    replace_defaults: bool = False
+
+    @model_validator(mode="after")
+    def _patterns_compile(self) -> Self:
+        for i, pattern in enumerate(self.patterns):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"patterns[{i}]: not a valid regular expression: {exc}") from None
+        return self
+
+
+class Routing(_Spec):
+    """Expert routing: which models serve each category, and how requests are classified."""
+
+    categories: dict[Category, CategoryRoute] = Field(default_factory=dict)
+    rules: dict[Category, ClassifierRule] = Field(default_factory=dict)
+    default_category: Category = Category.CHAT
+    fast_max_words: NonNegativeInt = Field(default=6, description="a prompt this short with no other signal is `fast`")
+
+
+# --------------------------------------------------------------------------- health, recovery, watch
+
+
+class Health(_Spec):
+    interval: Duration = 30.0
+    timeout: Duration = 5.0
+    slow_threshold: Duration = Field(default=2.0, description="slower than this is DEGRADED")
+    timeouts: dict[str, Duration] = Field(
+        default_factory=dict, description="per node, model or `gateway`: its own timeout"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.interval <= 0:
+            raise ValueError("interval: must be greater than 0")
+        if self.timeout <= 0:
+            raise ValueError("timeout: must be greater than 0")
+        return self
+
+
+class Backoff(_Spec):
+    initial: Duration = 10.0
+    max: Duration = 600.0
+    factor: Annotated[float, Field(ge=1)] = 2.0
+    jitter: Annotated[float, Field(ge=0, le=1)] = 0.2
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.max < self.initial:
+            raise ValueError("max: must not be below initial")
+        return self
+
+
+def _default_restart() -> dict[OsFamily, str]:
+    return {
+        OsFamily.LINUX: "sudo -S systemctl restart docker",
+        OsFamily.WINDOWS_DOCKER_DESKTOP: (
+            "powershell -NoProfile -Command \"Stop-Process -Name 'Docker Desktop' -Force"
+            " -ErrorAction SilentlyContinue; Start-Process"
+            " 'C:\\Program Files\\Docker\\Docker\\Docker Desktop.exe'\""
+        ),
+    }
+
+
+class Recovery(_Spec):
+    enabled: bool = True
+    attempts: PositiveInt = 5
+    backoff: Backoff = Field(default_factory=Backoff)
+    docker_restart: dict[OsFamily, str] = Field(default_factory=_default_restart)
+    wait_ssh: Duration = Field(default=300.0, description="how long to wait for a woken node")
+    wait_docker: Duration = Field(default=120.0, description="how long to wait for Docker")
+
+
+class Watch(_Spec):
+    interval: Duration = Field(default=60.0, description="drift check and health every")
+    state_dir: str = Field(default="~/.local/state/homelab", description="events, status, lock")
+    metrics_port: Port | None = None
+
+
+# --------------------------------------------------------------------------- cluster
+
+
+class Cluster(_Spec):
+    name: Name
+
+
+class ClusterSpec(_Spec):
+    """The whole desired state: the root of cluster.yaml."""
+
+    version: Literal[1] = 1
+    cluster: Cluster
+    nodes: list[Node] = Field(min_length=1)
+    models: list[Model] = Field(default_factory=list)
+    gateway: Gateway | None = None
+    routing: Routing = Field(default_factory=Routing)
+    health: Health = Field(default_factory=Health)
+    recovery: Recovery = Field(default_factory=Recovery)
+    watch: Watch = Field(default_factory=Watch)
+    secrets: dict[Name, ProviderRef] = Field(default_factory=dict, description="named references to secret providers")
+
+    def node(self, name: str) -> Node:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(name)
+
+    def model(self, name: str) -> Model:
+        for model in self.models:
+            if model.name == name:
+                return model
+        raise KeyError(name)

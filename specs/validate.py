@@ -1,0 +1,273 @@
+"""Cross-reference checks over a structurally valid spec.
+
+Each check yields a `Problem` with the path of the offending value; `specs.load`
+turns paths into `file:line:col`. Every problem is found in one pass, so the
+user fixes them all at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from specs.enums import Category, Runtime
+from specs.errors import Path, Severity
+from specs.model import ClusterSpec, Model, Node
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    path: Path
+    message: str
+    severity: Severity = Severity.ERROR
+    at_key: bool = False
+
+
+def check_references(spec: ClusterSpec) -> list[Problem]:
+    """Every cross-reference problem in `spec`, errors and warnings."""
+    return [
+        *_unique_names(spec),
+        *_gpus(spec),
+        *_models(spec),
+        *_ports(spec),
+        *_routing(spec),
+        *_gateway(spec),
+        *_secrets(spec),
+        *_health(spec),
+    ]
+
+
+def _names(items: list[str]) -> str:
+    return ", ".join(items) if items else "none"
+
+
+def _unique_names(spec: ClusterSpec) -> Iterator[Problem]:
+    sections: tuple[tuple[str, list[str]], ...] = (
+        ("nodes", [node.name for node in spec.nodes]),
+        ("models", [model.name for model in spec.models]),
+    )
+    for section, names in sections:
+        first: dict[str, int] = {}
+        for i, name in enumerate(names):
+            if name in first:
+                yield Problem(
+                    (section, i, "name"),
+                    f"duplicate {section[:-1]} name '{name}' (also {section}[{first[name]}])",
+                )
+            else:
+                first[name] = i
+
+
+def _gpus(spec: ClusterSpec) -> Iterator[Problem]:
+    for n, node in enumerate(spec.nodes):
+        first: dict[int, int] = {}
+        for g, gpu in enumerate(node.gpus):
+            if gpu.index in first:
+                yield Problem(
+                    ("nodes", n, "gpus", g, "index"),
+                    f"GPU index {gpu.index} is used twice on node '{node.name}' (also gpus[{first[gpu.index]}])",
+                )
+            else:
+                first[gpu.index] = g
+
+
+def _eligible_nodes(spec: ClusterSpec, model: Model) -> list[Node]:
+    """Nodes the model could run on, from its runtime and pins alone."""
+    p = model.placement
+    out = []
+    for node in spec.nodes:
+        if model.runtime not in node.runtimes:
+            continue
+        if p.node is not None and node.name != p.node:
+            continue
+        if p.tier is not None and node.tier is not p.tier:
+            continue
+        if (p.min_gpu_layers > 0 or p.gpus or not p.cpu_offload) and not node.gpus and model.memory is None:
+            continue
+        out.append(node)
+    return out
+
+
+def _first_by_name(nodes: list[Node]) -> dict[str, Node]:
+    """Nodes by name; with a duplicate name (reported elsewhere) the first one wins."""
+    out: dict[str, Node] = {}
+    for node in nodes:
+        out.setdefault(node.name, node)
+    return out
+
+
+def _models(spec: ClusterSpec) -> Iterator[Problem]:
+    nodes = _first_by_name(spec.nodes)
+    for m, model in enumerate(spec.models):
+        base = ("models", m)
+        p = model.placement
+        pinned = nodes.get(p.node) if p.node is not None else None
+        if p.node is not None and pinned is None:
+            yield Problem((*base, "placement", "node"), f"unknown node '{p.node}' (nodes: {_names(list(nodes))})")
+        if model.source.node is not None and model.source.node not in nodes:
+            yield Problem(
+                (*base, "source", "node"), f"unknown node '{model.source.node}' (nodes: {_names(list(nodes))})"
+            )
+        if p.tier is not None and not any(node.tier is p.tier for node in spec.nodes):
+            yield Problem((*base, "placement", "tier"), f"no node has tier '{p.tier.value}'")
+        if pinned is not None:
+            if p.tier is not None and pinned.tier is not p.tier:
+                yield Problem(
+                    (*base, "placement", "tier"),
+                    f"node '{pinned.name}' is tier '{pinned.tier.value}', not '{p.tier.value}'",
+                )
+            if model.runtime not in pinned.runtimes:
+                yield Problem(
+                    (*base, "placement", "node"),
+                    f"node '{pinned.name}' does not offer the {model.runtime.value} runtime",
+                )
+            indices = {gpu.index for gpu in pinned.gpus}
+            for g, index in enumerate(p.gpus or []):
+                if index not in indices:
+                    yield Problem(
+                        (*base, "placement", "gpus", g),
+                        f"node '{pinned.name}' has no GPU {index} (GPUs: {_names([str(i) for i in sorted(indices)])})",
+                    )
+            if (p.min_gpu_layers > 0 or not p.cpu_offload) and not pinned.gpus:
+                key = "min_gpu_layers" if p.min_gpu_layers > 0 else "cpu_offload"
+                yield Problem(
+                    (*base, "placement", key),
+                    f"node '{pinned.name}' has no GPUs, so the model cannot have layers on a GPU",
+                )
+        layers = model.memory.layers if model.memory is not None else None
+        if layers is not None and p.min_gpu_layers > layers + 1:
+            yield Problem(
+                (*base, "placement", "min_gpu_layers"),
+                f"is more than the model's {layers} layers + the output layer",
+            )
+        if not any(model.runtime in node.runtimes for node in spec.nodes):
+            yield Problem((*base, "runtime"), f"no node offers the {model.runtime.value} runtime")
+            continue
+        if (p.node is not None and pinned is None) or (
+            p.tier is not None and not any(node.tier is p.tier for node in spec.nodes)
+        ):
+            continue
+        eligible = _eligible_nodes(spec, model)
+        if pinned is not None or p.tier is not None:
+            if model.replicas > max(len(eligible), 1):
+                yield Problem(
+                    (*base, "replicas"),
+                    f"{model.replicas} replicas need {model.replicas} different nodes;"
+                    f" only {len(eligible)} match the model's placement",
+                )
+        elif model.replicas > len(eligible):
+            yield Problem(
+                (*base, "replicas"),
+                f"{model.replicas} replicas need {model.replicas} different nodes offering"
+                f" {model.runtime.value}; there are {len(eligible)}",
+            )
+
+
+def _ports(spec: ClusterSpec) -> Iterator[Problem]:
+    nodes = _first_by_name(spec.nodes)
+    used: dict[tuple[str, int], int] = {}
+    for m, model in enumerate(spec.models):
+        if model.runtime is not Runtime.LLAMACPP or model.port is None:
+            continue
+        path = ("models", m, "port")
+        pinned = nodes.get(model.placement.node) if model.placement.node is not None else None
+        if pinned is None:
+            if model.placement.node is None and not any(
+                n.llamacpp is not None and model.port in n.llamacpp.ports for n in spec.nodes
+            ):
+                yield Problem(path, f"port {model.port} is outside every node's llama.cpp port range")
+            continue
+        if pinned.llamacpp is not None and model.port not in pinned.llamacpp.ports:
+            rng = pinned.llamacpp.ports
+            yield Problem(
+                path, f"port {model.port} is outside node '{pinned.name}' llama.cpp ports {rng.start}-{rng.end}"
+            )
+        key = (pinned.name, model.port)
+        if key in used:
+            other = spec.models[used[key]].name
+            yield Problem(path, f"port {model.port} on node '{pinned.name}' is also used by model '{other}'")
+        else:
+            used[key] = m
+    gw = spec.gateway
+    if gw is not None and gw.node in nodes:
+        llamacpp = nodes[gw.node].llamacpp
+        if llamacpp is not None and gw.port in llamacpp.ports:
+            yield Problem(("gateway", "port"), f"port {gw.port} is inside node '{gw.node}' llama.cpp port range")
+
+
+def _routing(spec: ClusterSpec) -> Iterator[Problem]:
+    models = {model.name: model for model in spec.models}
+    routes = spec.routing.categories
+    for category, route in routes.items():
+        base = ("routing", "categories", category.value)
+        seen: set[str] = set()
+        for i, name in enumerate(route.models):
+            if name not in models:
+                yield Problem((*base, "models", i), f"unknown model '{name}' (models: {_names(list(models))})")
+            elif name in seen:
+                yield Problem((*base, "models", i), f"model '{name}' is listed twice")
+            elif category not in models[name].categories:
+                yield Problem(
+                    (*base, "models", i),
+                    f"model '{name}' does not list '{category.value}' in its categories",
+                    Severity.WARNING,
+                )
+            seen.add(name)
+        if route.fallback is category:
+            yield Problem((*base, "fallback"), "a category cannot fall back to itself")
+        elif route.fallback is not None:
+            chain = [category]
+            current: Category | None = route.fallback
+            while current is not None and current not in chain:
+                chain.append(current)
+                nxt = routes.get(current)
+                current = nxt.fallback if nxt is not None else None
+            if current is not None and current is category:
+                cycle = " → ".join(c.value for c in [*chain, category])
+                yield Problem((*base, "fallback"), f"fallback cycle: {cycle}")
+    for category, rule in spec.routing.rules.items():
+        if rule.replace_defaults and not (rule.keywords or rule.patterns or rule.file_extensions):
+            yield Problem(
+                ("routing", "rules", category.value, "replace_defaults"),
+                "replaces the built-in rules with nothing: add keywords, patterns or file_extensions",
+            )
+
+
+def _secret_refs(spec: ClusterSpec) -> Iterator[tuple[Path, str]]:
+    if spec.gateway is not None:
+        yield ("gateway", "master_key"), spec.gateway.master_key
+    for n, node in enumerate(spec.nodes):
+        if node.ssh is not None and node.ssh.sudo_password is not None:
+            yield ("nodes", n, "ssh", "sudo_password"), node.ssh.sudo_password
+
+
+def _secrets(spec: ClusterSpec) -> Iterator[Problem]:
+    for path, ref in _secret_refs(spec):
+        if ref.startswith("secret:") and ref[7:] not in spec.secrets:
+            yield Problem(path, f"unknown secret '{ref[7:]}' (secrets: {_names(list(spec.secrets))})")
+
+
+def _gateway(spec: ClusterSpec) -> Iterator[Problem]:
+    gw = spec.gateway
+    if gw is None:
+        return
+    names = [node.name for node in spec.nodes]
+    if gw.node is not None and gw.node not in names:
+        yield Problem(("gateway", "node"), f"unknown node '{gw.node}' (nodes: {_names(names)})")
+    if gw.node is not None and gw.mode == "container":
+        node = next((n for n in spec.nodes if n.name == gw.node), None)
+        if node is not None and node.docker is None:
+            yield Problem(("gateway", "node"), f"node '{gw.node}' has no `docker` to run the gateway container")
+    if gw.auto_model in {model.name for model in spec.models}:
+        yield Problem(("gateway", "auto_model"), f"'{gw.auto_model}' is also a model name")
+
+
+def _health(spec: ClusterSpec) -> Iterator[Problem]:
+    known = {node.name for node in spec.nodes} | {model.name for model in spec.models} | {"gateway"}
+    for key in spec.health.timeouts:
+        if key not in known:
+            yield Problem(
+                ("health", "timeouts", key),
+                f"'{key}' is not a node, a model or `gateway`",
+                at_key=True,
+            )
