@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import io
+import itertools
 import re
 import types
 import typing
@@ -24,12 +25,11 @@ from pydantic_core import ErrorDetails
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
-from ruamel.yaml.util import load_yaml_guess_indent
 
 from specs.errors import Diagnostic, PathPart, Severity, SpecError
 from specs.errors import Path as DocPath
 from specs.files import atomic_write
-from specs.model import NAME_PATTERN, ClusterSpec
+from specs.model import PATTERN_MESSAGES, ClusterSpec
 
 SENSITIVE_KEYS = frozenset({"secrets", "master_key", "sudo_password", "password", "token", "api_key"})
 
@@ -44,6 +44,7 @@ class SpecDocument:
     mapping_indent: int = 2
     sequence_indent: int = 4
     sequence_offset: int = 2
+    explicit_start: bool = False
 
     @property
     def display_name(self) -> str:
@@ -105,31 +106,71 @@ def parse_document(text: str, path: str | Path = "<string>") -> SpecDocument:
     if text.startswith("\ufeff"):
         text = text[1:]
     try:
-        data, indent, block_seq_indent = load_yaml_guess_indent(text)
-        # guess_indent only parses; reload with our settings so quotes etc. are kept.
-        yaml = _yaml()
-        data = yaml.load(text)
+        data = _yaml().load(text)
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else 0
         col = mark.column + 1 if mark is not None else 0
         problem = exc.problem or exc.context or "invalid YAML"
-        if "found duplicate key" in str(problem) or "duplicate key" in str(exc):
+        if "duplicate key" in str(problem):
             problem = _duplicate_key_message(exc)
         raise SpecError([Diagnostic(name, line, col, (), f"YAML syntax error: {problem}")]) from None
     except YAMLError as exc:
         raise SpecError([Diagnostic(name, 0, 0, (), f"YAML error: {exc}")]) from None
-    mapping_indent = indent or 2
-    offset = block_seq_indent or 0
-    doc = SpecDocument(
+    mapping, sequence, offset = guess_indent(text)
+    return SpecDocument(
         path=path,
         text=text,
         data=data,
-        mapping_indent=mapping_indent,
-        sequence_indent=max(mapping_indent, offset + 2),
+        mapping_indent=mapping,
+        sequence_indent=sequence,
         sequence_offset=offset,
+        explicit_start=_has_document_start(text),
     )
-    return doc
+
+
+_KEY_ONLY = re.compile(r"^(?P<indent> *)(?:- +)*[^\s#][^#]*:\s*(#.*)?$")
+_CONTENT = re.compile(r"^(?P<indent> *)(?P<dash>- +)?\S")
+
+
+def guess_indent(text: str) -> tuple[int, int, int]:
+    """The (mapping, sequence, offset) indentation a file is written with, as ruamel.yaml counts them.
+
+    Found from the first block mapping nested in a mapping, and the first block
+    sequence under a key; defaults are 2, 4, 2 (`key:` then `  - item`).
+    """
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    mapping: int | None = None
+    sequence: int | None = None
+    offset: int | None = None
+    for here, below in itertools.pairwise(lines):
+        key = _KEY_ONLY.match(here)
+        content = _CONTENT.match(below)
+        if key is None or content is None:
+            continue
+        key_col = len(here) - len(here.lstrip(" -"))
+        col = len(content["indent"])
+        if content["dash"]:
+            if offset is None and col >= key_col:
+                offset = col - key_col
+                sequence = col + len(content["dash"]) - key_col
+        elif mapping is None and col > key_col:
+            mapping = col - key_col
+        if mapping is not None and offset is not None:
+            break
+    mapping = mapping or 2
+    if offset is None or sequence is None:
+        offset, sequence = 2, mapping + 2
+    return mapping, max(sequence, offset + 2), offset
+
+
+def _has_document_start(text: str) -> bool:
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        return stripped == "---" or stripped.startswith("--- ")
+    return False
 
 
 def _duplicate_key_message(exc: MarkedYAMLError) -> str:
@@ -148,6 +189,7 @@ def dump_document(doc: SpecDocument) -> str:
     """The document as YAML text; unchanged data gives back the text it was read from."""
     yaml = _yaml()
     yaml.indent(mapping=doc.mapping_indent, sequence=doc.sequence_indent, offset=doc.sequence_offset)
+    yaml.explicit_start = doc.explicit_start
     stream = io.StringIO()
     yaml.dump(doc.data, stream)
     out = stream.getvalue()
@@ -289,9 +331,13 @@ def _node_position(node: Any) -> tuple[int, int]:
 def _diagnostics_from_pydantic(doc: SpecDocument, errors: Sequence[ErrorDetails]) -> list[Diagnostic]:
     out: list[Diagnostic] = []
     seen: set[tuple[int, int, str]] = set()
+    # A misspelt key is both "unknown" and "missing": report it once, as the unknown key.
+    suggested = {(_loc(err)[:-1], _suggestion(_loc(err))) for err in errors if err["type"] == "extra_forbidden"}
     for err in errors:
-        loc = tuple(p for p in err["loc"] if isinstance(p, (str, int)))
+        loc = _loc(err)
         kind = err["type"]
+        if kind == "missing" and (loc[:-1], str(loc[-1])) in suggested:
+            continue
         if kind == "missing":
             line, col, _ = doc.locate(loc[:-1])
             path: DocPath = loc[:-1]
@@ -390,8 +436,9 @@ def _message(err: ErrorDetails, path: Sequence[PathPart]) -> str:
     if kind == "literal_error":
         return f"must be {ctx['expected']}{got}"
     if kind == "string_pattern_mismatch":
-        if ctx.get("pattern") == NAME_PATTERN:
-            return "must be a name made of letters, digits, '.', '_' and '-', starting with a letter or digit" + got
+        friendly = PATTERN_MESSAGES.get(str(ctx.get("pattern")))
+        if friendly is not None:
+            return friendly + got
         return f"must match the pattern {ctx.get('pattern')}{got}"
     if kind == "string_too_short":
         return "must not be empty"
@@ -412,14 +459,22 @@ def _message(err: ErrorDetails, path: Sequence[PathPart]) -> str:
     return msg[:1].lower() + msg[1:]
 
 
+def _loc(err: ErrorDetails) -> DocPath:
+    return tuple(p for p in err["loc"] if isinstance(p, (str, int)))
+
+
+def _suggestion(loc: Sequence[PathPart]) -> str | None:
+    close = difflib.get_close_matches(str(loc[-1]), _allowed_keys(ClusterSpec, loc[:-1]), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def _unknown_key_message(loc: Sequence[PathPart]) -> str:
     allowed = _allowed_keys(ClusterSpec, loc[:-1])
-    key = str(loc[-1])
     if not allowed:
         return "unknown key"
-    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+    close = _suggestion(loc)
     if close:
-        return f"unknown key (did you mean '{close[0]}'?)"
+        return f"unknown key (did you mean '{close}'?)"
     return "unknown key (expected one of: " + ", ".join(allowed) + ")"
 
 

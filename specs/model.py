@@ -70,6 +70,19 @@ Duration = Annotated[
 """A number of seconds; written as a number or as `30s`, `2m`, `1h30m`."""
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+HTTP_URL_PATTERN = r"^https?://.+"
+DOCKER_ENDPOINT_PATTERN = r"^(unix|tcp|ssh)://.+"
+SHA256_PATTERN = r"^[0-9a-fA-F]{64}$"
+FILE_EXTENSION_PATTERN = r"^\.[A-Za-z0-9_+-]+$"
+
+PATTERN_MESSAGES = {
+    NAME_PATTERN: "must be a name made of letters, digits, '.', '_' and '-', starting with a letter or digit",
+    HTTP_URL_PATTERN: "must be a URL starting with http:// or https://",
+    DOCKER_ENDPOINT_PATTERN: "must start with unix://, tcp:// or ssh://",
+    SHA256_PATTERN: "must be a SHA-256 checksum: 64 hexadecimal digits",
+    FILE_EXTENSION_PATTERN: "must be a file extension such as .py",
+}
+"""How a pattern mismatch is explained to the user."""
 Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=63)]
 """A name that can be part of a container name: letters, digits, `.`, `_`, `-`."""
 
@@ -127,7 +140,7 @@ ProviderRef = Annotated[
     AfterValidator(_check_provider_ref),
     Field(
         description="where the secret comes from: env:NAME, file:/path or cmd:COMMAND",
-        pattern=r"^(env|file|cmd):.+",
+        json_schema_extra={"pattern": r"^(env|file|cmd):.+"},
     ),
 ]
 SecretRef = Annotated[
@@ -135,7 +148,7 @@ SecretRef = Annotated[
     AfterValidator(_check_secret_ref),
     Field(
         description="secret:NAME (an entry of `secrets`), or env:NAME, file:/path, cmd:COMMAND",
-        pattern=r"^(secret|env|file|cmd):.+",
+        json_schema_extra={"pattern": r"^(secret|env|file|cmd):.+"},
     ),
 ]
 
@@ -212,7 +225,7 @@ class PortRange(_Spec):
 class OllamaRuntime(_Spec):
     """An Ollama server on the node."""
 
-    url: str = Field(pattern=r"^https?://", description="e.g. http://192.168.1.10:11434")
+    url: str = Field(pattern=HTTP_URL_PATTERN, description="e.g. http://192.168.1.10:11434")
     prune: bool = Field(default=False, description="delete models not in the spec (off: hand-pulled models stay)")
     keep_alive: Duration | None = Field(default=None, description="preload with this keep-alive")
 
@@ -221,7 +234,27 @@ class LlamaCppRuntime(_Spec):
     """llama.cpp servers run as Docker containers on the node."""
 
     image: str = Field(min_length=1, description="image with llama-server, already on the node")
-    ports: PortRange = Field(description="ports the llama.cpp containers may listen on")
+    ports: Annotated[
+        PortRange,
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "string", "pattern": r"^\s*\d+\s*-\s*\d+\s*$"},
+                    {"type": "integer", "minimum": 1, "maximum": 65535},
+                    {
+                        "type": "object",
+                        "properties": {
+                            "start": {"type": "integer", "minimum": 1, "maximum": 65535},
+                            "end": {"type": "integer", "minimum": 1, "maximum": 65535},
+                        },
+                        "required": ["start", "end"],
+                        "additionalProperties": False,
+                    },
+                ],
+                "description": "ports the llama.cpp containers may listen on: 3000-3099 or {start, end}",
+            }
+        ),
+    ]
     volume: Name = Field(default="homelab-models", description="Docker volume for model files")
     bind_address: str = Field(default="0.0.0.0", description="address llama-server listens on")
     layer_order: LayerOrder = Field(
@@ -236,7 +269,7 @@ class DockerEndpoint(_Spec):
     """The node's Docker engine."""
 
     endpoint: str = Field(
-        pattern=r"^(unix|tcp|ssh)://.+",
+        pattern=DOCKER_ENDPOINT_PATTERN,
         description="unix:///var/run/docker.sock, tcp://host:2375 or ssh://user@host",
     )
     gpu_access: GpuAccess = Field(default=GpuAccess.NVIDIA, description="how containers get GPUs: nvidia, dri, none")
@@ -322,7 +355,7 @@ class ModelSource(_Spec):
 
     gguf: str | None = Field(default=None, description="path of the .gguf file")
     node: Name | None = Field(default=None, description="node that holds the file (default: the node it runs on)")
-    sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
+    sha256: str | None = Field(default=None, pattern=SHA256_PATTERN)
     ollama: str | None = Field(default=None, description="Ollama tag, e.g. qwen2.5:14b")
 
     @model_validator(mode="after")
@@ -425,7 +458,7 @@ class Gateway(_Spec):
     image: str | None = Field(default=None, description="LiteLLM image, for mode: container")
     host: str = "0.0.0.0"
     port: Port = 4000
-    url: str | None = Field(default=None, pattern=r"^https?://", description="default http://NODE:PORT")
+    url: str | None = Field(default=None, pattern=HTTP_URL_PATTERN, description="default http://NODE:PORT")
     config_path: str = Field(default="litellm/config.yaml", description="where the config is written")
     master_key: SecretRef = Field(description="secret:NAME or env:NAME, never the key itself")
     auto_model: str = Field(default="auto", min_length=1, description="model name routed by content")
@@ -452,7 +485,7 @@ class ClassifierRule(_Spec):
 
     keywords: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
     patterns: list[str] = Field(default_factory=list, description="regular expressions")
-    file_extensions: list[Annotated[str, Field(pattern=r"^\.[A-Za-z0-9_+-]+$")]] = Field(default_factory=list)
+    file_extensions: list[Annotated[str, Field(pattern=FILE_EXTENSION_PATTERN)]] = Field(default_factory=list)
     weight: Annotated[float, Field(gt=0)] = 1.0
     replace_defaults: bool = False
 

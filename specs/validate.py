@@ -198,6 +198,7 @@ def _ports(spec: ClusterSpec) -> Iterator[Problem]:
 def _routing(spec: ClusterSpec) -> Iterator[Problem]:
     models = {model.name: model for model in spec.models}
     routes = spec.routing.categories
+    cycles: set[frozenset[Category]] = set()
     for category, route in routes.items():
         base = ("routing", "categories", category.value)
         seen: set[str] = set()
@@ -222,7 +223,8 @@ def _routing(spec: ClusterSpec) -> Iterator[Problem]:
                 chain.append(current)
                 nxt = routes.get(current)
                 current = nxt.fallback if nxt is not None else None
-            if current is not None and current is category:
+            if current is not None and current is category and frozenset(chain) not in cycles:
+                cycles.add(frozenset(chain))
                 cycle = " → ".join(c.value for c in [*chain, category])
                 yield Problem((*base, "fallback"), f"fallback cycle: {cycle}")
     for category, rule in spec.routing.rules.items():
