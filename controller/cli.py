@@ -148,6 +148,15 @@ def schema(
     err.print(f"wrote {output}", markup=False)
 
 
+def _register_commands() -> None:
+    from controller import estimate_cmd
+
+    estimate_cmd.register(app)
+
+
+_register_commands()
+
+
 def main() -> None:
     app()
 

