@@ -149,9 +149,10 @@ def schema(
 
 
 def _register_commands() -> None:
-    from controller import estimate_cmd
+    from controller import estimate_cmd, place_cmd
 
     estimate_cmd.register(app)
+    place_cmd.register(app)
 
 
 _register_commands()

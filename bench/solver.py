@@ -1,0 +1,126 @@
+"""Placement solver at scale: CP-SAT against first-fit decreasing on random clusters.
+
+    python bench/solver.py [--seeds 3] [--time-limit 10] [--workers 2]
+
+Per size: median solve time, statuses, CP-SAT's objective, greedy's, and the gap
+(how much better CP-SAT is, in % of greedy's objective; negative would be a bug).
+Then stability: in a placed 50-model cluster, change one model's context and
+count how many other replicas move.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from solver.place import SolveParams, greedy_place, place
+from solver.problem import CurrentAssignment
+from solver.profiles import profiles_for
+from specs.model import ClusterSpec
+
+GIB = 1 << 30
+CARDS = (8, 12, 16, 24, 48, 80)
+SIZES = ((10, 2, 2), (50, 10, 5), (100, 30, 10), (200, 50, 15), (500, 100, 30))
+"""(models, GPUs, nodes)."""
+
+
+def random_spec(n_models: int, n_gpus: int, n_nodes: int, seed: int) -> ClusterSpec:
+    rng = random.Random(seed)
+    per_node = [0] * n_nodes
+    for i in range(n_gpus):
+        per_node[i % n_nodes] += 1
+    nodes: list[dict[str, Any]] = []
+    for i, k in enumerate(per_node):
+        llama = rng.random() < 0.5
+        node: dict[str, Any] = {
+            "name": f"n{i}",
+            "tier": "local" if k else "cpu",
+            "address": f"10.0.0.{i + 1}",
+            "ram": rng.choice((32, 64, 128, 256)) * GIB,
+            "ram_reserve": 4 * GIB,
+            "gpus": [{"index": j, "name": "gpu", "vram": rng.choice(CARDS) * GIB} for j in range(k)],
+            "ollama": {"url": f"http://10.0.0.{i + 1}:11434"},
+        }
+        if llama:
+            node["docker"] = {"endpoint": "unix:///var/run/docker.sock"}
+            node["llamacpp"] = {"image": "llama", "ports": "3000-3031"}
+        nodes.append(node)
+    models: list[dict[str, Any]] = []
+    for i in range(n_models):
+        size = rng.uniform(0.5, 70.0) if rng.random() < 0.3 else rng.uniform(0.5, 12.0)
+        runtime = "llamacpp" if rng.random() < 0.4 else "ollama"
+        source = {"gguf": f"/m/{i}.gguf"} if runtime == "llamacpp" else {"ollama": f"m{i}"}
+        models.append(
+            {
+                "name": f"m{i}",
+                "runtime": runtime,
+                "source": source,
+                "priority": rng.randint(0, 100),
+                "memory": {"vram": int(size * 1e9), "ram": int(0.3e9), "layers": rng.randint(20, 80)},
+            }
+        )
+    return ClusterSpec.model_validate({"cluster": {"name": "bench"}, "nodes": nodes, "models": models})
+
+
+def run_size(n_models: int, n_gpus: int, n_nodes: int, seeds: int, params: SolveParams) -> str:
+    times: list[float] = []
+    statuses: list[str] = []
+    objs: list[int] = []
+    greedys: list[int] = []
+    for seed in range(seeds):
+        spec = random_spec(n_models, n_gpus, n_nodes, seed)
+        profiles = profiles_for(spec)
+        t = time.perf_counter()
+        res = place(spec, profiles, params=params)
+        times.append(time.perf_counter() - t)
+        statuses.append(res.status + ("/greedy" if res.solver == "greedy" else ""))
+        objs.append(res.objective)
+        greedys.append(greedy_place(spec, profiles).objective)
+    gaps = [100.0 * (o - g) / g if g else 0.0 for o, g in zip(objs, greedys, strict=True)]
+    return (
+        f"{n_models:>6} {n_gpus:>5} {n_nodes:>5} {statistics.median(times):>9.2f} {max(times):>8.2f}"
+        f"  {','.join(sorted(set(statuses))):<18} {statistics.median(objs):>14.0f} {statistics.median(greedys):>14.0f}"
+        f" {min(gaps):>8.3f}% {statistics.median(gaps):>8.3f}%"
+    )
+
+
+def stability(params: SolveParams) -> str:
+    spec = random_spec(50, 10, 5, 7)
+    res = place(spec, profiles_for(spec), params=params)
+    current = {(a.model, a.replica): CurrentAssignment(a.node, a.gpus) for a in res.assignments}
+    target = res.assignments[0].model
+    models = [m.model_copy(update={"context": m.context * 2}) if m.name == target else m for m in spec.models]
+    changed = spec.model_copy(update={"models": models})
+    res2 = place(changed, profiles_for(changed), current=current, params=params)
+    where = {(a.model, a.replica): (a.node, a.gpus) for a in res2.assignments}
+    moved = [k for k, cur in current.items() if k[0] != target and where.get(k) != (cur.node, cur.gpus)]
+    return f"stability: changed {target}'s context in a 50-model cluster; {len(moved)} other replicas moved"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--time-limit", type=float, default=10.0)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--max-models", type=int, default=500)
+    args = ap.parse_args()
+    params = SolveParams(time_limit=args.time_limit, workers=args.workers, seed=0)
+    print(
+        f"{'models':>6} {'GPUs':>5} {'nodes':>5} {'median s':>9} {'max s':>8}  {'status':<18}"
+        f" {'objective':>14} {'greedy':>14} {'min gap':>9} {'med gap':>9}"
+    )
+    for size in SIZES:
+        if size[0] <= args.max_models:
+            print(run_size(*size, args.seeds, params), flush=True)
+    print(stability(params))
+
+
+if __name__ == "__main__":
+    main()

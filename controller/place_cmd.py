@@ -1,0 +1,91 @@
+"""`homelab place`: where every model replica goes, and why the others don't fit.
+
+The lead's `controller/cli.py` calls `register(app)`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from solver.explain import gib
+from solver.gguf import read_header
+from solver.place import SolveParams, place
+from solver.problem import PlacementResult
+from solver.profiles import profiles_for
+
+
+def render(result: PlacementResult, console: Console) -> None:
+    """The planning table per GPU, then CPU-only replicas, then unplaced replicas with their reasons."""
+    for g in result.gpus:
+        rows = [a for a in result.assignments if a.node == g.node and g.index in a.gpus]
+        table = Table(title=f"{g.node} GPU {g.index} ({g.name}, {gib(g.capacity_bytes)} usable)", title_justify="left")
+        table.add_column("model")
+        table.add_column("GiB", justify="right")
+        table.add_column("GPU layers", justify="right")
+        for a in rows:
+            name = a.model if a.replica == 0 else f"{a.model}#{a.replica}"
+            table.add_row(name, f"{a.vram_bytes[g.index] / (1 << 30):.1f}", f"{a.gpu_layers}/{a.layers}")
+        pct = 100.0 * g.used_bytes / g.capacity_bytes if g.capacity_bytes else 0.0
+        table.add_section()
+        table.add_row("total", f"{g.used_bytes / (1 << 30):.1f}", f"{pct:.0f}% used")
+        table.add_row("remaining", f"{(g.capacity_bytes - g.used_bytes) / (1 << 30):.1f}", "")
+        console.print(table)
+    cpu = [a for a in result.assignments if not a.gpus]
+    if cpu:
+        console.print("CPU only:", markup=False)
+        for a in cpu:
+            console.print(f"  {a.model} on {a.node}: {gib(a.ram_bytes)} RAM", markup=False)
+    if result.notes:
+        console.print("Partly offloaded:", markup=False)
+        for note in result.notes:
+            console.print(f"  {note}", markup=False)
+    if result.unplaced:
+        console.print("Not placed:", markup=False)
+        for u in result.unplaced:
+            console.print(f"  {u.reason}", markup=False)
+    console.print(f"status: {result.status} ({result.solver})", markup=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `place` command to `app`."""
+
+    def place_cmd(
+        file: Annotated[
+            Path | None,
+            typer.Option("--file", "-f", help="Spec file [default: $HOMELAB_SPEC or ./cluster.yaml]", dir_okay=False),
+        ] = None,
+        as_json: Annotated[bool, typer.Option("--json", help="Print the placement as JSON.")] = False,
+        time_limit: Annotated[float, typer.Option("--time-limit", help="Seconds per solver stage.")] = 10.0,
+        workers: Annotated[int, typer.Option("--workers", help="CP-SAT worker threads.")] = 2,
+    ) -> None:
+        """Place every model replica on a node, a GPU and a number of GPU layers.
+
+        Exit 0 when every replica is placed, 2 when some are not (each with its
+        reason), 1 on an error in the spec or the options.
+        """
+        from controller.cli import fail, load_or_exit, out, spec_path
+
+        if time_limit <= 0:
+            fail("--time-limit: must be greater than 0")
+        if workers < 1:
+            fail("--workers: must be at least 1")
+        spec = load_or_exit(spec_path(file)).spec
+        result = place(
+            spec,
+            profiles_for(spec, read_header=read_header),
+            params=SolveParams(time_limit=time_limit, workers=workers),
+        )
+        if as_json:
+            out.print(json.dumps(result.to_json(), indent=2), markup=False)
+        else:
+            render(result, out)
+        if result.unplaced:
+            raise typer.Exit(2)
+
+    app.command(name="place")(place_cmd)

@@ -1,0 +1,163 @@
+"""One sentence, with numbers, for every replica not placed or placed with fewer GPU layers than it has.
+
+The numbers come from the same curves the solver used, evaluated against what
+the final plan leaves free: "qwen2.5-32b needs 19.3 GiB at 32k context; the
+largest free GPU it may use (desktop:0) has 11.2 GiB; it fits fully at 8k
+context or with 34 of 65 layers on GPU". Alternatives are found by re-evaluating
+the estimator at smaller contexts (when the profile comes from a GGUF header)
+and at fewer GPU layers.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+from solver.problem import Assignment, GpuSlot, GpuUse, Problem, Replica, Unplaced, ram_at, vram_at
+
+GIB = 1 << 30
+
+
+def gib(n: int) -> str:
+    return f"{n / GIB:.1f} GiB"
+
+
+def ctx_text(ctx: int) -> str:
+    return f"{ctx // 1024}k" if ctx % 1024 == 0 else str(ctx)
+
+
+def _allowed_gpus(problem: Problem, r: Replica) -> list[int]:
+    pins = r.model.placement.gpus
+    return [
+        gi
+        for gi, g in enumerate(problem.gpus)
+        if g.node in r.curves and (pins is None or g.index in pins) and not r.model.placement.cpu_only
+    ]
+
+
+def _fits_at_context(r: Replica, slot: GpuSlot, free: int) -> int | None:
+    """The largest smaller context (halving, ≥ 512) at which the replica fits fully in `free`."""
+    ctx = r.model.context // 2
+    while ctx >= 512:
+        curve = r.profile.at_context(slot.node, ctx)
+        if curve is None:
+            return None
+        if vram_at(curve, curve.layers + 1) <= free:
+            return ctx
+        ctx //= 2
+    return None
+
+
+def _most_layers(r: Replica, slot: GpuSlot, free: int, ram_free: int) -> int | None:
+    lo, hi = r.ngl_range()
+    curve = r.curves[slot.node]
+    for k in range(hi, lo - 1, -1):
+        if vram_at(curve, k) <= free and ram_at(curve, k) <= ram_free:
+            return k
+    return None
+
+
+def _alternatives(r: Replica, slot: GpuSlot, free: int, ram_free: int, partial: bool) -> str:
+    alts = []
+    ctx = _fits_at_context(r, slot, free)
+    if ctx is not None:
+        alts.append(f"fully at {ctx_text(ctx)} context")
+    if not partial:
+        k = _most_layers(r, slot, free, ram_free)
+        if k is not None and k < r.n_layers:
+            alts.append(f"with {k} of {r.n_layers} layers on GPU")
+    return f"; it fits {' or '.join(alts)}" if alts else ""
+
+
+def _why_unplaced(
+    problem: Problem,
+    r: Replica,
+    free: list[int],
+    ram_free: dict[str, int],
+    hosts: dict[str, set[str]],
+) -> str:
+    name, model = r.model.name, r.model
+    ctx = ctx_text(model.context)
+    lo, hi = r.ngl_range()
+    nodes = sorted(r.curves)
+    if model.replicas > 1 and len(nodes) <= len(hosts[name]):
+        return (
+            f"replica {r.index} of {name} needs a node of its own; only {len(nodes)} node(s) can run it"
+            f" ({', '.join(nodes)}) and they hold its other replicas"
+        )
+    if model.placement.cpu_only or (not problem.gpu_cands[r.key] and r.cpu_allowed()):
+        need = ram_at(r.profile.curve, 0)
+        best = max(nodes, key=lambda n: (ram_free[n], n))
+        return (
+            f"{name} runs on the CPU only here and needs {gib(need)} of RAM at {ctx} context;"
+            f" the most free RAM on a node it may use ({best}) is {gib(ram_free[best])}"
+        )
+    gis = [gi for gi in _allowed_gpus(problem, r) if problem.gpus[gi].node not in hosts[name]]
+    if not gis and hosts[name]:
+        return (
+            f"replica {r.index} of {name} needs a node of its own; the GPU nodes it may use"
+            f" ({', '.join(sorted(hosts[name]))}) hold its other replicas"
+        )
+    if not gis:
+        return f"{name} needs a GPU (at least {lo} layers) but none of its nodes ({', '.join(nodes)}) has one"
+    gi = max(gis, key=lambda g: (free[g], -g))
+    slot = problem.gpus[gi]
+    curve = r.curves[slot.node]
+    full = vram_at(curve, hi)
+    least = min((vram_at(curve, k) for k in range(lo, hi + 1)), default=full)
+    need_text = f"{gib(full)} at {ctx} context"
+    if lo < hi:
+        need_text += f" ({gib(least)} with {lo} of {hi} layers on GPU)"
+    rule = ""
+    if not model.placement.cpu_offload:
+        rule = " (cpu_offload: false, so all layers must be on the GPU)"
+    elif model.placement.min_gpu_layers > 0:
+        rule = f" (min_gpu_layers: {model.placement.min_gpu_layers})"
+    text = (
+        f"{name} needs {need_text}{rule}; the largest free GPU it may use ({slot.node}:{slot.index})"
+        f" has {gib(max(free[gi], 0))}"
+    )
+    if least <= free[gi]:
+        text += f", but its node has only {gib(ram_free[slot.node])} of RAM free for the layers left on the CPU"
+    return text + _alternatives(r, slot, max(free[gi], 0), ram_free[slot.node], partial=False)
+
+
+def explain(
+    problem: Problem,
+    assignments: Sequence[Assignment],
+    gpus: Sequence[GpuUse],
+) -> tuple[tuple[Unplaced, ...], tuple[str, ...]]:
+    """(unplaced replicas with their reason, notes on replicas with fewer GPU layers than they have)."""
+    free = [g.capacity_bytes - g.used_bytes for g in gpus]
+    ram_free = dict(problem.node_ram)
+    hosts: dict[str, set[str]] = defaultdict(set)
+    for a in assignments:
+        ram_free[a.node] -= a.ram_bytes
+        hosts[a.model].add(a.node)
+    placed = {(a.model, a.replica): a for a in assignments}
+    unplaced: list[Unplaced] = []
+    notes: list[str] = []
+    for r in problem.replicas:
+        got = placed.get(r.key)
+        if r.key in problem.blocked:
+            unplaced.append(Unplaced(r.key[0], r.key[1], problem.blocked[r.key]))
+        elif got is None:
+            unplaced.append(Unplaced(r.key[0], r.key[1], _why_unplaced(problem, r, free, ram_free, hosts)))
+        elif got.gpus and got.gpu_layers < got.layers:
+            gi = next(i for i, g in enumerate(problem.gpus) if g.key == (got.node, got.gpus[0]))
+            slot = problem.gpus[gi]
+            own = got.vram_bytes[slot.index]
+            room = free[gi] + own
+            full = vram_at(r.curves[got.node], got.layers)
+            notes.append(
+                f"{r.model.name} has {got.gpu_layers} of {got.layers} layers on GPU {slot.node}:{slot.index}:"
+                f" full offload needs {gib(full)} at {ctx_text(r.model.context)} context and the GPU has"
+                f" {gib(room)} for it besides the other models"
+                + _alternatives(r, slot, room, ram_free[got.node] + got.ram_bytes, partial=True)
+            )
+    # Blocked models (no estimate) are not in problem.replicas: add them in spec order.
+    seen = {(u.model, u.replica) for u in unplaced}
+    for k, reason in sorted(problem.blocked.items()):
+        if k not in seen:
+            unplaced.append(Unplaced(k[0], k[1], reason))
+    return tuple(unplaced), tuple(notes)

@@ -1,0 +1,366 @@
+"""The placement problem, prepared once for both solvers (CP-SAT and greedy), and its result.
+
+`build_problem` turns a spec and memory profiles into replicas, GPU slots,
+usable capacities and, per replica, the candidate GPUs and CPU nodes that the
+hard constraints (runtime, pins, ports, cpu_only, cpu_offload, min_gpu_layers)
+and a quick "does it fit at its fewest layers" filter leave. Everything here is
+pure and in bytes; the CP-SAT model scales to MiB itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from solver.estimate import LayerCurve
+from solver.profiles import MemoryProfile, NoEstimate, Profile, as_profile
+from specs.enums import Runtime
+from specs.model import ClusterSpec, Model, Node
+
+GpuKey = tuple[str, int]
+"""(node name, GPU index)."""
+ReplicaKey = tuple[str, int]
+"""(model name, replica number from 0)."""
+
+
+@dataclass(frozen=True)
+class CurrentAssignment:
+    """Where a replica runs now (for stability)."""
+
+    node: str
+    gpus: tuple[int, ...] = ()
+
+
+# --------------------------------------------------------------------------- result
+
+
+@dataclass(frozen=True)
+class Assignment:
+    model: str
+    replica: int
+    node: str
+    gpus: tuple[int, ...]
+    gpu_layers: int
+    layers: int
+    """L+1: the most GPU layers the model can have (ngl of full offload)."""
+    vram_bytes: Mapping[int, int]
+    ram_bytes: int
+    context: int
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "model": self.model,
+            "replica": self.replica,
+            "node": self.node,
+            "gpus": list(self.gpus),
+            "gpu_layers": self.gpu_layers,
+            "layers": self.layers,
+            "vram_bytes": {str(k): v for k, v in sorted(self.vram_bytes.items())},
+            "ram_bytes": self.ram_bytes,
+            "context": self.context,
+        }
+
+
+@dataclass(frozen=True)
+class Unplaced:
+    model: str
+    replica: int
+    reason: str
+
+    def to_json(self) -> dict[str, object]:
+        return {"model": self.model, "replica": self.replica, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class GpuUse:
+    node: str
+    index: int
+    name: str
+    capacity_bytes: int
+    """Usable: VRAM − reserve − memory used by processes homelab doesn't manage."""
+    used_bytes: int
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "node": self.node,
+            "index": self.index,
+            "capacity_bytes": self.capacity_bytes,
+            "used_bytes": self.used_bytes,
+        }
+
+
+@dataclass(frozen=True)
+class PlacementResult:
+    """A plan: where every replica goes, which could not go anywhere and why."""
+
+    status: str
+    """OPTIMAL (proven best), FEASIBLE (best found within the time limit) or INFEASIBLE."""
+    assignments: tuple[Assignment, ...]
+    unplaced: tuple[Unplaced, ...]
+    gpus: tuple[GpuUse, ...]
+    objective: int
+    """The priority/layers score (`score`), comparable between solvers."""
+    moves: int = 0
+    solver: str = "cp-sat"
+    notes: tuple[str, ...] = ()
+    """One sentence per replica placed with fewer GPU layers than it has."""
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "status": self.status,
+            "assignments": [a.to_json() for a in self.assignments],
+            "unplaced": [u.to_json() for u in self.unplaced],
+            "gpus": [g.to_json() for g in self.gpus],
+        }
+
+
+# --------------------------------------------------------------------------- problem
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One replica's decision: GPU (index into problem.gpus) or CPU node, and its GPU layers."""
+
+    key: ReplicaKey
+    node: str
+    gpu: int | None
+    ngl: int
+
+
+@dataclass(frozen=True)
+class Replica:
+    model: Model
+    index: int
+    curves: Mapping[str, LayerCurve]
+    """Per candidate node."""
+    profile: MemoryProfile
+    needs: Mapping[str, LinearNeed]
+    """Per candidate node: the memory both solvers count."""
+
+    @property
+    def key(self) -> ReplicaKey:
+        return (self.model.name, self.index)
+
+    @property
+    def n_layers(self) -> int:
+        """L+1, the ngl of full offload."""
+        return self.profile.curve.layers + 1
+
+    def ngl_range(self) -> tuple[int, int]:
+        """(lowest, highest) ngl allowed on a GPU, from the model's placement rules."""
+        top = self.n_layers
+        if not self.model.placement.cpu_offload:
+            return top, top
+        return max(1, self.model.placement.min_gpu_layers), top
+
+    def cpu_allowed(self) -> bool:
+        p = self.model.placement
+        return p.cpu_offload and p.min_gpu_layers == 0
+
+
+@dataclass(frozen=True)
+class GpuSlot:
+    node: str
+    index: int
+    name: str
+    capacity: int
+
+    @property
+    def key(self) -> GpuKey:
+        return (self.node, self.index)
+
+
+@dataclass
+class Problem:
+    spec: ClusterSpec
+    replicas: list[Replica]
+    gpus: list[GpuSlot]
+    node_ram: dict[str, int]
+    """Usable RAM per node: ram − ram_reserve."""
+    gpu_cands: dict[ReplicaKey, list[int]] = field(default_factory=dict)
+    """Indices into `gpus`."""
+    cpu_cands: dict[ReplicaKey, list[str]] = field(default_factory=dict)
+    blocked: dict[ReplicaKey, str] = field(default_factory=dict)
+    """Replicas that cannot be placed at all, with the reason."""
+    current: Mapping[ReplicaKey, CurrentAssignment] = field(default_factory=dict)
+    port_slots: dict[str, int] = field(default_factory=dict)
+    """How many llamacpp replicas each llamacpp node can host (its port range)."""
+
+    def node(self, name: str) -> Node:
+        return self.spec.node(name)
+
+
+def vram_at(curve: LayerCurve, ngl: int) -> int:
+    """VRAM of a replica at `ngl`; 0 layers means no GPU at all."""
+    return 0 if ngl == 0 else curve.vram(ngl)
+
+
+def ram_at(curve: LayerCurve, ngl: int) -> int:
+    return curve.ram(ngl)
+
+
+def node_allows(node: Node, model: Model) -> str | None:
+    """Why `model` cannot run on `node` at all, or None."""
+    p = model.placement
+    if model.runtime not in node.runtimes:
+        return f"node {node.name} does not offer {model.runtime.value}"
+    if p.node is not None and node.name != p.node:
+        return f"pinned to node {p.node}"
+    if p.tier is not None and node.tier is not p.tier:
+        return f"pinned to tier {p.tier.value}"
+    if model.runtime is Runtime.LLAMACPP and model.port is not None:
+        assert node.llamacpp is not None
+        if model.port not in node.llamacpp.ports:
+            r = node.llamacpp.ports
+            return f"port {model.port} is outside node {node.name}'s range {r.start}-{r.end}"
+    return None
+
+
+def _why_no_node(spec: ClusterSpec, model: Model) -> str:
+    reasons = [node_allows(n, model) for n in spec.nodes]
+    p = model.placement
+    if p.node is not None:
+        try:
+            node = spec.node(p.node)
+        except KeyError:
+            return f"{model.name} is pinned to node {p.node}, which is not in the spec"
+        why = node_allows(node, model)
+        return f"{model.name} is pinned to node {p.node}, but {why}"
+    if p.tier is not None and not any(n.tier is p.tier for n in spec.nodes):
+        return f"{model.name} is pinned to tier {p.tier.value}, which has no node"
+    if not any(model.runtime in n.runtimes for n in spec.nodes):
+        return f"{model.name} runs on {model.runtime.value}, which no node offers"
+    detail = "; ".join(sorted({r for r in reasons if r is not None}))
+    return f"no node can run {model.name}: {detail}"
+
+
+def build_problem(
+    spec: ClusterSpec,
+    profiles: Mapping[str, Profile],
+    current: Mapping[ReplicaKey, CurrentAssignment] | None = None,
+    foreign_vram: Mapping[GpuKey, int] | None = None,
+) -> Problem:
+    """Replicas, GPUs, capacities and candidates for `spec` (see the module docstring)."""
+    foreign = foreign_vram or {}
+    gpus = [
+        GpuSlot(n.name, g.index, g.name, max(0, g.vram - g.reserve - foreign.get((n.name, g.index), 0)))
+        for n in spec.nodes
+        for g in n.gpus
+    ]
+    prob = Problem(
+        spec=spec,
+        replicas=[],
+        gpus=gpus,
+        node_ram={n.name: n.ram - n.ram_reserve for n in spec.nodes},
+        current=dict(current or {}),
+        port_slots={n.name: len(n.llamacpp.ports) for n in spec.nodes if n.llamacpp is not None},
+    )
+    for model in spec.models:
+        raw = profiles.get(model.name, NoEstimate())
+        prof = as_profile(raw)
+        keys = [(model.name, i) for i in range(model.replicas)]
+        if isinstance(prof, NoEstimate):
+            for k in keys:
+                prob.blocked[k] = f"{model.name}: {prof.reason}"
+            continue
+        nodes = [n for n in spec.nodes if node_allows(n, model) is None]
+        curves = {n.name: prof.for_node(n.name) for n in nodes}
+        lo_all = max(1, model.placement.min_gpu_layers) if model.placement.cpu_offload else prof.curve.layers + 1
+        needs = {n: linear_need(c, lo_all) for n, c in curves.items()}
+        for i in range(model.replicas):
+            rep = Replica(model, i, curves, prof, needs)
+            prob.replicas.append(rep)
+            if not nodes:
+                prob.blocked[rep.key] = _why_no_node(spec, model)
+                continue
+            lo, hi = rep.ngl_range()
+            p = model.placement
+            gc: list[int] = []
+            if not p.cpu_only and lo <= hi:
+                for gi, slot in enumerate(gpus):
+                    if slot.node not in curves:
+                        continue
+                    if p.gpus is not None and slot.index not in p.gpus:
+                        continue
+                    if min(needs[slot.node].vram(k) for k in range(lo, hi + 1)) <= units_down(slot.capacity):
+                        gc.append(gi)
+            cc: list[str] = []
+            if rep.cpu_allowed():
+                cc = [n.name for n in nodes if needs[n.name].r0 <= units_down(prob.node_ram[n.name])]
+            prob.gpu_cands[rep.key] = gc
+            prob.cpu_cands[rep.key] = cc
+    return prob
+
+
+def score(problem: Problem, assignments: list[Assignment] | tuple[Assignment, ...]) -> int:
+    """The priority/layers objective: placed replicas by priority, then GPU layers by priority.
+
+    Placing one more replica of priority p outweighs any number of GPU layers;
+    each GPU layer counts priority + 1.
+    """
+    w = placement_weight(problem)
+    prio = {m.name: m.priority for m in problem.spec.models}
+    return sum((prio[a.model] + 1) * (w + a.gpu_layers) for a in assignments)
+
+
+def placement_weight(problem: Problem) -> int:
+    """Worth of one placed replica of priority 0: more than all GPU layers together."""
+    return 1 + sum((r.model.priority + 1) * r.n_layers for r in problem.replicas)
+
+
+UNIT = 1 << 16
+"""Memory inside the solvers is counted in 64 KiB units: needs rounded up, capacities down."""
+
+
+def units_up(n: int) -> int:
+    return -(-n // UNIT)
+
+
+def units_down(n: int) -> int:
+    return n // UNIT
+
+
+@dataclass(frozen=True)
+class LinearNeed:
+    """A replica's memory on one node as both solvers count it, in `UNIT`s.
+
+    Full offload (ngl = top = L+1) and CPU only (ngl = 0) are exact; partial
+    offload (plo ≤ ngl ≤ L) is the smallest affine upper bound a + b·ngl with an
+    integer slope through the curve's points, so a plan that fits here fits in bytes.
+    """
+
+    top: int
+    plo: int
+    v_full: int
+    a_v: int
+    b_v: int
+    r_full: int
+    r0: int
+    a_r: int
+    b_r: int
+
+    def vram(self, ngl: int) -> int:
+        if ngl == 0:
+            return 0
+        return self.v_full if ngl == self.top else self.a_v + self.b_v * ngl
+
+    def ram(self, ngl: int) -> int:
+        if ngl == 0:
+            return self.r0
+        return self.r_full if ngl == self.top else self.a_r + self.b_r * ngl
+
+
+def linear_need(curve: LayerCurve, lo: int) -> LinearNeed:
+    """The `LinearNeed` of `curve` for GPU layers from `lo` (≥ 1) up."""
+    top = curve.layers + 1
+    plo = max(lo, 1)
+    vt = [units_up(vram_at(curve, k)) for k in range(top + 1)]
+    rt = [units_up(ram_at(curve, k)) for k in range(top + 1)]
+    a_v = b_v = a_r = b_r = 0
+    if plo <= curve.layers:
+        span = max(curve.layers - plo, 1)
+        b_v = -(-(vt[curve.layers] - vt[plo]) // span)
+        b_r = -(-(rt[curve.layers] - rt[plo]) // span)
+        a_v = max(vt[k] - b_v * k for k in range(plo, curve.layers + 1))
+        a_r = max(rt[k] - b_r * k for k in range(plo, curve.layers + 1))
+    return LinearNeed(top, plo, vt[top], a_v, b_v, rt[top], rt[0], a_r, b_r)

@@ -1,0 +1,171 @@
+"""Memory profiles: what the placement solver knows about each model's memory.
+
+A profile is a `LayerCurve` per node (VRAM and RAM for every offload level
+ngl = 0 … L+1), built from the model's GGUF header when it can be read here, or
+from the `memory:` the spec declares. `profiles_for` is the only function here
+that touches the file system, and only through the `read_header` it is given.
+
+The placement solver reads ngl = 0 as "no GPU at all": a replica with no GPU
+layer is started without GPU access (as `cpu_only` models are), so it needs
+RAM only (`curve.ram(0)`) and no VRAM.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+
+from solver.errors import EstimateError, GGUFError
+from solver.estimate import (
+    DEFAULT_GPU_OVERHEAD_BYTES,
+    EstimateParams,
+    LayerCurve,
+    ModelShape,
+    layer_curve,
+    shape_from_header,
+)
+from solver.gguf import GGUFHeader
+from specs.enums import LayerOrder, Runtime
+from specs.model import ClusterSpec, DeclaredMemory, Model, Node
+
+NO_ESTIMATE = "no memory estimate: GGUF not readable here and no `memory:` declared"
+
+
+@dataclass(frozen=True)
+class NoEstimate:
+    """A model the solver cannot place because its memory is unknown."""
+
+    reason: str = NO_ESTIMATE
+
+
+@dataclass(frozen=True)
+class MemoryProfile:
+    """A model's memory curve, per node where nodes differ (layer order, GPU overhead).
+
+    `shape` and `params` (per node) are kept when the curve comes from a GGUF
+    header, so that explanations can recompute the curve at a smaller context.
+    """
+
+    curve: LayerCurve
+    source: str = "declared"
+    """`gguf` (from the header) or `declared` (the spec's `memory:`)."""
+    node_curves: Mapping[str, LayerCurve] = field(default_factory=dict)
+    shape: ModelShape | None = None
+    node_params: Mapping[str, EstimateParams] = field(default_factory=dict)
+
+    def for_node(self, node: str) -> LayerCurve:
+        return self.node_curves.get(node, self.curve)
+
+    def at_context(self, node: str, ctx: int) -> LayerCurve | None:
+        """The node's curve at another context length, or None for a declared profile."""
+        params = self.node_params.get(node)
+        if self.shape is None or params is None:
+            return None
+        return layer_curve(self.shape, replace(params, ctx=ctx))
+
+
+Profile = MemoryProfile | LayerCurve | NoEstimate
+"""What `solver.place.place` accepts per model name."""
+
+
+def declared_curve(
+    memory: DeclaredMemory,
+    layer_order: LayerOrder = LayerOrder.OUTPUT_FIRST,
+    gpu_overhead: int = DEFAULT_GPU_OVERHEAD_BYTES,
+) -> LayerCurve:
+    """A linear curve from a declared `memory:` (VRAM at full offload, RAM, optional layers).
+
+    With `layers: L`, the declared VRAM minus a fixed part (the node's GPU
+    overhead, at most half the VRAM) is split evenly over L blocks and the output
+    layer, so VRAM(ngl) = fixed + ngl · per_layer for either layer order, and the
+    bytes leaving the GPU land in RAM. Without `layers` the model runs fully on a
+    GPU or not at all (ngl ∈ {0, 1}). Running on the CPU only (ngl = 0) needs
+    VRAM + RAM bytes of RAM.
+    """
+    vram, ram = memory.vram, memory.ram
+    n = memory.layers or 0
+    if n == 0:
+        return LayerCurve(0, layer_order, (), (), (0, vram, vram), (vram + ram, ram, ram))
+    fixed = min(gpu_overhead, vram // 2)
+    per = math.ceil((vram - fixed) / (n + 1))
+    full_fixed = vram - n * per
+    # Partial regime: output-first has the output layer on the GPU plus ngl-1 blocks,
+    # output-last has ngl blocks and the output on the CPU; both give fixed + ngl·per.
+    partial_fixed = fixed + per if layer_order == LayerOrder.OUTPUT_FIRST else fixed
+    cpu_top = ram + n * per
+    return LayerCurve(
+        layers=n,
+        layer_order=layer_order,
+        gpu_per_block=(per,) * n,
+        cpu_per_block=(per,) * n,
+        gpu_fixed=(0, partial_fixed, full_fixed),
+        cpu_fixed=(vram + ram, cpu_top + (per if layer_order == LayerOrder.OUTPUT_LAST else 0), cpu_top),
+    )
+
+
+def params_for(model: Model, node: Node | None) -> EstimateParams:
+    """The estimator parameters of `model` when it runs on `node`."""
+    order = node.llamacpp.layer_order if node is not None and node.llamacpp is not None else LayerOrder.OUTPUT_FIRST
+    overhead = node.gpu_overhead if node is not None and node.gpu_overhead is not None else DEFAULT_GPU_OVERHEAD_BYTES
+    return EstimateParams(
+        ctx=model.context,
+        cache_type=model.kv_cache,
+        flash_attn=model.flash_attn,
+        layer_order=order,
+        gpu_overhead=overhead,
+    )
+
+
+def _candidate_nodes(spec: ClusterSpec, model: Model) -> list[Node]:
+    return [n for n in spec.nodes if model.runtime in n.runtimes and n.gpus]
+
+
+def profile_for(spec: ClusterSpec, model: Model, read_header: Callable[[str], GGUFHeader] | None) -> Profile:
+    """The profile of one model: its GGUF header if readable, else its declared memory."""
+    if model.runtime is Runtime.LLAMACPP and model.source.gguf is not None and read_header is not None:
+        try:
+            shape = shape_from_header(read_header(model.source.gguf), model.name)
+        except (GGUFError, OSError, EstimateError):
+            shape = None
+        if shape is not None:
+            default = params_for(model, None)
+            node_params = {n.name: params_for(model, n) for n in _candidate_nodes(spec, model)}
+            try:
+                return MemoryProfile(
+                    curve=layer_curve(shape, default),
+                    source="gguf",
+                    node_curves={name: layer_curve(shape, p) for name, p in node_params.items()},
+                    shape=shape,
+                    node_params=node_params,
+                )
+            except EstimateError as exc:
+                if model.memory is None:
+                    return NoEstimate(f"no memory estimate: {exc}")
+    if model.memory is not None:
+        nodes = _candidate_nodes(spec, model)
+        node_curves = {
+            n.name: declared_curve(
+                model.memory,
+                params_for(model, n).layer_order,
+                params_for(model, n).gpu_overhead,
+            )
+            for n in nodes
+        }
+        return MemoryProfile(curve=declared_curve(model.memory), source="declared", node_curves=node_curves)
+    return NoEstimate()
+
+
+def profiles_for(
+    spec: ClusterSpec,
+    read_header: Callable[[str], GGUFHeader] | None = None,
+) -> dict[str, Profile]:
+    """A profile for every model of the spec (pass `solver.gguf.read_header` to read local GGUFs)."""
+    return {m.name: profile_for(spec, m, read_header) for m in spec.models}
+
+
+def as_profile(profile: Profile) -> MemoryProfile | NoEstimate:
+    """Normalise what a caller passed: a bare LayerCurve is a profile valid on every node."""
+    if isinstance(profile, LayerCurve):
+        return MemoryProfile(curve=profile, source="curve")
+    return profile

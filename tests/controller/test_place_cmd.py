@@ -1,0 +1,64 @@
+"""`homelab place` through a throwaway Typer app."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from typer.testing import CliRunner
+
+from controller.place_cmd import register
+
+
+def app() -> typer.Typer:
+    a = typer.Typer()
+
+    @a.callback()
+    def _root() -> None:
+        """Test root."""
+
+    register(a)
+    return a
+
+
+def test_example_table(examples_dir: Path) -> None:
+    r = CliRunner().invoke(app(), ["place", "-f", str(examples_dir / "homelab.yaml"), "--workers", "1"])
+    assert r.exit_code == 0, r.output
+    assert "workstation GPU 0" in r.output
+    assert "qwen2.5-14b-instruct" in r.output
+    assert "CPU only:" in r.output
+    assert "qwen2.5-32b on nas: 21.0 GiB RAM" in r.output
+
+
+def test_json(examples_dir: Path) -> None:
+    r = CliRunner().invoke(app(), ["place", "-f", str(examples_dir / "homelab.yaml"), "--json", "--workers", "1"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    assert doc["status"] == "OPTIMAL"
+    assert doc["unplaced"] == []
+    a = next(x for x in doc["assignments"] if x["model"] == "qwen2.5-coder-7b")
+    assert a["node"] == "workstation"
+    assert a["gpu_layers"] == a["layers"] == 29
+    assert a["vram_bytes"] == {"0": 4_400_000_000}
+    for g in doc["gpus"]:
+        assert g["used_bytes"] <= g["capacity_bytes"]
+
+
+def test_unplaced_exit_2(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text(
+        "version: 1\ncluster: {name: t}\nnodes:\n  - name: n\n    tier: local\n    address: h\n    ram: 8GiB\n"
+        "    gpus: [{index: 0, name: g, vram: 4GiB}]\n    ollama: {url: 'http://h:1'}\n"
+        "models:\n  - name: big\n    runtime: ollama\n    source: {ollama: big}\n"
+        "    memory: {vram: 9GiB}\n    placement: {cpu_offload: false}\n"
+    )
+    r = CliRunner().invoke(app(), ["place", "-f", str(f), "--workers", "1"])
+    assert r.exit_code == 2
+    assert "big needs 9.0 GiB at 4k context" in r.output
+
+
+def test_missing_file_is_an_error(tmp_path: Path) -> None:
+    r = CliRunner().invoke(app(), ["place", "-f", str(tmp_path / "nope.yaml")])
+    assert r.exit_code == 1
+    assert "Traceback" not in r.output

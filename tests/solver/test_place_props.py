@@ -1,0 +1,89 @@
+"""Property: every placement respects every VRAM and RAM bound, recomputed from the estimator's curves."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from solver.place import SolveParams, greedy_place, place
+from solver.profiles import MemoryProfile, declared_curve, profiles_for
+from specs.model import ClusterSpec
+
+GIB = 1 << 30
+
+
+@st.composite
+def clusters(draw: st.DrawFn) -> ClusterSpec:
+    nodes = []
+    for i in range(draw(st.integers(1, 3))):
+        gpus = [
+            {
+                "index": j,
+                "name": "g",
+                "vram": draw(st.sampled_from([4, 8, 12, 24])) * GIB,
+                "reserve": draw(st.sampled_from([0, GIB // 2])),
+            }
+            for j in range(draw(st.integers(0, 2)))
+        ]
+        nodes.append(
+            {
+                "name": f"n{i}",
+                "tier": "local",
+                "address": "h",
+                "ram": draw(st.sampled_from([8, 16, 32])) * GIB,
+                "ram_reserve": GIB,
+                "gpus": gpus,
+                "ollama": {"url": "http://h:1"},
+            }
+        )
+    models = []
+    for i in range(draw(st.integers(1, 8))):
+        layers = draw(st.one_of(st.none(), st.integers(4, 40)))
+        models.append(
+            {
+                "name": f"m{i}",
+                "runtime": "ollama",
+                "source": {"ollama": f"m{i}"},
+                "priority": draw(st.integers(0, 100)),
+                "memory": {
+                    "vram": draw(st.integers(GIB // 4, 20 * GIB)),
+                    "ram": draw(st.integers(0, 2 * GIB)),
+                    **({"layers": layers} if layers else {}),
+                },
+                "placement": {"cpu_offload": draw(st.booleans())},
+            }
+        )
+    return ClusterSpec.model_validate({"cluster": {"name": "p"}, "nodes": nodes, "models": models})
+
+
+@settings(max_examples=40, deadline=None)
+@given(clusters())
+def test_bounds_hold(s: ClusterSpec) -> None:
+    profiles = profiles_for(s)
+    for result in (place(s, profiles, params=SolveParams(time_limit=2.0, workers=1)), greedy_place(s, profiles)):
+        vram: dict[tuple[str, int], int] = defaultdict(int)
+        ram: dict[str, int] = defaultdict(int)
+        for a in result.assignments:
+            m = s.model(a.model)
+            node = s.node(a.node)
+            assert m.memory is not None
+            curve = declared_curve(m.memory)
+            prof = profiles[a.model]
+            assert isinstance(prof, MemoryProfile)
+            assert prof.for_node(a.node).layers == curve.layers
+            # Recompute from the estimator's curve, outside the solver.
+            if a.gpu_layers:
+                assert a.gpus and node.gpus
+                vram[a.node, a.gpus[0]] += curve.vram(a.gpu_layers)
+            else:
+                assert not a.gpus
+            ram[a.node] += curve.ram(a.gpu_layers)
+            if not m.placement.cpu_offload:
+                assert a.gpu_layers == curve.layers + 1
+        for node in s.nodes:
+            assert ram[node.name] <= node.ram - node.ram_reserve
+            for g in node.gpus:
+                assert vram[node.name, g.index] <= g.vram - g.reserve
+        assert len(result.assignments) + len(result.unplaced) == sum(m.replicas for m in s.models)
