@@ -262,6 +262,14 @@ class LlamaCppRuntime(_Spec):
         description="how this node's llama.cpp build assigns -ngl layers",
     )
     server_args: list[str] = Field(default_factory=list, description="extra llama-server args")
+    helper_image: str = Field(
+        default="busybox:latest",
+        min_length=1,
+        description="small image with a shell, already on the node: copies and checks model files",
+    )
+    health_timeout: Duration = Field(
+        default=300.0, description="how long a starting container may take to answer /health"
+    )
     threads: PositiveInt | None = None
 
 

@@ -1,0 +1,1 @@
+"""Thin drivers, one per outside system, each behind a small Protocol."""

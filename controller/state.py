@@ -1,0 +1,144 @@
+"""The one schema that desired and observed state share.
+
+`controller.desired.render` builds a `ClusterState` from the spec and the
+placement; `controller.observe` builds one from the real cluster. Because both
+are the same plain, frozen values, `controller.diff` is a data comparison and a
+second reconcile after a successful apply finds nothing to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# Labels on everything homelab creates. Anything without LABEL_CLUSTER is never touched.
+LABEL_CLUSTER = "homelab.cluster"
+LABEL_NODE = "homelab.node"
+LABEL_MODEL = "homelab.model"
+LABEL_REPLICA = "homelab.replica"
+LABEL_HASH = "homelab.spec-hash"
+LABEL_CONFIG = "homelab.config"
+"""The container's desired configuration as compact JSON, so a diff can say what changed."""
+
+MODELS_MOUNT = "/models"
+"""Where the model volume is mounted (read-only) in a llama.cpp container."""
+
+
+@dataclass(frozen=True)
+class ContainerConfig:
+    """Everything about a managed container whose change means replacing it."""
+
+    image: str
+    command: tuple[str, ...]
+    """Arguments to the image's entrypoint (llama-server)."""
+    model_file: str
+    """File name inside the model volume."""
+    context: int
+    gpu_layers: int
+    port: int
+    alias: str
+    cache_type: str
+    gpus: tuple[int, ...]
+    """GPU indices given to the container (empty: no GPU)."""
+    gpu_access: str
+    """nvidia (device requests), dri (/dev/dri) or none."""
+    volume: str
+    restart_policy: str = "unless-stopped"
+    network_mode: str = "host"
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["command"] = list(self.command)
+        data["gpus"] = list(self.gpus)
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ContainerConfig:
+        fields = dict(data)
+        fields["command"] = tuple(fields.get("command", ()))
+        fields["gpus"] = tuple(fields.get("gpus", ()))
+        return cls(**fields)
+
+    def digest(self) -> str:
+        """A short, stable hash of the configuration (the `homelab.spec-hash` label)."""
+        text = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ContainerState:
+    """A llama.cpp container: desired (from the spec) or observed (from Docker)."""
+
+    name: str
+    node: str
+    model: str
+    replica: int
+    config: ContainerConfig | None
+    """None when an observed container's config label is missing or unreadable."""
+    config_hash: str
+    health_url: str
+    status: str = "running"
+    """Docker's state: running, exited, created, restarting, paused, dead. Desired: running."""
+    exit_code: int | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.config is not None and bool(self.config.gpus)
+
+
+@dataclass(frozen=True)
+class VolumeState:
+    node: str
+    name: str
+
+
+@dataclass(frozen=True)
+class FileState:
+    """A model file inside a volume. Desired files also say where to copy them from."""
+
+    node: str
+    volume: str
+    name: str
+    size: int | None = None
+    """Bytes; None when not known (desired, before the source was looked at)."""
+    sha256: str | None = None
+    source: str | None = None
+    """Path of the GGUF on the node (desired only)."""
+
+
+@dataclass(frozen=True)
+class NodeState:
+    node: str
+    reachable: bool = True
+    error: str | None = None
+    """Why the node could not be observed."""
+    volumes: tuple[VolumeState, ...] = ()
+    files: tuple[FileState, ...] = ()
+    containers: tuple[ContainerState, ...] = ()
+    foreign_containers: tuple[str, ...] = ()
+    """Names of containers without homelab labels (observed only; never touched)."""
+
+
+@dataclass(frozen=True)
+class ClusterState:
+    cluster: str
+    nodes: Mapping[str, NodeState]
+
+    def fingerprint(self) -> str:
+        """A hash of the whole state: a saved plan is refused when the cluster has changed since."""
+        text = json.dumps(_jsonable(self), sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "__dataclass_fields__"):
+        return {k: _jsonable(v) for k, v in asdict(value).items()}
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
