@@ -9,20 +9,15 @@ traceback.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
-from rich.console import Console
 
-from specs import Diagnostic, LoadedSpec, SpecError, load_spec
+from controller.cliutil import SpecFileOption, err, fail, load_or_exit, out, spec_path
 from specs.schema import json_schema_text
 from specs.units import format_size
-
-DEFAULT_SPEC = "cluster.yaml"
-SPEC_ENV = "HOMELAB_SPEC"
 
 app = typer.Typer(
     name="homelab",
@@ -31,55 +26,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-
-SpecFileOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--file",
-        "-f",
-        help=f"Spec file [default: ${SPEC_ENV} or ./{DEFAULT_SPEC}]",
-        show_default=False,
-        dir_okay=False,
-    ),
-]
-
-
-def fail(message: str, code: int = 1) -> NoReturn:
-    """Print one `error:` line to stderr and exit."""
-    err.print(f"[red]error:[/red] {message}", markup=True, highlight=False)
-    raise typer.Exit(code)
-
-
-def spec_path(file: Path | None, positional: Path | None = None) -> Path:
-    """The spec file a command works on: positional, then -f, then $HOMELAB_SPEC, then ./cluster.yaml."""
-    if file is not None and positional is not None and file != positional:
-        fail(f"two spec files given: {positional} and -f {file}")
-    chosen = positional or file
-    if chosen is not None:
-        return chosen
-    env = os.environ.get(SPEC_ENV)
-    return Path(env) if env else Path(DEFAULT_SPEC)
-
-
-def print_diagnostics(diagnostics: tuple[Diagnostic, ...] | list[Diagnostic]) -> None:
-    for diagnostic in diagnostics:
-        err.print(str(diagnostic), markup=False)
-
-
-def load_or_exit(path: Path) -> LoadedSpec:
-    """Load and validate the spec, or print every error and exit 1."""
-    try:
-        loaded = load_spec(path)
-    except SpecError as exc:
-        print_diagnostics(exc.diagnostics)
-        n = len(exc.diagnostics)
-        err.print(f"{n} error{'s' if n != 1 else ''} in {path}", markup=False)
-        raise typer.Exit(1) from None
-    print_diagnostics(loaded.warnings)
-    return loaded
 
 
 def _version(value: bool) -> None:
@@ -149,10 +95,11 @@ def schema(
 
 
 def _register_commands() -> None:
-    from controller import estimate_cmd, place_cmd
+    from controller import estimate_cmd, place_cmd, reconcile_cmd
 
     estimate_cmd.register(app)
     place_cmd.register(app)
+    reconcile_cmd.register(app)
 
 
 _register_commands()

@@ -61,15 +61,15 @@ def register(app: typer.Typer) -> None:
             typer.Option("--file", "-f", help="Spec file [default: $HOMELAB_SPEC or ./cluster.yaml]", dir_okay=False),
         ] = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print the placement as JSON.")] = False,
-        time_limit: Annotated[float, typer.Option("--time-limit", help="Seconds per solver stage.")] = 10.0,
-        workers: Annotated[int, typer.Option("--workers", help="CP-SAT worker threads.")] = 2,
+        time_limit: Annotated[float, typer.Option("--time-limit", help="Solver seconds, both stages.")] = 10.0,
+        workers: Annotated[int, typer.Option("--workers", help="CP-SAT worker threads (1 is deterministic).")] = 1,
     ) -> None:
         """Place every model replica on a node, a GPU and a number of GPU layers.
 
         Exit 0 when every replica is placed, 2 when some are not (each with its
         reason), 1 on an error in the spec or the options.
         """
-        from controller.cli import fail, load_or_exit, out, spec_path
+        from controller.cliutil import fail, load_or_exit, out, spec_path
 
         if time_limit <= 0:
             fail("--time-limit: must be greater than 0")

@@ -27,6 +27,12 @@ MODELS_MOUNT = "/models"
 """Where the model volume is mounted (read-only) in a llama.cpp container."""
 
 
+def health_url(address: str, port: int) -> str:
+    """`http://ADDRESS:PORT/health` (an IPv6 address in brackets)."""
+    host = f"[{address}]" if ":" in address and not address.startswith("[") else address
+    return f"http://{host}:{port}/health"
+
+
 @dataclass(frozen=True)
 class ContainerConfig:
     """Everything about a managed container whose change means replacing it."""
@@ -142,3 +148,34 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     return value
+
+
+def container_to_json(c: ContainerState) -> dict[str, Any]:
+    return {
+        "name": c.name,
+        "node": c.node,
+        "model": c.model,
+        "replica": c.replica,
+        "config": c.config.to_json() if c.config is not None else None,
+        "config_hash": c.config_hash,
+        "health_url": c.health_url,
+        "status": c.status,
+        "exit_code": c.exit_code,
+        "labels": dict(c.labels),
+    }
+
+
+def container_from_json(data: Mapping[str, Any]) -> ContainerState:
+    config = data.get("config")
+    return ContainerState(
+        name=data["name"],
+        node=data["node"],
+        model=data["model"],
+        replica=int(data["replica"]),
+        config=ContainerConfig.from_json(config) if config is not None else None,
+        config_hash=data["config_hash"],
+        health_url=data["health_url"],
+        status=data.get("status", "running"),
+        exit_code=data.get("exit_code"),
+        labels=dict(data.get("labels", {})),
+    )

@@ -1,9 +1,9 @@
 """The seams between the engine and the outside world.
 
-    DriverError                    anything a driver could not do (one line, for the user)
-    ├── NodeUnreachable            the node's engine does not answer: observed as unreachable, never as empty
-    ├── NotManaged                 refused: the object has no homelab labels
-    └── VerifyFailed               a copied file's size or checksum is not what was expected
+DriverError                    anything a driver could not do (one line, for the user)
+├── NodeUnreachable            the node's engine does not answer: observed as unreachable, never as empty
+├── NotManaged                 refused: the object has no homelab labels
+└── VerifyFailed               a copied file's size or checksum is not what was expected
 """
 
 from __future__ import annotations
@@ -72,6 +72,9 @@ class DockerNode(Protocol):
         under `name`. Raises VerifyFailed, DriverError.
         """
         ...
+
+    def remove_file(self, volume: str, name: str) -> None:
+        """Delete a file (or a leftover partial copy of it) from a managed volume."""
 
     def run_container(self, desired: ContainerState) -> None:
         """Create and start a container from its desired state (labels, GPUs, volume read-only)."""

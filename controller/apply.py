@@ -1,0 +1,227 @@
+"""Run a plan step by step, record every step as an event, stop at the first failure.
+
+Nodes run in parallel (one thread each); a node's steps run in order. When a
+step fails, every node stops after its current step, and the result says what
+was done and what was not. One apply at a time: a lock file in the state
+directory keeps a second one out. Only the drivers touch the world, and they
+refuse objects without homelab labels.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import httpx
+
+from controller.drivers.base import DockerNode, DriverError, ProgressFn
+from controller.plan import Plan, Step, StepKind
+from controller.state import LABEL_CLUSTER, LABEL_NODE
+
+EVENTS_FILE = "events.jsonl"
+LOCK_FILE = "apply.lock"
+
+
+class LockHeld(Exception):
+    """Another apply holds the lock."""
+
+
+class StepFailed(DriverError):
+    pass
+
+
+HealthCheck = Callable[[str, float, Callable[[], bool]], None]
+"""health_check(url, timeout, cancelled): return once `url` answers 200; raise StepFailed otherwise."""
+
+
+def wait_healthy(url: str, timeout: float, cancelled: Callable[[], bool]) -> None:
+    """Poll llama-server's /health until 200. 503 means loading; anything else, keep trying until timeout."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    with httpx.Client(timeout=2.0, trust_env=False) as client:
+        while time.monotonic() < deadline:
+            if cancelled():
+                raise StepFailed("cancelled")
+            try:
+                r = client.get(url)
+                if r.status_code == 200:
+                    return
+                last = "loading (503)" if r.status_code == 503 else f"HTTP {r.status_code}"
+            except httpx.HTTPError as exc:
+                last = type(exc).__name__
+            time.sleep(0.1)
+    raise StepFailed(f"{url} did not answer 200 within {timeout:g}s (last: {last})")
+
+
+@dataclass
+class NodeOutcome:
+    node: str
+    done: list[Step] = field(default_factory=list)
+    failed: Step | None = None
+    error: str | None = None
+    not_run: list[Step] = field(default_factory=list)
+
+
+@dataclass
+class ApplyResult:
+    outcomes: dict[str, NodeOutcome]
+
+    @property
+    def ok(self) -> bool:
+        return all(o.failed is None and not o.not_run for o in self.outcomes.values())
+
+    def summary(self) -> str:
+        lines = []
+        for node, o in sorted(self.outcomes.items()):
+            if o.failed is not None:
+                lines.append(f"node {node}: FAILED at {o.failed.describe()}: {o.error}")
+            lines.append(f"node {node}: {len(o.done)} step(s) done, {len(o.not_run)} not run")
+            for s in o.not_run:
+                lines.append(f"  not run: {s.describe()}")
+        return "\n".join(lines)
+
+
+class EventLog:
+    """Events as JSON lines in the state directory, one line per write (appended, flushed)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()
+        self._fh: TextIO = path.open("a", encoding="utf-8")
+
+    def emit(self, event: str, **fields: Any) -> dict[str, Any]:
+        record = {"time": time.time(), "event": event, **fields}
+        line = json.dumps(record, sort_keys=True, default=str)
+        with self._lock:
+            self._fh.write(line + "\n")
+            self._fh.flush()
+        return record
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+@contextmanager
+def apply_lock(state_dir: Path) -> Iterator[None]:
+    """One writer: an exclusive, non-blocking lock on STATE_DIR/apply.lock."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise LockHeld(f"another homelab apply is running (pid {holder}); lock file {path}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+class Executor:
+    """Applies plans through per-node drivers."""
+
+    def __init__(
+        self,
+        cluster: str,
+        drivers: Mapping[str, DockerNode],
+        state_dir: Path,
+        *,
+        health_timeout: Mapping[str, float] | None = None,
+        health_check: HealthCheck = wait_healthy,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+        on_progress: Callable[[str, str, int, int], None] | None = None,
+    ) -> None:
+        self.cluster = cluster
+        self.drivers = drivers
+        self.state_dir = state_dir
+        self.health_timeout = dict(health_timeout or {})
+        self.health_check = health_check
+        self.on_event = on_event
+        self.on_progress = on_progress
+        self._stop = threading.Event()
+
+    def apply(self, plan: Plan) -> ApplyResult:
+        with apply_lock(self.state_dir):
+            log = EventLog(self.state_dir / EVENTS_FILE)
+            try:
+                self._emit(log, "apply-started", cluster=plan.cluster, steps=len(plan.steps))
+                by_node = plan.steps_by_node()
+                outcomes: dict[str, NodeOutcome] = {}
+                with ThreadPoolExecutor(max_workers=max(1, len(by_node))) as pool:
+                    futures = {n: pool.submit(self._run_node, n, steps, log) for n, steps in by_node.items()}
+                    for n, fut in futures.items():
+                        outcomes[n] = fut.result()
+                result = ApplyResult(outcomes)
+                self._emit(log, "apply-finished", ok=result.ok)
+                return result
+            finally:
+                log.close()
+
+    def _emit(self, log: EventLog, event: str, **fields: Any) -> None:
+        record = log.emit(event, **fields)
+        if self.on_event is not None:
+            self.on_event(record)
+
+    def _run_node(self, node: str, steps: list[Step], log: EventLog) -> NodeOutcome:
+        outcome = NodeOutcome(node)
+        for i, step in enumerate(steps):
+            if self._stop.is_set():
+                outcome.not_run = steps[i:]
+                break
+            self._emit(log, "step-started", node=node, step=step.kind.value, name=step.name)
+            try:
+                self._run_step(step)
+            except Exception as exc:
+                # Any failure stops this node and, after their current step, the others.
+                self._stop.set()
+                message = str(exc) or type(exc).__name__
+                outcome.failed, outcome.error, outcome.not_run = step, message, steps[i + 1 :]
+                self._emit(log, "step-failed", node=node, step=step.kind.value, name=step.name, error=message)
+                break
+            outcome.done.append(step)
+            self._emit(log, "step-done", node=node, step=step.kind.value, name=step.name)
+        return outcome
+
+    def _run_step(self, step: Step) -> None:
+        driver = self.drivers[step.node]
+        if step.kind is StepKind.REMOVE_CONTAINER:
+            driver.remove_container(step.name)
+        elif step.kind is StepKind.CREATE_VOLUME:
+            assert step.volume is not None
+            driver.create_volume(step.volume.name, {LABEL_CLUSTER: self.cluster, LABEL_NODE: step.node})
+        elif step.kind is StepKind.COPY_FILE:
+            f = step.file
+            assert f is not None and f.source is not None
+            progress: ProgressFn | None = None
+            if self.on_progress is not None:
+                report = self.on_progress
+                progress = lambda done, total: report(step.node, f.name, done, total)  # noqa: E731
+            driver.copy_file(f.volume, f.source, f.name, sha256=f.sha256, progress=progress)
+        elif step.kind is StepKind.RUN_CONTAINER:
+            assert step.container is not None
+            driver.run_container(step.container)
+        elif step.kind is StepKind.START_CONTAINER:
+            driver.start_container(step.name)
+        elif step.kind is StepKind.WAIT_HEALTHY:
+            assert step.container is not None
+            timeout = self.health_timeout.get(step.node, 300.0)
+            try:
+                self.health_check(step.container.health_url, timeout, self._stop.is_set)
+            except StepFailed as exc:
+                logs = driver.container_logs(step.name, tail=3).strip().replace("\n", " | ")
+                raise StepFailed(f"{exc}" + (f"; last log lines: {logs}" if logs else "")) from None
+        else:  # pragma: no cover - StepKind is closed
+            raise AssertionError(step.kind)

@@ -1,0 +1,68 @@
+"""What every `homelab` command shares: where the spec is, how errors are printed.
+
+A user mistake is one `error: …` line (or located spec diagnostics) on stderr
+and exit status 1 — never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+
+from specs import Diagnostic, LoadedSpec, SpecError, load_spec
+
+DEFAULT_SPEC = "cluster.yaml"
+SPEC_ENV = "HOMELAB_SPEC"
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+SpecFileOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--file",
+        "-f",
+        help=f"Spec file [default: ${SPEC_ENV} or ./{DEFAULT_SPEC}]",
+        show_default=False,
+        dir_okay=False,
+    ),
+]
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print one `error:` line to stderr and exit."""
+    err.print(f"[red]error:[/red] {message}", markup=True, highlight=False)
+    raise typer.Exit(code)
+
+
+def spec_path(file: Path | None, positional: Path | None = None) -> Path:
+    """The spec file a command works on: positional, then -f, then $HOMELAB_SPEC, then ./cluster.yaml."""
+    if file is not None and positional is not None and file != positional:
+        fail(f"two spec files given: {positional} and -f {file}")
+    chosen = positional or file
+    if chosen is not None:
+        return chosen
+    env = os.environ.get(SPEC_ENV)
+    return Path(env) if env else Path(DEFAULT_SPEC)
+
+
+def print_diagnostics(diagnostics: tuple[Diagnostic, ...] | list[Diagnostic]) -> None:
+    for diagnostic in diagnostics:
+        err.print(str(diagnostic), markup=False)
+
+
+def load_or_exit(path: Path) -> LoadedSpec:
+    """Load and validate the spec, or print every error and exit 1."""
+    try:
+        loaded = load_spec(path)
+    except SpecError as exc:
+        print_diagnostics(exc.diagnostics)
+        n = len(exc.diagnostics)
+        err.print(f"{n} error{'s' if n != 1 else ''} in {path}", markup=False)
+        raise typer.Exit(1) from None
+    print_diagnostics(loaded.warnings)
+    return loaded

@@ -1,0 +1,197 @@
+"""Spec + placement → desired state: volumes, model files and llama.cpp containers per node.
+
+Pure: no I/O. Ollama models and the gateway are not rendered here yet (their
+drivers come later); every llama.cpp replica the placement put on a node is.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+
+from controller.state import (
+    LABEL_CLUSTER,
+    LABEL_CONFIG,
+    LABEL_HASH,
+    LABEL_MODEL,
+    LABEL_NODE,
+    LABEL_REPLICA,
+    MODELS_MOUNT,
+    ClusterState,
+    ContainerConfig,
+    ContainerState,
+    FileState,
+    NodeState,
+    VolumeState,
+    health_url,
+)
+from solver.problem import Assignment, PlacementResult
+from specs.enums import GpuAccess, Runtime
+from specs.model import ClusterSpec, Model, Node
+
+
+class RenderError(ValueError):
+    """The spec and placement cannot be turned into containers (one line, for the user)."""
+
+
+def container_name(model: str) -> str:
+    """A name users can read: `homelab-qwen2.5-coder-7b`. Replicas of a model are on different nodes."""
+    return f"homelab-{model}"
+
+
+def file_name(source: str) -> str:
+    """The file's name inside the volume: the source's base name (POSIX or Windows path)."""
+    return re.split(r"[\\/]", source.rstrip("/\\"))[-1]
+
+
+def llama_server_args(model: Model, node: Node, assignment: Assignment, port: int) -> tuple[str, ...]:
+    """The llama-server command line for one replica, from its placement."""
+    assert model.source.gguf is not None and node.llamacpp is not None
+    rt = node.llamacpp
+    args = [
+        "-m",
+        f"{MODELS_MOUNT}/{file_name(model.source.gguf)}",
+        "--host",
+        rt.bind_address,
+        "--port",
+        str(port),
+        "-c",
+        str(model.context),
+        "-ngl",
+        str(assignment.gpu_layers),
+        "--alias",
+        model.served_name,
+        "-ctk",
+        model.kv_cache.value,
+        "-ctv",
+        model.kv_cache.value,
+        "-fa",
+        "on" if model.flash_attn else "off",
+    ]
+    if model.parallel is not None:
+        args += ["-np", str(model.parallel)]
+    if rt.threads is not None:
+        args += ["-t", str(rt.threads)]
+    gpus = sorted(assignment.vram_bytes)
+    if len(gpus) > 1:
+        total = sum(assignment.vram_bytes.values()) or 1
+        split = ",".join(f"{assignment.vram_bytes[g] / total:.3f}" for g in gpus)
+        args += ["--tensor-split", split]
+    return (*args, *rt.server_args, *model.args)
+
+
+def _ports(
+    spec: ClusterSpec, placement: PlacementResult, current_ports: Mapping[tuple[str, str], int]
+) -> dict[tuple[str, str], int]:
+    """A port for every llama.cpp replica: its fixed port, else the one it has now, else the lowest free."""
+    out: dict[tuple[str, str], int] = {}
+    taken: dict[str, set[int]] = {}
+    llama = [a for a in placement.assignments if spec.model(a.model).runtime is Runtime.LLAMACPP]
+    for a in llama:
+        fixed = spec.model(a.model).port
+        if fixed is not None:
+            out[a.node, a.model] = fixed
+            taken.setdefault(a.node, set()).add(fixed)
+    for a in sorted(llama, key=lambda a: (a.node, a.model)):
+        if (a.node, a.model) in out:
+            continue
+        rt = spec.node(a.node).llamacpp
+        assert rt is not None
+        used = taken.setdefault(a.node, set())
+        now = current_ports.get((a.node, container_name(a.model)))
+        if now is not None and now in rt.ports and now not in used:
+            port = now
+        else:
+            free = (p for p in range(rt.ports.start, rt.ports.end + 1) if p not in used)
+            port = next(free, -1)
+            if port < 0:
+                raise RenderError(f"node '{a.node}' has no free port left in {rt.ports.start}-{rt.ports.end}")
+        used.add(port)
+        out[a.node, a.model] = port
+    return out
+
+
+def render(
+    spec: ClusterSpec,
+    placement: PlacementResult,
+    current_ports: Mapping[tuple[str, str], int] | None = None,
+) -> ClusterState:
+    """The desired state of every node. `current_ports` ((node, container) → port) keeps ports stable."""
+    ports = _ports(spec, placement, current_ports or {})
+    volumes: dict[str, list[VolumeState]] = {n.name: [] for n in spec.nodes}
+    files: dict[str, dict[str, FileState]] = {n.name: {} for n in spec.nodes}
+    containers: dict[str, list[ContainerState]] = {n.name: [] for n in spec.nodes}
+    for a in sorted(placement.assignments, key=lambda a: (a.node, a.model, a.replica)):
+        model = spec.model(a.model)
+        if model.runtime is not Runtime.LLAMACPP:
+            continue
+        node = spec.node(a.node)
+        rt = node.llamacpp
+        assert rt is not None and model.source.gguf is not None and node.docker is not None
+        if model.source.node is not None and model.source.node != node.name:
+            raise RenderError(
+                f"model '{model.name}': its file is on node '{model.source.node}' but it is placed on"
+                f" '{node.name}'; copies between nodes are not supported: pin it with placement.node"
+            )
+        name = file_name(model.source.gguf)
+        if not any(v.name == rt.volume for v in volumes[node.name]):
+            volumes[node.name].append(VolumeState(node.name, rt.volume))
+        known = files[node.name].get(name)
+        if known is not None and known.source != model.source.gguf:
+            raise RenderError(
+                f"node '{node.name}': two different model files are both named '{name}'"
+                f" ({known.source} and {model.source.gguf})"
+            )
+        files[node.name][name] = FileState(
+            node.name, rt.volume, name, sha256=model.source.sha256, source=model.source.gguf
+        )
+        port = ports[node.name, model.name]
+        access = node.docker.gpu_access
+        gpus = tuple(sorted(a.vram_bytes)) if a.gpu_layers > 0 and access is not GpuAccess.NONE else ()
+        config = ContainerConfig(
+            image=rt.image,
+            command=llama_server_args(model, node, a, port),
+            model_file=name,
+            context=model.context,
+            gpu_layers=a.gpu_layers,
+            port=port,
+            alias=model.served_name,
+            cache_type=model.kv_cache.value,
+            gpus=gpus,
+            gpu_access=access.value if gpus else GpuAccess.NONE.value,
+            volume=rt.volume,
+        )
+        digest = config.digest()
+        labels = {
+            LABEL_CLUSTER: spec.cluster.name,
+            LABEL_NODE: node.name,
+            LABEL_MODEL: model.name,
+            LABEL_REPLICA: str(a.replica),
+            LABEL_HASH: digest,
+            LABEL_CONFIG: json.dumps(config.to_json(), sort_keys=True, separators=(",", ":")),
+        }
+        containers[node.name].append(
+            ContainerState(
+                name=container_name(model.name),
+                node=node.name,
+                model=model.name,
+                replica=a.replica,
+                config=config,
+                config_hash=digest,
+                health_url=health_url(node.address, port),
+                labels=labels,
+            )
+        )
+    return ClusterState(
+        cluster=spec.cluster.name,
+        nodes={
+            n.name: NodeState(
+                node=n.name,
+                volumes=tuple(volumes[n.name]),
+                files=tuple(files[n.name].values()),
+                containers=tuple(containers[n.name]),
+            )
+            for n in spec.nodes
+        },
+    )

@@ -1,0 +1,167 @@
+"""Desired vs observed state → changes, each with a reason.
+
+Pure. deepdiff describes what changed in a container's configuration; its
+types never leave this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from deepdiff import DeepDiff
+
+from controller.state import ClusterState, ContainerConfig, ContainerState, FileState, NodeState, VolumeState
+
+
+class Action(StrEnum):
+    CREATE = "create"
+    UPDATE = "update"
+    """In place: start a stopped container."""
+    REPLACE = "replace"
+    DELETE = "delete"
+
+
+GLYPH = {Action.CREATE: "+", Action.UPDATE: "~", Action.REPLACE: "-/+", Action.DELETE: "-"}
+
+Resource = ContainerState | FileState | VolumeState
+
+
+@dataclass(frozen=True)
+class Change:
+    action: Action
+    kind: str
+    """volume, file or container."""
+    node: str
+    name: str
+    reason: str
+    before: Resource | None = None
+    after: Resource | None = None
+
+
+@dataclass(frozen=True)
+class DiffResult:
+    changes: tuple[Change, ...]
+    unreachable: Mapping[str, str] = field(default_factory=dict)
+    """Nodes that could not be observed, with why: nothing is planned for them."""
+    deferred: tuple[Change, ...] = ()
+    """What an unreachable node would need if it turned out empty: shown, never planned."""
+
+    @property
+    def empty(self) -> bool:
+        return not self.changes
+
+
+def describe_config_change(old: ContainerConfig | None, new: ContainerConfig) -> str:
+    """`context 8192 → 16384, gpu_layers 28 → 33` — what differs, derived fields (the command) last."""
+    if old is None:
+        return "its configuration label is missing or unreadable"
+    before, after = old.to_json(), new.to_json()
+    parts = _describe(DeepDiff(before, after, exclude_paths=["root['command']"], verbose_level=2))
+    if not parts:
+        removed = [a for a in before["command"] if a not in after["command"]]
+        added = [a for a in after["command"] if a not in before["command"]]
+        if removed or added:
+            parts.append(f"command {' '.join(removed) or '(none)'} → {' '.join(added) or '(none)'}")
+        else:
+            parts.append("command " + " ".join(before["command"]) + " → " + " ".join(after["command"]))
+    return ", ".join(parts)
+
+
+def _describe(dd: Any) -> list[str]:
+    out: list[str] = []
+    for path, change in dd.get("values_changed", {}).items():
+        out.append(f"{_field(path)} {change['old_value']} → {change['new_value']}")
+    for path, change in dd.get("type_changes", {}).items():
+        out.append(f"{_field(path)} {change['old_value']} → {change['new_value']}")
+    for key in ("iterable_item_added", "iterable_item_removed", "dictionary_item_added", "dictionary_item_removed"):
+        for path in dd.get(key, {}):
+            verb = "added" if key.endswith("added") else "removed"
+            out.append(f"{_field(path)} {verb}")
+    return sorted(out)
+
+
+def _field(path: str) -> str:
+    """root['gpus'][0] → gpus[0]."""
+    return path.removeprefix("root").replace("['", ".").replace("']", "").lstrip(".")
+
+
+def diff(desired: ClusterState, observed: ClusterState) -> DiffResult:
+    """Every change that would make `observed` match `desired`, node by node."""
+    changes: list[Change] = []
+    deferred: list[Change] = []
+    unreachable: dict[str, str] = {}
+    for name, want in desired.nodes.items():
+        have = observed.nodes.get(name)
+        if have is None:
+            have = NodeState(node=name, reachable=False, error="not observed")
+        if not have.reachable:
+            if want.containers or want.volumes or want.files:
+                unreachable[name] = have.error or "unreachable"
+                deferred.extend(_node_changes(want, NodeState(node=name)))
+            continue
+        changes.extend(_node_changes(want, have))
+    for name, have in observed.nodes.items():
+        if name in desired.nodes or not have.reachable:
+            continue
+        # A node that left the spec: its managed containers go.
+        changes.extend(
+            Change(Action.DELETE, "container", name, c.name, "node not in spec", before=c) for c in have.containers
+        )
+    return DiffResult(tuple(changes), unreachable, tuple(deferred))
+
+
+def _node_changes(want: NodeState, have: NodeState) -> list[Change]:
+    out: list[Change] = []
+    node = want.node
+    have_volumes = {v.name for v in have.volumes}
+    for v in want.volumes:
+        if v.name not in have_volumes:
+            out.append(Change(Action.CREATE, "volume", node, v.name, "volume does not exist", after=v))
+    have_files = {(f.volume, f.name): f for f in have.files}
+    changed_files: set[tuple[str, str]] = set()
+    for f in want.files:
+        got = have_files.get((f.volume, f.name))
+        if got is None:
+            out.append(Change(Action.CREATE, "file", node, f"{f.volume}/{f.name}", f"copy from {f.source}", after=f))
+            changed_files.add((f.volume, f.name))
+        elif f.size is not None and got.size != f.size:
+            out.append(
+                Change(
+                    Action.REPLACE,
+                    "file",
+                    node,
+                    f"{f.volume}/{f.name}",
+                    f"size {got.size} → {f.size} bytes",
+                    before=got,
+                    after=f,
+                )
+            )
+            changed_files.add((f.volume, f.name))
+    have_containers = {c.name: c for c in have.containers}
+    for c in want.containers:
+        current = have_containers.get(c.name)
+        assert c.config is not None
+        if current is None:
+            out.append(Change(Action.CREATE, "container", node, c.name, "not running on this node", after=c))
+        elif current.config_hash != c.config_hash:
+            reason = "config changed: " + describe_config_change(current.config, c.config)
+            out.append(Change(Action.REPLACE, "container", node, c.name, reason, before=current, after=c))
+        elif (c.config.volume, c.config.model_file) in changed_files:
+            out.append(Change(Action.REPLACE, "container", node, c.name, "model file changed", before=current, after=c))
+        elif current.status in ("exited", "created"):
+            why = f"container {current.status}" + (f" (code {current.exit_code})" if current.status == "exited" else "")
+            out.append(Change(Action.UPDATE, "container", node, c.name, why + ": start it", before=current, after=c))
+        elif current.status in ("dead", "paused", "restarting", "removing"):
+            out.append(
+                Change(
+                    Action.REPLACE, "container", node, c.name, f"container {current.status}", before=current, after=c
+                )
+            )
+    wanted = {c.name for c in want.containers}
+    for extra in have.containers:
+        if extra.name not in wanted:
+            out.append(Change(Action.DELETE, "container", node, extra.name, "not in spec", before=extra))
+    return out

@@ -1,0 +1,570 @@
+"""One node's Docker engine, through the docker SDK (`unix://`, `tcp://` and `ssh://` endpoints).
+
+`DockerEngine` implements `controller.drivers.base.DockerNode`. Rules it keeps:
+
+- **Never pull.** Every image is looked up with `images.get()` first; a missing
+  one is a `DriverError` ("image X is not on node Y; load it there first"),
+  because `containers.run` on a missing image would try a pull.
+- **Never touch what is not ours.** Containers without the `homelab.cluster`
+  label are reported by name as foreign and refused (`NotManaged`) by
+  `start_container` and `remove_container`; so are containers of another cluster.
+- **One-line errors.** A daemon that does not answer raises `NodeUnreachable`
+  with the reason (no such socket, connection refused, timed out, ssh failed);
+  anything else Docker refuses raises `DriverError` with Docker's explanation.
+- **Files by helper containers.** Reading and copying model files happens in a
+  short-lived container of the node's `llamacpp.helper_image` (a busybox-like
+  image with `sh`, `stat`, `cp`, `mv`, `sha256sum`), with no network, removed
+  afterwards. A copy goes to `/models/.NAME.partial`, is checked (size, and
+  sha256 when given) and renamed to `/models/NAME` in the same volume, so a
+  half-copied file never appears under its name. Names starting with `.` are
+  never model files: `list_files` ignores them (a stale `.NAME.partial` left by
+  a killed copy is overwritten by the next copy of NAME).
+
+Helper containers carry `homelab.cluster` and `homelab.role=helper`; they are
+neither managed containers nor foreign ones for `list_containers`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import posixpath
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
+from types import TracebackType
+from typing import Any
+
+import docker
+import docker.errors
+import docker.types
+
+from controller.drivers.base import DriverError, NodeUnreachable, NotManaged, ProgressFn, VerifyFailed
+from controller.state import (
+    LABEL_CLUSTER,
+    LABEL_CONFIG,
+    LABEL_HASH,
+    LABEL_MODEL,
+    LABEL_NODE,
+    LABEL_REPLICA,
+    MODELS_MOUNT,
+    ContainerConfig,
+    ContainerState,
+    FileState,
+    VolumeState,
+    health_url,
+)
+from specs.model import Node
+
+LABEL_ROLE = "homelab.role"
+"""`helper` on the short-lived containers that read and copy model files."""
+HELPER_ROLE = "helper"
+SRC_MOUNT = "/src"
+PARTIAL_SUFFIX = ".partial"
+POLL_INTERVAL_S = 0.5
+MAX_SYMLINK_HOPS = 8
+
+# Exit codes of the helper scripts.
+_EXIT_NO_SOURCE = 3
+_EXIT_SIZE = 4
+_EXIT_SHA = 5
+_EXIT_SYMLINK = 7
+
+_LIST_SCRIPT = r"""
+cd "$1" || exit 3
+for f in * .[!.]* ..?*; do
+  [ -f "$f" ] && [ ! -L "$f" ] || continue
+  printf '%s/%s\0' "$(stat -c %s "$f")" "$f"
+done
+"""
+
+_COPY_SCRIPT = r"""
+src="/src/$1"; part="/models/.$2.partial"; dst="/models/$2"
+if [ -L "$src" ]; then printf 'link %s\n' "$(readlink "$src")"; exit 7; fi
+if [ ! -f "$src" ]; then echo "not a regular file" >&2; exit 3; fi
+size=$(stat -c %s "$src") || exit 3
+echo "size $size"
+rm -f "$part"
+if ! cp "$src" "$part"; then rm -f "$part"; exit 6; fi
+got=$(stat -c %s "$part")
+if [ "$got" != "$size" ]; then rm -f "$part"; echo "copied $got of $size bytes" >&2; exit 4; fi
+if [ -n "$3" ]; then
+  sum=$(sha256sum "$part" | cut -d ' ' -f 1)
+  if [ "$sum" != "$3" ]; then rm -f "$part"; echo "sha256 is $sum, expected $3" >&2; exit 5; fi
+fi
+mv -f "$part" "$dst" || { rm -f "$part"; exit 6; }
+echo "done $size"
+"""
+
+_REMOVE_SCRIPT = r"""rm -f "/models/$1" "/models/.$1.partial" """
+
+
+def container_create_kwargs(desired: ContainerState) -> dict[str, Any]:
+    """Keyword arguments of `client.containers.create` for a desired llama.cpp container.
+
+    Pure, so the GPU wiring can be checked without a GPU: `nvidia` gives a device
+    request for exactly the container's GPU indices, `dri` passes `/dev/dri`,
+    `none` (or no GPUs) gives nothing. The model volume is mounted read-only at
+    MODELS_MOUNT.
+    """
+    config = desired.config
+    if config is None:
+        raise DriverError(f"container {desired.name} has no configuration to run")
+    labels = dict(desired.labels)
+    if not labels.get(LABEL_CLUSTER):
+        raise DriverError(f"refusing to create container {desired.name} without the {LABEL_CLUSTER} label")
+    labels.setdefault(LABEL_NODE, desired.node)
+    labels.setdefault(LABEL_MODEL, desired.model)
+    labels.setdefault(LABEL_REPLICA, str(desired.replica))
+    labels.setdefault(LABEL_HASH, desired.config_hash or config.digest())
+    labels.setdefault(LABEL_CONFIG, json.dumps(config.to_json(), sort_keys=True, separators=(",", ":")))
+    kwargs: dict[str, Any] = {
+        "image": config.image,
+        "command": list(config.command),
+        "name": desired.name,
+        "labels": labels,
+        "mounts": [docker.types.Mount(target=MODELS_MOUNT, source=config.volume, type="volume", read_only=True)],
+        "network_mode": config.network_mode,
+        "restart_policy": {"Name": config.restart_policy},
+        "init": True,
+    }
+    if config.gpus:
+        if config.gpu_access == "nvidia":
+            kwargs["device_requests"] = [
+                docker.types.DeviceRequest(
+                    driver="nvidia", device_ids=[str(i) for i in config.gpus], capabilities=[["gpu"]]
+                )
+            ]
+        elif config.gpu_access == "dri":
+            kwargs["devices"] = ["/dev/dri:/dev/dri:rwm"]
+        elif config.gpu_access != "none":
+            raise DriverError(f"container {desired.name}: unknown gpu_access {config.gpu_access!r}")
+    return kwargs
+
+
+def unreachable_reason(exc: BaseException, *, endpoint: str, timeout: float) -> str:
+    """Why a Docker endpoint did not answer, in a few words."""
+    text = " | ".join(_chain_texts(exc))
+    lowered = text.lower()
+    if "paramiko" in lowered:
+        return "ssh:// endpoints need the paramiko package (pip install paramiko)"
+    if "no such file or directory" in lowered or "filenotfounderror" in lowered:
+        if endpoint.startswith("unix://"):
+            return f"no such socket {endpoint.removeprefix('unix://')}"
+        return "no such file or directory"
+    if "connection refused" in lowered:
+        return "connection refused"
+    if "permission denied" in lowered:
+        return "permission denied"
+    if "timed out" in lowered or "timeout" in lowered:
+        return f"timed out after {timeout:g} s"
+    if "name or service not known" in lowered or "temporary failure in name resolution" in lowered:
+        return "cannot resolve the host name"
+    if "ssh" in lowered:
+        return "ssh failed: " + _one_line(text)
+    return _one_line(text)
+
+
+def _chain_texts(exc: BaseException) -> Iterator[str]:
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield f"{type(e).__name__}: {e}"
+        todo += [a for a in e.args if isinstance(a, BaseException)]
+        reason = getattr(e, "reason", None)
+        if isinstance(reason, BaseException):
+            todo.append(reason)
+        for linked in (e.__cause__, e.__context__):
+            if linked is not None:
+                todo.append(linked)
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _explain(exc: BaseException) -> str:
+    explanation = getattr(exc, "explanation", None)
+    return _one_line(str(explanation) if explanation else str(exc))
+
+
+class DockerEngine:
+    """A node's Docker engine. The SDK client is made on first use, so constructing never fails."""
+
+    def __init__(
+        self,
+        node: Node,
+        cluster: str,
+        *,
+        timeout: float | None = None,
+        poll_interval: float = POLL_INTERVAL_S,
+    ) -> None:
+        if node.docker is None:
+            raise DriverError(f"node {node.name} has no `docker` endpoint")
+        self.node = node.name
+        self.cluster = cluster
+        self.address = node.address
+        self.endpoint = node.docker.endpoint
+        self.timeout = float(timeout if timeout is not None else node.docker.timeout)
+        self.helper_image = node.llamacpp.helper_image if node.llamacpp is not None else "busybox:latest"
+        self.poll_interval = poll_interval
+        self._client: Any = None
+
+    # ------------------------------------------------------------------ plumbing
+
+    def __enter__(self) -> DockerEngine:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def _unreachable(self, exc: BaseException) -> NodeUnreachable:
+        reason = unreachable_reason(exc, endpoint=self.endpoint, timeout=self.timeout)
+        return NodeUnreachable(f"node {self.node}: Docker at {self.endpoint} does not answer: {reason}")
+
+    @property
+    def client(self) -> Any:
+        """The docker SDK client (made, and the API version negotiated, on first use)."""
+        if self._client is None:
+            try:
+                self._client = docker.DockerClient(
+                    base_url=self.endpoint,
+                    version="auto",
+                    timeout=self.timeout,
+                    use_ssh_client=self.endpoint.startswith("ssh://"),
+                )
+            except (docker.errors.DockerException, OSError) as exc:
+                raise self._unreachable(exc) from None
+        return self._client
+
+    @contextmanager
+    def _errors(self, doing: str) -> Iterator[None]:
+        """Turn SDK and connection errors into one-line DriverErrors."""
+        try:
+            yield
+        except DriverError:
+            raise
+        except docker.errors.APIError as exc:
+            raise DriverError(f"node {self.node}: {doing}: {_explain(exc)}") from None
+        except (docker.errors.DockerException, OSError) as exc:
+            # requests' ConnectionError and Timeout are OSErrors
+            raise self._unreachable(exc) from None
+
+    def _require_image(self, image: str) -> None:
+        if not self.image_exists(image):
+            raise DriverError(f"image {image} is not on node {self.node}; load it there first")
+
+    def _managed(self, name: str) -> Any:
+        """The container `name`, or None when there is none; NotManaged when it is not ours."""
+        try:
+            container = self.client.containers.get(name)
+        except docker.errors.NotFound:
+            return None
+        labels = container.labels or {}
+        owner = labels.get(LABEL_CLUSTER)
+        if owner is None:
+            raise NotManaged(f"container {name} on node {self.node} has no {LABEL_CLUSTER} label; not touching it")
+        if owner != self.cluster:
+            raise NotManaged(f"container {name} on node {self.node} belongs to cluster {owner}; not touching it")
+        return container
+
+    # ------------------------------------------------------------------ DockerNode
+
+    def ping(self) -> None:
+        with self._errors("ping"):
+            self.client.ping()
+
+    def image_exists(self, image: str) -> bool:
+        with self._errors(f"look up image {image}"):
+            try:
+                self.client.images.get(image)
+            except docker.errors.ImageNotFound:
+                return False
+            return True
+
+    def list_containers(self, cluster: str) -> tuple[list[ContainerState], list[str]]:
+        managed: list[ContainerState] = []
+        foreign: list[str] = []
+        with self._errors("list containers"):
+            for summary in self.client.api.containers(all=True):
+                labels: dict[str, str] = dict(summary.get("Labels") or {})
+                name = str((summary.get("Names") or ["/" + str(summary.get("Id", ""))[:12]])[0]).lstrip("/")
+                if LABEL_CLUSTER not in labels:
+                    foreign.append(name)
+                    continue
+                if labels[LABEL_CLUSTER] != cluster or labels.get(LABEL_ROLE) == HELPER_ROLE:
+                    continue
+                try:
+                    state = self.client.api.inspect_container(summary["Id"]).get("State") or {}
+                except docker.errors.NotFound:
+                    continue  # removed since the listing
+                managed.append(self._container_state(name, labels, state))
+        return sorted(managed, key=lambda c: c.name), sorted(foreign)
+
+    def _container_state(self, name: str, labels: Mapping[str, str], state: Mapping[str, Any]) -> ContainerState:
+        config: ContainerConfig | None
+        try:
+            config = ContainerConfig.from_json(json.loads(labels[LABEL_CONFIG]))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            config = None
+        try:
+            replica = int(labels.get(LABEL_REPLICA, "0"))
+        except ValueError:
+            replica = 0
+        status = str(state.get("Status", "unknown"))
+        exit_code = state.get("ExitCode")
+        return ContainerState(
+            name=name,
+            node=self.node,
+            model=labels.get(LABEL_MODEL, ""),
+            replica=replica,
+            config=config,
+            config_hash=labels.get(LABEL_HASH, ""),
+            health_url=health_url(self.address, config.port) if config is not None else "",
+            status=status,
+            exit_code=int(exit_code) if status in ("exited", "dead") and exit_code is not None else None,
+            labels={k: v for k, v in labels.items() if k.startswith("homelab.")},
+        )
+
+    def list_volumes(self, cluster: str) -> list[VolumeState]:
+        with self._errors("list volumes"):
+            volumes = self.client.volumes.list(filters={"label": f"{LABEL_CLUSTER}={cluster}"})
+            return sorted((VolumeState(node=self.node, name=str(v.name)) for v in volumes), key=lambda v: v.name)
+
+    def create_volume(self, name: str, labels: dict[str, str]) -> None:
+        if not labels.get(LABEL_CLUSTER):
+            raise DriverError(f"refusing to create volume {name} without the {LABEL_CLUSTER} label")
+        with self._errors(f"create volume {name}"):
+            try:
+                existing = self.client.volumes.get(name)
+            except docker.errors.NotFound:
+                self.client.volumes.create(name=name, labels=labels)
+                return
+            owner = (existing.attrs.get("Labels") or {}).get(LABEL_CLUSTER)
+            if owner != labels[LABEL_CLUSTER]:
+                raise NotManaged(f"volume {name} on node {self.node} exists and is not this cluster's")
+
+    def list_files(self, volume: str) -> list[FileState]:
+        code, out, err = self._helper(
+            [_LIST_SCRIPT, "sh", MODELS_MOUNT],
+            mounts=[docker.types.Mount(target=MODELS_MOUNT, source=volume, type="volume", read_only=True)],
+            doing=f"list files of volume {volume}",
+            require_volume=volume,
+        )
+        if code != 0:
+            raise DriverError(f"node {self.node}: cannot list volume {volume}: {_one_line(err) or f'exit {code}'}")
+        files = []
+        for record in out.split("\0"):
+            size, sep, name = record.lstrip("\n").partition("/")
+            if not sep or not size.isdigit() or not name or name.startswith("."):
+                continue
+            files.append(FileState(node=self.node, volume=volume, name=name, size=int(size)))
+        return sorted(files, key=lambda f: f.name)
+
+    def copy_file(
+        self,
+        volume: str,
+        source: str,
+        name: str,
+        *,
+        sha256: str | None = None,
+        progress: ProgressFn | None = None,
+    ) -> int:
+        if not name or "/" in name or name.startswith(".") or "\0" in name:
+            raise DriverError(f"{name!r} is not a valid model file name")
+        if not posixpath.isabs(source):
+            raise DriverError(f"source {source} must be an absolute path on node {self.node}")
+        path = posixpath.normpath(source)
+        for _ in range(MAX_SYMLINK_HOPS):
+            code, out, err = self._copy_once(volume, path, name, sha256, progress)
+            if code == _EXIT_SYMLINK:
+                # The mount shows only the file's directory: follow the link here and mount its target's.
+                target = out.strip().removeprefix("link ").strip()
+                path = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
+                continue
+            break
+        else:
+            raise DriverError(f"source {source} on node {self.node}: too many levels of symbolic links")
+        why = _one_line(err)
+        if code == 0:
+            size = int(out.split("size ", 1)[1].split()[0])
+            if progress is not None:
+                progress(size, size)
+            return size
+        if code == _EXIT_NO_SOURCE:
+            raise DriverError(f"source {source} on node {self.node} is not a regular file")
+        if code in (_EXIT_SIZE, _EXIT_SHA):
+            raise VerifyFailed(f"copy of {source} to {volume}/{name} on node {self.node} failed verification: {why}")
+        raise DriverError(f"copy of {source} to {volume}/{name} on node {self.node} failed: {why or f'exit {code}'}")
+
+    def _copy_once(
+        self, volume: str, source: str, name: str, sha256: str | None, progress: ProgressFn | None
+    ) -> tuple[int, str, str]:
+        directory, base = posixpath.split(source)
+        partial = f"{MODELS_MOUNT}/.{name}{PARTIAL_SUFFIX}"
+        total: int | None = None
+        done = -1
+
+        def tick(container: Any) -> None:
+            nonlocal total, done
+            if progress is None:
+                return
+            if total is None:
+                m = re.search(rb"size (\d+)", container.logs(stdout=True, stderr=False))
+                if m is None:
+                    return
+                total = int(m.group(1))
+            result = container.exec_run(["stat", "-c", "%s", partial], stdout=True, stderr=False)
+            text = bytes(result.output or b"").strip()
+            if result.exit_code == 0 and text.isdigit() and int(text) > done:
+                done = int(text)
+                progress(min(done, total), total)
+
+        return self._helper(
+            [_COPY_SCRIPT, "sh", base, name, (sha256 or "").lower()],
+            mounts=[
+                docker.types.Mount(target=SRC_MOUNT, source=directory or "/", type="bind", read_only=True),
+                docker.types.Mount(target=MODELS_MOUNT, source=volume, type="volume", read_only=False),
+            ],
+            doing=f"copy {source} to volume {volume}",
+            require_volume=volume,
+            tick=tick,
+            timeout=None,
+        )
+
+    def remove_file(self, volume: str, name: str) -> None:
+        """Delete `name` (and a stale partial copy of it) from a volume; a missing file is no error."""
+        if not name or "/" in name or name.startswith("."):
+            raise DriverError(f"{name!r} is not a valid model file name")
+        code, _, err = self._helper(
+            [_REMOVE_SCRIPT, "sh", name],
+            mounts=[docker.types.Mount(target=MODELS_MOUNT, source=volume, type="volume", read_only=False)],
+            doing=f"remove {name} from volume {volume}",
+            require_volume=volume,
+        )
+        if code != 0:
+            raise DriverError(f"node {self.node}: cannot remove {volume}/{name}: {_one_line(err) or f'exit {code}'}")
+
+    def run_container(self, desired: ContainerState) -> None:
+        kwargs = container_create_kwargs(desired)
+        self._require_image(kwargs["image"])
+        with self._errors(f"create container {desired.name}"):
+            try:
+                self.client.containers.get(desired.name)
+            except docker.errors.NotFound:
+                pass
+            else:
+                raise DriverError(f"container {desired.name} already exists on node {self.node}")
+            container = self.client.containers.create(**kwargs)
+        with self._errors(f"start container {desired.name}"):
+            try:
+                container.start()
+            except docker.errors.APIError:
+                # A container that cannot start (no GPU driver, bad device) is not left behind.
+                with suppress(docker.errors.APIError):
+                    container.remove(force=True)
+                raise
+
+    def start_container(self, name: str) -> None:
+        with self._errors(f"start container {name}"):
+            container = self._managed(name)
+            if container is None:
+                raise DriverError(f"no container {name} on node {self.node}")
+            container.start()
+
+    def remove_container(self, name: str, *, timeout: float = 5.0) -> None:
+        with self._errors(f"remove container {name}"):
+            container = self._managed(name)
+            if container is None:
+                return
+            try:
+                if container.status in ("running", "restarting", "paused"):
+                    container.stop(timeout=max(0, math.ceil(timeout)))
+                container.remove(force=True)
+            except docker.errors.NotFound:
+                return
+
+    def container_logs(self, name: str, tail: int = 20) -> str:
+        with self._errors(f"read logs of container {name}"):
+            try:
+                container = self.client.containers.get(name)
+            except docker.errors.NotFound:
+                raise DriverError(f"no container {name} on node {self.node}") from None
+            data = container.logs(stdout=True, stderr=True, tail=tail)
+        return bytes(data).decode("utf-8", errors="replace")
+
+    # ------------------------------------------------------------------ helper containers
+
+    def _helper(
+        self,
+        command: list[str],
+        *,
+        mounts: list[Any],
+        doing: str,
+        require_volume: str | None = None,
+        tick: Callable[[Any], None] | None = None,
+        timeout: float | None = 120.0,
+    ) -> tuple[int, str, str]:
+        """Run `sh -c SCRIPT ARGS…` in a throwaway helper container; (exit code, stdout, stderr)."""
+        self._require_image(self.helper_image)
+        with self._errors(doing):
+            if require_volume is not None:
+                try:
+                    self.client.volumes.get(require_volume)
+                except docker.errors.NotFound:
+                    raise DriverError(f"no volume {require_volume} on node {self.node}") from None
+            try:
+                container = self.client.containers.create(
+                    self.helper_image,
+                    entrypoint=["/bin/sh", "-c"],
+                    command=command,
+                    name=f"homelab-helper-{uuid.uuid4().hex[:12]}",
+                    labels={LABEL_CLUSTER: self.cluster, LABEL_ROLE: HELPER_ROLE},
+                    mounts=mounts,
+                    network_mode="none",
+                )
+            except docker.errors.APIError as exc:
+                text = _explain(exc)
+                if "bind source path does not exist" in text:
+                    path = text.rsplit(":", 1)[-1].strip()
+                    raise DriverError(f"{doing}: no directory {path} on node {self.node}") from None
+                raise
+            try:
+                container.start()
+                start = time.monotonic()
+                next_tick = start
+                delay = 0.01  # most helpers finish in a few tens of milliseconds
+                while True:
+                    container.reload()
+                    if container.status not in ("created", "running", "restarting"):
+                        break
+                    now = time.monotonic()
+                    if tick is not None and now >= next_tick:
+                        next_tick = now + self.poll_interval
+                        with suppress(docker.errors.APIError):  # it may finish between the reload and the exec
+                            tick(container)
+                    if timeout is not None and now - start > timeout:
+                        raise DriverError(f"node {self.node}: {doing}: helper container timed out after {timeout:g} s")
+                    time.sleep(delay)
+                    delay = min(delay * 2, self.poll_interval)
+                code = int(container.wait(timeout=self.timeout).get("StatusCode", -1))
+                out = bytes(container.logs(stdout=True, stderr=False)).decode("utf-8", errors="replace")
+                err = bytes(container.logs(stdout=False, stderr=True)).decode("utf-8", errors="replace")
+                return code, out, err
+            finally:
+                with suppress(docker.errors.DockerException, OSError):
+                    container.remove(force=True)

@@ -1,0 +1,103 @@
+"""An in-memory Docker engine for tests of the engine (the shipped fake, httpx-style).
+
+It keeps the DockerNode contract — labels, refusal to touch unlabelled
+containers, atomic file copies — and records every call in `calls`, so tests can
+check order. It is a test double, not a Docker emulator: nothing runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from controller.drivers.base import DriverError, NodeUnreachable, NotManaged, ProgressFn, VerifyFailed
+from controller.state import LABEL_CLUSTER, ContainerState, FileState, VolumeState
+
+
+@dataclass
+class FakeDockerNode:
+    node: str
+    cluster: str = "lab"
+    images: set[str] = field(default_factory=set)
+    source_files: dict[str, int] = field(default_factory=dict)
+    """Files on the node's disk: path → size."""
+    reachable: bool = True
+    containers: dict[str, ContainerState] = field(default_factory=dict)
+    foreign: set[str] = field(default_factory=set)
+    volumes: dict[str, dict[str, int]] = field(default_factory=dict)
+    """volume → {file name: size}."""
+    calls: list[tuple[str, str]] = field(default_factory=list)
+    fail_on: set[tuple[str, str]] = field(default_factory=set)
+    """(method, name) pairs that raise DriverError."""
+
+    def _check(self, method: str, name: str) -> None:
+        if not self.reachable:
+            raise NodeUnreachable(f"{self.node}: connection refused")
+        self.calls.append((method, name))
+        if (method, name) in self.fail_on:
+            raise DriverError(f"{method} {name} failed (injected)")
+
+    def ping(self) -> None:
+        self._check("ping", "")
+
+    def image_exists(self, image: str) -> bool:
+        return image in self.images
+
+    def list_containers(self, cluster: str) -> tuple[list[ContainerState], list[str]]:
+        self._check("list_containers", cluster)
+        return list(self.containers.values()), sorted(self.foreign)
+
+    def list_volumes(self, cluster: str) -> list[VolumeState]:
+        self._check("list_volumes", cluster)
+        return [VolumeState(self.node, v) for v in self.volumes]
+
+    def list_files(self, volume: str) -> list[FileState]:
+        self._check("list_files", volume)
+        return [FileState(self.node, volume, n, size) for n, size in self.volumes.get(volume, {}).items()]
+
+    def create_volume(self, name: str, labels: dict[str, str]) -> None:
+        self._check("create_volume", name)
+        self.volumes.setdefault(name, {})
+
+    def copy_file(
+        self, volume: str, source: str, name: str, *, sha256: str | None = None, progress: ProgressFn | None = None
+    ) -> int:
+        self._check("copy_file", name)
+        if source not in self.source_files:
+            raise DriverError(f"{source}: no such file on node {self.node}")
+        if volume not in self.volumes:
+            raise DriverError(f"volume {volume} does not exist")
+        if sha256 == "0" * 64:
+            raise VerifyFailed(f"{name}: checksum mismatch")
+        size = self.source_files[source]
+        if progress is not None:
+            progress(size, size)
+        self.volumes[volume][name] = size
+        return size
+
+    def remove_file(self, volume: str, name: str) -> None:
+        self._check("remove_file", name)
+        self.volumes.get(volume, {}).pop(name, None)
+
+    def run_container(self, desired: ContainerState) -> None:
+        self._check("run_container", desired.name)
+        assert desired.config is not None
+        if desired.config.image not in self.images:
+            raise DriverError(f"image {desired.config.image} is not on node {self.node}")
+        if desired.name in self.containers or desired.name in self.foreign:
+            raise DriverError(f"container {desired.name} already exists")
+        self.containers[desired.name] = replace(desired, status="running", exit_code=None)
+
+    def start_container(self, name: str) -> None:
+        self._check("start_container", name)
+        if name in self.foreign:
+            raise NotManaged(f"container {name} has no {LABEL_CLUSTER} label: not homelab's")
+        self.containers[name] = replace(self.containers[name], status="running", exit_code=None)
+
+    def remove_container(self, name: str, *, timeout: float = 5.0) -> None:
+        self._check("remove_container", name)
+        if name in self.foreign:
+            raise NotManaged(f"container {name} has no {LABEL_CLUSTER} label: not homelab's")
+        self.containers.pop(name, None)
+
+    def container_logs(self, name: str, tail: int = 20) -> str:
+        return ""

@@ -1,0 +1,220 @@
+"""`homelab reconcile` (and its `--dry-run`) and `homelab status`.
+
+reconcile --dry-run   print the plan; exit 0 nothing to do, 2 changes (or nodes not observed), 1 error
+reconcile [--yes]     apply it (asks first); --plan FILE applies exactly a saved plan, if still current
+status                what runs where, per node and GPU
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from controller.apply import Executor, HealthCheck, LockHeld, wait_healthy
+from controller.cliutil import SpecFileOption, err, fail, load_or_exit, out, spec_path
+from controller.drivers.base import DockerNode
+from controller.engine import CachingConnect, Prepared, prepare
+from controller.plan import Plan, render_text
+from specs.files import atomic_write
+from specs.model import ClusterSpec, Node
+
+STATE_ENV = "HOMELAB_STATE_DIR"
+
+
+ConnectFactory = Callable[[ClusterSpec], Callable[[Node], DockerNode]]
+
+
+def docker_connect(spec: ClusterSpec) -> Callable[[Node], DockerNode]:
+    from controller.drivers.docker import DockerEngine
+
+    return lambda node: DockerEngine(node, spec.cluster.name)
+
+
+connect_factory: ConnectFactory = docker_connect
+"""How nodes are reached; tests swap in the fake driver."""
+health_check: HealthCheck = wait_healthy
+"""How a started container is waited for; tests of the fake driver swap it."""
+
+
+def state_dir(spec: ClusterSpec, override: Path | None) -> Path:
+    if override is not None:
+        return override
+    env = os.environ.get(STATE_ENV)
+    return Path(env) if env else Path(spec.watch.state_dir).expanduser()
+
+
+def placement_summary(prepared: Prepared) -> list[str]:
+    lines = ["Placement:"]
+    for g in prepared.placement.gpus:
+        used = [a for a in prepared.placement.assignments if a.node == g.node and g.index in a.gpus]
+        pct = 100 * g.used_bytes / g.capacity_bytes if g.capacity_bytes else 0
+        models = ", ".join(f"{a.model} {a.gpu_layers}/{a.layers}" for a in used) or "nothing"
+        lines.append(
+            f"  {g.node} GPU {g.index}: {g.used_bytes / 2**30:.1f} of {g.capacity_bytes / 2**30:.1f} GiB"
+            f" ({pct:.0f}%): {models}"
+        )
+    cpu = [a for a in prepared.placement.assignments if not a.gpus]
+    for a in cpu:
+        lines.append(f"  {a.node} CPU: {a.model} ({a.ram_bytes / 2**30:.1f} GiB RAM)")
+    for u in prepared.placement.unplaced:
+        lines.append(f"  not placed: {u.reason}")
+    return lines
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def reconcile(
+        file: SpecFileOption = None,
+        dry_run: Annotated[
+            bool, typer.Option("--dry-run", help="Print the plan and exit (0 none, 2 changes).")
+        ] = False,
+        as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+        out_file: Annotated[
+            Path | None, typer.Option("--out", help="Save the plan to this file (with --dry-run).", dir_okay=False)
+        ] = None,
+        plan_file: Annotated[
+            Path | None, typer.Option("--plan", help="Apply exactly this saved plan.", dir_okay=False)
+        ] = None,
+        yes: Annotated[bool, typer.Option("--yes", "-y", help="Apply without asking.")] = False,
+        state: Annotated[
+            Path | None,
+            typer.Option("--state-dir", help=f"Events and lock [default: ${STATE_ENV} or watch.state_dir]"),
+        ] = None,
+    ) -> None:
+        """Make the cluster match the spec: observe, place, diff, plan, apply."""
+        spec = load_or_exit(spec_path(file)).spec
+        connect = CachingConnect(connect_factory(spec))
+        prepared = prepare(spec, connect)
+        plan = prepared.plan
+        if plan_file is not None:
+            if dry_run:
+                fail("--plan applies a saved plan; it makes no sense with --dry-run")
+            plan = _load_saved_plan(plan_file, spec, prepared)
+        if dry_run or as_json:
+            _show(prepared, plan, as_json)
+            if out_file is not None:
+                atomic_write(out_file, plan.dumps())
+                err.print(f"plan saved to {out_file}", markup=False)
+            if dry_run:
+                raise typer.Exit(0 if plan.in_sync else 2)
+        else:
+            _show(prepared, plan, False)
+        if plan.empty:
+            return
+        if not yes:
+            if not sys.stdin.isatty():
+                fail("not applying without confirmation: run in a terminal or pass --yes")
+            if not typer.confirm("Apply this plan?", default=False):
+                fail("not applied")
+        executor = Executor(
+            spec.cluster.name,
+            {n: connect.opened[n] for n in plan.steps_by_node()},
+            state_dir(spec, state),
+            health_timeout={n.name: n.llamacpp.health_timeout for n in spec.nodes if n.llamacpp is not None},
+            health_check=health_check,
+            on_event=_print_event,
+            on_progress=_print_progress(),
+        )
+        try:
+            result = executor.apply(plan)
+        except LockHeld as exc:
+            fail(str(exc))
+        if not result.ok:
+            err.print(result.summary(), markup=False)
+            fail("apply stopped at the first failure; run `homelab reconcile --dry-run` to see what is left")
+        out.print(f"Apply complete: {len(plan.steps)} steps.", markup=False)
+
+    @app.command()
+    def status(
+        file: SpecFileOption = None,
+        as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+    ) -> None:
+        """What runs where: managed containers per node and GPU, as observed now."""
+        from controller.observe import observe
+
+        spec = load_or_exit(spec_path(file)).spec
+        observed = observe(spec, connect_factory(spec))
+        if as_json:
+            data: dict[str, Any] = {"cluster": spec.cluster.name, "nodes": {}}
+            for name, node in observed.nodes.items():
+                data["nodes"][name] = {
+                    "reachable": node.reachable,
+                    "error": node.error,
+                    "containers": [
+                        {
+                            "name": c.name,
+                            "model": c.model,
+                            "status": c.status,
+                            "gpus": list(c.config.gpus) if c.config else [],
+                            "port": c.config.port if c.config else None,
+                            "gpu_layers": c.config.gpu_layers if c.config else None,
+                        }
+                        for c in node.containers
+                    ],
+                    "foreign_containers": list(node.foreign_containers),
+                }
+            out.print(json.dumps(data, indent=2), markup=False)
+            return
+        for name, node in observed.nodes.items():
+            if not node.reachable:
+                out.print(f"{name}: NOT OBSERVED ({node.error})", markup=False)
+                continue
+            out.print(f"{name}: {len(node.containers)} managed, {len(node.foreign_containers)} other", markup=False)
+            for c in node.containers:
+                cfg = c.config
+                where = f"GPU {','.join(map(str, cfg.gpus))}" if cfg and cfg.gpus else "CPU"
+                detail = f"port {cfg.port}, ngl {cfg.gpu_layers}, ctx {cfg.context}" if cfg else "no config label"
+                out.print(f"  {c.name}  {c.status}  {where}  {detail}", markup=False)
+
+
+def _show(prepared: Prepared, plan: Plan, as_json: bool) -> None:
+    if as_json:
+        data = plan.to_json()
+        data["placement"] = prepared.placement.to_json()
+        out.print(json.dumps(data, indent=2, sort_keys=True), markup=False)
+        return
+    for line in placement_summary(prepared):
+        out.print(line, markup=False)
+    out.print("", markup=False)
+    out.print(render_text(plan), markup=False, end="")
+
+
+def _load_saved_plan(path: Path, spec: ClusterSpec, prepared: Prepared) -> Plan:
+    try:
+        plan = Plan.from_json(json.loads(path.read_text()))
+    except FileNotFoundError:
+        fail(f"{path}: no such file")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        fail(f"{path}: not a readable homelab plan ({exc})")
+    if plan.cluster != spec.cluster.name:
+        fail(f"{path}: the plan is for cluster '{plan.cluster}', the spec is '{spec.cluster.name}'")
+    if plan.observed_fingerprint != prepared.observed.fingerprint():
+        fail(f"{path}: the cluster changed since this plan was made; make a new one with --dry-run --out")
+    return plan
+
+
+def _print_event(record: dict[str, Any]) -> None:
+    event = record["event"]
+    if event == "step-started":
+        out.print(f"{record['node']}: {record['step']} {record['name']} ...", markup=False)
+    elif event == "step-failed":
+        err.print(f"{record['node']}: {record['step']} {record['name']} FAILED: {record['error']}", markup=False)
+
+
+def _print_progress() -> Callable[[str, str, int, int], None]:
+    last: dict[tuple[str, str], int] = {}
+
+    def report(node: str, name: str, done: int, total: int) -> None:
+        pct = 100 * done // total if total else 100
+        step = pct // 10
+        if last.get((node, name)) != step:
+            last[node, name] = step
+            out.print(f"{node}: copying {name}: {done / 2**20:.0f}/{total / 2**20:.0f} MiB ({pct}%)", markup=False)
+
+    return report

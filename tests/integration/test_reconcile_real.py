@@ -1,0 +1,227 @@
+"""`homelab reconcile` against a real dockerd with real llama.cpp containers (issue 5's "done when").
+
+One private Docker engine (tests/support/dockerd.py), images assembled locally
+(no pulls), two small real GGUFs copied into a volume and served by
+llama-server containers on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import docker
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from controller import reconcile_cmd
+from controller.apply import EVENTS_FILE, Executor
+from controller.cli import app
+from controller.drivers.docker import DockerEngine
+from controller.engine import CachingConnect, Prepared, prepare
+from controller.state import LABEL_CLUSTER
+from solver.place import SolveParams
+from specs import parse_spec
+from specs.model import ClusterSpec, Node
+from tests.support import dockerd as dockerd_support
+
+
+def free_port_range(n: int) -> int:
+    """The first port of `n` consecutive free ports on 127.0.0.1."""
+    for base in range(21000, 60000, 97):
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                s.bind(("127.0.0.1", p))
+                socks.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port range")
+
+
+SPEC = """\
+cluster: {{name: {cluster}}}
+nodes:
+  - name: box
+    tier: remote
+    address: 127.0.0.1
+    docker: {{endpoint: "{endpoint}", gpu_access: none}}
+    gpus: [{{index: 0, name: declared 8 GiB card, vram: 8GiB}}]
+    ram: 16GiB
+    llamacpp:
+      image: "{image}"
+      helper_image: "{helper}"
+      ports: {base}-{top}
+      bind_address: 127.0.0.1
+      threads: 1
+      volume: hl-models
+      health_timeout: 60s
+models:
+  - name: alpha
+    runtime: llamacpp
+    source: {{gguf: {models}/alpha.gguf}}
+    context: {ctx_alpha}
+  - name: beta
+    runtime: llamacpp
+    source: {{gguf: {models}/beta.gguf}}
+    context: 512
+"""
+
+
+class World:
+    def __init__(
+        self, daemon: dockerd_support.Dockerd, client: docker.DockerClient, tmp: Path, fields: dict[str, object]
+    ) -> None:
+        self.daemon = daemon
+        self.client = client
+        self.tmp = tmp
+        self.fields = fields
+
+    def spec(self, *, ctx_alpha: int = 512, without_beta: bool = False) -> ClusterSpec:
+        text = SPEC.format(**self.fields, ctx_alpha=ctx_alpha)
+        if without_beta:
+            text = text.split("  - name: beta")[0]
+        return parse_spec(text, "cluster.yaml").spec
+
+    def connect(self, node: Node) -> DockerEngine:
+        return DockerEngine(node, str(self.fields["cluster"]), poll_interval=0.05)
+
+    def prepare(self, spec: ClusterSpec) -> tuple[Prepared, CachingConnect]:
+        connect = CachingConnect(self.connect)
+        return prepare(spec, connect, SolveParams(time_limit=5, workers=1)), connect
+
+    def apply(self, spec: ClusterSpec) -> Prepared:
+        prepared, connect = self.prepare(spec)
+        ex = Executor(spec.cluster.name, dict(connect.opened), self.tmp / "state", health_timeout={"box": 60})
+        result = ex.apply(prepared.plan)
+        assert result.ok, result.summary()
+        return prepared
+
+    def container_id(self, name: str) -> str:
+        return str(self.client.containers.get(name).id)
+
+
+@pytest.fixture
+def world(
+    dockerd: dockerd_support.Dockerd,
+    docker_client: docker.DockerClient,
+    busybox_image: str,
+    llamacpp_image: str,
+    small_gguf: Path,
+    cluster: str,
+    tmp_path: Path,
+) -> Iterator[World]:
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(small_gguf, models / "alpha.gguf")
+    shutil.copy(small_gguf, models / "beta.gguf")
+    base = free_port_range(8)
+    fields: dict[str, object] = {
+        "cluster": cluster,
+        "endpoint": dockerd.url,
+        "image": llamacpp_image,
+        "helper": busybox_image,
+        "base": base,
+        "top": base + 7,
+        "models": models,
+    }
+    yield World(dockerd, docker_client, tmp_path, fields)
+    for container in docker_client.containers.list(all=True):
+        container.remove(force=True)
+    for volume in docker_client.volumes.list():
+        volume.remove(force=True)
+
+
+def served_models(port: int) -> list[str]:
+    r = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5, trust_env=False)
+    r.raise_for_status()
+    return [m["id"] for m in r.json()["data"]]
+
+
+def test_reconcile_builds_converges_and_heals(world: World) -> None:
+    spec = world.spec()
+    base = int(world.fields["base"])  # type: ignore[call-overload]
+    # A container someone else started: never touched.
+    world.client.containers.run(str(world.fields["helper"]), ["sleep", "600"], name="someone-elses", detach=True)
+
+    # 1. From an empty engine: volume, copies (verified), containers one after another.
+    first = world.apply(spec)
+    kinds = [s.kind.value for s in first.plan.steps]
+    assert kinds == [
+        "create-volume",
+        "copy-file",
+        "copy-file",
+        "run-container",
+        "wait-healthy",
+        "run-container",
+        "wait-healthy",
+    ]
+    assert served_models(base) == ["alpha"]
+    assert served_models(base + 1) == ["beta"]
+    events = [json.loads(line) for line in (world.tmp / "state" / EVENTS_FILE).read_text().splitlines()]
+    order = [(e["event"], e.get("step"), e.get("name")) for e in events if e["event"].startswith("step-")]
+    # beta's container was created only after alpha answered /health.
+    assert order.index(("step-done", "wait-healthy", "homelab-alpha")) < order.index(
+        ("step-started", "run-container", "homelab-beta")
+    )
+    files = world.connect(spec.nodes[0]).list_files("hl-models")
+    assert sorted((f.name, f.size) for f in files) == [
+        ("alpha.gguf", (Path(str(world.fields["models"])) / "alpha.gguf").stat().st_size),
+        ("beta.gguf", (Path(str(world.fields["models"])) / "beta.gguf").stat().st_size),
+    ]
+
+    # 2. Nothing left to do.
+    again, _ = world.prepare(spec)
+    assert again.plan.in_sync, again.plan.changes
+
+    # 3. One model's context changes: only its container is replaced.
+    beta_id = world.container_id("homelab-beta")
+    alpha_id = world.container_id("homelab-alpha")
+    changed = world.apply(world.spec(ctx_alpha=1024))
+    assert [(c.action.value, c.name, c.reason) for c in changed.plan.changes] == [
+        ("replace", "homelab-alpha", "config changed: context 512 → 1024")
+    ]
+    assert world.container_id("homelab-beta") == beta_id
+    assert world.container_id("homelab-alpha") != alpha_id
+    assert served_models(base) == ["alpha"]
+
+    # 4. A container killed by hand is started again.
+    world.client.containers.get("homelab-beta").kill()
+    healed = world.apply(world.spec(ctx_alpha=1024))
+    assert [(c.action.value, c.name) for c in healed.plan.changes] == [("update", "homelab-beta")]
+    assert served_models(base + 1) == ["beta"]
+
+    # 5. A model removed from the spec: only its container goes.
+    removed = world.apply(world.spec(ctx_alpha=1024, without_beta=True))
+    assert [(c.action.value, c.name, c.reason) for c in removed.plan.changes] == [
+        ("delete", "homelab-beta", "not in spec")
+    ]
+    names = {c.name for c in world.client.containers.list(all=True)}
+    assert names == {"homelab-alpha", "someone-elses"}
+    someone = world.client.containers.get("someone-elses")
+    assert someone.status == "running" and LABEL_CLUSTER not in someone.labels
+
+
+def test_stale_saved_plan_is_refused(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec_text = SPEC.format(**world.fields, ctx_alpha=512)
+    (world.tmp / "cluster.yaml").write_text(spec_text)
+    monkeypatch.chdir(world.tmp)
+    monkeypatch.setenv("HOMELAB_STATE_DIR", str(world.tmp / "state"))
+    monkeypatch.setattr(reconcile_cmd, "connect_factory", lambda spec: world.connect)
+    runner = CliRunner()
+    r = runner.invoke(app, ["reconcile", "--dry-run", "--out", "plan.json"])
+    assert r.exit_code == 2, r.output
+    world.client.volumes.create("hl-models", labels={LABEL_CLUSTER: str(world.fields["cluster"])})
+    r = runner.invoke(app, ["reconcile", "--plan", "plan.json", "--yes"])
+    assert r.exit_code == 1
+    assert "the cluster changed since this plan was made" in r.stderr
+    assert [c.name for c in world.client.containers.list(all=True)] == []

