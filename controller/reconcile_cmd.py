@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TransferSpeedColumn
 
 from controller.apply import Executor, HealthCheck, LockHeld, wait_healthy
 from controller.cliutil import SpecFileOption, err, fail, load_or_exit, out, spec_path
@@ -112,6 +113,7 @@ def register(app: typer.Typer) -> None:
                 fail("not applying without confirmation: run in a terminal or pass --yes")
             if not typer.confirm("Apply this plan?", default=False):
                 fail("not applied")
+        progress = CopyProgress()
         executor = Executor(
             spec.cluster.name,
             {n: connect.opened[n] for n in plan.steps_by_node()},
@@ -119,10 +121,11 @@ def register(app: typer.Typer) -> None:
             health_timeout={n.name: n.llamacpp.health_timeout for n in spec.nodes if n.llamacpp is not None},
             health_check=health_check,
             on_event=_print_event,
-            on_progress=_print_progress(),
+            on_progress=progress,
         )
         try:
-            result = executor.apply(plan)
+            with progress:
+                result = executor.apply(plan)
         except LockHeld as exc:
             fail(str(exc))
         if not result.ok:
@@ -207,14 +210,39 @@ def _print_event(record: dict[str, Any]) -> None:
         err.print(f"{record['node']}: {record['step']} {record['name']} FAILED: {record['error']}", markup=False)
 
 
-def _print_progress() -> Callable[[str, str, int, int], None]:
-    last: dict[tuple[str, str], int] = {}
+class CopyProgress:
+    """Model copies as progress bars with bytes on a terminal; a line every 10% elsewhere (logs, CI)."""
 
-    def report(node: str, name: str, done: int, total: int) -> None:
+    def __init__(self) -> None:
+        self.bars: Progress | None = None
+        if out.is_terminal:
+            self.bars = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                DownloadColumn(binary_units=True),
+                TransferSpeedColumn(),
+                console=out,
+            )
+        self._tasks: dict[tuple[str, str], TaskID] = {}
+        self._last: dict[tuple[str, str], int] = {}
+
+    def __enter__(self) -> CopyProgress:
+        if self.bars is not None:
+            self.bars.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bars is not None:
+            self.bars.stop()
+
+    def __call__(self, node: str, name: str, done: int, total: int) -> None:
+        key = (node, name)
+        if self.bars is not None:
+            if key not in self._tasks:
+                self._tasks[key] = self.bars.add_task(f"{node}: {name}", total=total)
+            self.bars.update(self._tasks[key], completed=done, total=total)
+            return
         pct = 100 * done // total if total else 100
-        step = pct // 10
-        if last.get((node, name)) != step:
-            last[node, name] = step
+        if self._last.get(key) != pct // 10:
+            self._last[key] = pct // 10
             out.print(f"{node}: copying {name}: {done / 2**20:.0f}/{total / 2**20:.0f} MiB ({pct}%)", markup=False)
-
-    return report

@@ -19,8 +19,13 @@ def _full_vram(r: Replica) -> int:
     return max((vram_at(c, r.n_layers) for c in r.curves.values()), default=0)
 
 
-def greedy_assign(problem: Problem) -> list[Choice]:
-    """Choices of the first-fit-decreasing heuristic (see the module docstring)."""
+def greedy_assign(problem: Problem, keep_current: bool = False) -> list[Choice]:
+    """Choices of the first-fit-decreasing heuristic (see the module docstring).
+
+    With `keep_current`, replicas that run somewhere now are first put back where
+    they run (by priority, with as many GPU layers as fit there), and the rest
+    then go first-fit decreasing: the stable starting point for CP-SAT.
+    """
     free = [units_down(g.capacity) for g in problem.gpus]
     ram_free = {n: units_down(b) for n, b in problem.node_ram.items()}
     ports_free = dict(problem.port_slots)
@@ -54,7 +59,35 @@ def greedy_assign(problem: Problem) -> list[Choice]:
                 fixed_ports.add((node, r.model.port))
         out.append(Choice(r.key, node, gpu, ngl))
 
+    def at_current(r: Replica) -> bool:
+        cur = problem.current.get(r.key)
+        if cur is None or not node_ok(r, cur.node):
+            return False
+        lo, hi = r.ngl_range()
+        if not cur.gpus:
+            if cur.node in problem.cpu_cands[r.key] and r.needs[cur.node].r0 <= ram_free[cur.node]:
+                take(r, cur.node, None, 0)
+                return True
+            return False
+        if len(cur.gpus) != 1:
+            return False
+        gi = next((g for g in problem.gpu_cands[r.key] if problem.gpus[g].key == (cur.node, cur.gpus[0])), None)
+        if gi is None:
+            return False
+        need = r.needs[cur.node]
+        if hi == r.n_layers and need.full_fits(free[gi], ram_free[cur.node]):
+            take(r, cur.node, gi, hi)
+            return True
+        k_lo, k_hi = need.partial_range(lo, free[gi], ram_free[cur.node]) if lo < r.n_layers else (1, 0)
+        if k_lo <= k_hi:
+            take(r, cur.node, gi, k_hi)
+            return True
+        return False
+
+    kept = {r.key for r in order if keep_current and at_current(r)}
     for r in order:
+        if r.key in kept:
+            continue
         lo, hi = r.ngl_range()
         gpus = [gi for gi in problem.gpu_cands[r.key] if node_ok(r, problem.gpus[gi].node)]
 
@@ -69,9 +102,12 @@ def greedy_assign(problem: Problem) -> list[Choice]:
             continue
         best: tuple[int, int] | None = None
         for gi in gpus:
-            ngl = next((k for k in range(hi, lo - 1, -1) if fits(gi, k)), None)
-            if ngl is not None and (best is None or ngl > best[1]):
-                best = (gi, ngl)
+            if lo >= r.n_layers:
+                continue
+            node = problem.gpus[gi].node
+            k_lo, k_hi = r.needs[node].partial_range(lo, free[gi], ram_free[node])
+            if k_lo <= k_hi and (best is None or k_hi > best[1]):
+                best = (gi, k_hi)
         if best is not None:
             take(r, problem.gpus[best[0]].node, best[0], best[1])
             continue

@@ -10,16 +10,29 @@ it in two stages with the earlier objective fixed:
 2. replicas moved away from their current node/GPU, then the highest GPU
    utilisation (headroom balanced).
 
-Memory is counted in MiB inside the model, every need rounded up and every
-capacity rounded down, so a plan the model accepts fits in bytes too. A
-replica with 0 GPU layers runs without a GPU (RAM only); it may only go to a
-node with no GPU or, when nothing better fits, to a GPU node's CPU.
+The model is direct: per (replica, candidate GPU) a Boolean `x`, and where the
+replica can run partly offloaded on that GPU alone, a Boolean `partial` and its
+layer count, bounded by the most layers that fit on that GPU and node alone;
+full offload is x − partial. Pairs where neither regime fits alone are left out.
+Memory is counted in 64 KiB units, every need rounded up and every capacity
+rounded down, so a plan the model accepts fits in bytes too. A replica with 0
+GPU layers runs without a GPU (RAM only).
+
+Stage 1 starts from a complete hint: first-fit decreasing, or, when a current
+placement is given and scores no worse, the current placement kept where it
+still fits. OPTIMAL means CP-SAT proved stage 1 and stage 2 optimal; otherwise
+the result is FEASIBLE and `PlacementResult.bound` carries stage 1's proven
+bound (no gap limit is used). When CP-SAT finds nothing in time, the result is
+greedy's. The time limit covers both stages; above `PRESOLVE_MAX_PAIRS` pairs
+CP-SAT's presolve is skipped so that a 10 s budget still yields a solution.
 
 Multi-GPU split (`placement.split`) is not modelled yet: a replica gets one
-GPU, chosen among `placement.gpus` when those are pinned.
+GPU, chosen among `placement.gpus` when those are pinned; a current replica on
+several GPUs always counts as moved.
 
-Same input, same parameters → same plan: the search uses a fixed seed and, with
-several workers, CP-SAT's deterministic interleaved search.
+Same input, same parameters → same plan: the default is one worker, for which
+CP-SAT is deterministic (it was also the faster setting measured); with
+several workers the search is CP-SAT's deterministic interleaved search.
 """
 
 from __future__ import annotations
@@ -39,7 +52,6 @@ from solver.problem import (
     CurrentAssignment,
     GpuKey,
     GpuUse,
-    LinearNeed,
     PlacementResult,
     Problem,
     ReplicaKey,
@@ -57,13 +69,17 @@ from specs.model import ClusterSpec
 Expr = cp_model.LinearExpr
 UTIL_SCALE = 1000
 """GPU utilisation is measured in permille in the balance objective."""
+STAGE1_SHARE = 0.75
+"""Stage 1's share of the time limit; stage 2 gets what stage 1 leaves."""
+PRESOLVE_MAX_PAIRS = 8000
+"""Above this many (replica, GPU) pairs CP-SAT's presolve takes most of a 10 s budget: skip it."""
 
 
 @dataclass(frozen=True)
 class SolveParams:
     time_limit: float = 10.0
-    """Seconds per stage."""
-    workers: int = 2
+    """Seconds for both stages together."""
+    workers: int = 1
     seed: int = 0
 
 
@@ -76,30 +92,44 @@ def place(
 ) -> PlacementResult:
     """The best placement of `spec` (see the module docstring)."""
     params = params or SolveParams()
+    start = time.monotonic()
     problem = build_problem(spec, profiles, current, foreign_vram)
-    return solve(problem, params)
+    return solve(problem, params, start)
 
 
 # --------------------------------------------------------------------------- model
 
 
-LayerVars = tuple[ReplicaKey, int, list[int], cp_model.IntVar, cp_model.IntVar, cp_model.IntVar]
-"""(replica, L+1, GPUs of the class, full, partial, partial ngl)."""
+@dataclass(frozen=True)
+class _OnGpu:
+    """The variables of one replica on one candidate GPU.
+
+    `x`: the replica runs here. `partial`: it runs here partially offloaded with
+    `layers` GPU layers (None where partial offload cannot fit on this GPU alone;
+    `x` itself where full offload cannot). Full offload is x − partial.
+    """
+
+    x: cp_model.IntVar
+    full_ok: bool
+    partial: cp_model.IntVar | None
+    layers: cp_model.IntVar | None
+    top: int
 
 
 @dataclass
 class _Model:
     model: cp_model.CpModel
-    x: dict[tuple[ReplicaKey, int], cp_model.IntVar]
-    """x[r, g]: replica r runs on GPU g (index into problem.gpus)."""
+    x: dict[tuple[ReplicaKey, int], _OnGpu]
+    """x[r, g]: replica r on GPU g (index into problem.gpus), with its layer variables."""
     c: dict[tuple[ReplicaKey, str], cp_model.IntVar]
     """c[r, n]: replica r runs on node n's CPU only."""
     ngl: dict[ReplicaKey, Expr]
     placed: dict[ReplicaKey, cp_model.IntVar]
+    vram: dict[int, Expr]
+    """VRAM used on each GPU, in units."""
     stage1: Expr
     moves: Expr
     util: cp_model.IntVar
-    layer_vars: list[LayerVars]
 
 
 def _build(problem: Problem) -> _Model:
@@ -111,93 +141,82 @@ def _build(problem: Problem) -> _Model:
     reps = [r for r in problem.replicas if r.key not in problem.blocked]
 
     # ----------------------------------------------------------------- variables
-    x: dict[tuple[ReplicaKey, int], cp_model.IntVar] = {}
+    x: dict[tuple[ReplicaKey, int], _OnGpu] = {}
     c: dict[tuple[ReplicaKey, str], cp_model.IntVar] = {}
     placed: dict[ReplicaKey, cp_model.IntVar] = {}
     ngl: dict[ReplicaKey, Expr] = {}
     vram_use: dict[int, list[Expr]] = defaultdict(list)
     ram_use: dict[str, list[Expr]] = defaultdict(list)
     on_node: dict[tuple[ReplicaKey, str], list[cp_model.IntVar]] = defaultdict(list)
-    layer_vars: list[LayerVars] = []
     for r in reps:
         k = r.key
         tag = f"{k[0]}#{k[1]}"
+        lo, hi = r.ngl_range()
+        layer_terms: list[Expr] = []
         for gi in problem.gpu_cands[k]:
-            x[k, gi] = m.new_bool_var(f"x[{tag},{gpus[gi].node}:{gpus[gi].index}]")
-            on_node[k, gpus[gi].node].append(x[k, gi])
+            node = gpus[gi].node
+            need = r.needs[node]
+            full_ok = hi == need.top and need.full_fits(cap[gi], node_ram[node])
+            plo, phi = need.partial_range(lo, cap[gi], node_ram[node]) if lo < need.top else (1, 0)
+            if not full_ok and plo > phi:
+                continue
+            where = f"{tag},{node}:{gpus[gi].index}"
+            xv = m.new_bool_var(f"x[{where}]")
+            p: cp_model.IntVar | None = None
+            nv: cp_model.IntVar | None = None
+            full: Expr | None = None
+            if full_ok and plo <= phi:
+                p = m.new_bool_var(f"partial[{where}]")
+                # On this GPU the replica runs partially offloaded (p) or fully (x − p).
+                m.add_implication(p, xv)
+                full = xv - p
+            elif full_ok:
+                full = xv
+            else:
+                p = xv
+            terms_v: list[Expr] = []
+            terms_r: list[Expr] = []
+            if full is not None:
+                terms_v.append(need.v_full * full)
+                terms_r.append(need.r_full * full)
+                layer_terms.append(need.top * full)
+            if p is not None:
+                nv = m.new_int_var(0, phi, f"ngl[{where}]")
+                # Partial offload keeps plo … hi layers on the GPU (hi: what fits on it alone); none otherwise.
+                m.add(nv >= plo * p)
+                m.add(nv <= phi * p)
+                terms_v.append(need.a_v * p + need.b_v * nv)
+                terms_r.append(need.a_r * p + need.b_r * nv)
+                layer_terms.append(nv)
+            x[k, gi] = _OnGpu(xv, full_ok, p, nv, need.top)
+            vram_use[gi].append(cp_model.LinearExpr.sum(terms_v))
+            ram_use[node].append(cp_model.LinearExpr.sum(terms_r))
+            on_node[k, node].append(xv)
         for n in problem.cpu_cands[k]:
             c[k, n] = m.new_bool_var(f"c[{tag},{n}]")
+            # A CPU-only replica holds its whole RAM need on its node.
+            ram_use[n].append(r.needs[n].r0 * c[k, n])
             on_node[k, n].append(c[k, n])
         placed[k] = m.new_bool_var(f"placed[{tag}]")
+        ngl[k] = cp_model.LinearExpr.sum(layer_terms)
 
     # ----------------------------------------------------------------- constraints
+    by_rep: dict[ReplicaKey, list[cp_model.IntVar]] = defaultdict(list)
+    for (k, _), og in x.items():
+        by_rep[k].append(og.x)
+    for (k, _), cv in c.items():
+        by_rep[k].append(cv)
     for r in reps:
-        k = r.key
-        tag = f"{k[0]}#{k[1]}"
-        gx = [x[k, gi] for gi in problem.gpu_cands[k]]
-        cx = [c[k, n] for n in problem.cpu_cands[k]]
         # A replica is placed on at most one GPU or one node's CPU.
-        m.add(sum(gx) + sum(cx) == placed[k])
-        lo, hi = r.ngl_range()
-        # A CPU-only replica holds its whole RAM need on its node.
-        for n in problem.cpu_cands[k]:
-            ram_use[n].append(r.needs[n].r0 * c[k, n])
-        # GPU candidates are grouped by identical memory needs (nodes whose curves agree).
-        classes: dict[LinearNeed, list[int]] = defaultdict(list)
-        for gi in problem.gpu_cands[k]:
-            classes[r.needs[gpus[gi].node]].append(gi)
-        parts: list[Expr] = []
-        for ci, (need, members) in enumerate(sorted(classes.items(), key=lambda kv: kv[1])):
-            sel = cp_model.LinearExpr.sum([x[k, gi] for gi in members])
-            if lo == hi or need.plo > need.top - 1:
-                # Only full offload: all L+1 layers on the GPU.
-                v_k: Expr = cp_model.LinearExpr.term(sel, need.v_full)
-                m_k: Expr = cp_model.LinearExpr.term(sel, need.r_full)
-                parts.append(cp_model.LinearExpr.term(sel, need.top))
-            else:
-                f = m.new_bool_var(f"full[{tag},{ci}]")
-                p = m.new_bool_var(f"partial[{tag},{ci}]")
-                nv = m.new_int_var(0, need.top - 1, f"ngl[{tag},{ci}]")
-                # On this class's GPUs the replica runs fully or partially offloaded.
-                m.add(f + p == sel)
-                # Partial offload keeps plo … L layers on the GPU; none when not partial.
-                m.add(nv >= need.plo * p)
-                m.add(nv <= (need.top - 1) * p)
-                layer_vars.append((k, need.top, members, f, p, nv))
-                v_k = cp_model.LinearExpr.weighted_sum([f, p, nv], [need.v_full, need.a_v, need.b_v])
-                m_k = cp_model.LinearExpr.weighted_sum([f, p, nv], [need.r_full, need.a_r, need.b_r])
-                parts.append(cp_model.LinearExpr.weighted_sum([f, nv], [need.top, 1]))
-            ub_v = need.v_full if lo == hi else max(need.v_full, need.vram(need.top - 1), need.vram(need.plo))
-            ub_r = max(need.r_full, need.ram(need.plo), need.ram(need.top - 1)) if lo < hi else need.r_full
-            # The class's VRAM lands on exactly the chosen GPU.
-            ys = []
-            for gi in members:
-                ub = min(cap[gi], ub_v)
-                y = m.new_int_var(0, ub, f"y[{tag},{gpus[gi].node}:{gpus[gi].index}]")
-                m.add(y <= ub * x[k, gi])
-                vram_use[gi].append(y)
-                ys.append(y)
-            m.add(cp_model.LinearExpr.sum(ys) == v_k)
-            # The class's RAM (what stays on the CPU) lands on the chosen GPU's node.
-            by_node: dict[str, list[int]] = defaultdict(list)
-            for gi in members:
-                by_node[gpus[gi].node].append(gi)
-            zs = []
-            for n, gis in sorted(by_node.items()):
-                ub = min(node_ram[n], max(ub_r, 0))
-                z = m.new_int_var(0, ub, f"z[{tag},{n},{ci}]")
-                m.add(z <= ub * cp_model.LinearExpr.sum([x[k, gi] for gi in gis]))
-                ram_use[n].append(z)
-                zs.append(z)
-            m.add(cp_model.LinearExpr.sum(zs) == m_k)
-        ngl[k] = cp_model.LinearExpr.sum(parts)
-
+        m.add(cp_model.LinearExpr.sum(by_rep[r.key]) == placed[r.key])
     # Per-GPU VRAM: the placed replicas' GPU bytes fit in capacity − reserve − foreign use.
+    vram: dict[int, Expr] = {}
     for gi, terms in vram_use.items():
-        m.add(sum(terms) <= cap[gi])
+        vram[gi] = cp_model.LinearExpr.sum(terms)
+        m.add(vram[gi] <= cap[gi])
     # Per-node RAM: CPU-side layers, KV and buffers fit in ram − ram_reserve.
     for n, terms in ram_use.items():
-        m.add(sum(terms) <= node_ram[n])
+        m.add(cp_model.LinearExpr.sum(terms) <= node_ram[n])
     # Replicas of one model run on different nodes.
     by_model_node: dict[tuple[str, str], list[cp_model.IntVar]] = defaultdict(list)
     for (k, n), lits in on_node.items():
@@ -233,29 +252,32 @@ def _build(problem: Problem) -> _Model:
         [(r.model.priority + 1) * w * placed[r.key] for r in reps] + [(r.model.priority + 1) * ngl[r.key] for r in reps]
     )
     moved: list[Expr] = []
+    gpu_at = {g.key: gi for gi, g in enumerate(gpus)}
     for k, cur in problem.current.items():
         if k not in placed:
             continue
         stay: list[cp_model.IntVar] = []
-        if cur.gpus:
-            stay = [x[k, gi] for gi in problem.gpu_cands[k] if gpus[gi].key == (cur.node, cur.gpus[0])]
-        elif (k, cur.node) in c:
+        # It stays only on exactly the GPU it runs on (one GPU a replica here), or on the same node's CPU.
+        if len(cur.gpus) == 1 and (k, gpu_at.get((cur.node, cur.gpus[0]), -1)) in x:
+            stay = [x[k, gpu_at[cur.node, cur.gpus[0]]].x]
+        elif not cur.gpus and (k, cur.node) in c:
             stay = [c[k, cur.node]]
         moved.append(1 - cp_model.LinearExpr.sum(stay))
     util = m.new_int_var(0, UTIL_SCALE, "util")
     # The balance objective: every GPU's utilisation is at most `util` permille.
-    for gi, terms in vram_use.items():
+    for gi, expr in vram.items():
         if cap[gi] > 0:
-            m.add(UTIL_SCALE * sum(terms) <= cap[gi] * util)
-    return _Model(m, x, c, ngl, placed, stage1, cp_model.LinearExpr.sum(moved), util, layer_vars)
+            m.add(UTIL_SCALE * expr <= cap[gi] * util)
+    return _Model(m, x, c, ngl, placed, vram, stage1, cp_model.LinearExpr.sum(moved), util)
 
 
 # --------------------------------------------------------------------------- solve
 
 
-def _solver(params: SolveParams, time_limit: float) -> cp_model.CpSolver:
+def _solver(params: SolveParams, time_limit: float, pairs: int) -> cp_model.CpSolver:
     s = cp_model.CpSolver()
     s.parameters.max_time_in_seconds = max(0.05, time_limit)
+    s.parameters.cp_model_presolve = pairs <= PRESOLVE_MAX_PAIRS
     s.parameters.num_workers = params.workers
     s.parameters.random_seed = params.seed
     if params.workers > 1:
@@ -263,51 +285,71 @@ def _solver(params: SolveParams, time_limit: float) -> cp_model.CpSolver:
     return s
 
 
-def _hint(mm: _Model, chosen: list[Choice]) -> None:
-    """Start the search from a known plan (greedy's, or stage 1's)."""
+def _hint(mm: _Model, problem: Problem, chosen: list[Choice]) -> None:
+    """Start the search from a known plan (greedy's, or stage 1's): every variable gets a value."""
     mm.model.clear_hints()  # type: ignore[no-untyped-call]
     by_key = {ch.key: ch for ch in chosen}
-    for (k, gi), v in mm.x.items():
+    reps = {r.key: r for r in problem.replicas}
+    used: dict[int, int] = defaultdict(int)
+    for (k, gi), og in mm.x.items():
         ch = by_key.get(k)
-        mm.model.add_hint(v, ch is not None and ch.gpu == gi)
-    for (k, n), v in mm.c.items():
+        here = ch is not None and ch.gpu == gi
+        ngl = ch.ngl if ch is not None and here else 0
+        full = here and ngl == og.top
+        mm.model.add_hint(og.x, here)
+        if og.partial is not None and og.partial is not og.x:
+            mm.model.add_hint(og.partial, here and not full)
+        if og.layers is not None:
+            mm.model.add_hint(og.layers, ngl if here and not full else 0)
+        if here:
+            used[gi] += reps[k].needs[problem.gpus[gi].node].vram(ngl)
+    for (k, node), v in mm.c.items():
         ch = by_key.get(k)
-        mm.model.add_hint(v, ch is not None and ch.gpu is None and ch.node == n)
+        mm.model.add_hint(v, ch is not None and ch.gpu is None and ch.node == node)
     for k, v in mm.placed.items():
         mm.model.add_hint(v, k in by_key)
-    for k, top, members, f, p, nv in mm.layer_vars:
-        ch = by_key.get(k)
-        here = ch is not None and ch.gpu in members
-        ngl = ch.ngl if ch is not None and here else 0
-        mm.model.add_hint(f, here and ngl == top)
-        mm.model.add_hint(p, here and ngl < top)
-        mm.model.add_hint(nv, ngl if here and ngl < top else 0)
+    util = 0
+    for gi, u in used.items():
+        cap = units_down(problem.gpus[gi].capacity)
+        if cap > 0:
+            util = max(util, -(-UTIL_SCALE * u // cap))
+    mm.model.add_hint(mm.util, min(util, UTIL_SCALE))
 
 
-def solve(problem: Problem, params: SolveParams) -> PlacementResult:
-    """Solve a prepared problem: two lexicographic stages, greedy when CP-SAT finds nothing."""
-    start = time.monotonic()
+def solve(problem: Problem, params: SolveParams, start: float | None = None) -> PlacementResult:
+    """Solve a prepared problem: two lexicographic stages, greedy when CP-SAT finds nothing.
+
+    Both stages together keep to `params.time_limit` seconds from `start` (default: now),
+    less a twentieth left for building the result.
+    """
+    start = time.monotonic() if start is None else start
     mm = _build(problem)
     # Stage 1: priority-weighted placement, then priority-weighted GPU layers.
     mm.model.maximize(mm.stage1)
     baseline = greedy_assign(problem)
-    _hint(mm, baseline)
-    s1 = _solver(params, params.time_limit)
+    if problem.current:
+        # Start from the current placement where it still fits, unless first-fit does better.
+        stable = greedy_assign(problem, keep_current=True)
+        if choice_score(problem, stable) >= choice_score(problem, baseline):
+            baseline = stable
+    _hint(mm, problem, baseline)
+    s1 = _solver(params, params.time_limit * STAGE1_SHARE - (time.monotonic() - start), len(mm.x))
     st1 = s1.solve(mm.model)
     if st1 not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         # No solution in time (or the model is broken): fall back to first-fit decreasing.
         return _result(problem, baseline, "FEASIBLE", "greedy")
     best = round(s1.objective_value)
+    bound = round(s1.best_objective_bound)
     chosen = _extract(problem, mm, s1)
     status = "OPTIMAL" if st1 == cp_model.OPTIMAL else "FEASIBLE"
 
     # Stage 2: keep stage 1's value; move as few running replicas as possible, then balance.
     mm.model.add(mm.stage1 >= best)
-    _hint(mm, chosen)
+    _hint(mm, problem, chosen)
     moves_weight = UTIL_SCALE + 1
     mm.model.minimize(cp_model.LinearExpr.weighted_sum([mm.moves, mm.util], [moves_weight, 1]))
-    left = params.time_limit - (time.monotonic() - start)
-    s2 = _solver(params, max(left, params.time_limit / 4))
+    left = 0.95 * params.time_limit - (time.monotonic() - start)
+    s2 = _solver(params, left, len(mm.x))
     st2 = s2.solve(mm.model)
     if st2 in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         chosen = _extract(problem, mm, s2)
@@ -315,13 +357,20 @@ def solve(problem: Problem, params: SolveParams) -> PlacementResult:
             status = "FEASIBLE"
     else:
         status = "FEASIBLE"
-    return _result(problem, chosen, status, "cp-sat")
+    return _result(problem, chosen, status, "cp-sat", bound)
+
+
+def choice_score(problem: Problem, chosen: list[Choice]) -> int:
+    """`score` of choices before they become assignments."""
+    w = placement_weight(problem)
+    prio = {m.name: m.priority for m in problem.spec.models}
+    return sum((prio[ch.key[0]] + 1) * (w + ch.ngl) for ch in chosen)
 
 
 def _extract(problem: Problem, mm: _Model, s: cp_model.CpSolver) -> list[Choice]:
     out: list[Choice] = []
-    for (k, gi), v in mm.x.items():
-        if s.boolean_value(v):
+    for (k, gi), og in mm.x.items():
+        if s.boolean_value(og.x):
             out.append(Choice(k, problem.gpus[gi].node, gi, int(s.value(mm.ngl[k]))))
     for (k, n), v in mm.c.items():
         if s.boolean_value(v):
@@ -329,7 +378,9 @@ def _extract(problem: Problem, mm: _Model, s: cp_model.CpSolver) -> list[Choice]
     return out
 
 
-def _result(problem: Problem, chosen: list[Choice], status: str, solver: str) -> PlacementResult:
+def _result(
+    problem: Problem, chosen: list[Choice], status: str, solver: str, bound: int | None = None
+) -> PlacementResult:
     reps = {r.key: r for r in problem.replicas}
     used: dict[int, int] = defaultdict(int)
     assignments: list[Assignment] = []
@@ -356,9 +407,10 @@ def _result(problem: Problem, chosen: list[Choice], status: str, solver: str) ->
         )
     gpu_use = tuple(GpuUse(g.node, g.index, g.name, g.capacity, used.get(gi, 0)) for gi, g in enumerate(problem.gpus))
     moves = 0
-    where = {(a.model, a.replica): (a.node, a.gpus[:1]) for a in assignments}
+    where = {(a.model, a.replica): (a.node, a.gpus) for a in assignments}
     for k, cur in problem.current.items():
-        if where.get(k) != (cur.node, cur.gpus[:1]):
+        # A replica stays only on the same node and exactly the same GPUs.
+        if where.get(k) != (cur.node, tuple(cur.gpus)):
             moves += 1
     unplaced, notes = explain(problem, assignments, gpu_use)
     return PlacementResult(
@@ -370,6 +422,7 @@ def _result(problem: Problem, chosen: list[Choice], status: str, solver: str) ->
         moves=moves,
         solver=solver,
         notes=notes,
+        bound=bound,
     )
 
 

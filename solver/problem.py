@@ -104,6 +104,15 @@ class PlacementResult:
     solver: str = "cp-sat"
     notes: tuple[str, ...] = ()
     """One sentence per replica placed with fewer GPU layers than it has."""
+    bound: int | None = None
+    """CP-SAT's proven upper bound on `objective` (None for greedy); equal to it when OPTIMAL."""
+
+    @property
+    def gap(self) -> float | None:
+        """How far `objective` may be from the best possible, in % of it (None without a bound)."""
+        if self.bound is None:
+            return None
+        return 100.0 * (self.bound - self.objective) / self.objective if self.objective else 0.0
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -247,6 +256,14 @@ def build_problem(
         for n in spec.nodes
         for g in n.gpus
     ]
+    memo: dict[tuple[LayerCurve, int], LinearNeed] = {}
+
+    def need_of(curve: LayerCurve, lo: int) -> LinearNeed:
+        # Nodes and models often share a curve: compute each need once.
+        if (curve, lo) not in memo:
+            memo[curve, lo] = linear_need(curve, lo)
+        return memo[curve, lo]
+
     prob = Problem(
         spec=spec,
         replicas=[],
@@ -266,7 +283,7 @@ def build_problem(
         nodes = [n for n in spec.nodes if node_allows(n, model) is None]
         curves = {n.name: prof.for_node(n.name) for n in nodes}
         lo_all = max(1, model.placement.min_gpu_layers) if model.placement.cpu_offload else prof.curve.layers + 1
-        needs = {n: linear_need(c, lo_all) for n, c in curves.items()}
+        needs = {n: need_of(c, lo_all) for n, c in curves.items()}
         for i in range(model.replicas):
             rep = Replica(model, i, curves, prof, needs)
             prob.replicas.append(rep)
@@ -282,7 +299,7 @@ def build_problem(
                         continue
                     if p.gpus is not None and slot.index not in p.gpus:
                         continue
-                    if min(needs[slot.node].vram(k) for k in range(lo, hi + 1)) <= units_down(slot.capacity):
+                    if fits_vram(needs[slot.node], lo, hi, units_down(slot.capacity)):
                         gc.append(gi)
             cc: list[str] = []
             if rep.cpu_allowed():
@@ -290,6 +307,14 @@ def build_problem(
             prob.gpu_cands[rep.key] = gc
             prob.cpu_cands[rep.key] = cc
     return prob
+
+
+def fits_vram(need: LinearNeed, lo: int, hi: int, cap: int) -> bool:
+    """Whether some ngl in lo … hi fits in `cap` VRAM units (RAM aside)."""
+    if hi == need.top and need.v_full <= cap:
+        return True
+    k_lo, k_hi = need.partial_range(lo, cap, 1 << 62)
+    return lo < need.top and k_lo <= min(k_hi, hi)
 
 
 def score(problem: Problem, assignments: list[Assignment] | tuple[Assignment, ...]) -> int:
@@ -349,13 +374,38 @@ class LinearNeed:
             return self.r0
         return self.r_full if ngl == self.top else self.a_r + self.b_r * ngl
 
+    def full_fits(self, vram: int, ram: int) -> bool:
+        return self.v_full <= vram and self.r_full <= ram
+
+    def partial_range(self, lo: int, vram: int, ram: int) -> tuple[int, int]:
+        """(lowest, highest) partial ngl ≥ lo that fit in `vram` and `ram` units; empty when lowest > highest."""
+        k_lo, k_hi = max(lo, self.plo, 1), self.top - 1
+        for a, b, limit in ((self.a_v, self.b_v, vram), (self.a_r, self.b_r, ram)):
+            # a + b·ngl ≤ limit
+            if b > 0:
+                k_hi = min(k_hi, (limit - a) // b)
+            elif b < 0:
+                k_lo = max(k_lo, -(-(a - limit) // -b))
+            elif a > limit:
+                return 1, 0
+        return k_lo, k_hi
+
+
+def _table(curve: LayerCurve, per_block: tuple[int, ...], fixed: tuple[int, int, int], sign: int) -> list[int]:
+    """fixed[regime(ngl)] + sign·(the first blocks(ngl) blocks), for ngl = 0 … L+1, from prefix sums."""
+    prefix = [0]
+    for b in per_block:
+        prefix.append(prefix[-1] + b)
+    return [fixed[curve.regime(k)] + sign * prefix[curve.blocks(k)] for k in range(curve.layers + 2)]
+
 
 def linear_need(curve: LayerCurve, lo: int) -> LinearNeed:
     """The `LinearNeed` of `curve` for GPU layers from `lo` (≥ 1) up."""
     top = curve.layers + 1
     plo = max(lo, 1)
-    vt = [units_up(vram_at(curve, k)) for k in range(top + 1)]
-    rt = [units_up(ram_at(curve, k)) for k in range(top + 1)]
+    vt = [units_up(v) for v in _table(curve, curve.gpu_per_block, curve.gpu_fixed, 1)]
+    vt[0] = 0
+    rt = [units_up(r) for r in _table(curve, curve.cpu_per_block, curve.cpu_fixed, -1)]
     a_v = b_v = a_r = b_r = 0
     if plo <= curve.layers:
         span = max(curve.layers - plo, 1)

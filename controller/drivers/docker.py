@@ -30,6 +30,7 @@ import json
 import math
 import posixpath
 import re
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -144,6 +145,19 @@ def container_create_kwargs(desired: ContainerState) -> dict[str, Any]:
     return kwargs
 
 
+def ssh_host_port(endpoint: str) -> tuple[str, int]:
+    """`ssh://user@host:2222` → ("host", 2222); the port defaults to 22."""
+    rest = endpoint.removeprefix("ssh://").split("/", 1)[0]
+    hostport = rest.rsplit("@", 1)[-1]
+    if hostport.startswith("["):  # [IPv6]:port
+        host, _, tail = hostport[1:].partition("]")
+        return host, int(tail.removeprefix(":") or 22)
+    host, sep, port = hostport.rpartition(":")
+    if sep and port.isdigit():
+        return host, int(port)
+    return hostport, 22
+
+
 def unreachable_reason(exc: BaseException, *, endpoint: str, timeout: float) -> str:
     """Why a Docker endpoint did not answer, in a few words."""
     text = " | ".join(_chain_texts(exc))
@@ -232,6 +246,24 @@ class DockerEngine:
             self._client.close()
             self._client = None
 
+    def _check_ssh_port(self) -> None:
+        """Before docker-py starts an `ssh` child, see that the node's SSH port answers at all.
+
+        A machine that is off or asleep then reads as one clear line, and no ssh
+        process is left behind writing to the terminal.
+        """
+        host, port = ssh_host_port(self.endpoint)
+        try:
+            with socket.create_connection((host, port), timeout=self.timeout):
+                pass
+        except OSError as exc:
+            why = exc.strerror or type(exc).__name__
+            if isinstance(exc, TimeoutError):
+                why = f"timed out after {self.timeout:g} s"
+            raise NodeUnreachable(
+                f"node {self.node}: Docker at {self.endpoint} does not answer: ssh {host}:{port}: {why}"
+            ) from None
+
     def _unreachable(self, exc: BaseException) -> NodeUnreachable:
         reason = unreachable_reason(exc, endpoint=self.endpoint, timeout=self.timeout)
         return NodeUnreachable(f"node {self.node}: Docker at {self.endpoint} does not answer: {reason}")
@@ -240,6 +272,8 @@ class DockerEngine:
     def client(self) -> Any:
         """The docker SDK client (made, and the API version negotiated, on first use)."""
         if self._client is None:
+            if self.endpoint.startswith("ssh://"):
+                self._check_ssh_port()
             try:
                 self._client = docker.DockerClient(
                     base_url=self.endpoint,

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from controller.drivers.base import DriverError
-from controller.drivers.docker import DockerEngine, container_create_kwargs, health_url, unreachable_reason
+from controller.drivers.docker import DockerEngine, container_create_kwargs, ssh_host_port, unreachable_reason
 from controller.state import (
     LABEL_CLUSTER,
     LABEL_CONFIG,
@@ -22,6 +22,7 @@ from controller.state import (
     LABEL_REPLICA,
     ContainerConfig,
     ContainerState,
+    health_url,
 )
 from specs.model import Node
 
@@ -184,3 +185,17 @@ def test_engine_construction_does_not_connect() -> None:
             3.0,
             "busybox:latest",
         )
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "expected"),
+    [
+        ("ssh://me@host", ("host", 22)),
+        ("ssh://me@host:2222", ("host", 2222)),
+        ("ssh://host", ("host", 22)),
+        ("ssh://me@[::1]:2022", ("::1", 2022)),
+        ("ssh://[fe80::1]", ("fe80::1", 22)),
+    ],
+)
+def test_ssh_host_port(endpoint: str, expected: tuple[str, int]) -> None:
+    assert ssh_host_port(endpoint) == expected

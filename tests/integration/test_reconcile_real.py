@@ -225,3 +225,10 @@ def test_stale_saved_plan_is_refused(world: World, monkeypatch: pytest.MonkeyPat
     assert r.exit_code == 1
     assert "the cluster changed since this plan was made" in r.stderr
     assert [c.name for c in world.client.containers.list(all=True)] == []
+    # A fresh plan, applied through the command line: copies report their bytes.
+    r = runner.invoke(app, ["reconcile", "--yes"])
+    assert r.exit_code == 0, r.output
+    assert "box: copying alpha.gguf: " in r.stdout and "(100%)" in r.stdout
+    assert r.stdout.rstrip().endswith("Apply complete: 6 steps.")
+    r = runner.invoke(app, ["reconcile", "--dry-run"])
+    assert r.exit_code == 0 and "No changes. The cluster matches the spec." in r.stdout

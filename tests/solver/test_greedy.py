@@ -37,3 +37,16 @@ def test_greedy_misses_what_cp_sat_finds() -> None:
     assert [a.model for a in g.assignments] == ["big"]
     assert sorted(a.model for a in c.assignments) == ["x", "y"]
     assert c.objective > g.objective
+
+
+def test_keep_current_puts_replicas_back_first() -> None:
+    from solver.greedy import greedy_assign
+    from solver.problem import CurrentAssignment, build_problem
+
+    s = spec(ollama_node("n", ["10GiB", "10GiB"]), model("a", "4GiB") + model("b", "4GiB"))
+    cur = {("a", 0): CurrentAssignment("n", (1,)), ("b", 0): CurrentAssignment("n", ())}
+    p = build_problem(s, profiles_for(s), current=cur)
+    plain = {ch.key[0]: ch.gpu for ch in greedy_assign(p)}
+    kept = {ch.key[0]: (ch.gpu, ch.ngl) for ch in greedy_assign(p, keep_current=True)}
+    assert plain == {"a": 0, "b": 0}
+    assert kept == {"a": (1, 1), "b": (None, 0)}

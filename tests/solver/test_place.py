@@ -197,3 +197,34 @@ def test_example_places_everything(examples_dir: object, seed: int) -> None:
     assert not r.unplaced
     for g in r.gpus:
         assert g.used_bytes <= g.capacity_bytes
+
+
+def test_optimal_means_bound_reached() -> None:
+    s = spec(
+        ollama_node("a", ["8GiB", "8GiB"]) + ollama_node("b", ["12GiB"]),
+        "".join(model(f"m{i}", f"{1 + i % 5}GiB", layers=20 + i) for i in range(6)),
+    )
+    r = solve(s)
+    assert r.status == "OPTIMAL"
+    assert r.bound == r.objective
+    assert r.gap == 0.0
+
+
+def test_current_on_several_gpus_counts_as_a_move() -> None:
+    # Without split a replica gets one GPU, so a replica running on two cannot stay as it is.
+    s = spec(ollama_node("n", ["10GiB", "10GiB"]), model("m", "2GiB"))
+    r = solve(s, current={("m", 0): CurrentAssignment("n", (0, 1))})
+    assert where(r)["m"][:2] in (("n", (0,)), ("n", (1,)))
+    assert r.moves == 1
+
+
+def test_stability_starts_from_current() -> None:
+    # Greedy alone would put the big model first on GPU 0; the current plan has it on GPU 1, and it stays.
+    s = spec(
+        ollama_node("n", ["12GiB", "12GiB"]),
+        model("big", "8GiB", layers=20, extra="    priority: 90\n") + model("small", "3GiB", layers=20),
+    )
+    cur = {("big", 0): CurrentAssignment("n", (1,)), ("small", 0): CurrentAssignment("n", (0,))}
+    r = solve(s, current=cur)
+    assert where(r) == {"big": ("n", (1,), 21), "small": ("n", (0,), 21)}
+    assert r.moves == 0
