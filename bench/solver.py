@@ -123,7 +123,20 @@ def stability(params: SolveParams) -> str:
     res2 = place(changed, profiles_for(changed), current=current, params=params)
     where = {(a.model, a.replica): (a.node, a.gpus) for a in res2.assignments}
     moved = [k for k, cur in current.items() if k[0] != target and where.get(k) != (cur.node, cur.gpus)]
-    return f"stability: changed {target}'s context in a 50-model cluster; {len(moved)} other replicas moved"
+    prio = {m.name: m.priority + 1 for m in spec.models}
+    before = sum(prio[a.model] for a in res.assignments)
+    after = sum(prio[a.model] for a in res2.assignments if a.model != target)
+    before_others = sum(prio[a.model] for a in res.assignments if a.model != target)
+    why = (
+        "the re-solve placed more (priority-weighted) replicas, which ranks above moves"
+        if after > before_others
+        else "nothing more was placed"
+    )
+    return (
+        f"stability: changed {target}'s context in a 50-model cluster; {len(moved)} other replicas moved"
+        f" (placed {len(res.assignments)} → {len(res2.assignments)}, priority-weighted {before} → "
+        f"{sum(prio[a.model] for a in res2.assignments)}; {why})"
+    )
 
 
 def main() -> None:

@@ -5,10 +5,14 @@ optionally the current placement (for stability) and the VRAM that processes
 homelab doesn't manage hold on each GPU. It builds one CP-SAT model and solves
 it in two stages with the earlier objective fixed:
 
-1. placed replicas weighted by priority, then GPU layers weighted by priority
-   (`solver.problem.score`);
-2. replicas moved away from their current node/GPU, then the highest GPU
-   utilisation (headroom balanced).
+1. placed replicas weighted by priority, then replicas moved away from their
+   current node/GPU, then GPU layers weighted by priority;
+2. the highest GPU utilisation (headroom balanced).
+
+Moves rank above GPU layers: a model that runs is not moved (a restart, and a
+reload of its weights) to give another model a few more layers on a GPU. With
+no current placement this is the issue's order exactly; to re-pack a running
+cluster for the most GPU layers, place it without `current`.
 
 The model is direct: per (replica, candidate GPU) a Boolean `x`, and where the
 replica can run partly offloaded on that GPU alone, a Boolean `partial` and its
@@ -40,7 +44,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ortools.sat.python import cp_model
 
@@ -73,6 +77,8 @@ STAGE1_SHARE = 0.75
 """Stage 1's share of the time limit; stage 2 gets what stage 1 leaves."""
 PRESOLVE_MAX_PAIRS = 8000
 """Above this many (replica, GPU) pairs CP-SAT's presolve takes most of a 10 s budget: skip it."""
+WALL_CAP = 3.0
+"""With a deterministic budget, each stage may still run at most this many times its budget in seconds."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,11 @@ class SolveParams:
     """Seconds for both stages together."""
     workers: int = 1
     seed: int = 0
+    deterministic: bool = True
+    """Budget the search in CP-SAT's deterministic time (work done, not seconds elapsed), so the
+    same input gives the same plan however loaded the machine is — a controller that re-plans on
+    every run must not reshuffle models because the CPU was busy. Wall time is then capped at
+    WALL_CAP × the budget; only past that cap can load change the answer."""
 
 
 def place(
@@ -247,10 +258,6 @@ def _build(problem: Problem) -> _Model:
             m.add(placed[r.key] >= placed[nxt])
 
     # ----------------------------------------------------------------- objective
-    w = placement_weight(problem)
-    stage1 = cp_model.LinearExpr.sum(
-        [(r.model.priority + 1) * w * placed[r.key] for r in reps] + [(r.model.priority + 1) * ngl[r.key] for r in reps]
-    )
     moved: list[Expr] = []
     gpu_at = {g.key: gi for gi, g in enumerate(gpus)}
     for k, cur in problem.current.items():
@@ -263,6 +270,15 @@ def _build(problem: Problem) -> _Model:
         elif not cur.gpus and (k, cur.node) in c:
             stay = [c[k, cur.node]]
         moved.append(1 - cp_model.LinearExpr.sum(stay))
+    # Lexicographic weights: one more placed replica (by priority) outweighs every move, and one
+    # move outweighs all GPU layers together — a running model is not moved to gain layers elsewhere.
+    move_w = placement_weight(problem)
+    place_w = move_w * (len(moved) + 1)
+    stage1 = cp_model.LinearExpr.sum(
+        [(r.model.priority + 1) * place_w * placed[r.key] for r in reps]
+        + [(r.model.priority + 1) * ngl[r.key] for r in reps]
+        + [-move_w * mv for mv in moved]
+    )
     util = m.new_int_var(0, UTIL_SCALE, "util")
     # The balance objective: every GPU's utilisation is at most `util` permille.
     for gi, expr in vram.items():
@@ -276,7 +292,11 @@ def _build(problem: Problem) -> _Model:
 
 def _solver(params: SolveParams, time_limit: float, pairs: int) -> cp_model.CpSolver:
     s = cp_model.CpSolver()
-    s.parameters.max_time_in_seconds = max(0.05, time_limit)
+    if params.deterministic:
+        s.parameters.max_deterministic_time = max(0.05, time_limit)
+        s.parameters.max_time_in_seconds = max(0.05, time_limit) * WALL_CAP
+    else:
+        s.parameters.max_time_in_seconds = max(0.05, time_limit)
     s.parameters.cp_model_presolve = pairs <= PRESOLVE_MAX_PAIRS
     s.parameters.num_workers = params.workers
     s.parameters.random_seed = params.seed
@@ -333,7 +353,7 @@ def solve(problem: Problem, params: SolveParams, start: float | None = None) -> 
         if choice_score(problem, stable) >= choice_score(problem, baseline):
             baseline = stable
     _hint(mm, problem, baseline)
-    s1 = _solver(params, params.time_limit * STAGE1_SHARE - (time.monotonic() - start), len(mm.x))
+    s1 = _solver(params, _budget(params, 1, start), len(mm.x))
     st1 = s1.solve(mm.model)
     if st1 not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         # No solution in time (or the model is broken): fall back to first-fit decreasing.
@@ -346,10 +366,8 @@ def solve(problem: Problem, params: SolveParams, start: float | None = None) -> 
     # Stage 2: keep stage 1's value; move as few running replicas as possible, then balance.
     mm.model.add(mm.stage1 >= best)
     _hint(mm, problem, chosen)
-    moves_weight = UTIL_SCALE + 1
-    mm.model.minimize(cp_model.LinearExpr.weighted_sum([mm.moves, mm.util], [moves_weight, 1]))
-    left = 0.95 * params.time_limit - (time.monotonic() - start)
-    s2 = _solver(params, left, len(mm.x))
+    mm.model.minimize(mm.util)
+    s2 = _solver(params, _budget(params, 2, start), len(mm.x))
     st2 = s2.solve(mm.model)
     if st2 in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         chosen = _extract(problem, mm, s2)
@@ -357,7 +375,18 @@ def solve(problem: Problem, params: SolveParams, start: float | None = None) -> 
             status = "FEASIBLE"
     else:
         status = "FEASIBLE"
+    if problem.current:
+        solver_gap = 100.0 * (bound - best) / abs(best) if best else 0.0
+        return replace(_result(problem, chosen, status, "cp-sat"), solver_gap=solver_gap)
     return _result(problem, chosen, status, "cp-sat", bound)
+
+
+def _budget(params: SolveParams, stage: int, start: float) -> float:
+    """Stage 1's or stage 2's budget: a share of deterministic time, or what is left of the wall clock."""
+    if params.deterministic:
+        return params.time_limit * (STAGE1_SHARE if stage == 1 else 0.95 - STAGE1_SHARE)
+    end = params.time_limit * (STAGE1_SHARE if stage == 1 else 0.95)
+    return end - (time.monotonic() - start)
 
 
 def choice_score(problem: Problem, chosen: list[Choice]) -> int:

@@ -105,13 +105,16 @@ class PlacementResult:
     notes: tuple[str, ...] = ()
     """One sentence per replica placed with fewer GPU layers than it has."""
     bound: int | None = None
-    """CP-SAT's proven upper bound on `objective` (None for greedy); equal to it when OPTIMAL."""
+    """CP-SAT's proven upper bound on `objective` (None for greedy, and with a current placement,
+    whose moves enter the solver's objective); equal to it when OPTIMAL."""
+    solver_gap: float | None = None
+    """CP-SAT's proven gap on its own objective, in %: set when `bound` cannot be."""
 
     @property
     def gap(self) -> float | None:
-        """How far `objective` may be from the best possible, in % of it (None without a bound)."""
+        """How far the plan may be from the best possible, in % (None without a proof)."""
         if self.bound is None:
-            return None
+            return self.solver_gap
         return 100.0 * (self.bound - self.objective) / self.objective if self.objective else 0.0
 
     def to_json(self) -> dict[str, object]:
