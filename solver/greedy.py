@@ -75,10 +75,16 @@ def greedy_assign(problem: Problem, keep_current: bool = False) -> list[Choice]:
         if gi is None:
             return False
         need = r.needs[cur.node]
-        if hi == r.n_layers and need.full_fits(free[gi], ram_free[cur.node]):
+        full = hi == r.n_layers and need.full_fits(free[gi], ram_free[cur.node])
+        k_lo, k_hi = need.partial_range(lo, free[gi], ram_free[cur.node]) if lo < r.n_layers else (1, 0)
+        # Its present layer count when that still fits (unchanged, it need not restart), else the most that fit.
+        now = cur.gpu_layers
+        if now is not None and ((now == r.n_layers and full) or k_lo <= now <= min(k_hi, r.n_layers - 1)):
+            take(r, cur.node, gi, now)
+            return True
+        if full:
             take(r, cur.node, gi, hi)
             return True
-        k_lo, k_hi = need.partial_range(lo, free[gi], ram_free[cur.node]) if lo < r.n_layers else (1, 0)
         if k_lo <= k_hi:
             take(r, cur.node, gi, k_hi)
             return True

@@ -141,6 +141,8 @@ class _Model:
     stage1: Expr
     moves: Expr
     util: cp_model.IntVar
+    stays: dict[ReplicaKey, cp_model.IntVar]
+    """stays[r]: replica r keeps its place and its GPU layers (only where its layers are known)."""
 
 
 def _build(problem: Problem) -> _Model:
@@ -259,17 +261,30 @@ def _build(problem: Problem) -> _Model:
 
     # ----------------------------------------------------------------- objective
     moved: list[Expr] = []
+    stays: dict[ReplicaKey, cp_model.IntVar] = {}
     gpu_at = {g.key: gi for gi, g in enumerate(gpus)}
     for k, cur in problem.current.items():
         if k not in placed:
             continue
-        stay: list[cp_model.IntVar] = []
-        # It stays only on exactly the GPU it runs on (one GPU a replica here), or on the same node's CPU.
+        # It is undisturbed only on exactly the GPU it runs on (one GPU a replica here), or on the
+        # same node's CPU, and with the same number of GPU layers: anything else restarts it.
+        here: cp_model.IntVar | None = None
         if len(cur.gpus) == 1 and (k, gpu_at.get((cur.node, cur.gpus[0]), -1)) in x:
-            stay = [x[k, gpu_at[cur.node, cur.gpus[0]]].x]
+            here = x[k, gpu_at[cur.node, cur.gpus[0]]].x
         elif not cur.gpus and (k, cur.node) in c:
-            stay = [c[k, cur.node]]
-        moved.append(1 - cp_model.LinearExpr.sum(stay))
+            here = c[k, cur.node]
+        if here is None:
+            moved.append(cp_model.LinearExpr.constant(1))
+            continue
+        if cur.gpu_layers is None:
+            stay = here
+        else:
+            stay = m.new_bool_var(f"stays[{k[0]}#{k[1]}]")
+            # Staying means: same place and the same layers.
+            m.add_implication(stay, here)
+            m.add(ngl[k] == cur.gpu_layers).only_enforce_if(stay)
+        stays[k] = stay
+        moved.append(1 - stay)
     # Lexicographic weights: one more placed replica (by priority) outweighs every move, and one
     # move outweighs all GPU layers together — a running model is not moved to gain layers elsewhere.
     move_w = placement_weight(problem)
@@ -284,7 +299,7 @@ def _build(problem: Problem) -> _Model:
     for gi, expr in vram.items():
         if cap[gi] > 0:
             m.add(UTIL_SCALE * expr <= cap[gi] * util)
-    return _Model(m, x, c, ngl, placed, vram, stage1, cp_model.LinearExpr.sum(moved), util)
+    return _Model(m, x, c, ngl, placed, vram, stage1, cp_model.LinearExpr.sum(moved), util, stays)
 
 
 # --------------------------------------------------------------------------- solve
@@ -328,6 +343,12 @@ def _hint(mm: _Model, problem: Problem, chosen: list[Choice]) -> None:
         mm.model.add_hint(v, ch is not None and ch.gpu is None and ch.node == node)
     for k, v in mm.placed.items():
         mm.model.add_hint(v, k in by_key)
+    gpu_at = {g.key: gi for gi, g in enumerate(problem.gpus)}
+    for k, v in mm.stays.items():
+        ch, cur = by_key.get(k), problem.current[k]
+        at = gpu_at.get((cur.node, cur.gpus[0])) if cur.gpus else None
+        same_place = ch is not None and ch.node == cur.node and ch.gpu == at
+        mm.model.add_hint(v, same_place and ch is not None and ch.ngl == cur.gpu_layers)
     util = 0
     for gi, u in used.items():
         cap = units_down(problem.gpus[gi].capacity)

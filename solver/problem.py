@@ -29,6 +29,8 @@ class CurrentAssignment:
 
     node: str
     gpus: tuple[int, ...] = ()
+    gpu_layers: int | None = None
+    """Its -ngl now; None when unknown. Changing it restarts the replica as surely as moving it."""
 
 
 # --------------------------------------------------------------------------- result

@@ -228,3 +228,36 @@ def test_stability_starts_from_current() -> None:
     r = solve(s, current=cur)
     assert where(r) == {"big": ("n", (1,), 21), "small": ("n", (0,), 21)}
     assert r.moves == 0
+
+
+def test_running_models_are_not_moved_for_more_layers() -> None:
+    # Fresh, the big model takes the 12 GiB GPU fully and the small one the 6 GiB GPU.
+    s = spec(
+        ollama_node("n", ["12GiB", "6GiB"]),
+        model("big", "10GiB", layers=30) + model("small", "5GiB", layers=20),
+    )
+    fresh = solve(s)
+    assert where(fresh) == {"big": ("n", (0,), 31), "small": ("n", (1,), 21)}
+    # Running the other way round still fits (big partly offloaded, as it is now): both stay as they are.
+    big_now = 15
+    cur = {
+        ("big", 0): CurrentAssignment("n", (1,), big_now),
+        ("small", 0): CurrentAssignment("n", (0,), 21),
+    }
+    kept = solve(s, current=cur)
+    assert kept.moves == 0
+    assert where(kept) == {"big": ("n", (1,), big_now), "small": ("n", (0,), 21)}
+    assert kept.objective < fresh.objective  # the layers it gives up for stability
+
+
+def test_a_move_that_places_another_model_is_made() -> None:
+    # "small" runs on the 12 GiB GPU; "big" (10 GiB, no CPU offload) fits only there: small moves.
+    s = spec(
+        ollama_node("n", ["12GiB", "6GiB"]),
+        model("big", "10GiB", layers=30, extra="    placement: {cpu_offload: false}\n")
+        + model("small", "5GiB", layers=20),
+    )
+    r = solve(s, current={("small", 0): CurrentAssignment("n", (0,), 21)})
+    # Keeping small on GPU 0 would cut its layers (a restart all the same), so it moves, with all its layers.
+    assert where(r) == {"big": ("n", (0,), 31), "small": ("n", (1,), 21)}
+    assert r.moves == 1
