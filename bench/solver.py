@@ -116,13 +116,16 @@ HEADER = (
 def stability(params: SolveParams) -> str:
     spec = random_spec(50, 10, 5, 7)
     res = place(spec, profiles_for(spec), params=params)
-    current = {(a.model, a.replica): CurrentAssignment(a.node, a.gpus) for a in res.assignments}
+    current = {(a.model, a.replica): CurrentAssignment(a.node, a.gpus, a.gpu_layers) for a in res.assignments}
+    same = place(spec, profiles_for(spec), current=current, params=params)
+    unchanged = {(a.model, a.replica): (a.node, a.gpus, a.gpu_layers) for a in same.assignments}
+    churn = sum(1 for k, c in current.items() if unchanged.get(k) != (c.node, c.gpus, c.gpu_layers))
     target = res.assignments[0].model
     models = [m.model_copy(update={"context": m.context * 2}) if m.name == target else m for m in spec.models]
     changed = spec.model_copy(update={"models": models})
     res2 = place(changed, profiles_for(changed), current=current, params=params)
-    where = {(a.model, a.replica): (a.node, a.gpus) for a in res2.assignments}
-    moved = [k for k, cur in current.items() if k[0] != target and where.get(k) != (cur.node, cur.gpus)]
+    where = {(a.model, a.replica): (a.node, a.gpus, a.gpu_layers) for a in res2.assignments}
+    moved = [k for k, cur in current.items() if k[0] != target and where.get(k) != (cur.node, cur.gpus, cur.gpu_layers)]
     prio = {m.name: m.priority + 1 for m in spec.models}
     before = sum(prio[a.model] for a in res.assignments)
     after = sum(prio[a.model] for a in res2.assignments if a.model != target)
@@ -133,7 +136,9 @@ def stability(params: SolveParams) -> str:
         else "nothing more was placed"
     )
     return (
-        f"stability: changed {target}'s context in a 50-model cluster; {len(moved)} other replicas moved"
+        f"stability: re-placed unchanged, {churn} replicas moved or changed layers\n"
+        f"stability: changed {target}'s context in a 50-model cluster;"
+        f" {len(moved)} other replicas moved or changed layers"
         f" (placed {len(res.assignments)} → {len(res2.assignments)}, priority-weighted {before} → "
         f"{sum(prio[a.model] for a in res2.assignments)}; {why})"
     )
