@@ -95,11 +95,12 @@ def schema(
 
 
 def _register_commands() -> None:
-    from controller import estimate_cmd, place_cmd, reconcile_cmd
+    from controller import estimate_cmd, health_cmd, place_cmd, reconcile_cmd
 
     estimate_cmd.register(app)
     place_cmd.register(app)
     reconcile_cmd.register(app)
+    health_cmd.register(app)
 
 
 _register_commands()

@@ -1,0 +1,374 @@
+"""Health per tier: probe every endpoint of the cluster at once, each with its own timeout.
+
+    Ollama       GET {ollama.url}/api/tags
+    llama.cpp    GET http://NODE:PORT/health        (503 while loading: STARTING, not down)
+    LiteLLM      GET {gateway}/health/liveliness    (never /health: it calls every model and hangs)
+    Docker       GET /_ping on the engine           (unix:// and tcp://; ssh:// through the SDK)
+    SSH          the port answers with an SSH banner
+
+A hung endpoint costs its own timeout and nothing more: all probes run
+concurrently, so a sweep takes about as long as the slowest timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import httpx
+
+from controller.state import ClusterState
+from specs.model import ClusterSpec, Node
+
+GATEWAY_TIER = "gateway"
+
+
+class Status(StrEnum):
+    UP = "up"
+    SLOW = "slow"
+    STARTING = "starting"
+    DOWN = "down"
+
+
+class Verdict(StrEnum):
+    HEALTHY = "HEALTHY"
+    DEGRADED = "DEGRADED"
+    DOWN = "DOWN"
+
+
+EXIT_CODES = {Verdict.HEALTHY: 0, Verdict.DEGRADED: 1, Verdict.DOWN: 2}
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    name: str
+    """`node/kind[/model]`, or `gateway/litellm`."""
+    tier: str
+    kind: str
+    """ollama, llamacpp, litellm, docker or ssh."""
+    target: str
+    """The URL probed (or host:port for ssh, the engine endpoint for docker)."""
+    timeout: float
+    node: str | None = None
+    model: str | None = None
+
+
+@dataclass(frozen=True)
+class Probe:
+    endpoint: Endpoint
+    status: Status
+    code: int | None = None
+    latency: float | None = None
+    """Seconds until the answer (None when there was none)."""
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        e = self.endpoint
+        return {
+            "name": e.name,
+            "tier": e.tier,
+            "kind": e.kind,
+            "node": e.node,
+            "model": e.model,
+            "target": e.target,
+            "timeout": e.timeout,
+            "status": self.status.value,
+            "code": self.code,
+            "latency_ms": round(self.latency * 1000, 1) if self.latency is not None else None,
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True)
+class TierHealth:
+    tier: str
+    verdict: Verdict
+    probes: tuple[Probe, ...]
+
+
+@dataclass(frozen=True)
+class HealthReport:
+    tiers: tuple[TierHealth, ...]
+    verdict: Verdict
+    reason: str
+    elapsed: float
+
+    @property
+    def probes(self) -> tuple[Probe, ...]:
+        return tuple(p for t in self.tiers for p in t.probes)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "verdict": self.verdict.value,
+            "reason": self.reason,
+            "elapsed_ms": round(self.elapsed * 1000, 1),
+            "tiers": {
+                t.tier: {"verdict": t.verdict.value, "endpoints": [p.to_json() for p in t.probes]} for t in self.tiers
+            },
+        }
+
+    def healthy_models(self) -> dict[str, bool]:
+        """Model name → its endpoint answered (up or slow). For routing."""
+        out: dict[str, bool] = {}
+        for p in self.probes:
+            if p.endpoint.model is not None:
+                out[p.endpoint.model] = p.status in (Status.UP, Status.SLOW)
+        return out
+
+
+# --------------------------------------------------------------------------- which endpoints
+
+
+def timeout_for(spec: ClusterSpec, *names: str | None) -> float:
+    """The first per-target timeout of `health.timeouts` among names (model, node, gateway), else the default."""
+    for name in names:
+        if name is not None and name in spec.health.timeouts:
+            return spec.health.timeouts[name]
+    return spec.health.timeout
+
+
+def endpoints(spec: ClusterSpec, desired: ClusterState | None = None) -> list[Endpoint]:
+    """Every endpoint of the cluster: per node its engine, SSH and runtimes; each llama.cpp container; the gateway."""
+    out: list[Endpoint] = []
+    for node in spec.nodes:
+        tier = node.tier.value
+        if node.docker is not None:
+            out.append(
+                Endpoint(
+                    f"{node.name}/docker", tier, "docker", node.docker.endpoint, timeout_for(spec, node.name), node.name
+                )
+            )
+        if node.ssh is not None:
+            out.append(
+                Endpoint(
+                    f"{node.name}/ssh",
+                    tier,
+                    "ssh",
+                    f"{node.address}:{node.ssh.port}",
+                    timeout_for(spec, node.name),
+                    node.name,
+                )
+            )
+        if node.ollama is not None:
+            url = node.ollama.url.rstrip("/") + "/api/tags"
+            out.append(Endpoint(f"{node.name}/ollama", tier, "ollama", url, timeout_for(spec, node.name), node.name))
+        if desired is not None and node.name in desired.nodes:
+            for c in desired.nodes[node.name].containers:
+                out.append(
+                    Endpoint(
+                        f"{node.name}/llamacpp/{c.model}",
+                        tier,
+                        "llamacpp",
+                        c.health_url,
+                        timeout_for(spec, c.model, node.name),
+                        node.name,
+                        c.model,
+                    )
+                )
+    gw = spec.gateway
+    if gw is not None:
+        base = gw.url or _gateway_url(spec, gw.node, gw.port)
+        if base is not None:
+            out.append(
+                Endpoint(
+                    "gateway/litellm",
+                    GATEWAY_TIER,
+                    "litellm",
+                    base.rstrip("/") + "/health/liveliness",
+                    timeout_for(spec, "gateway"),
+                    gw.node,
+                )
+            )
+    return out
+
+
+def _gateway_url(spec: ClusterSpec, node_name: str | None, port: int) -> str | None:
+    node: Node | None = next((n for n in spec.nodes if n.name == node_name), None)
+    if node is None:
+        return None
+    host = f"[{node.address}]" if ":" in node.address else node.address
+    return f"http://{host}:{port}"
+
+
+# --------------------------------------------------------------------------- probing
+
+
+async def _probe_http(client: httpx.AsyncClient, e: Endpoint, slow: float) -> Probe:
+    start = time.perf_counter()
+    try:
+        r = await asyncio.wait_for(client.get(e.target, timeout=e.timeout), e.timeout)
+    except (TimeoutError, httpx.TimeoutException):
+        return Probe(e, Status.DOWN, error=f"no answer within {e.timeout:g}s")
+    except httpx.HTTPError as exc:
+        return Probe(e, Status.DOWN, error=_short(exc))
+    latency = time.perf_counter() - start
+    if e.kind == "llamacpp" and r.status_code == 503:
+        return Probe(e, Status.STARTING, r.status_code, latency, "loading the model")
+    if not 200 <= r.status_code < 300:
+        return Probe(e, Status.DOWN, r.status_code, latency, f"HTTP {r.status_code}")
+    return Probe(e, Status.SLOW if latency > slow else Status.UP, r.status_code, latency)
+
+
+async def _probe_ssh(e: Endpoint, slow: float) -> Probe:
+    host, _, port = e.target.rpartition(":")
+    host = host.strip("[]")
+    start = time.perf_counter()
+    writer: asyncio.StreamWriter | None = None
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), e.timeout)
+        banner = await asyncio.wait_for(reader.readline(), max(0.01, e.timeout - (time.perf_counter() - start)))
+    except TimeoutError:
+        return Probe(e, Status.DOWN, error=f"no answer within {e.timeout:g}s")
+    except OSError as exc:
+        return Probe(e, Status.DOWN, error=exc.strerror or type(exc).__name__)
+    finally:
+        if writer is not None:
+            writer.close()
+    latency = time.perf_counter() - start
+    if not banner.startswith(b"SSH-"):
+        return Probe(e, Status.DOWN, latency=latency, error="not an SSH server")
+    return Probe(e, Status.SLOW if latency > slow else Status.UP, latency=latency)
+
+
+async def _probe_docker(e: Endpoint, slow: float) -> Probe:
+    """GET /_ping; unix:// through the socket, tcp:// over HTTP, ssh:// through the SDK in a thread."""
+    if e.target.startswith("unix://"):
+        transport = httpx.AsyncHTTPTransport(uds=e.target.removeprefix("unix://"))
+        async with httpx.AsyncClient(transport=transport, trust_env=False) as client:
+            return _as_docker(await _probe_http(client, _retarget(e, "http://docker/_ping"), slow), e)
+    if e.target.startswith("tcp://"):
+        async with httpx.AsyncClient(trust_env=False) as client:
+            url = "http://" + e.target.removeprefix("tcp://").rstrip("/") + "/_ping"
+            return _as_docker(await _probe_http(client, _retarget(e, url), slow), e)
+    return await _probe_docker_sdk(e, slow)
+
+
+async def _probe_docker_sdk(e: Endpoint, slow: float) -> Probe:
+    from controller.drivers.base import DriverError
+    from controller.drivers.docker import DockerEngine
+
+    def ping() -> None:
+        node = Node.model_validate(
+            {"name": e.node or "node", "tier": "cpu", "address": "localhost", "ram": 1,
+             "docker": {"endpoint": e.target, "timeout": e.timeout}, "llamacpp": {"image": "x", "ports": "1-1"}}
+        )  # fmt: skip
+        with DockerEngine(node, "health", timeout=e.timeout) as engine:
+            engine.ping()
+
+    start = time.perf_counter()
+    try:
+        await asyncio.wait_for(asyncio.to_thread(ping), e.timeout)
+    except TimeoutError:
+        return Probe(e, Status.DOWN, error=f"no answer within {e.timeout:g}s")
+    except DriverError as exc:
+        return Probe(e, Status.DOWN, error=str(exc).rsplit(": ", 1)[-1])
+    latency = time.perf_counter() - start
+    return Probe(e, Status.SLOW if latency > slow else Status.UP, 200, latency)
+
+
+def _retarget(e: Endpoint, url: str) -> Endpoint:
+    return Endpoint(e.name, e.tier, e.kind, url, e.timeout, e.node, e.model)
+
+
+def _as_docker(p: Probe, e: Endpoint) -> Probe:
+    return Probe(e, p.status, p.code, p.latency, p.error)
+
+
+def _short(exc: BaseException) -> str:
+    cause: BaseException | None = exc
+    while cause is not None:  # httpx wraps the socket error that says what happened
+        if isinstance(cause, OSError) and (cause.strerror or cause.errno):
+            return os.strerror(cause.errno) if cause.errno else str(cause.strerror)
+        cause = cause.__cause__ or cause.__context__
+    text = str(exc) or type(exc).__name__
+    lowered = text.lower()
+    if "refused" in lowered:
+        return "connection refused"
+    if "no such file" in lowered:
+        return "no such socket"
+    return text.splitlines()[0][:120]
+
+
+async def probe_all(eps: Sequence[Endpoint], slow_threshold: float) -> list[Probe]:
+    """Probe every endpoint concurrently; each costs at most its own timeout."""
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
+    async with httpx.AsyncClient(limits=limits, trust_env=False, follow_redirects=False) as client:
+
+        async def one(e: Endpoint) -> Probe:
+            if e.kind == "ssh":
+                return await _probe_ssh(e, slow_threshold)
+            if e.kind == "docker":
+                return await _probe_docker(e, slow_threshold)
+            return await _probe_http(client, e, slow_threshold)
+
+        return list(await asyncio.gather(*(one(e) for e in eps)))
+
+
+# --------------------------------------------------------------------------- verdicts
+
+
+def tier_verdict(probes: Iterable[Probe]) -> Verdict:
+    """HEALTHY: everything answers in time. DOWN: nothing answers. DEGRADED: anything in between
+    (some down, some slower than the threshold, or a llama.cpp server still loading its model)."""
+    statuses = [p.status for p in probes]
+    if not statuses or all(s is Status.UP for s in statuses):
+        return Verdict.HEALTHY
+    if all(s is Status.DOWN for s in statuses):
+        return Verdict.DOWN
+    return Verdict.DEGRADED
+
+
+TIER_ORDER = ("local", "remote", "cpu", GATEWAY_TIER)
+
+
+def classify(probes: Sequence[Probe], elapsed: float = 0.0) -> HealthReport:
+    by_tier: dict[str, list[Probe]] = {}
+    for p in probes:
+        by_tier.setdefault(p.endpoint.tier, []).append(p)
+    tiers = tuple(
+        TierHealth(t, tier_verdict(by_tier[t]), tuple(by_tier[t]))
+        for t in sorted(by_tier, key=lambda t: (TIER_ORDER.index(t) if t in TIER_ORDER else 99, t))
+    )
+    verdict, reason = prognosis(tiers)
+    return HealthReport(tiers, verdict, reason, elapsed)
+
+
+def prognosis(tiers: Sequence[TierHealth]) -> tuple[Verdict, str]:
+    """The cluster's verdict and a one-line reason."""
+    if not tiers:
+        return Verdict.HEALTHY, "no endpoints to check"
+    down = [t for t in tiers if t.verdict is Verdict.DOWN]
+    degraded = [t for t in tiers if t.verdict is Verdict.DEGRADED]
+    serving = [t for t in tiers if t.tier != GATEWAY_TIER and t.verdict is not Verdict.DOWN]
+    if not down and not degraded:
+        return Verdict.HEALTHY, f"all {len(tiers)} tiers healthy"
+    worst = [*down, *degraded]
+    details = "; ".join(f"{t.tier} {t.verdict.value} ({_first_problem(t)})" for t in worst)
+    if len(down) == len(tiers) or not serving:
+        return Verdict.DOWN, f"nothing can serve: {details}"
+    gateway_down = any(t.tier == GATEWAY_TIER for t in down)
+    tail = "; apps using the gateway are cut off" if gateway_down else "; requests fall back to the other tiers"
+    return Verdict.DEGRADED, details + tail
+
+
+def _first_problem(t: TierHealth) -> str:
+    bad = [p for p in t.probes if p.status is not Status.UP]
+    if not bad:
+        return "ok"
+    p = bad[0]
+    what = p.error or p.status.value
+    more = f", +{len(bad) - 1} more" if len(bad) > 1 else ""
+    return f"{p.endpoint.name}: {what}{more}"
+
+
+def check(spec: ClusterSpec, desired: ClusterState | None = None) -> HealthReport:
+    """One sweep over every endpoint of the cluster."""
+    eps = endpoints(spec, desired)
+    start = time.perf_counter()
+    probes = asyncio.run(probe_all(eps, spec.health.slow_threshold))
+    return classify(probes, time.perf_counter() - start)

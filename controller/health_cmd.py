@@ -1,0 +1,85 @@
+"""`homelab health`: a table per tier, the verdicts and the prognosis; exit 0/1/2 for cron and scripts."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from controller.cliutil import SpecFileOption, fail, load_or_exit, out, spec_path
+from controller.health import EXIT_CODES, HealthReport, Status, check
+from controller.state import ClusterState
+from specs.model import ClusterSpec
+
+STATUS_STYLE = {Status.UP: "green", Status.SLOW: "yellow", Status.STARTING: "yellow", Status.DOWN: "red"}
+
+
+def desired_state(spec: ClusterSpec) -> ClusterState:
+    """Where the llama.cpp servers should be (placement + render), to know their ports."""
+    from controller.desired import render
+    from solver.gguf import read_header
+    from solver.place import SolveParams, place
+    from solver.profiles import profiles_for
+
+    placement = place(spec, profiles_for(spec, read_header=read_header), params=SolveParams(time_limit=5.0))
+    return render(spec, placement)
+
+
+def render_report(report: HealthReport) -> None:
+    for tier in report.tiers:
+        table = Table(title=f"{tier.tier}: {tier.verdict.value}", title_justify="left")
+        table.add_column("endpoint", no_wrap=True)
+        table.add_column("status", no_wrap=True)
+        table.add_column("code", justify="right")
+        table.add_column("latency", justify="right", no_wrap=True)
+        table.add_column("error", overflow="fold")
+        for p in tier.probes:
+            latency = f"{p.latency * 1000:.0f} ms" if p.latency is not None else ""
+            table.add_row(
+                p.endpoint.name,
+                f"[{STATUS_STYLE[p.status]}]{p.status.value}[/]",
+                str(p.code) if p.code is not None else "",
+                latency,
+                p.error or "",
+            )
+        out.print(table)
+    out.print(f"prognosis: {report.verdict.value} — {report.reason}", markup=False)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def health(
+        file: SpecFileOption = None,
+        as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+        watch: Annotated[
+            float | None, typer.Option("--watch", help="Check again every SECONDS until interrupted.", min=0.5)
+        ] = None,
+    ) -> None:
+        """Probe every endpoint; exit 0 HEALTHY, 1 DEGRADED, 2 DOWN."""
+        path: Path = spec_path(file)
+        spec = load_or_exit(path).spec
+        try:
+            desired = desired_state(spec)
+        except ValueError as exc:
+            fail(str(exc))
+        report = _once(spec, desired, as_json)
+        while watch is not None:
+            try:
+                time.sleep(watch)
+            except KeyboardInterrupt:
+                break
+            report = _once(spec, desired, as_json)
+        raise typer.Exit(EXIT_CODES[report.verdict])
+
+
+def _once(spec: ClusterSpec, desired: ClusterState, as_json: bool) -> HealthReport:
+    report = check(spec, desired)
+    if as_json:
+        out.print(json.dumps(report.to_json(), indent=2), markup=False)
+    else:
+        render_report(report)
+    return report
