@@ -23,7 +23,7 @@ from typing import Any, TextIO
 
 import httpx
 
-from controller.drivers.base import DockerNode, DriverError, ProgressFn
+from controller.drivers.base import DockerNode, DriverError, Gateway, OllamaNode, ProgressFn
 from controller.plan import Plan, Step, StepKind
 from controller.state import LABEL_CLUSTER, LABEL_NODE
 
@@ -143,8 +143,14 @@ class Executor:
         health_check: HealthCheck = wait_healthy,
         on_event: Callable[[dict[str, Any]], None] | None = None,
         on_progress: Callable[[str, str, int, int], None] | None = None,
+        ollama: Mapping[str, OllamaNode] | None = None,
+        gateway: Gateway | None = None,
+        gateway_timeout: float = 120.0,
     ) -> None:
         self.cluster = cluster
+        self.ollama = dict(ollama or {})
+        self.gateway = gateway
+        self.gateway_timeout = gateway_timeout
         self.drivers = drivers
         self.state_dir = state_dir
         self.health_timeout = dict(health_timeout or {})
@@ -164,6 +170,10 @@ class Executor:
                     futures = {n: pool.submit(self._run_node, n, steps, log) for n, steps in by_node.items()}
                     for n, fut in futures.items():
                         outcomes[n] = fut.result()
+                # The gateway last: routes are added only once every backend is up.
+                final = plan.gateway_steps()
+                if final:
+                    outcomes["gateway"] = self._run_node("gateway", final, log)
                 result = ApplyResult(outcomes)
                 self._emit(log, "apply-finished", ok=result.ok)
                 return result
@@ -195,7 +205,43 @@ class Executor:
             self._emit(log, "step-done", node=node, step=step.kind.value, name=step.name)
         return outcome
 
+    def _progress(self, node: str, label: str) -> ProgressFn | None:
+        if self.on_progress is None:
+            return None
+        report = self.on_progress
+        return lambda done, total: report(node, label, done, total)
+
+    def _run_ollama_step(self, step: Step) -> None:
+        driver = self.ollama[step.node]
+        if step.kind is StepKind.OLLAMA_DELETE:
+            driver.delete(step.name)
+        elif step.kind is StepKind.OLLAMA_PULL:
+            driver.pull(step.name, progress=self._progress(step.node, f"pulling {step.name}"))
+        elif step.kind is StepKind.OLLAMA_CREATE:
+            assert step.ollama_model is not None
+            driver.create(step.ollama_model)
+        else:
+            assert step.kind is StepKind.OLLAMA_PRELOAD and step.ollama_model is not None
+            driver.preload(step.name, step.ollama_model.keep_alive)
+
+    def _run_gateway_step(self, step: Step) -> None:
+        if self.gateway is None:
+            raise StepFailed("no gateway driver")
+        assert step.gateway is not None
+        if step.kind is StepKind.GATEWAY_WRITE:
+            self.gateway.write_config(step.gateway)
+        elif step.kind is StepKind.GATEWAY_RESTART:
+            self.gateway.restart(step.gateway)
+        else:
+            self.gateway.wait_live(step.gateway, self.gateway_timeout)
+
     def _run_step(self, step: Step) -> None:
+        if step.kind.value.startswith("ollama-"):
+            self._run_ollama_step(step)
+            return
+        if step.kind.value.startswith("gateway-"):
+            self._run_gateway_step(step)
+            return
         driver = self.drivers[step.node]
         if step.kind is StepKind.REMOVE_CONTAINER:
             driver.remove_container(step.name)

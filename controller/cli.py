@@ -95,12 +95,15 @@ def schema(
 
 
 def _register_commands() -> None:
-    from controller import estimate_cmd, health_cmd, place_cmd, reconcile_cmd
+    from controller import discover_cmd, estimate_cmd, gateway_cmd, health_cmd, place_cmd, reconcile_cmd, route_cmd
 
     estimate_cmd.register(app)
     place_cmd.register(app)
     reconcile_cmd.register(app)
+    gateway_cmd.register(app)
+    discover_cmd.register(app)
     health_cmd.register(app)
+    route_cmd.register(app)
 
 
 _register_commands()

@@ -1,7 +1,9 @@
-"""Spec + placement → desired state: volumes, model files and llama.cpp containers per node.
+"""Spec + placement → desired state: volumes, model files and llama.cpp containers per node,
+the Ollama models of each Ollama node, and the gateway config.
 
-Pure: no I/O. Ollama models and the gateway are not rendered here yet (their
-drivers come later); every llama.cpp replica the placement put on a node is.
+Pure: no I/O. Every replica the placement put on a node is rendered: a llama.cpp
+container, or a derived Ollama model `homelab/<model>` made from the pulled base
+tag with the placement's GPU layers (`num_gpu`) and the model's context (`num_ctx`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json
 import re
 from collections.abc import Mapping
 
+from controller.gateway import render_gateway
 from controller.state import (
     LABEL_CLUSTER,
     LABEL_CONFIG,
@@ -18,13 +21,17 @@ from controller.state import (
     LABEL_NODE,
     LABEL_REPLICA,
     MODELS_MOUNT,
+    OLLAMA_PREFIX,
     ClusterState,
     ContainerConfig,
     ContainerState,
     FileState,
     NodeState,
+    OllamaModelState,
+    OllamaNodeState,
     VolumeState,
     health_url,
+    ollama_tag,
 )
 from solver.problem import Assignment, PlacementResult
 from specs.enums import GpuAccess, Runtime
@@ -183,15 +190,50 @@ def render(
                 labels=labels,
             )
         )
-    return ClusterState(
-        cluster=spec.cluster.name,
-        nodes={
-            n.name: NodeState(
-                node=n.name,
-                volumes=tuple(volumes[n.name]),
-                files=tuple(files[n.name].values()),
-                containers=tuple(containers[n.name]),
+    nodes = {
+        n.name: NodeState(
+            node=n.name,
+            volumes=tuple(volumes[n.name]),
+            files=tuple(files[n.name].values()),
+            containers=tuple(containers[n.name]),
+            ollama=render_ollama(spec, n, placement),
+        )
+        for n in spec.nodes
+    }
+    return ClusterState(cluster=spec.cluster.name, nodes=nodes, gateway=render_gateway(spec, nodes))
+
+
+def derived_name(model: str) -> str:
+    """The derived Ollama model homelab creates for a spec model: `homelab/<model>:latest`."""
+    return ollama_tag(OLLAMA_PREFIX + model)
+
+
+def render_ollama(spec: ClusterSpec, node: Node, placement: PlacementResult) -> OllamaNodeState | None:
+    """A node's Ollama: base tags pulled, one derived model per placed replica with its num_gpu and num_ctx."""
+    rt = node.ollama
+    if rt is None:
+        return None
+    models: list[OllamaModelState] = []
+    for a in sorted(placement.assignments, key=lambda a: a.model):
+        model = spec.model(a.model)
+        if a.node != node.name or model.runtime is not Runtime.OLLAMA:
+            continue
+        assert model.source.ollama is not None
+        models.append(
+            OllamaModelState(
+                node=node.name,
+                name=derived_name(model.name),
+                model=model.name,
+                base=ollama_tag(model.source.ollama),
+                num_gpu=a.gpu_layers,
+                num_ctx=model.context,
+                preload=model.preload,
+                keep_alive=rt.keep_alive if model.preload else None,
             )
-            for n in spec.nodes
-        },
+        )
+    return OllamaNodeState(
+        url=rt.url,
+        tags=tuple(sorted({m.base for m in models})),
+        models=tuple(models),
+        prune=rt.prune,
     )

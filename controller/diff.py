@@ -13,7 +13,18 @@ from typing import Any
 
 from deepdiff import DeepDiff
 
-from controller.state import ClusterState, ContainerConfig, ContainerState, FileState, NodeState, VolumeState
+from controller.gateway import config_diff
+from controller.state import (
+    ClusterState,
+    ContainerConfig,
+    ContainerState,
+    FileState,
+    GatewayState,
+    NodeState,
+    OllamaModelState,
+    OllamaNodeState,
+    VolumeState,
+)
 
 
 class Action(StrEnum):
@@ -26,19 +37,24 @@ class Action(StrEnum):
 
 GLYPH = {Action.CREATE: "+", Action.UPDATE: "~", Action.REPLACE: "-/+", Action.DELETE: "-"}
 
-Resource = ContainerState | FileState | VolumeState
+Resource = ContainerState | FileState | VolumeState | OllamaModelState | GatewayState
+
+GATEWAY_NODE = ""
+"""The `node` of gateway changes and steps: they belong to no node and run after all of them."""
 
 
 @dataclass(frozen=True)
 class Change:
     action: Action
     kind: str
-    """volume, file or container."""
+    """volume, file, container, ollama-tag (a pulled base tag), ollama-model (a derived model) or gateway."""
     node: str
     name: str
     reason: str
     before: Resource | None = None
     after: Resource | None = None
+    detail: str = ""
+    """More than a line of explanation: the unified diff of the gateway config."""
 
 
 @dataclass(frozen=True)
@@ -101,8 +117,17 @@ def diff(desired: ClusterState, observed: ClusterState) -> DiffResult:
             if want.containers or want.volumes or want.files:
                 unreachable[name] = have.error or "unreachable"
                 deferred.extend(_node_changes(want, NodeState(node=name)))
-            continue
-        changes.extend(_node_changes(want, have))
+        else:
+            changes.extend(_node_changes(want, have))
+        if want.ollama is not None:
+            got = have.ollama  # observed over HTTP whether or not the node's Docker engine answered
+            if got is None or not got.reachable:
+                if want.ollama.models:
+                    why = (got.error if got is not None else None) or have.error or "not observed"
+                    unreachable[name] = f"{unreachable[name]}; {why}" if name in unreachable else why
+                    deferred.extend(_ollama_changes(name, want.ollama, OllamaNodeState(url=want.ollama.url)))
+            else:
+                changes.extend(_ollama_changes(name, want.ollama, got))
     for name, have in observed.nodes.items():
         if name in desired.nodes or not have.reachable:
             continue
@@ -110,7 +135,71 @@ def diff(desired: ClusterState, observed: ClusterState) -> DiffResult:
         changes.extend(
             Change(Action.DELETE, "container", name, c.name, "node not in spec", before=c) for c in have.containers
         )
+    gateway = _gateway_changes(desired.gateway, observed.gateway)
+    gw_node = desired.gateway.node if desired.gateway is not None else None
+    if gw_node is not None and (
+        gw_node in unreachable or not observed.nodes.get(gw_node, NodeState(gw_node)).reachable
+    ):
+        deferred.extend(gateway)  # its container runs on a node that did not answer
+    else:
+        changes.extend(gateway)
     return DiffResult(tuple(changes), unreachable, tuple(deferred))
+
+
+def _ollama_changes(node: str, want: OllamaNodeState, have: OllamaNodeState) -> list[Change]:
+    """Pull missing base tags, create or re-create derived models, preload; delete only what is ours or pruned."""
+    out: list[Change] = []
+    have_models = {m.name: m for m in have.models}
+    want_models = {m.name: m for m in want.models}
+    for m in have.models:
+        if m.name not in want_models:
+            out.append(Change(Action.DELETE, "ollama-model", node, m.name, "not in spec", before=m))
+    if want.prune:
+        for tag in have.tags:
+            if tag not in want.tags:
+                out.append(Change(Action.DELETE, "ollama-tag", node, tag, "not in spec (ollama.prune: true)"))
+    for tag in want.tags:
+        if tag not in have.tags:
+            out.append(Change(Action.CREATE, "ollama-tag", node, tag, "not pulled on this node"))
+    for m in want.models:
+        got = have_models.get(m.name)
+        params = f"num_gpu {m.num_gpu}, num_ctx {m.num_ctx}"
+        if got is None:
+            out.append(Change(Action.CREATE, "ollama-model", node, m.name, f"from {m.base}: {params}", after=m))
+            continue
+        changed = [
+            f"{what} {old} → {new}"
+            for what, old, new in (
+                ("base", got.base, m.base),
+                ("num_gpu", got.num_gpu, m.num_gpu),
+                ("num_ctx", got.num_ctx, m.num_ctx),
+            )
+            if old != new
+        ]
+        if changed:
+            reason = "parameters changed: " + ", ".join(changed)
+            out.append(Change(Action.REPLACE, "ollama-model", node, m.name, reason, before=got, after=m))
+        elif m.preload and not got.preload:
+            keep = "until Ollama stops" if m.keep_alive is None else f"keep-alive {m.keep_alive:g}s"
+            out.append(Change(Action.UPDATE, "ollama-model", node, m.name, f"not loaded: preload ({keep})", got, m))
+    return out
+
+
+def _gateway_changes(want: GatewayState | None, have: GatewayState | None) -> list[Change]:
+    if want is None:
+        return []
+    if have is None or have.text != want.text:
+        exists = have is not None and have.text is not None
+        detail = config_diff(have.text if have is not None else None, want.text, want.path)
+        action = Action.UPDATE if exists else Action.CREATE
+        reason = "config changed" if exists else "config file does not exist"
+        if want.mode != "external":
+            reason += ": write it, restart the proxy"
+        return [Change(action, "gateway", GATEWAY_NODE, want.path, reason, before=have, after=want, detail=detail)]
+    if not have.running:
+        reason = "the proxy does not answer /health/liveliness: restart it"
+        return [Change(Action.UPDATE, "gateway", GATEWAY_NODE, want.path, reason, before=have, after=want)]
+    return []
 
 
 def _node_changes(want: NodeState, have: NodeState) -> list[Change]:

@@ -8,16 +8,94 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
-from controller.drivers.base import DockerNode, DriverError
-from controller.state import ClusterState, FileState, NodeState
+from controller.drivers.base import DockerNode, DriverError, Gateway, OllamaNode
+from controller.state import (
+    OLLAMA_PREFIX,
+    ClusterState,
+    FileState,
+    GatewayState,
+    NodeState,
+    OllamaNodeState,
+    ollama_tag,
+)
+from solver.profiles import OllamaInfo
+from specs.enums import Runtime
 from specs.model import ClusterSpec, Node
 
 Connect = Callable[[Node], DockerNode]
 """Opens a node's Docker driver (the real one, or a fake in tests)."""
 
 
-def observe_node(node: Node, cluster: str, connect: Connect) -> NodeState:
+OllamaConnect = Callable[[Node], OllamaNode]
+"""Opens a node's Ollama driver (the HTTP one, or a fake in tests)."""
+
+
+def observe_ollama(node: Node, connect: OllamaConnect) -> OllamaNodeState | None:
+    """Tags on the server (prune candidates), and homelab's derived models with their parameters."""
+    if node.ollama is None:
+        return None
+    url = node.ollama.url
+    try:
+        driver = connect(node)
+        names = driver.list_models()
+        loaded = set(driver.loaded())
+        models = [
+            replace(driver.derived(name), preload=name in loaded) for name in names if name.startswith(OLLAMA_PREFIX)
+        ]
+    except DriverError as exc:
+        return OllamaNodeState(url=url, reachable=False, error=str(exc))
+    return OllamaNodeState(
+        url=url,
+        tags=tuple(sorted(n for n in names if not n.startswith(OLLAMA_PREFIX))),
+        models=tuple(sorted(models, key=lambda m: m.name)),
+    )
+
+
+def ollama_model_info(spec: ClusterSpec, observed: ClusterState, connect: OllamaConnect) -> dict[str, OllamaInfo]:
+    """For each Ollama model without a declared `memory:`: what /api/show says of its tag, from a node that has it."""
+    out: dict[str, OllamaInfo] = {}
+    for model in spec.models:
+        if model.runtime is not Runtime.OLLAMA or model.memory is not None or model.source.ollama is None:
+            continue
+        tag = ollama_tag(model.source.ollama)
+        for node in spec.nodes:
+            state = observed.nodes.get(node.name)
+            have = state.ollama if state is not None else None
+            if node.ollama is None or have is None or not have.reachable or tag not in have.tags:
+                continue
+            try:
+                data = connect(node).model_info(tag)
+            except DriverError:
+                continue
+            info, details = data.get("model_info"), data.get("details")
+            quant = details.get("quantization_level") if isinstance(details, dict) else None
+            out[model.name] = (info if isinstance(info, dict) else {}, quant if isinstance(quant, str) else None)
+            break
+    return out
+
+
+def observe_gateway(desired: GatewayState | None, driver: Gateway | None) -> GatewayState | None:
+    """The config file as it is, and (for a proxy homelab runs) whether it answers /health/liveliness."""
+    if desired is None or driver is None:
+        return None
+    try:
+        text = driver.read_config()
+    except OSError as exc:
+        raise DriverError(f"gateway config {desired.path}: cannot read: {exc.strerror}") from None
+    alive = driver.alive() if desired.mode != "external" else True
+    return replace(desired, text=text, running=alive)
+
+
+def observe_node(node: Node, cluster: str, connect: Connect, ollama: OllamaConnect | None = None) -> NodeState:
+    state = _observe_docker(node, cluster, connect)
+    if node.ollama is not None and ollama is not None:
+        state = replace(state, ollama=observe_ollama(node, ollama))
+    return state
+
+
+def _observe_docker(node: Node, cluster: str, connect: Connect) -> NodeState:
     if node.docker is None:
         return NodeState(node=node.name)
     try:
@@ -39,9 +117,9 @@ def observe_node(node: Node, cluster: str, connect: Connect) -> NodeState:
     )
 
 
-def observe(spec: ClusterSpec, connect: Connect) -> ClusterState:
-    """Every node of the spec, observed in parallel."""
+def observe(spec: ClusterSpec, connect: Connect, ollama: OllamaConnect | None = None) -> ClusterState:
+    """Every node of the spec, observed in parallel (Ollama servers too, when `ollama` is given)."""
     nodes = spec.nodes
     with ThreadPoolExecutor(max_workers=max(1, min(32, len(nodes)))) as pool:
-        states = list(pool.map(lambda n: observe_node(n, spec.cluster.name, connect), nodes))
+        states = list(pool.map(lambda n: observe_node(n, spec.cluster.name, connect, ollama), nodes))
     return ClusterState(cluster=spec.cluster.name, nodes={s.node: s for s in states})

@@ -6,7 +6,13 @@ Ordering rules (DESIGN.md, "Rules that keep it safe"), per node:
 2. volumes, then model files (copied and verified) before any container uses them;
 3. containers start one at a time, each followed by a wait for its /health,
    GPU containers first, in GPU order (parallel starts deadlock CUDA initialisation).
+Ollama on a node: homelab's stale derived models (and, with `prune: true`, tags
+no model needs) go with the removals; base tags are pulled and derived models
+created after the model files; preloads (which load onto the GPU) come last, one
+at a time, after the containers are healthy.
 Nodes are independent: the executor runs their step lists in parallel.
+The gateway comes last, after every node's steps: write the config, restart the
+proxy (when homelab runs it), wait for /health/liveliness.
 """
 
 from __future__ import annotations
@@ -17,8 +23,20 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from controller.diff import GLYPH, Action, Change, DiffResult
-from controller.state import ContainerState, FileState, VolumeState, container_from_json, container_to_json
+from controller.diff import GATEWAY_NODE, GLYPH, Action, Change, DiffResult
+from controller.state import (
+    ContainerState,
+    FileState,
+    GatewayState,
+    OllamaModelState,
+    VolumeState,
+    container_from_json,
+    container_to_json,
+    gateway_from_json,
+    gateway_to_json,
+    ollama_model_from_json,
+    ollama_model_to_json,
+)
 
 PLAN_FORMAT = 1
 
@@ -30,6 +48,17 @@ class StepKind(StrEnum):
     RUN_CONTAINER = "run-container"
     START_CONTAINER = "start-container"
     WAIT_HEALTHY = "wait-healthy"
+    OLLAMA_DELETE = "ollama-delete"
+    OLLAMA_PULL = "ollama-pull"
+    OLLAMA_CREATE = "ollama-create"
+    OLLAMA_PRELOAD = "ollama-preload"
+    GATEWAY_WRITE = "gateway-write"
+    GATEWAY_RESTART = "gateway-restart"
+    GATEWAY_WAIT = "gateway-wait"
+
+
+GATEWAY_STEPS = frozenset({StepKind.GATEWAY_WRITE, StepKind.GATEWAY_RESTART, StepKind.GATEWAY_WAIT})
+"""Steps of the final phase: they run after every node's steps have succeeded."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +69,8 @@ class Step:
     container: ContainerState | None = None
     file: FileState | None = None
     volume: VolumeState | None = None
+    ollama_model: OllamaModelState | None = None
+    gateway: GatewayState | None = None
 
     def describe(self) -> str:
         return f"{self.kind.value} {self.name}"
@@ -53,6 +84,10 @@ class Step:
             out["file"] = {"volume": f.volume, "name": f.name, "size": f.size, "sha256": f.sha256, "source": f.source}
         if self.volume is not None:
             out["volume"] = {"name": self.volume.name}
+        if self.ollama_model is not None:
+            out["ollama_model"] = ollama_model_to_json(self.ollama_model)
+        if self.gateway is not None:
+            out["gateway"] = gateway_to_json(self.gateway)
         return out
 
     @classmethod
@@ -61,6 +96,8 @@ class Step:
         f = data.get("file")
         v = data.get("volume")
         c = data.get("container")
+        om = data.get("ollama_model")
+        gw = data.get("gateway")
         return cls(
             node=node,
             kind=StepKind(data["kind"]),
@@ -70,6 +107,8 @@ class Step:
             if f is not None
             else None,
             volume=VolumeState(node, v["name"]) if v is not None else None,
+            ollama_model=ollama_model_from_json(om) if om is not None else None,
+            gateway=gateway_from_json(gw) if gw is not None else None,
         )
 
 
@@ -82,15 +121,23 @@ class PlannedChange:
     node: str
     name: str
     reason: str
+    detail: str = ""
 
     def to_json(self) -> dict[str, str]:
-        return {
+        out = {
             "action": self.action.value,
             "kind": self.kind,
             "node": self.node,
             "name": self.name,
             "reason": self.reason,
         }
+        if self.detail:
+            out["detail"] = self.detail
+        return out
+
+    @classmethod
+    def from_json(cls, c: Mapping[str, Any]) -> PlannedChange:
+        return cls(Action(c["action"]), c["kind"], c["node"], c["name"], c["reason"], c.get("detail", ""))
 
 
 @dataclass(frozen=True)
@@ -121,10 +168,15 @@ class Plan:
         return add, change, destroy
 
     def steps_by_node(self) -> dict[str, list[Step]]:
+        """Each node's steps, in order; the gateway's (the final phase) are not among them."""
         out: dict[str, list[Step]] = {}
         for s in self.steps:
-            out.setdefault(s.node, []).append(s)
+            if s.kind not in GATEWAY_STEPS:
+                out.setdefault(s.node, []).append(s)
         return out
+
+    def gateway_steps(self) -> list[Step]:
+        return [s for s in self.steps if s.kind in GATEWAY_STEPS]
 
     def to_json(self) -> dict[str, Any]:
         add, change, destroy = self.counts()
@@ -146,23 +198,17 @@ class Plan:
         return cls(
             cluster=data["cluster"],
             observed_fingerprint=data["observed_fingerprint"],
-            changes=tuple(
-                PlannedChange(Action(c["action"]), c["kind"], c["node"], c["name"], c["reason"])
-                for c in data["changes"]
-            ),
+            changes=tuple(PlannedChange.from_json(c) for c in data["changes"]),
             steps=tuple(Step.from_json(s) for s in data["steps"]),
             unreachable=dict(data.get("unreachable", {})),
-            deferred=tuple(
-                PlannedChange(Action(c["action"]), c["kind"], c["node"], c["name"], c["reason"])
-                for c in data.get("deferred", [])
-            ),
+            deferred=tuple(PlannedChange.from_json(c) for c in data.get("deferred", [])),
         )
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n"
 
 
-_KIND_ORDER = {"volume": 0, "file": 1, "container": 2}
+_KIND_ORDER = {"volume": 0, "file": 1, "container": 2, "ollama-tag": 3, "ollama-model": 4, "gateway": 5}
 
 
 def make_plan(cluster: str, result: DiffResult, observed_fingerprint: str) -> Plan:
@@ -171,8 +217,9 @@ def make_plan(cluster: str, result: DiffResult, observed_fingerprint: str) -> Pl
     by_node: dict[str, list[Change]] = {}
     for ch in result.changes:
         by_node.setdefault(ch.node, []).append(ch)
-    for node in sorted(by_node):
+    for node in sorted(n for n in by_node if n != GATEWAY_NODE):
         steps.extend(_node_steps(node, by_node[node]))
+    steps.extend(_gateway_steps(by_node.get(GATEWAY_NODE, [])))
     return Plan(
         cluster,
         observed_fingerprint,
@@ -185,8 +232,8 @@ def make_plan(cluster: str, result: DiffResult, observed_fingerprint: str) -> Pl
 
 def _planned(changes: tuple[Change, ...]) -> tuple[PlannedChange, ...]:
     return tuple(
-        PlannedChange(c.action, c.kind, c.node, c.name, c.reason)
-        for c in sorted(changes, key=lambda c: (c.node, _KIND_ORDER[c.kind], c.name))
+        PlannedChange(c.action, c.kind, c.node, c.name, c.reason, c.detail)
+        for c in sorted(changes, key=lambda c: (c.node == GATEWAY_NODE, c.node, _KIND_ORDER[c.kind], c.name))
     )
 
 
@@ -202,6 +249,11 @@ def _node_steps(node: str, changes: list[Change]) -> list[Step]:
         if ch.kind == "container" and ch.action in (Action.DELETE, Action.REPLACE):
             before = ch.before if isinstance(ch.before, ContainerState) else None
             steps.append(Step(node, StepKind.REMOVE_CONTAINER, ch.name, container=before))
+    # Homelab's stale derived models, then (prune: true only) tags nothing needs.
+    for kind in ("ollama-model", "ollama-tag"):
+        for ch in sorted(changes, key=lambda c: c.name):
+            if ch.kind == kind and ch.action is Action.DELETE:
+                steps.append(Step(node, StepKind.OLLAMA_DELETE, ch.name))
     # 2. Volumes, then files (copied and verified) before the containers that read them.
     for ch in sorted(changes, key=lambda c: c.name):
         if ch.kind == "volume" and isinstance(ch.after, VolumeState):
@@ -209,6 +261,17 @@ def _node_steps(node: str, changes: list[Change]) -> list[Step]:
     for ch in sorted(changes, key=lambda c: c.name):
         if ch.kind == "file" and isinstance(ch.after, FileState):
             steps.append(Step(node, StepKind.COPY_FILE, ch.name, file=ch.after))
+    # Ollama: pull base tags (a failed pull stops the plan before any model is made from it), then create.
+    for ch in sorted(changes, key=lambda c: c.name):
+        if ch.kind == "ollama-tag" and ch.action is Action.CREATE:
+            steps.append(Step(node, StepKind.OLLAMA_PULL, ch.name))
+    preloads: list[Step] = []
+    for ch in sorted(changes, key=lambda c: c.name):
+        if ch.kind == "ollama-model" and isinstance(ch.after, OllamaModelState):
+            if ch.action in (Action.CREATE, Action.REPLACE):
+                steps.append(Step(node, StepKind.OLLAMA_CREATE, ch.name, ollama_model=ch.after))
+            if ch.after.preload:
+                preloads.append(Step(node, StepKind.OLLAMA_PRELOAD, ch.name, ollama_model=ch.after))
     # 3. Containers one at a time, each health-gated; GPU ones first, in GPU order.
     starts = [
         ch
@@ -220,6 +283,21 @@ def _node_steps(node: str, changes: list[Change]) -> list[Step]:
         kind = StepKind.START_CONTAINER if ch.action is Action.UPDATE else StepKind.RUN_CONTAINER
         steps.append(Step(node, kind, ch.name, container=ch.after))
         steps.append(Step(node, StepKind.WAIT_HEALTHY, ch.name, container=ch.after))
+    # 4. Ollama preloads load onto the GPU: one at a time, after the containers are healthy.
+    return steps + preloads
+
+
+def _gateway_steps(changes: list[Change]) -> list[Step]:
+    steps: list[Step] = []
+    for ch in changes:
+        if not isinstance(ch.after, GatewayState):
+            continue
+        gw = ch.after
+        if ch.before is None or not isinstance(ch.before, GatewayState) or ch.before.text != gw.text:
+            steps.append(Step(GATEWAY_NODE, StepKind.GATEWAY_WRITE, ch.name, gateway=gw))
+        if gw.mode != "external":
+            steps.append(Step(GATEWAY_NODE, StepKind.GATEWAY_RESTART, ch.name, gateway=gw))
+        steps.append(Step(GATEWAY_NODE, StepKind.GATEWAY_WAIT, ch.name, gateway=gw))
     return steps
 
 
@@ -236,8 +314,9 @@ def render_text(plan: Plan) -> str:
     for c in plan.changes:
         if c.node != current:
             current = c.node
-            lines.append(f"node {c.node}:")
+            lines.append(f"node {c.node}:" if c.node != GATEWAY_NODE else "gateway:")
         lines.append(f"  {GLYPH[c.action]:>3} {c.kind} {c.name}  ({c.reason})")
+        lines.extend(f"        {line}" for line in c.detail.splitlines())
     if not plan.changes and not plan.unreachable:
         lines.append("No changes. The cluster matches the spec.")
     elif not plan.changes:

@@ -19,8 +19,10 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColum
 
 from controller.apply import Executor, HealthCheck, LockHeld, wait_healthy
 from controller.cliutil import SpecFileOption, err, fail, load_or_exit, out, spec_path
-from controller.drivers.base import DockerNode
-from controller.engine import CachingConnect, Prepared, prepare
+from controller.drivers.base import DockerNode, DriverError, OllamaNode
+from controller.drivers.gpu import GpuProbe, discover_gpus
+from controller.engine import CachingConnect, CachingOllama, GatewayFactory, Prepared, local_gateway, prepare
+from controller.gpuuse import ModelVram
 from controller.plan import Plan, render_text
 from specs.files import atomic_write
 from specs.model import ClusterSpec, Node
@@ -38,9 +40,15 @@ def docker_connect(spec: ClusterSpec) -> Callable[[Node], DockerNode]:
 
 
 connect_factory: ConnectFactory = docker_connect
+gpu_probe: GpuProbe = discover_gpus
+"""How nodes' GPUs are discovered (nvidia-smi, locally or over SSH); tests swap in a fake."""
 """How nodes are reached; tests swap in the fake driver."""
 health_check: HealthCheck = wait_healthy
 """How a started container is waited for; tests of the fake driver swap it."""
+ollama_factory: Callable[[Node], OllamaNode] | None = None
+"""How Ollama servers are reached (None: their HTTP API); tests swap in the fake."""
+gateway_factory: Callable[[Path], GatewayFactory] = local_gateway
+"""How the gateway is reached, given the state directory; tests swap in the fake."""
 
 
 def state_dir(spec: ClusterSpec, override: Path | None) -> Path:
@@ -65,6 +73,8 @@ def placement_summary(prepared: Prepared) -> list[str]:
         lines.append(f"  {a.node} CPU: {a.model} ({a.ram_bytes / 2**30:.1f} GiB RAM)")
     for u in prepared.placement.unplaced:
         lines.append(f"  not placed: {u.reason}")
+    if prepared.gpus is not None:
+        lines.extend(f"  {note}" for note in prepared.gpus.notes)
     return lines
 
 
@@ -91,7 +101,15 @@ def register(app: typer.Typer) -> None:
         """Make the cluster match the spec: observe, place, diff, plan, apply."""
         spec = load_or_exit(spec_path(file)).spec
         connect = CachingConnect(connect_factory(spec))
-        prepared = prepare(spec, connect)
+        ollama = CachingOllama(ollama_factory)
+        gateway = gateway_factory(state_dir(spec, state))
+        try:
+            prepared = prepare(spec, connect, ollama=ollama, gateway=gateway, gpu_probe=gpu_probe)
+        except DriverError as exc:
+            fail(str(exc))
+        if prepared.gpus is not None:
+            for warning in prepared.gpus.warnings:
+                err.print(f"warning: {warning}", markup=False)
         plan = prepared.plan
         if plan_file is not None:
             if dry_run:
@@ -116,12 +134,14 @@ def register(app: typer.Typer) -> None:
         progress = CopyProgress()
         executor = Executor(
             spec.cluster.name,
-            {n: connect.opened[n] for n in plan.steps_by_node()},
+            dict(connect.opened),
             state_dir(spec, state),
             health_timeout={n.name: n.llamacpp.health_timeout for n in spec.nodes if n.llamacpp is not None},
             health_check=health_check,
             on_event=_print_event,
             on_progress=progress,
+            ollama=dict(ollama.opened),
+            gateway=gateway(prepared.desired.gateway) if prepared.desired.gateway is not None else None,
         )
         try:
             with progress:
@@ -138,11 +158,16 @@ def register(app: typer.Typer) -> None:
         file: SpecFileOption = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
     ) -> None:
-        """What runs where: managed containers per node and GPU, as observed now."""
+        """What runs where: managed containers per node and GPU, as observed now, with planned vs actual VRAM."""
         from controller.observe import observe
+        from controller.vram_status import describe, planned_vs_actual
 
         spec = load_or_exit(spec_path(file)).spec
-        observed = observe(spec, connect_factory(spec))
+        connect = CachingConnect(connect_factory(spec))
+        observed = observe(spec, connect)
+        vram, reality = planned_vs_actual(spec, observed, connect, gpu_probe)
+        for warning in reality.warnings:
+            err.print(f"warning: {warning}", markup=False)
         if as_json:
             data: dict[str, Any] = {"cluster": spec.cluster.name, "nodes": {}}
             for name, node in observed.nodes.items():
@@ -157,6 +182,7 @@ def register(app: typer.Typer) -> None:
                             "gpus": list(c.config.gpus) if c.config else [],
                             "port": c.config.port if c.config else None,
                             "gpu_layers": c.config.gpu_layers if c.config else None,
+                            **_vram_json(vram.get((name, c.name))),
                         }
                         for c in node.containers
                     ],
@@ -173,13 +199,25 @@ def register(app: typer.Typer) -> None:
                 cfg = c.config
                 where = f"GPU {','.join(map(str, cfg.gpus))}" if cfg and cfg.gpus else "CPU"
                 detail = f"port {cfg.port}, ngl {cfg.gpu_layers}, ctx {cfg.context}" if cfg else "no config label"
-                out.print(f"  {c.name}  {c.status}  {where}  {detail}", markup=False)
+                v = vram.get((name, c.name))
+                usage = f"  {describe(v)}" if v is not None and (v.planned_bytes or v.actual_bytes) else ""
+                out.print(f"  {c.name}  {c.status}  {where}  {detail}{usage}", markup=False)
+
+
+def _vram_json(v: ModelVram | None) -> dict[str, Any]:
+    return {
+        "vram_planned_bytes": v.planned_bytes if v is not None else None,
+        "vram_actual_bytes": v.actual_bytes if v is not None else None,
+        "vram_over_plan": v.over_plan if v is not None else False,
+    }
 
 
 def _show(prepared: Prepared, plan: Plan, as_json: bool) -> None:
     if as_json:
         data = plan.to_json()
         data["placement"] = prepared.placement.to_json()
+        if prepared.gpus is not None:
+            data["gpus"] = prepared.gpus.to_json()
         out.print(json.dumps(data, indent=2, sort_keys=True), markup=False)
         return
     for line in placement_summary(prepared):
@@ -245,4 +283,5 @@ class CopyProgress:
         pct = 100 * done // total if total else 100
         if self._last.get(key) != pct // 10:
             self._last[key] = pct // 10
-            out.print(f"{node}: copying {name}: {done / 2**20:.0f}/{total / 2**20:.0f} MiB ({pct}%)", markup=False)
+            what = name if name.startswith("pulling ") else f"copying {name}"
+            out.print(f"{node}: {what}: {done / 2**20:.0f}/{total / 2**20:.0f} MiB ({pct}%)", markup=False)

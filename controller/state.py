@@ -116,6 +116,78 @@ class FileState:
     """Path of the GGUF on the node (desired only)."""
 
 
+OLLAMA_PREFIX = "homelab/"
+"""Derived Ollama models homelab creates are named `homelab/<model>`; nothing else is homelab's."""
+
+
+def ollama_tag(name: str) -> str:
+    """Ollama's full name for a model: `llama3` → `llama3:latest` (the tag defaults to latest)."""
+    last = name.rsplit("/", 1)[-1]
+    return name if ":" in last else f"{name}:latest"
+
+
+@dataclass(frozen=True)
+class OllamaModelState:
+    """A derived Ollama model (`homelab/<model>`): a pulled base tag with the placement's parameters."""
+
+    node: str
+    name: str
+    """Full Ollama name, e.g. `homelab/qwen2.5-14b:latest`."""
+    model: str
+    """The spec model it serves ("" when observed and not in the spec)."""
+    base: str
+    """The tag it is made from, e.g. `qwen2.5:14b` (observed: Ollama's `details.parent_model`)."""
+    num_gpu: int | None
+    """Layers on the GPU (Ollama's `num_gpu` parameter), from the placement."""
+    num_ctx: int | None
+    preload: bool = False
+    """Desired: keep it loaded. Observed: it is loaded now (`/api/ps`)."""
+    keep_alive: float | None = None
+    """Seconds a preloaded model stays loaded; None: forever (desired only)."""
+
+
+@dataclass(frozen=True)
+class OllamaNodeState:
+    """A node's Ollama server: desired (tags to pull, derived models) or observed."""
+
+    url: str
+    reachable: bool = True
+    error: str | None = None
+    tags: tuple[str, ...] = ()
+    """Base tags: desired, those the derived models need; observed, every model not named homelab/…."""
+    models: tuple[OllamaModelState, ...] = ()
+    prune: bool = False
+    """Desired: delete tags no derived model needs (`ollama.prune`); off, hand-pulled models stay."""
+
+
+@dataclass(frozen=True)
+class GatewayState:
+    """The LiteLLM proxy's config file: desired (rendered) or observed (read back)."""
+
+    mode: str
+    """external, process or container (spec `gateway.mode`)."""
+    path: str
+    """Where the config file is (on the machine running homelab)."""
+    text: str | None
+    """The config YAML; None when observed and the file does not exist."""
+    url: str
+    """The proxy's base URL; `/health/liveliness` is checked there."""
+    command: tuple[str, ...] = ()
+    """mode process: how the proxy is started (without the secret, which goes in its environment)."""
+    key_env: str = ""
+    """The environment variable the config reads the master key from."""
+    key_ref: str = ""
+    """The provider reference the master key is resolved from at restart (env:, file:, cmd:)."""
+    running: bool = True
+    """Observed, for a proxy homelab runs (process, container): it answers /health/liveliness."""
+    node: str | None = None
+    """mode container: the node it runs on (nothing is planned for it while that node is unreachable)."""
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256((self.text or "").encode()).hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class NodeState:
     node: str
@@ -127,12 +199,15 @@ class NodeState:
     containers: tuple[ContainerState, ...] = ()
     foreign_containers: tuple[str, ...] = ()
     """Names of containers without homelab labels (observed only; never touched)."""
+    ollama: OllamaNodeState | None = None
+    """The node's Ollama server, when the spec gives it one."""
 
 
 @dataclass(frozen=True)
 class ClusterState:
     cluster: str
     nodes: Mapping[str, NodeState]
+    gateway: GatewayState | None = None
 
     def fingerprint(self) -> str:
         """A hash of the whole state: a saved plan is refused when the cluster has changed since."""
@@ -179,3 +254,23 @@ def container_from_json(data: Mapping[str, Any]) -> ContainerState:
         exit_code=data.get("exit_code"),
         labels=dict(data.get("labels", {})),
     )
+
+
+def ollama_model_to_json(m: OllamaModelState) -> dict[str, Any]:
+    return asdict(m)
+
+
+def ollama_model_from_json(data: Mapping[str, Any]) -> OllamaModelState:
+    return OllamaModelState(**dict(data))
+
+
+def gateway_to_json(g: GatewayState) -> dict[str, Any]:
+    data = asdict(g)
+    data["command"] = list(g.command)
+    return data
+
+
+def gateway_from_json(data: Mapping[str, Any]) -> GatewayState:
+    fields = dict(data)
+    fields["command"] = tuple(fields.get("command", ()))
+    return GatewayState(**fields)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from solver.errors import EstimateError, GGUFError
 from solver.estimate import (
@@ -24,6 +25,7 @@ from solver.estimate import (
     ModelShape,
     layer_curve,
     shape_from_header,
+    shape_from_model_info,
 )
 from solver.gguf import GGUFHeader
 from specs.enums import LayerOrder, Runtime
@@ -121,8 +123,45 @@ def _candidate_nodes(spec: ClusterSpec, model: Model) -> list[Node]:
     return [n for n in spec.nodes if model.runtime in n.runtimes and n.gpus]
 
 
-def profile_for(spec: ClusterSpec, model: Model, read_header: Callable[[str], GGUFHeader] | None) -> Profile:
-    """The profile of one model: its GGUF header if readable, else its declared memory."""
+OllamaInfo = tuple[Mapping[str, Any], str | None]
+"""What Ollama's `/api/show` says of a pulled tag: (`model_info`, `details.quantization_level`)."""
+
+
+def _shape_profile(spec: ClusterSpec, model: Model, shape: ModelShape, source: str) -> MemoryProfile:
+    default = params_for(model, None)
+    node_params = {n.name: params_for(model, n) for n in _candidate_nodes(spec, model)}
+    return MemoryProfile(
+        curve=layer_curve(shape, default),
+        source=source,
+        node_curves={name: layer_curve(shape, p) for name, p in node_params.items()},
+        shape=shape,
+        node_params=node_params,
+    )
+
+
+def profile_for(
+    spec: ClusterSpec,
+    model: Model,
+    read_header: Callable[[str], GGUFHeader] | None,
+    ollama_info: OllamaInfo | None = None,
+) -> Profile:
+    """The profile of one model: its GGUF header if readable, else its declared memory; for an
+    Ollama model without `memory:`, the `model_info` Ollama reports for its pulled tag.
+
+    A declared `memory:` wins over `model_info` for an Ollama model, so that the placement does not
+    change once the tag has been pulled (the first reconcile pulls it, the second must plan nothing).
+    """
+    if model.runtime is Runtime.OLLAMA and model.memory is None and ollama_info is not None:
+        try:
+            info, quantization = ollama_info
+            return _shape_profile(spec, model, shape_from_model_info(info, quantization, model.name), "ollama")
+        except (GGUFError, EstimateError) as exc:
+            return NoEstimate(f"no memory estimate: Ollama's model_info: {exc}")
+    if model.runtime is Runtime.OLLAMA and model.memory is None:
+        return NoEstimate(
+            f"no memory estimate: '{model.source.ollama}' is pulled on no Ollama node that answered,"
+            " and no `memory:` is declared"
+        )
     if model.runtime is Runtime.LLAMACPP and model.source.gguf is not None and read_header is not None:
         try:
             shape = shape_from_header(read_header(model.source.gguf), model.name)
@@ -159,9 +198,12 @@ def profile_for(spec: ClusterSpec, model: Model, read_header: Callable[[str], GG
 def profiles_for(
     spec: ClusterSpec,
     read_header: Callable[[str], GGUFHeader] | None = None,
+    ollama_info: Mapping[str, OllamaInfo] | None = None,
 ) -> dict[str, Profile]:
-    """A profile for every model of the spec (pass `solver.gguf.read_header` to read local GGUFs)."""
-    return {m.name: profile_for(spec, m, read_header) for m in spec.models}
+    """A profile for every model of the spec (pass `solver.gguf.read_header` to read local GGUFs, and
+    `ollama_info` — model name → what /api/show says of its tag — for Ollama models)."""
+    info = ollama_info or {}
+    return {m.name: profile_for(spec, m, read_header, info.get(m.name)) for m in spec.models}
 
 
 def as_profile(profile: Profile) -> MemoryProfile | NoEstimate:

@@ -468,6 +468,11 @@ class Gateway(_Spec):
     port: Port = 4000
     url: str | None = Field(default=None, pattern=HTTP_URL_PATTERN, description="default http://NODE:PORT")
     config_path: str = Field(default="litellm/config.yaml", description="where the config is written")
+    command: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=lambda: ["litellm"],
+        min_length=1,
+        description="mode: process: the LiteLLM executable homelab starts (with --config, --host, --port)",
+    )
     master_key: SecretRef = Field(description="secret:NAME or env:NAME, never the key itself")
     auto_model: str = Field(default="auto", min_length=1, description="model name routed by content")
 

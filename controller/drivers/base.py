@@ -2,8 +2,12 @@
 
 DriverError                    anything a driver could not do (one line, for the user)
 ├── NodeUnreachable            the node's engine does not answer: observed as unreachable, never as empty
+│   └── SshFailed              no SSH session: refused, timed out, key not accepted, no known_hosts (drivers.ssh)
+│       └── HostKeyRejected    the node's host key is not in known_hosts, or has changed: never auto-accepted
 ├── NotManaged                 refused: the object has no homelab labels
-└── VerifyFailed               a copied file's size or checksum is not what was expected
+├── VerifyFailed               a copied file's size or checksum is not what was expected
+├── CommandFailed              a command on a node could not run, timed out or failed (drivers.ssh, drivers.gpu)
+└── BadOutput                  a command answered with output that cannot be read (drivers.gpu)
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from controller.state import ContainerState, FileState, VolumeState
+from controller.state import ContainerState, FileState, GatewayState, OllamaModelState, VolumeState
 
 
 class DriverError(Exception):
@@ -27,6 +31,22 @@ class NotManaged(DriverError):
 
 
 class VerifyFailed(DriverError):
+    pass
+
+
+class SshFailed(NodeUnreachable):
+    pass
+
+
+class HostKeyRejected(SshFailed):
+    pass
+
+
+class CommandFailed(DriverError):
+    pass
+
+
+class BadOutput(DriverError):
     pass
 
 
@@ -86,3 +106,68 @@ class DockerNode(Protocol):
         """Stop (SIGTERM, then SIGKILL after `timeout`) and remove a managed container."""
 
     def container_logs(self, name: str, tail: int = 20) -> str: ...
+
+    def container_pids(self, name: str) -> set[int]:
+        """Process IDs (as the node's kernel numbers them) of a running managed container; empty if not running."""
+        ...
+
+
+class OllamaNode(Protocol):
+    """One node's Ollama server (`controller.drivers.ollama`; `fake_ollama` in tests).
+
+    Names are Ollama's full names (`qwen2.5:14b`, `homelab/chat:latest`).
+    """
+
+    node: str
+
+    def ping(self) -> None:
+        """Raise NodeUnreachable when the server does not answer."""
+
+    def list_models(self) -> list[str]:
+        """Every model on the server (`/api/tags`)."""
+        ...
+
+    def loaded(self) -> list[str]:
+        """Models loaded in memory now (`/api/ps`)."""
+        ...
+
+    def derived(self, name: str) -> OllamaModelState:
+        """A model's base and parameters, from `/api/show` (`details.parent_model`, `parameters`)."""
+        ...
+
+    def model_info(self, name: str) -> dict[str, object]:
+        """`/api/show`'s `model_info` (GGUF metadata keys) and `details`, for the memory estimator."""
+        ...
+
+    def pull(self, tag: str, progress: ProgressFn | None = None) -> None:
+        """Pull `tag`; progress(bytes done, bytes total). Raises DriverError unless Ollama reported success."""
+
+    def create(self, desired: OllamaModelState) -> None:
+        """Create (or overwrite) a derived model from its base with `num_gpu` and `num_ctx` (`/api/create`)."""
+
+    def delete(self, name: str) -> None:
+        """Delete a model (`/api/delete`); one that is already gone is not an error."""
+
+    def preload(self, name: str, keep_alive: float | None) -> None:
+        """Load a model and keep it loaded for `keep_alive` seconds (None: until Ollama stops)."""
+
+
+class Gateway(Protocol):
+    """The LiteLLM proxy's config file and its process (`controller.drivers.litellm`)."""
+
+    def read_config(self) -> str | None:
+        """The config file's text, or None when there is none."""
+        ...
+
+    def alive(self) -> bool:
+        """Whether the proxy answers `/health/liveliness` (never `/health`, which probes every model)."""
+        ...
+
+    def write_config(self, desired: GatewayState) -> None:
+        """Write the config atomically, keeping the previous file as NAME.bak."""
+
+    def restart(self, desired: GatewayState) -> None:
+        """Restart the proxy so it reads the new config (LiteLLM reads its file only at start)."""
+
+    def wait_live(self, desired: GatewayState, timeout: float) -> None:
+        """Return once `/health/liveliness` answers 200; raise DriverError after `timeout`."""

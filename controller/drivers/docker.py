@@ -541,6 +541,24 @@ class DockerEngine:
             data = container.logs(stdout=True, stderr=True, tail=tail)
         return bytes(data).decode("utf-8", errors="replace")
 
+    def container_pids(self, name: str) -> set[int]:
+        """Host PIDs of a managed container's processes (`docker top`); empty when it is not running."""
+        with self._errors(f"list processes of container {name}"):
+            container = self._managed(name)
+            if container is None or container.status != "running":
+                return set()
+            try:
+                top = self.client.api.top(container.id, ps_args="-eo pid")
+            except docker.errors.APIError as exc:
+                if exc.status_code in (404, 409):  # removed or stopped since the lookup
+                    return set()
+                raise
+        titles = [str(t).strip().upper() for t in top.get("Titles") or []]
+        if "PID" not in titles:
+            return set()
+        column = titles.index("PID")
+        return {int(row[column]) for row in top.get("Processes") or [] if str(row[column]).strip().isdigit()}
+
     # ------------------------------------------------------------------ helper containers
 
     def _helper(

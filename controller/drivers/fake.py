@@ -28,6 +28,8 @@ class FakeDockerNode:
     calls: list[tuple[str, str]] = field(default_factory=list)
     fail_on: set[tuple[str, str]] = field(default_factory=set)
     """(method, name) pairs that raise DriverError."""
+    pids: dict[str, set[int]] = field(default_factory=dict)
+    """container name → its host PIDs (for matching nvidia-smi's processes)."""
 
     def _check(self, method: str, name: str) -> None:
         if not self.reachable:
@@ -101,3 +103,8 @@ class FakeDockerNode:
 
     def container_logs(self, name: str, tail: int = 20) -> str:
         return ""
+
+    def container_pids(self, name: str) -> set[int]:
+        if not self.reachable:
+            raise NodeUnreachable(f"{self.node}: connection refused")
+        return set(self.pids.get(name, ()))  # not recorded in `calls`: observing, not acting

@@ -27,6 +27,7 @@ def engines(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, FakeDo
         return connect
 
     monkeypatch.setattr(reconcile_cmd, "connect_factory", factory)
+    monkeypatch.setattr(reconcile_cmd, "gpu_probe", lambda nodes: {})  # no GPU discovery here
     monkeypatch.setattr(reconcile_cmd, "health_check", lambda url, timeout, cancelled: None)
     monkeypatch.setenv("HOMELAB_STATE_DIR", str(tmp_path / "state"))
     (tmp_path / "cluster.yaml").write_text(SPEC)

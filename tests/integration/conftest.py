@@ -115,3 +115,23 @@ def engine(
         for volume in docker_client.volumes.list():
             if volume.name not in volumes_before:
                 volume.remove(force=True)
+
+
+LITELLM_ENV = "HOMELAB_LITELLM"
+"""Path of the `litellm` executable of a virtualenv with `litellm[proxy]==1.108.7` and `prisma`."""
+
+
+@pytest.fixture(scope="session")
+def litellm_bin() -> str:
+    """The real LiteLLM proxy (installed apart from the project, so its pins don't fight ours)."""
+    path = os.environ.get(LITELLM_ENV, "")
+    why = None
+    if not path:
+        why = f"${LITELLM_ENV} is not set (path of `litellm` from a venv with 'litellm[proxy]==1.108.7' prisma)"
+    elif not os.access(path, os.X_OK):
+        why = f"${LITELLM_ENV}={path} is not an executable"
+    if why is not None:
+        if os.environ.get("HOMELAB_REQUIRE_REAL"):
+            pytest.fail(f"a real LiteLLM proxy is required here: {why}")
+        pytest.skip(why)
+    return path

@@ -37,8 +37,8 @@ def free_port_range(n: int) -> int:
         try:
             for p in range(base, base + n):
                 s = socket.socket()
-                s.bind(("127.0.0.1", p))
                 socks.append(s)
+                s.bind(("127.0.0.1", p))
             return base
         except OSError:
             continue
@@ -232,3 +232,30 @@ def test_stale_saved_plan_is_refused(world: World, monkeypatch: pytest.MonkeyPat
     assert r.stdout.rstrip().endswith("Apply complete: 6 steps.")
     r = runner.invoke(app, ["reconcile", "--dry-run"])
     assert r.exit_code == 0 and "No changes. The cluster matches the spec." in r.stdout
+
+
+def test_health_of_real_llama_cpp_containers_and_engine(world: World) -> None:
+    from controller.health import Status, Verdict, check
+
+    spec = world.spec()
+    prepared = world.apply(spec)
+    report = check(spec, prepared.desired)
+    got = {p.endpoint.name: p.status for p in report.probes}
+    assert got == {"box/docker": Status.UP, "box/llamacpp/alpha": Status.UP, "box/llamacpp/beta": Status.UP}
+    assert report.verdict is Verdict.HEALTHY
+    world.client.containers.get("homelab-beta").kill()
+    report = check(spec, prepared.desired)
+    beta = next(p for p in report.probes if p.endpoint.name == "box/llamacpp/beta")
+    assert beta.status is Status.DOWN and beta.error == "Connection refused"
+    assert report.verdict is Verdict.DEGRADED
+    assert (
+        report.reason
+        == "remote DEGRADED (box/llamacpp/beta: Connection refused); requests fall back to the other tiers"
+    )
+    world.daemon.stop()
+    try:
+        report = check(spec, prepared.desired)
+        docker = next(p for p in report.probes if p.endpoint.name == "box/docker")
+        assert docker.status is Status.DOWN and docker.error == "No such file or directory"
+    finally:
+        world.daemon.start()

@@ -1,0 +1,202 @@
+"""The LiteLLM proxy: its config file, its liveliness, and (mode `process`) the proxy process itself.
+
+`LocalGateway` implements `controller.drivers.base.Gateway` on the machine that
+runs homelab:
+
+- the config is written with `specs.files.atomic_write` (temporary file, fsync,
+  rename; the previous file kept as NAME.bak);
+- health is `GET /health/liveliness` — never `/health`, which calls every model
+  and hangs while one of them is down;
+- mode `process`: homelab starts the proxy (`gateway.command --config PATH --host H
+  --port P`) in a session of its own, records its pid in STATE_DIR/litellm.pid and
+  its output in STATE_DIR/litellm.log, and restarts it to apply a new config
+  (LiteLLM reads its file only at start). The master key is resolved from its
+  reference (env:, file:, cmd:) at that moment and handed over in the proxy's
+  environment, under the variable the config names — never in argv, the file,
+  a log or the plan. Only a pid whose command line names this config is stopped;
+- mode `external`: the config is written and, if the proxy answers, its
+  liveliness checked; restarting it is its owner's business;
+- mode `container` is not implemented yet: its first step fails with a one-line error
+  and nothing is written (the file would belong on the gateway's node, not here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+
+from controller.drivers.base import DriverError
+from controller.state import GatewayState
+from specs.files import atomic_write
+
+PID_FILE = "litellm.pid"
+LOG_FILE = "litellm.log"
+LIVELINESS = "/health/liveliness"
+
+
+def resolve_secret(ref: str) -> str:
+    """The secret behind a provider reference; errors name the reference, never the value."""
+    if ref.startswith("env:"):
+        value = os.environ.get(ref[4:])
+        if not value:
+            raise DriverError(f"master key: environment variable {ref[4:]} is not set")
+        return value
+    if ref.startswith("file:"):
+        path = Path(ref[5:]).expanduser()
+        try:
+            return path.read_text().strip()
+        except OSError as exc:
+            raise DriverError(f"master key: cannot read {path}: {exc.strerror}") from None
+    if ref.startswith("cmd:"):
+        try:
+            done = subprocess.run(
+                ref[4:], shell=True, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
+            )
+        except subprocess.TimeoutExpired:
+            raise DriverError("master key: the secret command did not finish in 60 s") from None
+        if done.returncode != 0 or not done.stdout.strip():
+            raise DriverError(f"master key: the secret command failed (exit {done.returncode})")
+        return done.stdout.strip()
+    raise DriverError("master key: not a provider reference (env:, file:, cmd:)")
+
+
+def _pid_alive(pid: int) -> bool:
+    with contextlib.suppress(ChildProcessError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+class LocalGateway:
+    """The gateway on this machine: a config file, and the proxy process for mode `process`."""
+
+    def __init__(self, desired: GatewayState, state_dir: Path, *, timeout: float = 2.0) -> None:
+        self.desired = desired
+        self.state_dir = state_dir
+        self.timeout = timeout
+
+    @property
+    def pid_file(self) -> Path:
+        return self.state_dir / PID_FILE
+
+    def read_config(self) -> str | None:
+        try:
+            return Path(self.desired.path).expanduser().read_text()
+        except FileNotFoundError:
+            return None
+
+    def alive(self) -> bool:
+        try:
+            r = httpx.get(self.desired.url + LIVELINESS, timeout=self.timeout, trust_env=False)
+        except httpx.HTTPError:
+            return False
+        return r.status_code == 200
+
+    def write_config(self, desired: GatewayState) -> None:
+        assert desired.text is not None
+        if desired.mode == "container":
+            # Its file belongs on the gateway's node, next to its container: not this machine's disk.
+            raise DriverError("gateway mode container is not supported yet: use mode process or external")
+        path = Path(desired.path).expanduser()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, desired.text)
+        except OSError as exc:
+            raise DriverError(f"gateway config {path}: cannot write: {exc.strerror}") from None
+
+    def _our_pid(self, desired: GatewayState) -> int | None:
+        try:
+            pid = int(self.pid_file.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        args = _cmdline(pid)
+        if _pid_alive(pid) and "--config" in args and desired.path in args:
+            return pid
+        return None
+
+    def stop(self, desired: GatewayState, timeout: float = 10.0) -> None:
+        """Stop the proxy homelab started for this config (SIGTERM, then SIGKILL); others are left alone."""
+        pid = self._our_pid(desired)
+        if pid is None:
+            return
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, sig)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if not _pid_alive(pid):
+                    return
+                time.sleep(0.05)
+        raise DriverError(f"gateway: the proxy (pid {pid}) did not stop")
+
+    def restart(self, desired: GatewayState) -> None:
+        if desired.mode != "process":
+            raise DriverError(f"gateway mode {desired.mode}: restarting the proxy is not supported yet")
+        key = resolve_secret(desired.key_ref)
+        self.stop(desired)
+        env = dict(os.environ)
+        env[desired.key_env] = key
+        env.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no download of the cost map at start
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.state_dir / LOG_FILE, "ab") as log:
+            try:
+                proc = subprocess.Popen(
+                    list(desired.command),
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                raise DriverError(f"gateway: cannot start {desired.command[0]}: {exc.strerror}") from None
+        atomic_write(self.pid_file, f"{proc.pid}\n", keep_previous=False)
+
+    def wait_live(self, desired: GatewayState, timeout: float) -> None:
+        pid = self._our_pid(desired) if desired.mode == "process" else None
+        if desired.mode == "process" and pid is None:
+            raise DriverError(f"gateway: the proxy is not running; see {self.state_dir / LOG_FILE}")
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            try:
+                r = httpx.get(desired.url + LIVELINESS, timeout=self.timeout, trust_env=False)
+                if r.status_code == 200:
+                    return
+                last = f"HTTP {r.status_code}"
+            except httpx.HTTPError as exc:
+                if desired.mode == "external" and isinstance(exc, httpx.ConnectError):
+                    return  # not reachable from here: the owner of the proxy restarts and checks it
+                last = type(exc).__name__
+            if pid is not None and not _pid_alive(pid):
+                tail = self._log_tail()
+                raise DriverError(f"gateway: the proxy exited while starting{': ' + tail if tail else ''}")
+            time.sleep(0.2)
+        raise DriverError(f"gateway: {desired.url}{LIVELINESS} did not answer 200 within {timeout:g}s (last: {last})")
+
+    def _log_tail(self, lines: int = 3) -> str:
+        try:
+            text = (self.state_dir / LOG_FILE).read_text(errors="replace")
+        except OSError:
+            return ""
+        return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])

@@ -1,0 +1,217 @@
+"""The LiteLLM proxy config, rendered from the spec and the desired state of the nodes. Pure.
+
+Conventions (docs: the homelab-cluster skill, and what LiteLLM 1.108.7 does):
+
+- a llama.cpp replica is `openai/<alias>` with `api_base: http://<node>:<port>/v1`
+  and a placeholder `api_key` (llama-server checks none, LiteLLM wants one);
+- an Ollama model is `ollama_chat/homelab/<model>` (`ollama/…` for embedding-only
+  models) with the node's Ollama URL as `api_base`: the derived model that
+  carries the placement's `num_gpu` and `num_ctx`;
+- every placed model is a model group under its own name (its replicas are
+  deployments of it); every routing category with a placed model is a group
+  `expert/<category>` listing its models in preference order (`order: 1, 2 …`,
+  LiteLLM sends to the lowest order that is up);
+- `router_settings.fallbacks`: a category falls back to its next-best models,
+  then to its fallback category (and that one's next-best, and so on);
+- the master key is `os.environ/NAME`, never the key: NAME is the variable of an
+  `env:` reference, else `HOMELAB_LITELLM_MASTER_KEY`, which homelab sets from the
+  `file:` or `cmd:` reference in the environment of a proxy it starts.
+
+Only models the placement put somewhere appear. When `routing.categories` is
+empty, each category's models are those that list it, highest priority first.
+"""
+
+from __future__ import annotations
+
+import difflib
+import io
+from collections.abc import Mapping
+from typing import Any
+
+from ruamel.yaml import YAML
+
+from controller.state import GatewayState, NodeState
+from specs.enums import Category
+from specs.model import ClusterSpec
+
+GROUP_PREFIX = "expert/"
+API_KEY_PLACEHOLDER = "not-needed"
+DEFAULT_KEY_ENV = "HOMELAB_LITELLM_MASTER_KEY"
+
+
+class GatewayError(ValueError):
+    """The gateway section cannot be rendered (one line, for the user)."""
+
+
+def master_key_ref(spec: ClusterSpec) -> tuple[str, str]:
+    """(the env variable the config names, the provider reference the key is resolved from)."""
+    assert spec.gateway is not None
+    ref = spec.gateway.master_key
+    if ref.startswith("secret:"):
+        name = ref[7:]
+        if name not in spec.secrets:
+            raise GatewayError(f"gateway.master_key: unknown secret '{name}'")
+        ref = spec.secrets[name]
+    if ref.startswith("env:"):
+        return ref[4:], ref
+    return DEFAULT_KEY_ENV, ref
+
+
+def gateway_url(spec: ClusterSpec) -> str:
+    assert spec.gateway is not None
+    gw = spec.gateway
+    if gw.url:
+        return gw.url.rstrip("/")
+    host = spec.node(gw.node).address if gw.node is not None else gw.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{gw.port}"
+
+
+def _deployments(spec: ClusterSpec, nodes: Mapping[str, NodeState]) -> dict[str, list[dict[str, Any]]]:
+    """model name → litellm_params of each placed replica, in node order."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name in sorted(nodes):
+        node = spec.node(name) if any(n.name == name for n in spec.nodes) else None
+        state = nodes[name]
+        if node is None:
+            continue
+        for c in state.containers:
+            if c.config is None:
+                continue
+            host = f"[{node.address}]" if ":" in node.address else node.address
+            out.setdefault(c.model, []).append(
+                {
+                    "model": f"openai/{c.config.alias}",
+                    "api_base": f"http://{host}:{c.config.port}/v1",
+                    "api_key": API_KEY_PLACEHOLDER,
+                }
+            )
+        if state.ollama is not None:
+            for m in state.ollama.models:
+                model = spec.model(m.model)
+                embed_only = model.categories == [Category.EMBED]
+                short = m.name.removesuffix(":latest")
+                out.setdefault(m.model, []).append(
+                    {
+                        "model": f"{'ollama' if embed_only else 'ollama_chat'}/{short}",
+                        "api_base": state.ollama.url.rstrip("/"),
+                    }
+                )
+    return out
+
+
+def category_models(spec: ClusterSpec, placed: set[str]) -> dict[Category, list[str]]:
+    """Each category's placed models, best first."""
+    out: dict[Category, list[str]] = {}
+    if spec.routing.categories:
+        for cat, route in spec.routing.categories.items():
+            out[cat] = [m for m in route.models if m in placed]
+        return out
+    for cat in Category:
+        models = [m for m in spec.models if cat in m.categories and m.name in placed]
+        out[cat] = [m.name for m in sorted(models, key=lambda m: (-m.priority, m.name))]
+    return out
+
+
+def fallback_chain(spec: ClusterSpec, cat: Category, groups: Mapping[Category, list[str]]) -> list[str]:
+    """Where a request for `expert/<cat>` goes when its best model fails, in order.
+
+    Its next-best models (their own groups), then its fallback category's group and that
+    category's next-best models, and so on down the fallback chain; a model already tried
+    is not tried again.
+    """
+    models = groups.get(cat, [])
+    chain: list[str] = list(models[1:])
+    covered = set(models)
+    seen = {cat}
+    route = spec.routing.categories.get(cat)
+    nxt = route.fallback if route is not None else None
+    while nxt is not None and nxt not in seen:
+        seen.add(nxt)
+        others = groups.get(nxt, [])
+        if others and others[0] not in covered:
+            chain.append(GROUP_PREFIX + nxt.value)
+        for m in others[1:]:
+            if m not in covered:
+                chain.append(m)
+        covered.update(others)
+        route = spec.routing.categories.get(nxt)
+        nxt = route.fallback if route is not None else None
+    return chain
+
+
+def render_config(spec: ClusterSpec, nodes: Mapping[str, NodeState]) -> str:
+    """The LiteLLM config YAML (stable: same spec and state, same bytes)."""
+    assert spec.gateway is not None
+    deployments = _deployments(spec, nodes)
+    groups = category_models(spec, set(deployments))
+    model_list: list[dict[str, Any]] = []
+    for name in sorted(deployments):
+        for params in deployments[name]:
+            model_list.append({"model_name": name, "litellm_params": dict(params)})
+    fallbacks: list[dict[str, list[str]]] = []
+    for cat in Category:
+        models = groups.get(cat, [])
+        if not models:
+            continue
+        group = GROUP_PREFIX + cat.value
+        for order, name in enumerate(models, start=1):
+            for params in deployments[name]:
+                model_list.append({"model_name": group, "litellm_params": {**params, "order": order}})
+        chain = fallback_chain(spec, cat, groups)
+        if chain:
+            fallbacks.append({group: chain})
+    key_env, _ = master_key_ref(spec)
+    config: dict[str, Any] = {"model_list": model_list}
+    if fallbacks:
+        config["router_settings"] = {"fallbacks": fallbacks}
+    # A request that falls back from one provider to another must not fail on a parameter one lacks.
+    config["litellm_settings"] = {"drop_params": True}
+    config["general_settings"] = {"master_key": f"os.environ/{key_env}"}
+    yaml = YAML()
+    yaml.default_flow_style = False
+    yaml.indent(mapping=2, sequence=4, offset=2)
+    yaml.width = 4096
+    buf = io.StringIO()
+    buf.write(
+        f"# LiteLLM proxy config for cluster '{spec.cluster.name}', written by homelab from the spec.\n"
+        "# Edits here are replaced on the next `homelab reconcile`.\n"
+    )
+    yaml.dump(config, buf)
+    return buf.getvalue()
+
+
+def render_gateway(spec: ClusterSpec, nodes: Mapping[str, NodeState]) -> GatewayState | None:
+    """The desired gateway: its config text and how it runs; None when the spec has no gateway."""
+    gw = spec.gateway
+    if gw is None:
+        return None
+    key_env, key_ref = master_key_ref(spec)
+    command: tuple[str, ...] = ()
+    if gw.mode == "process":
+        command = (*gw.command, "--config", gw.config_path, "--host", gw.host, "--port", str(gw.port))
+    return GatewayState(
+        mode=gw.mode,
+        path=gw.config_path,
+        text=render_config(spec, nodes),
+        url=gateway_url(spec),
+        command=command,
+        key_env=key_env,
+        key_ref=key_ref,
+        node=gw.node if gw.mode == "container" else None,
+    )
+
+
+def config_diff(old: str | None, new: str | None, path: str) -> str:
+    """A unified diff of two config texts (`--- PATH (now)` / `+++ PATH (planned)`)."""
+    lines = difflib.unified_diff(
+        (old or "").splitlines(keepends=True),
+        (new or "").splitlines(keepends=True),
+        fromfile=f"{path} (now)" if old is not None else "/dev/null",
+        tofile=f"{path} (planned)",
+        n=2,
+    )
+    return "".join(line if line.endswith("\n") else line + "\n" for line in lines)

@@ -1,0 +1,39 @@
+"""`homelab gateway render`: the LiteLLM proxy config the spec and the placement give.
+
+It observes the cluster as `homelab reconcile` does (so llama.cpp ports stay the
+ones the containers have), places, and prints the config `reconcile` would
+write. Nothing is written or changed.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from controller.cliutil import SpecFileOption, fail, load_or_exit, spec_path
+from controller.desired import RenderError
+from controller.drivers.base import DriverError
+from controller.engine import CachingConnect, CachingOllama, prepare
+from controller.gateway import GatewayError
+
+
+def register(app: typer.Typer) -> None:
+    gateway = typer.Typer(help="The LiteLLM gateway in front of the cluster.", no_args_is_help=True)
+    app.add_typer(gateway, name="gateway")
+
+    @gateway.command()
+    def render(file: SpecFileOption = None) -> None:
+        """Print the LiteLLM proxy config (YAML) for the spec and the current placement."""
+        from controller import reconcile_cmd
+
+        spec = load_or_exit(spec_path(file)).spec
+        if spec.gateway is None:
+            fail("the spec has no `gateway` section")
+        connect = CachingConnect(reconcile_cmd.connect_factory(spec))
+        try:
+            prepared = prepare(spec, connect, ollama=CachingOllama(reconcile_cmd.ollama_factory))
+        except (DriverError, RenderError, GatewayError) as exc:
+            fail(str(exc))
+        assert prepared.desired.gateway is not None and prepared.desired.gateway.text is not None
+        sys.stdout.write(prepared.desired.gateway.text)

@@ -1,0 +1,134 @@
+"""`homelab route`: which model should serve this request, and why.
+
+    homelab route [-f FILE] [--json] [--no-health] (PROMPT | --request FILE|-)
+
+Classifies the request with the spec's routing rules, places the cluster the way
+`homelab reconcile` does (solver, then the rendered desired state: ports, Ollama
+models) to know each model's endpoint, probes only the candidates' endpoints (unless
+`--no-health`: every endpoint is taken as healthy) and prints the chosen one.
+Exit 0 with a route, 1 on an error (one line on stderr).
+
+`controller/cli.py` calls `register(app)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from controller.cliutil import SpecFileOption, fail, load_or_exit, out, spec_path
+from controller.routing import Classifier, Endpoint, RequestError, Route, RouteError, candidates, choose, parse_json
+from specs.model import ClusterSpec
+
+STATE_ENV = "HOMELAB_STATE_DIR"
+CACHE_FILE = "route-health.json"
+
+
+def endpoints_for(spec: ClusterSpec) -> dict[str, tuple[Endpoint, ...]]:
+    """model → endpoints of its placed replicas: placement, then the desired state, as a reconcile plans them.
+
+    Ports are those a reconcile from scratch would give (a fixed `port:`, else the lowest free one in
+    the node's range); a running container that kept another port is not observed here.
+    """
+    from controller.desired import RenderError, render
+    from controller.gateway import GatewayError
+    from controller.routing import endpoints_from_state
+    from solver.gguf import read_header
+    from solver.place import SolveParams, place
+    from solver.profiles import profiles_for
+
+    placement = place(spec, profiles_for(spec, read_header=read_header), params=SolveParams(time_limit=5.0))
+    try:
+        desired = render(spec, placement)
+    except (RenderError, GatewayError) as exc:
+        fail(str(exc))
+    return endpoints_from_state(spec, desired)
+
+
+def _read_request(prompt: str | None, request_file: str | None) -> object:
+    if prompt is not None and request_file is not None:
+        fail("give a prompt or --request, not both")
+    if request_file is None:
+        if prompt is None:
+            fail("give a prompt, or --request FILE (- for stdin) with a JSON request body")
+        return prompt
+    if request_file == "-":
+        text = sys.stdin.read()
+        where = "stdin"
+    else:
+        try:
+            text = Path(request_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            fail(f"{request_file}: cannot read: {getattr(exc, 'strerror', None) or exc}")
+        where = request_file
+    if not text.strip():
+        fail(f"{where}: empty request")
+    try:
+        return parse_json(text)
+    except RequestError as exc:
+        fail(f"{where}: {exc}")
+
+
+def _print(route: Route) -> None:
+    e = route.endpoint
+    requested = "" if route.category is route.requested else f" (asked: {route.requested.value})"
+    out.print(f"{route.category.value}{requested} → {e.model} on {e.node} ({e.tier.value})", markup=False)
+    out.print(f"  url:      {e.url}  (model: {e.served_model})", markup=False)
+    out.print(f"  gateway:  {route.gateway_model}  (or {e.model})", markup=False)
+    if route.classification is not None:
+        out.print(f"  signals:  {', '.join(route.classification.signals)}", markup=False)
+    out.print(f"  reason:   {route.reason}", markup=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `route` command to `app`."""
+
+    def route_cmd(
+        prompt: Annotated[str | None, typer.Argument(help="The prompt to route.", show_default=False)] = None,
+        file: SpecFileOption = None,
+        request: Annotated[
+            str | None,
+            typer.Option(
+                "--request",
+                help="A JSON request body (chat completions, completions, embeddings) in FILE, or - for stdin.",
+                show_default=False,
+            ),
+        ] = None,
+        as_json: Annotated[bool, typer.Option("--json", help="Print the route as JSON.")] = False,
+        no_health: Annotated[
+            bool, typer.Option("--no-health", help="Take every endpoint as healthy (planning, tests).")
+        ] = False,
+    ) -> None:
+        """Classify a request and choose the healthy model that should serve it."""
+        body = _read_request(prompt, request)
+        spec = load_or_exit(spec_path(file)).spec
+        try:
+            classification = Classifier.from_spec(spec.routing).classify(body)
+        except RequestError as exc:
+            fail(str(exc))
+        endpoints = endpoints_for(spec)
+        health = None
+        if not no_health:
+            from controller.route_probe import HealthCache, probe
+
+            wanted = [e for _, model in candidates(spec, classification.category) for e in endpoints.get(model, ())]
+            env = os.environ.get(STATE_ENV)
+            state = Path(env) if env else Path(spec.watch.state_dir).expanduser()
+            cache = HealthCache(state / CACHE_FILE, ttl=spec.health.interval)
+            found = probe(spec, wanted, cache)
+            health = found.get
+        try:
+            chosen = choose(spec, classification.category, endpoints, health, classification)
+        except RouteError as exc:
+            fail(str(exc))
+        if as_json:
+            out.print(json.dumps(chosen.to_json(), indent=2, ensure_ascii=False), markup=False)
+        else:
+            _print(chosen)
+
+    app.command(name="route")(route_cmd)

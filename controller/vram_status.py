@@ -1,0 +1,68 @@
+"""Planned versus actual VRAM per managed model, for `homelab status`.
+
+Planned: the `vram_bytes` the placement gives the replica — the placement is
+computed as `controller.engine.prepare` does (same profiles, the running
+replicas as the current placement, memory held by other processes left
+alone), and a replica counts as planned only where it runs on the node the
+placement puts it on. Actual: what `nvidia-smi` reports for the container's
+processes (`docker top` PIDs matched to `--query-compute-apps`). A model using
+more than planned by over `OVER_PLAN_FRACTION` (10 %) is flagged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from controller.drivers.base import DockerNode
+from controller.drivers.gpu import GpuProbe
+from controller.engine import current_placement
+from controller.gpuuse import GpuReality, ModelVram, actual_vram, gib, managed_pids, observe_gpus
+from controller.state import ClusterState
+from solver.gguf import read_header
+from solver.place import SolveParams, place
+from solver.profiles import profiles_for
+from specs.model import ClusterSpec, Node
+
+StatusKey = tuple[str, str]
+"""(node, container name)."""
+
+
+def planned_vs_actual(
+    spec: ClusterSpec,
+    observed: ClusterState,
+    connect: Callable[[Node], DockerNode],
+    probe: GpuProbe,
+    params: SolveParams | None = None,
+) -> tuple[dict[StatusKey, ModelVram], GpuReality]:
+    """Per running managed container: planned and actual VRAM; and what discovery found."""
+    reality = observe_gpus(spec, observed, connect, probe)
+    pids = managed_pids(spec, observed, connect)
+    placement = place(
+        spec,
+        profiles_for(spec, read_header=read_header),
+        current=current_placement(observed),
+        foreign_vram=reality.foreign_vram,
+        params=params or SolveParams(time_limit=10.0, workers=1),
+    )
+    planned = {(a.node, a.model, a.replica): sum(a.vram_bytes.values()) for a in placement.assignments}
+    out: dict[StatusKey, ModelVram] = {}
+    for node in observed.nodes.values():
+        for c in node.containers:
+            if c.status != "running":
+                continue
+            report = reality.reports.get(node.node)
+            container_pids = pids.get(node.node, {}).get(c.name, frozenset())
+            out[node.node, c.name] = ModelVram(
+                c.name, planned.get((node.node, c.model, c.replica)), actual_vram(report, container_pids)
+            )
+    return out, reality
+
+
+def describe(v: ModelVram) -> str:
+    """`VRAM planned 9.8 GiB, actual 11.2 GiB (+14%, OVER PLAN)`."""
+    planned = gib(v.planned_bytes) if v.planned_bytes is not None else "not planned here"
+    actual = gib(v.actual_bytes) if v.actual_bytes is not None else "not seen by nvidia-smi"
+    text = f"VRAM planned {planned}, actual {actual}"
+    if v.over_by is not None:
+        text += f" ({v.over_by:+.0%}{', OVER PLAN' if v.over_plan else ''})"
+    return text
