@@ -32,38 +32,13 @@ from pathlib import Path
 import httpx
 
 from controller.drivers.base import DriverError
+from controller.secrets import resolve_secret
 from controller.state import GatewayState
 from specs.files import atomic_write
 
 PID_FILE = "litellm.pid"
 LOG_FILE = "litellm.log"
 LIVELINESS = "/health/liveliness"
-
-
-def resolve_secret(ref: str) -> str:
-    """The secret behind a provider reference; errors name the reference, never the value."""
-    if ref.startswith("env:"):
-        value = os.environ.get(ref[4:])
-        if not value:
-            raise DriverError(f"master key: environment variable {ref[4:]} is not set")
-        return value
-    if ref.startswith("file:"):
-        path = Path(ref[5:]).expanduser()
-        try:
-            return path.read_text().strip()
-        except OSError as exc:
-            raise DriverError(f"master key: cannot read {path}: {exc.strerror}") from None
-    if ref.startswith("cmd:"):
-        try:
-            done = subprocess.run(
-                ref[4:], shell=True, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
-            )
-        except subprocess.TimeoutExpired:
-            raise DriverError("master key: the secret command did not finish in 60 s") from None
-        if done.returncode != 0 or not done.stdout.strip():
-            raise DriverError(f"master key: the secret command failed (exit {done.returncode})")
-        return done.stdout.strip()
-    raise DriverError("master key: not a provider reference (env:, file:, cmd:)")
 
 
 def _pid_alive(pid: int) -> bool:

@@ -164,6 +164,7 @@ def test_local_gateway_writes_atomically_and_keeps_the_previous_file(tmp_path: P
         driver.restart(replace(gw, mode="external"))
     secret = tmp_path / "key"
     secret.write_text("sk-file-secret\n")
+    secret.chmod(0o600)  # a secret file readable by others is refused
     assert resolve_secret(f"file:{secret}") == "sk-file-secret"
     assert resolve_secret("cmd:echo sk-cmd-secret") == "sk-cmd-secret"
     with pytest.raises(DriverError, match=r"^master key: environment variable HL_NOT_SET_ANYWHERE is not set$"):
