@@ -95,7 +95,16 @@ def schema(
 
 
 def _register_commands() -> None:
-    from controller import discover_cmd, estimate_cmd, gateway_cmd, health_cmd, place_cmd, reconcile_cmd, route_cmd
+    from controller import (
+        discover_cmd,
+        estimate_cmd,
+        gateway_cmd,
+        health_cmd,
+        place_cmd,
+        reconcile_cmd,
+        recover_cmd,
+        route_cmd,
+    )
 
     estimate_cmd.register(app)
     place_cmd.register(app)
@@ -104,6 +113,7 @@ def _register_commands() -> None:
     discover_cmd.register(app)
     health_cmd.register(app)
     route_cmd.register(app)
+    recover_cmd.register(app)
 
 
 _register_commands()
