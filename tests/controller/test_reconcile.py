@@ -116,7 +116,12 @@ def test_first_reconcile_from_nothing_then_nothing_to_do(tmp_path: Path) -> None
         ("run_container", "homelab-chat"),
         ("run_container", "homelab-coder"),
     ]
-    assert lab.health == [
+    # Nodes run in parallel; on one node, GPU 0's container is waited for before GPU 1's.
+    assert [url for url in lab.health if "127.0.0.1" in url] == [
+        "http://127.0.0.1:3000/health",
+        "http://127.0.0.1:3001/health",
+    ]
+    assert sorted(lab.health) == [
         "http://127.0.0.1:3000/health",
         "http://127.0.0.1:3001/health",
         "http://127.0.0.2:3100/health",
