@@ -196,6 +196,12 @@ def _gateway_changes(want: GatewayState | None, have: GatewayState | None) -> li
         if want.mode != "external":
             reason += ": write it, restart the proxy"
         return [Change(action, "gateway", GATEWAY_NODE, want.path, reason, before=have, after=want, detail=detail)]
+    if want.mode == "container" and have.run_hash != want.run_hash:
+        if have.run_hash:
+            reason = "its container runs differently from the spec (image, host, port or key variable): re-create it"
+        else:
+            reason = "its container does not exist: create it"
+        return [Change(Action.UPDATE, "gateway", GATEWAY_NODE, want.path, reason, before=have, after=want)]
     if not have.running:
         reason = "the proxy does not answer /health/liveliness: restart it"
         return [Change(Action.UPDATE, "gateway", GATEWAY_NODE, want.path, reason, before=have, after=want)]

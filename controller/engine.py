@@ -79,6 +79,19 @@ def local_gateway(state_dir: Path) -> GatewayFactory:
     return lambda desired: LocalGateway(desired, state_dir)
 
 
+def gateways(spec: ClusterSpec, connect: Callable[[Node], DockerNode], state_dir: Path) -> GatewayFactory:
+    """The gateway as the spec runs it: mode container through its node's Docker engine (`connect`, so observe
+    and apply share the connection), the others on this machine."""
+    from controller.drivers.litellm import ContainerGateway, LocalGateway
+
+    def make(desired: GatewayState) -> Gateway:
+        if desired.mode == "container" and desired.node is not None:
+            return ContainerGateway(desired, connect(spec.node(desired.node)), spec.cluster.name)
+        return LocalGateway(desired, state_dir)
+
+    return make
+
+
 def current_placement(observed: ClusterState) -> dict[tuple[str, int], CurrentAssignment]:
     """Where managed replicas run now, for the solver's stability objective."""
     out: dict[tuple[str, int], CurrentAssignment] = {}

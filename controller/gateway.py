@@ -13,6 +13,13 @@ Conventions (docs: the homelab-cluster skill, and what LiteLLM 1.108.7 does):
   LiteLLM sends to the lowest order that is up);
 - `router_settings.fallbacks`: a category falls back to its next-best models,
   then to its fallback category (and that one's next-best, and so on);
+- the model `gateway.auto_model` (default `auto`) routes by content, with the
+  classifier of `homelab route`: it is LiteLLM's complexity router with a custom
+  classifier plugin (`controller.classifier.LiteLLMClassifier`), one tier per
+  category with a group, `tiers: {code: expert/code, ...}`; a category without a
+  group goes to its fallback category's tier. The plugin is written next to the
+  config as `homelab_router.py` (`GatewayState.files`) and the config names its
+  digest, so a new plugin is a new config;
 - the master key is `os.environ/NAME`, never the key: NAME is the variable of an
   `env:` reference, else `HOMELAB_LITELLM_MASTER_KEY`, which homelab sets from the
   `file:` or `cmd:` reference in the environment of a proxy it starts.
@@ -24,13 +31,16 @@ empty, each category's models are those that list it, highest priority first.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import io
+import json
 from collections.abc import Mapping
 from typing import Any
 
 from ruamel.yaml import YAML
 
-from controller.state import GatewayState, NodeState
+from controller.classifier import PLUGIN_MODULE, PLUGIN_OBJECT, plugin_source
+from controller.state import GatewayState, NodeState, ServiceContainer
 from specs.enums import Category
 from specs.model import ClusterSpec
 
@@ -143,8 +153,52 @@ def fallback_chain(spec: ClusterSpec, cat: Category, groups: Mapping[Category, l
     return chain
 
 
-def render_config(spec: ClusterSpec, nodes: Mapping[str, NodeState]) -> str:
-    """The LiteLLM config YAML (stable: same spec and state, same bytes)."""
+PLUGIN_FILE = PLUGIN_MODULE + ".py"
+TIER_DESCRIPTIONS = {
+    Category.CODE: "programming: code, errors, tools, configuration files",
+    Category.REASON: "maths, logic, proofs and step-by-step reasoning",
+    Category.CHAT: "conversation, writing and general questions",
+    Category.VISION: "requests with images",
+    Category.FAST: "greetings and short questions",
+    Category.EMBED: "embeddings",
+}
+
+
+def auto_router(spec: ClusterSpec, groups: Mapping[Category, list[str]]) -> tuple[dict[str, Any], str] | None:
+    """The `auto` model's config entry and the text of its classifier plugin; None when no category has a model."""
+    from controller.routing import fallback_chain as category_chain
+    from controller.routing import routing_config
+
+    assert spec.gateway is not None
+    placed = [cat for cat in Category if groups.get(cat)]
+    if not placed:
+        return None
+    tier_of: dict[str, str] = {}
+    for cat in Category:
+        served = next((c for c in category_chain(spec, cat) if groups.get(c)), None)
+        if served is not None:
+            tier_of[cat.value] = served.value
+    default = spec.routing.default_category
+    fallback = tier_of.get(default.value, placed[0].value)
+    plugin = plugin_source({"routing": routing_config(spec.routing), "tiers": tier_of, "fallback_tier": fallback})
+    entry = {
+        "model_name": spec.gateway.auto_model,
+        "litellm_params": {
+            "model": "auto_router/complexity_router",
+            "complexity_router_config": {
+                "classifier_type": "custom",
+                "classifier_plugin": f"{PLUGIN_MODULE}.{PLUGIN_OBJECT}",
+                "tier_definitions": [{"name": c.value, "description": TIER_DESCRIPTIONS[c]} for c in placed],
+                "fallback_tier": fallback,
+                "tiers": {c.value: GROUP_PREFIX + c.value for c in placed},
+            },
+        },
+    }
+    return entry, plugin
+
+
+def _render(spec: ClusterSpec, nodes: Mapping[str, NodeState]) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """The config YAML and the files next to it."""
     assert spec.gateway is not None
     deployments = _deployments(spec, nodes)
     groups = category_models(spec, set(deployments))
@@ -164,6 +218,15 @@ def render_config(spec: ClusterSpec, nodes: Mapping[str, NodeState]) -> str:
         chain = fallback_chain(spec, cat, groups)
         if chain:
             fallbacks.append({group: chain})
+    files: tuple[tuple[str, str], ...] = ()
+    header = ""
+    auto = auto_router(spec, groups)
+    if auto is not None:
+        entry, plugin = auto
+        model_list.append(entry)
+        files = ((PLUGIN_FILE, plugin),)
+        digest = hashlib.sha256(plugin.encode()).hexdigest()[:16]
+        header = f"# Model '{spec.gateway.auto_model}' is classified by {PLUGIN_FILE} next to it (sha256 {digest}).\n"
     key_env, _ = master_key_ref(spec)
     config: dict[str, Any] = {"model_list": model_list}
     if fallbacks:
@@ -178,10 +241,15 @@ def render_config(spec: ClusterSpec, nodes: Mapping[str, NodeState]) -> str:
     buf = io.StringIO()
     buf.write(
         f"# LiteLLM proxy config for cluster '{spec.cluster.name}', written by homelab from the spec.\n"
-        "# Edits here are replaced on the next `homelab reconcile`.\n"
+        "# Edits here are replaced on the next `homelab reconcile`.\n" + header
     )
     yaml.dump(config, buf)
-    return buf.getvalue()
+    return buf.getvalue(), files
+
+
+def render_config(spec: ClusterSpec, nodes: Mapping[str, NodeState]) -> str:
+    """The LiteLLM config YAML (stable: same spec and state, same bytes)."""
+    return _render(spec, nodes)[0]
 
 
 def render_gateway(spec: ClusterSpec, nodes: Mapping[str, NodeState]) -> GatewayState | None:
@@ -191,17 +259,68 @@ def render_gateway(spec: ClusterSpec, nodes: Mapping[str, NodeState]) -> Gateway
         return None
     key_env, key_ref = master_key_ref(spec)
     command: tuple[str, ...] = ()
+    path = gw.config_path
+    run_hash = ""
     if gw.mode == "process":
         command = (*gw.command, "--config", gw.config_path, "--host", gw.host, "--port", str(gw.port))
+    elif gw.mode == "container":
+        # The config (and the files next to it) live in a Docker volume on the gateway's node.
+        command = ("--config", f"{GATEWAY_MOUNT}/{GATEWAY_CONFIG}", "--host", gw.host, "--port", str(gw.port))
+        path = f"{gw.node}:{GATEWAY_VOLUME}/{GATEWAY_CONFIG}"
+        run_hash = container_run_hash(gw.image or "", command, key_env)
+    text, files = _render(spec, nodes)
     return GatewayState(
         mode=gw.mode,
-        path=gw.config_path,
-        text=render_config(spec, nodes),
+        path=path,
+        text=text,
+        files=files,
         url=gateway_url(spec),
         command=command,
         key_env=key_env,
         key_ref=key_ref,
         node=gw.node if gw.mode == "container" else None,
+        image=(gw.image or "") if gw.mode == "container" else "",
+        run_hash=run_hash,
+    )
+
+
+GATEWAY_CONTAINER = "homelab-gateway"
+"""mode container: the proxy's container on the gateway's node (labelled `homelab.role=gateway`)."""
+GATEWAY_VOLUME = "homelab-gateway"
+"""mode container: the Docker volume that holds its config (and the files next to it)."""
+GATEWAY_MOUNT = "/etc/homelab-litellm"
+"""Where that volume is mounted, read-only, in the proxy's container."""
+GATEWAY_CONFIG = "config.yaml"
+GATEWAY_ROLE = "gateway"
+
+
+def container_run_hash(image: str, command: tuple[str, ...], key_env: str) -> str:
+    """How the gateway's container runs, hashed (its `homelab.spec-hash`): a change means re-creating it.
+
+    The master key's value is not in it (only the variable's name): a new key is picked up at the next restart.
+    """
+    what = {
+        "image": image,
+        "command": list(command),
+        "env": sorted([key_env, "LITELLM_LOCAL_MODEL_COST_MAP"]),
+        "volume": GATEWAY_VOLUME,
+        "mount": GATEWAY_MOUNT,
+        "network_mode": "host",
+        "restart_policy": "unless-stopped",
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def gateway_container(desired: GatewayState) -> ServiceContainer:
+    """mode container: the proxy's container, from the desired gateway."""
+    return ServiceContainer(
+        name=GATEWAY_CONTAINER,
+        role=GATEWAY_ROLE,
+        image=desired.image,
+        command=desired.command,
+        volume=GATEWAY_VOLUME,
+        mount=GATEWAY_MOUNT,
+        config_hash=desired.run_hash,
     )
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from controller.gateway import gateway_url
 from controller.state import ClusterState
 from specs.model import ClusterSpec, Node
 
@@ -66,6 +67,8 @@ class Probe:
     latency: float | None = None
     """Seconds until the answer (None when there was none)."""
     error: str | None = None
+    models: tuple[str, ...] | None = None
+    """Ollama: the models `/api/tags` lists (routing checks that the derived model is among them)."""
 
     def to_json(self) -> dict[str, Any]:
         e = self.endpoint
@@ -172,7 +175,8 @@ def endpoints(spec: ClusterSpec, desired: ClusterState | None = None) -> list[En
                 )
     gw = spec.gateway
     if gw is not None:
-        base = gw.url or _gateway_url(spec, gw.node, gw.port)
+        # a proxy on no node (mode process or external) is at `gateway.host`, as the gateway renders it
+        base = gw.url or (_gateway_url(spec, gw.node, gw.port) if gw.node is not None else gateway_url(spec))
         if base is not None:
             out.append(
                 Endpoint(
@@ -211,7 +215,15 @@ async def _probe_http(client: httpx.AsyncClient, e: Endpoint, slow: float) -> Pr
         return Probe(e, Status.STARTING, r.status_code, latency, "loading the model")
     if not 200 <= r.status_code < 300:
         return Probe(e, Status.DOWN, r.status_code, latency, f"HTTP {r.status_code}")
-    return Probe(e, Status.SLOW if latency > slow else Status.UP, r.status_code, latency)
+    status = Status.SLOW if latency > slow else Status.UP
+    if e.kind == "ollama":
+        try:
+            listed = r.json().get("models", [])
+            names = tuple(str(m.get("name") or m.get("model")) for m in listed if isinstance(m, dict))
+        except (ValueError, AttributeError):
+            return Probe(e, Status.DOWN, r.status_code, latency, "/api/tags did not answer JSON")
+        return Probe(e, status, r.status_code, latency, models=names)
+    return Probe(e, status, r.status_code, latency)
 
 
 async def _probe_ssh(e: Endpoint, slow: float) -> Probe:

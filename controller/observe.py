@@ -10,7 +10,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
-from controller.drivers.base import DockerNode, DriverError, Gateway, OllamaNode
+from controller.drivers.base import DockerNode, DriverError, Gateway, NodeUnreachable, OllamaNode
 from controller.state import (
     OLLAMA_PREFIX,
     ClusterState,
@@ -82,10 +82,15 @@ def observe_gateway(desired: GatewayState | None, driver: Gateway | None) -> Gat
         return None
     try:
         text = driver.read_config()
+        # mode container: how its container runs now ("" none); a different hash means re-creating it.
+        run_hash = driver.container_hash() if desired.mode == "container" else ""
     except OSError as exc:
         raise DriverError(f"gateway config {desired.path}: cannot read: {exc.strerror}") from None
+    except NodeUnreachable:
+        # mode container on a node that does not answer: its changes are deferred, never planned as if empty.
+        return replace(desired, text=None, running=False, run_hash="")
     alive = driver.alive() if desired.mode != "external" else True
-    return replace(desired, text=text, running=alive)
+    return replace(desired, text=text, running=alive, run_hash=run_hash)
 
 
 def observe_node(node: Node, cluster: str, connect: Connect, ollama: OllamaConnect | None = None) -> NodeState:

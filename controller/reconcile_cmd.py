@@ -21,7 +21,7 @@ from controller.apply import Executor, HealthCheck, LockHeld, wait_healthy
 from controller.cliutil import SpecFileOption, err, fail, load_or_exit, out, spec_path
 from controller.drivers.base import DockerNode, DriverError, OllamaNode
 from controller.drivers.gpu import GpuProbe, discover_gpus
-from controller.engine import CachingConnect, CachingOllama, GatewayFactory, Prepared, local_gateway, prepare
+from controller.engine import CachingConnect, CachingOllama, GatewayFactory, Prepared, gateways, prepare
 from controller.gpuuse import ModelVram
 from controller.plan import Plan, render_text
 from specs.files import atomic_write
@@ -47,8 +47,9 @@ health_check: HealthCheck = wait_healthy
 """How a started container is waited for; tests of the fake driver swap it."""
 ollama_factory: Callable[[Node], OllamaNode] | None = None
 """How Ollama servers are reached (None: their HTTP API); tests swap in the fake."""
-gateway_factory: Callable[[Path], GatewayFactory] = local_gateway
-"""How the gateway is reached, given the state directory; tests swap in the fake."""
+gateway_factory: Callable[[Path], GatewayFactory] | None = None
+"""How the gateway is reached, given the state directory (None: `engine.gateways` — on this machine, or for
+mode container through its node's Docker engine); tests swap in the fake."""
 
 
 def state_dir(spec: ClusterSpec, override: Path | None) -> Path:
@@ -102,7 +103,8 @@ def register(app: typer.Typer) -> None:
         spec = load_or_exit(spec_path(file)).spec
         connect = CachingConnect(connect_factory(spec))
         ollama = CachingOllama(ollama_factory)
-        gateway = gateway_factory(state_dir(spec, state))
+        sdir = state_dir(spec, state)
+        gateway = gateway_factory(sdir) if gateway_factory is not None else gateways(spec, connect, sdir)
         try:
             prepared = prepare(spec, connect, ollama=ollama, gateway=gateway, gpu_probe=gpu_probe)
         except DriverError as exc:

@@ -1,14 +1,15 @@
-"""Is a routing candidate up? A small concurrent HTTP probe for `homelab route`.
+"""Is a routing candidate up? `controller.health` probes, for `homelab route`.
 
-- llama.cpp: `GET /health` — 200 is healthy; 503 means the model is still loading,
-  which is not healthy for routing (a request would wait or fail);
-- Ollama: `GET /api/tags` — 200 and the derived model (`homelab/<model>:latest`) listed.
+The candidates' endpoints are probed with `controller.health.probe_all`, all at once,
+each with its timeout from the spec (`health.timeouts` by model, then by node, then
+`health.timeout`), and read for routing:
 
-Only the candidates' endpoints are probed, all at once, each with its timeout from the
-spec (`health.timeouts` by model, then by node, then `health.timeout`). A result younger
-than `health.interval` is reused from `HealthCache` (a JSON file in the state directory)
-instead of probing again. The health module may later answer for this one: anything that
-returns `EndpointHealth` per `Endpoint` fits `controller.routing.HealthView`.
+- llama.cpp `GET /health`: up (or slow) is healthy; 503 means the model is still
+  loading, which is not healthy for routing (a request would wait or fail);
+- Ollama `GET /api/tags`: up, and the derived model (`homelab/<model>:latest`) listed.
+
+A result younger than `health.interval` is reused from `HealthCache` (a JSON file in the
+state directory) instead of probing again.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import httpx
-
+from controller import health
 from controller.routing import Endpoint, EndpointHealth
 from specs.enums import Runtime
 from specs.model import ClusterSpec
@@ -50,11 +50,24 @@ class Probed:
             at=float(at) if isinstance(at, int | float) else 0.0,
         )
 
+    @classmethod
+    def of(cls, probe: health.Probe) -> Probed:
+        ok = probe.status in (health.Status.UP, health.Status.SLOW)
+        return cls(ok, "" if ok else probe.error or probe.status.value, probe.models, time.time())
 
-def timeout_for(spec: ClusterSpec, endpoint: Endpoint) -> float:
-    """The endpoint's probe timeout: `health.timeouts` by model, then by node, then `health.timeout`."""
-    timeouts = spec.health.timeouts
-    return timeouts.get(endpoint.model, timeouts.get(endpoint.node, spec.health.timeout))
+
+def health_endpoint(spec: ClusterSpec, endpoint: Endpoint) -> health.Endpoint:
+    """The `controller.health` endpoint that answers for a routing endpoint."""
+    kind = "ollama" if endpoint.runtime is Runtime.OLLAMA else "llamacpp"
+    return health.Endpoint(
+        name=f"{endpoint.node}/{kind}/{endpoint.model}",
+        tier=endpoint.tier.value,
+        kind=kind,
+        target=endpoint.health_url,
+        timeout=health.timeout_for(spec, endpoint.model, endpoint.node),
+        node=endpoint.node,
+        model=endpoint.model,
+    )
 
 
 def endpoint_health(endpoint: Endpoint, probed: Probed) -> EndpointHealth:
@@ -64,60 +77,6 @@ def endpoint_health(endpoint: Endpoint, probed: Probed) -> EndpointHealth:
     if endpoint.runtime is Runtime.OLLAMA and probed.models is not None and endpoint.served_model not in probed.models:
         return EndpointHealth(False, f"Ollama does not list {endpoint.served_model}")
     return EndpointHealth(True)
-
-
-async def _probe_one(client: httpx.AsyncClient, url: str, runtime: Runtime, timeout: float) -> Probed:
-    now = time.time()
-    try:
-        response = await client.get(url, timeout=timeout)
-    except httpx.TimeoutException:
-        return Probed(False, f"no answer within {timeout:g}s", at=now)
-    except httpx.ConnectError as exc:
-        reason = "connection refused" if _refused(exc) else f"cannot connect ({_short(exc)})"
-        return Probed(False, reason, at=now)
-    except httpx.HTTPError as exc:
-        return Probed(False, f"HTTP error ({_short(exc)})", at=now)
-    if response.status_code == 503:
-        return Probed(False, "loading (HTTP 503)", at=now)
-    if response.status_code != 200:
-        return Probed(False, f"HTTP {response.status_code}", at=now)
-    if runtime is Runtime.OLLAMA:
-        try:
-            listed = response.json().get("models", [])
-            names = tuple(str(m.get("name") or m.get("model")) for m in listed if isinstance(m, dict))
-        except (ValueError, AttributeError):
-            return Probed(False, "Ollama /api/tags did not answer JSON", at=now)
-        return Probed(True, models=names, at=now)
-    return Probed(True, at=now)
-
-
-def _refused(exc: BaseException) -> bool:
-    """Whether a connect error comes from a refused connection (httpx wraps the OSError)."""
-    seen: BaseException | None = exc
-    for _ in range(8):
-        if seen is None:
-            return False
-        if isinstance(seen, ConnectionRefusedError) or "refused" in str(seen).lower():
-            return True
-        if isinstance(seen, BaseExceptionGroup):
-            return any(_refused(e) for e in seen.exceptions)
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def _short(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:120] if text else type(exc).__name__
-
-
-async def probe_urls(targets: Mapping[str, tuple[Runtime, float]]) -> dict[str, Probed]:
-    """Probe every URL at once: url → (runtime, timeout) in, url → what it answered out."""
-    if not targets:
-        return {}
-    async with httpx.AsyncClient(trust_env=False, follow_redirects=False) as client:
-        urls = list(targets)
-        answers = await asyncio.gather(*(_probe_one(client, u, *targets[u]) for u in urls))
-    return dict(zip(urls, answers, strict=True))
 
 
 class HealthCache:
@@ -163,19 +122,21 @@ class HealthCache:
 def probe(
     spec: ClusterSpec, endpoints: Iterable[Endpoint], cache: HealthCache | None = None
 ) -> dict[Endpoint, EndpointHealth]:
-    """The health of each endpoint: from the cache when fresh, else probed now (concurrently)."""
+    """The health of each endpoint: from the cache when fresh, else probed now (concurrently, `controller.health`)."""
     wanted = list(endpoints)
-    targets: dict[str, tuple[Runtime, float]] = {}
+    targets: dict[str, health.Endpoint] = {}
     known: dict[str, Probed] = {}
     for e in wanted:
         cached = cache.fresh(e.health_url) if cache is not None else None
         if cached is not None:
             known[e.health_url] = cached
             continue
-        timeout = timeout_for(spec, e)
+        target = health_endpoint(spec, e)
         previous = targets.get(e.health_url)
-        targets[e.health_url] = (e.runtime, max(timeout, previous[1]) if previous else timeout)
-    fresh = asyncio.run(probe_urls(targets)) if targets else {}
+        if previous is None or previous.timeout < target.timeout:
+            targets[e.health_url] = target
+    probes = asyncio.run(health.probe_all(list(targets.values()), spec.health.slow_threshold)) if targets else []
+    fresh = {p.endpoint.target: Probed.of(p) for p in probes}
     if cache is not None:
         cache.update(fresh)
     known.update(fresh)

@@ -21,6 +21,8 @@ LABEL_MODEL = "homelab.model"
 LABEL_REPLICA = "homelab.replica"
 LABEL_HASH = "homelab.spec-hash"
 LABEL_CONFIG = "homelab.config"
+LABEL_ROLE = "homelab.role"
+"""On containers (and volumes) that are not model servers: `helper` (short-lived file copies), `gateway`."""
 """The container's desired configuration as compact JSON, so a diff can say what changed."""
 
 MODELS_MOUNT = "/models"
@@ -167,7 +169,8 @@ class GatewayState:
     mode: str
     """external, process or container (spec `gateway.mode`)."""
     path: str
-    """Where the config file is (on the machine running homelab)."""
+    """Where the config file is: on the machine running homelab (process, external), or, for mode container,
+    `NODE:VOLUME/config.yaml` — in the gateway's Docker volume on its node."""
     text: str | None
     """The config YAML; None when observed and the file does not exist."""
     url: str
@@ -182,10 +185,40 @@ class GatewayState:
     """Observed, for a proxy homelab runs (process, container): it answers /health/liveliness."""
     node: str | None = None
     """mode container: the node it runs on (nothing is planned for it while that node is unreachable)."""
+    image: str = ""
+    """mode container: the LiteLLM image."""
+    run_hash: str = ""
+    """mode container: a hash of how its container runs (image, arguments, the key's variable name — never the
+    key); observed: the container's `homelab.spec-hash` label, "" when there is no container."""
+    files: tuple[tuple[str, str], ...] = ()
+    """Files that go next to the config, (name, text): the classifier plugin of the `auto` model. The config
+    names each one's digest, so a change to them changes `text` too."""
 
     @property
     def digest(self) -> str:
         return hashlib.sha256((self.text or "").encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ServiceContainer:
+    """A managed container that is not a model server — the LiteLLM gateway: how it runs.
+
+    Its configuration file is in `volume`, mounted read-only at `mount`; its environment
+    (which may hold a secret) is not part of it: the driver is handed that at the moment of use.
+    """
+
+    name: str
+    role: str
+    """The `homelab.role` label (`gateway`): such containers are neither model servers nor foreign."""
+    image: str
+    command: tuple[str, ...]
+    """Arguments to the image's entrypoint."""
+    volume: str
+    mount: str
+    config_hash: str
+    """The `homelab.spec-hash` label."""
+    network_mode: str = "host"
+    restart_policy: str = "unless-stopped"
 
 
 @dataclass(frozen=True)
@@ -273,4 +306,5 @@ def gateway_to_json(g: GatewayState) -> dict[str, Any]:
 def gateway_from_json(data: Mapping[str, Any]) -> GatewayState:
     fields = dict(data)
     fields["command"] = tuple(fields.get("command", ()))
+    fields["files"] = tuple((str(name), str(text)) for name, text in fields.get("files", ()))
     return GatewayState(**fields)

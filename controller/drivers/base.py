@@ -12,10 +12,17 @@ DriverError                    anything a driver could not do (one line, for the
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
-from controller.state import ContainerState, FileState, GatewayState, OllamaModelState, VolumeState
+from controller.state import (
+    ContainerState,
+    FileState,
+    GatewayState,
+    OllamaModelState,
+    ServiceContainer,
+    VolumeState,
+)
 
 
 class DriverError(Exception):
@@ -111,6 +118,23 @@ class DockerNode(Protocol):
         """Process IDs (as the node's kernel numbers them) of a running managed container; empty if not running."""
         ...
 
+    def read_volume_files(self, volume: str, names: Sequence[str]) -> dict[str, str | None]:
+        """The text of each named file in a managed volume (None: missing; every one None when the volume is)."""
+        ...
+
+    def write_volume_files(self, volume: str, files: Sequence[tuple[str, str]], labels: dict[str, str]) -> None:
+        """Write text files into a volume (created with `labels` when missing), in order: each to a temporary name,
+        then renamed over the old one, which is kept as NAME.bak."""
+
+    def run_service(self, desired: ServiceContainer, env: Mapping[str, str]) -> None:
+        """(Re-)create and start a managed container that is not a model server (the gateway): a container of the
+        same name is stopped and removed first (NotManaged when it is not ours). `env` is its environment, resolved
+        by the caller at the moment of use; it is never put in a label or the command line."""
+
+    def service_status(self, name: str) -> tuple[str, str] | None:
+        """(Docker's status, its `homelab.spec-hash` label) of a managed service container; None when there is none."""
+        ...
+
 
 class OllamaNode(Protocol):
     """One node's Ollama server (`controller.drivers.ollama`; `fake_ollama` in tests).
@@ -171,3 +195,7 @@ class Gateway(Protocol):
 
     def wait_live(self, desired: GatewayState, timeout: float) -> None:
         """Return once `/health/liveliness` answers 200; raise DriverError after `timeout`."""
+
+    def container_hash(self) -> str:
+        """mode container: the `homelab.spec-hash` label of the proxy's container ("" when there is none)."""
+        ...

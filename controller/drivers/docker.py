@@ -26,14 +26,16 @@ neither managed containers nor foreign ones for `list_containers`.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import posixpath
 import re
 import socket
+import tarfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from types import TracebackType
 from typing import Any
@@ -50,18 +52,22 @@ from controller.state import (
     LABEL_MODEL,
     LABEL_NODE,
     LABEL_REPLICA,
+    LABEL_ROLE,
     MODELS_MOUNT,
     ContainerConfig,
     ContainerState,
     FileState,
+    ServiceContainer,
     VolumeState,
     health_url,
 )
 from specs.model import Node
 
-LABEL_ROLE = "homelab.role"
-"""`helper` on the short-lived containers that read and copy model files."""
+# LABEL_ROLE (controller.state): `helper` on the short-lived containers that read and copy model files;
+# `gateway` on the LiteLLM proxy's container and its volume (`run_service`, `write_volume_files`). A container
+# or volume with a role is neither a model server (or model volume) nor foreign.
 HELPER_ROLE = "helper"
+DATA_MOUNT = "/data"
 SRC_MOUNT = "/src"
 PARTIAL_SUFFIX = ".partial"
 POLL_INTERVAL_S = 0.5
@@ -100,6 +106,18 @@ echo "done $size"
 """
 
 _REMOVE_SCRIPT = r"""rm -f "/models/$1" "/models/.$1.partial" """
+
+# Text files (the gateway's config) arrive as /data/.NAME.partial (put_archive into the helper before it
+# starts); each is renamed over NAME in order, the previous NAME kept as NAME.bak.
+_INSTALL_SCRIPT = r"""
+cd /data || exit 3
+for f in "$@"; do [ -f ".$f.partial" ] || { echo "$f was not uploaded" >&2; exit 3; }; done
+for f in "$@"; do
+  if [ -f "$f" ]; then cp -p "$f" ".$f.bak.partial" && mv -f ".$f.bak.partial" "$f.bak" || exit 6; fi
+  mv -f ".$f.partial" "$f" || exit 6
+done
+sync
+"""
 
 
 def container_create_kwargs(desired: ContainerState) -> dict[str, Any]:
@@ -143,6 +161,11 @@ def container_create_kwargs(desired: ContainerState) -> dict[str, Any]:
         elif config.gpu_access != "none":
             raise DriverError(f"container {desired.name}: unknown gpu_access {config.gpu_access!r}")
     return kwargs
+
+
+def _check_file_name(name: str) -> None:
+    if not name or "/" in name or name.startswith(".") or "\0" in name:
+        raise DriverError(f"{name!r} is not a valid file name")
 
 
 def ssh_host_port(endpoint: str) -> tuple[str, int]:
@@ -340,7 +363,7 @@ class DockerEngine:
                 if LABEL_CLUSTER not in labels:
                     foreign.append(name)
                     continue
-                if labels[LABEL_CLUSTER] != cluster or labels.get(LABEL_ROLE) == HELPER_ROLE:
+                if labels[LABEL_CLUSTER] != cluster or LABEL_ROLE in labels:
                     continue
                 try:
                     state = self.client.api.inspect_container(summary["Id"]).get("State") or {}
@@ -377,7 +400,8 @@ class DockerEngine:
     def list_volumes(self, cluster: str) -> list[VolumeState]:
         with self._errors("list volumes"):
             volumes = self.client.volumes.list(filters={"label": f"{LABEL_CLUSTER}={cluster}"})
-            return sorted((VolumeState(node=self.node, name=str(v.name)) for v in volumes), key=lambda v: v.name)
+            models = [v for v in volumes if LABEL_ROLE not in (v.attrs.get("Labels") or {})]
+            return sorted((VolumeState(node=self.node, name=str(v.name)) for v in models), key=lambda v: v.name)
 
     def create_volume(self, name: str, labels: dict[str, str]) -> None:
         if not labels.get(LABEL_CLUSTER):
@@ -559,7 +583,115 @@ class DockerEngine:
         column = titles.index("PID")
         return {int(row[column]) for row in top.get("Processes") or [] if str(row[column]).strip().isdigit()}
 
+    # ------------------------------------------------------------------ service containers (the gateway)
+
+    def read_volume_files(self, volume: str, names: Sequence[str]) -> dict[str, str | None]:
+        """Read through a helper container that is created, never started (`get_archive`), then removed."""
+        for name in names:
+            _check_file_name(name)
+        out: dict[str, str | None] = dict.fromkeys(names)
+        with self._errors(f"read volume {volume}"):
+            try:
+                self.client.volumes.get(volume)
+            except docker.errors.NotFound:
+                return out
+        if not names:
+            return out
+        self._require_image(self.helper_image)
+        with self._errors(f"read volume {volume}"):
+            container = self._create_helper(
+                ["true"], [docker.types.Mount(target=DATA_MOUNT, source=volume, type="volume", read_only=True)]
+            )
+            try:
+                for name in names:
+                    try:
+                        stream, _ = container.get_archive(f"{DATA_MOUNT}/{name}")
+                    except docker.errors.NotFound:
+                        continue
+                    with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
+                        member = tar.next()
+                        data = tar.extractfile(member) if member is not None and member.isfile() else None
+                        out[name] = data.read().decode("utf-8", errors="replace") if data is not None else None
+            finally:
+                with suppress(docker.errors.DockerException, OSError):
+                    container.remove(force=True)
+        return out
+
+    def write_volume_files(self, volume: str, files: Sequence[tuple[str, str]], labels: dict[str, str]) -> None:
+        for name, _ in files:
+            _check_file_name(name)
+        self.create_volume(volume, labels)
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for name, text in files:
+                data = text.encode()
+                info = tarfile.TarInfo(f".{name}{PARTIAL_SUFFIX}")
+                info.size, info.mode, info.mtime = len(data), 0o644, int(time.time())
+                tar.addfile(info, io.BytesIO(data))
+        code, _, err = self._helper(
+            [_INSTALL_SCRIPT, "sh", *(name for name, _ in files)],
+            mounts=[docker.types.Mount(target=DATA_MOUNT, source=volume, type="volume", read_only=False)],
+            doing=f"write {', '.join(n for n, _ in files)} into volume {volume}",
+            require_volume=volume,
+            archive=(DATA_MOUNT, buf.getvalue()),
+        )
+        if code != 0:
+            why = _one_line(err) or f"exit {code}"
+            raise DriverError(f"node {self.node}: cannot write into volume {volume}: {why}")
+
+    def run_service(self, desired: ServiceContainer, env: Mapping[str, str]) -> None:
+        self._require_image(desired.image)
+        labels = {
+            LABEL_CLUSTER: self.cluster,
+            LABEL_NODE: self.node,
+            LABEL_ROLE: desired.role,
+            LABEL_HASH: desired.config_hash,
+        }
+        with self._errors(f"re-create container {desired.name}"):
+            old = self._managed(desired.name)
+            if old is not None:
+                with suppress(docker.errors.NotFound):
+                    if old.status in ("running", "restarting", "paused"):
+                        old.stop(timeout=10)
+                    old.remove(force=True)
+            container = self.client.containers.create(
+                desired.image,
+                command=list(desired.command),
+                name=desired.name,
+                labels=labels,
+                environment=dict(env),
+                mounts=[docker.types.Mount(target=desired.mount, source=desired.volume, type="volume", read_only=True)],
+                network_mode=desired.network_mode,
+                restart_policy={"Name": desired.restart_policy},
+                init=True,
+            )
+        with self._errors(f"start container {desired.name}"):
+            try:
+                container.start()
+            except docker.errors.APIError:
+                with suppress(docker.errors.APIError):
+                    container.remove(force=True)
+                raise
+
+    def service_status(self, name: str) -> tuple[str, str] | None:
+        with self._errors(f"look up container {name}"):
+            container = self._managed(name)
+            if container is None:
+                return None
+            return str(container.status), str((container.labels or {}).get(LABEL_HASH, ""))
+
     # ------------------------------------------------------------------ helper containers
+
+    def _create_helper(self, command: list[str], mounts: list[Any]) -> Any:
+        return self.client.containers.create(
+            self.helper_image,
+            entrypoint=["/bin/sh", "-c"],
+            command=command,
+            name=f"homelab-helper-{uuid.uuid4().hex[:12]}",
+            labels={LABEL_CLUSTER: self.cluster, LABEL_ROLE: HELPER_ROLE},
+            mounts=mounts,
+            network_mode="none",
+        )
 
     def _helper(
         self,
@@ -570,8 +702,11 @@ class DockerEngine:
         require_volume: str | None = None,
         tick: Callable[[Any], None] | None = None,
         timeout: float | None = 120.0,
+        archive: tuple[str, bytes] | None = None,
     ) -> tuple[int, str, str]:
-        """Run `sh -c SCRIPT ARGS…` in a throwaway helper container; (exit code, stdout, stderr)."""
+        """Run `sh -c SCRIPT ARGS…` in a throwaway helper container; (exit code, stdout, stderr).
+
+        `archive` (directory, tar bytes) is unpacked into the container (its volumes) before it starts."""
         self._require_image(self.helper_image)
         with self._errors(doing):
             if require_volume is not None:
@@ -580,15 +715,7 @@ class DockerEngine:
                 except docker.errors.NotFound:
                     raise DriverError(f"no volume {require_volume} on node {self.node}") from None
             try:
-                container = self.client.containers.create(
-                    self.helper_image,
-                    entrypoint=["/bin/sh", "-c"],
-                    command=command,
-                    name=f"homelab-helper-{uuid.uuid4().hex[:12]}",
-                    labels={LABEL_CLUSTER: self.cluster, LABEL_ROLE: HELPER_ROLE},
-                    mounts=mounts,
-                    network_mode="none",
-                )
+                container = self._create_helper(command, mounts)
             except docker.errors.APIError as exc:
                 text = _explain(exc)
                 if "bind source path does not exist" in text:
@@ -596,6 +723,8 @@ class DockerEngine:
                     raise DriverError(f"{doing}: no directory {path} on node {self.node}") from None
                 raise
             try:
+                if archive is not None and not container.put_archive(*archive):
+                    raise DriverError(f"node {self.node}: {doing}: the files could not be put into the helper")
                 container.start()
                 start = time.monotonic()
                 next_tick = start

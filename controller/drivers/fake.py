@@ -7,10 +7,11 @@ check order. It is a test double, not a Docker emulator: nothing runs.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from controller.drivers.base import DriverError, NodeUnreachable, NotManaged, ProgressFn, VerifyFailed
-from controller.state import LABEL_CLUSTER, ContainerState, FileState, VolumeState
+from controller.state import LABEL_CLUSTER, ContainerState, FileState, ServiceContainer, VolumeState
 
 
 @dataclass
@@ -30,6 +31,10 @@ class FakeDockerNode:
     """(method, name) pairs that raise DriverError."""
     pids: dict[str, set[int]] = field(default_factory=dict)
     """container name → its host PIDs (for matching nvidia-smi's processes)."""
+    text_volumes: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Volumes of text files (the gateway's config): volume → {file name: text}; not model volumes."""
+    services: dict[str, tuple[ServiceContainer, str, dict[str, str]]] = field(default_factory=dict)
+    """Service containers (the gateway): name → (how it runs, Docker status, its environment)."""
 
     def _check(self, method: str, name: str) -> None:
         if not self.reachable:
@@ -103,6 +108,36 @@ class FakeDockerNode:
 
     def container_logs(self, name: str, tail: int = 20) -> str:
         return ""
+
+    def read_volume_files(self, volume: str, names: Sequence[str]) -> dict[str, str | None]:
+        self._check("read_volume_files", volume)
+        files = self.text_volumes.get(volume, {})
+        return {n: files.get(n) for n in names}
+
+    def write_volume_files(self, volume: str, files: Sequence[tuple[str, str]], labels: dict[str, str]) -> None:
+        self._check("write_volume_files", volume)
+        if not labels.get(LABEL_CLUSTER):
+            raise DriverError(f"refusing to create volume {volume} without the {LABEL_CLUSTER} label")
+        stored = self.text_volumes.setdefault(volume, {})
+        for name, text in files:
+            if name in stored:
+                stored[name + ".bak"] = stored[name]
+            stored[name] = text
+
+    def run_service(self, desired: ServiceContainer, env: Mapping[str, str]) -> None:
+        self._check("run_service", desired.name)
+        if desired.name in self.foreign:
+            raise NotManaged(f"container {desired.name} has no {LABEL_CLUSTER} label: not homelab's")
+        if desired.image not in self.images:
+            raise DriverError(f"image {desired.image} is not on node {self.node}")
+        self.services[desired.name] = (desired, "running", dict(env))
+
+    def service_status(self, name: str) -> tuple[str, str] | None:
+        self._check("service_status", name)
+        if name in self.foreign:
+            raise NotManaged(f"container {name} has no {LABEL_CLUSTER} label: not homelab's")
+        got = self.services.get(name)
+        return (got[1], got[0].config_hash) if got is not None else None
 
     def container_pids(self, name: str) -> set[int]:
         if not self.reachable:

@@ -16,6 +16,8 @@ class FakeGateway:
     text: str | None = None
     running: bool = True
     restarts: int = 0
+    container: str = ""
+    """mode container: the spec-hash of the proxy's container ("" none); a restart re-creates it as desired."""
     calls: list[str] = field(default_factory=list)
     fail_on: set[str] = field(default_factory=set)
 
@@ -38,6 +40,10 @@ class FakeGateway:
         self._check("restart")
         self.restarts += 1
         self.running = True
+        self.container = desired.run_hash
+
+    def container_hash(self) -> str:
+        return self.container
 
     def wait_live(self, desired: GatewayState, timeout: float) -> None:
         self._check("wait_live")

@@ -4,7 +4,9 @@
 runs homelab:
 
 - the config is written with `specs.files.atomic_write` (temporary file, fsync,
-  rename; the previous file kept as NAME.bak);
+  rename; the previous file kept as NAME.bak), after the files that go next to it
+  (`GatewayState.files`: the classifier plugin `homelab_router.py`, which the proxy
+  loads from the config's directory); a missing or edited one shows as a change;
 - health is `GET /health/liveliness` — never `/health`, which calls every model
   and hangs while one of them is down;
 - mode `process`: homelab starts the proxy (`gateway.command --config PATH --host H
@@ -16,8 +18,21 @@ runs homelab:
   a log or the plan. Only a pid whose command line names this config is stopped;
 - mode `external`: the config is written and, if the proxy answers, its
   liveliness checked; restarting it is its owner's business;
-- mode `container` is not implemented yet: its first step fails with a one-line error
-  and nothing is written (the file would belong on the gateway's node, not here).
+- mode `container` (`ContainerGateway`): the proxy is a managed container on the
+  gateway's node (`homelab-gateway`, labelled `homelab.cluster`, `homelab.node`,
+  `homelab.role=gateway` and `homelab.spec-hash`, network host), serving
+  `--config /etc/homelab-litellm/config.yaml --host H --port P`. Its config (and the
+  files next to it) is in the labelled volume `homelab-gateway`, mounted read-only:
+  written by a short-lived helper container (temporary name, rename, the previous
+  file kept as NAME.bak) and read back through one that never starts. A restart
+  re-creates the container, so it gets the current image, arguments and key. The
+  master key is resolved at that moment and handed to Docker as the container's
+  environment variable that the config names (`os.environ/NAME`) — how LiteLLM
+  reads its key. It is never in the command line, a label, the plan, the events or
+  a log; but Docker keeps a container's environment, and `docker inspect` on the
+  node shows it to whoever may use that Docker engine (who could read any of the
+  node's secrets anyway). (LocalGateway refuses mode container: its files belong on
+  the gateway's node, not this machine's disk.)
 """
 
 from __future__ import annotations
@@ -31,9 +46,10 @@ from pathlib import Path
 
 import httpx
 
-from controller.drivers.base import DriverError
-from controller.secrets import resolve_secret
-from controller.state import GatewayState
+from controller.drivers.base import DockerNode, DriverError
+from controller.gateway import GATEWAY_CONFIG, GATEWAY_CONTAINER, GATEWAY_ROLE, GATEWAY_VOLUME, gateway_container
+from controller.secrets import Redactor, resolve_secret
+from controller.state import LABEL_CLUSTER, LABEL_NODE, LABEL_ROLE, GatewayState
 from specs.files import atomic_write
 
 PID_FILE = "litellm.pid"
@@ -75,10 +91,19 @@ class LocalGateway:
         return self.state_dir / PID_FILE
 
     def read_config(self) -> str | None:
+        path = Path(self.desired.path).expanduser()
         try:
-            return Path(self.desired.path).expanduser().read_text()
+            text = path.read_text()
         except FileNotFoundError:
             return None
+        for name, want in self.desired.files:
+            try:
+                have: str | None = (path.parent / name).read_text()
+            except FileNotFoundError:
+                have = None
+            if have != want:  # the config alone would look in sync: make the difference seen
+                text += f"# {name} next to this file is {'missing' if have is None else 'not the one rendered'}\n"
+        return text
 
     def alive(self) -> bool:
         try:
@@ -95,6 +120,8 @@ class LocalGateway:
         path = Path(desired.path).expanduser()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            for name, text in desired.files:  # first: the config names them
+                atomic_write(path.parent / name, text, keep_previous=False)
             atomic_write(path, desired.text)
         except OSError as exc:
             raise DriverError(f"gateway config {path}: cannot write: {exc.strerror}") from None
@@ -169,9 +196,87 @@ class LocalGateway:
             time.sleep(0.2)
         raise DriverError(f"gateway: {desired.url}{LIVELINESS} did not answer 200 within {timeout:g}s (last: {last})")
 
+    def container_hash(self) -> str:
+        return ""  # no container: mode process or external
+
     def _log_tail(self, lines: int = 3) -> str:
         try:
             text = (self.state_dir / LOG_FILE).read_text(errors="replace")
         except OSError:
             return ""
         return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
+
+
+class ContainerGateway:
+    """mode container: the proxy in a managed container on the gateway's node, its config in a volume there."""
+
+    def __init__(self, desired: GatewayState, docker: DockerNode, cluster: str, *, timeout: float = 2.0) -> None:
+        self.desired = desired
+        self.docker = docker
+        self.cluster = cluster
+        self.timeout = timeout
+        self._redact = Redactor()
+
+    def read_config(self) -> str | None:
+        names = [GATEWAY_CONFIG, *(name for name, _ in self.desired.files)]
+        got = self.docker.read_volume_files(GATEWAY_VOLUME, names)
+        text = got.get(GATEWAY_CONFIG)
+        if text is None:
+            return None
+        for name, want in self.desired.files:
+            have = got.get(name)
+            if have != want:  # the config alone would look in sync: make the difference seen
+                text += f"# {name} next to this file is {'missing' if have is None else 'not the one rendered'}\n"
+        return text
+
+    def container_hash(self) -> str:
+        got = self.docker.service_status(GATEWAY_CONTAINER)
+        return got[1] if got is not None else ""
+
+    def alive(self) -> bool:
+        got = self.docker.service_status(GATEWAY_CONTAINER)
+        if got is None or got[0] != "running":
+            return False
+        try:
+            r = httpx.get(self.desired.url + LIVELINESS, timeout=self.timeout, trust_env=False)
+        except httpx.HTTPError:
+            return False
+        return r.status_code == 200
+
+    def write_config(self, desired: GatewayState) -> None:
+        assert desired.text is not None
+        labels = {LABEL_CLUSTER: self.cluster, LABEL_NODE: self.docker.node, LABEL_ROLE: GATEWAY_ROLE}
+        # The files the config names first, the config last.
+        self.docker.write_volume_files(GATEWAY_VOLUME, [*desired.files, (GATEWAY_CONFIG, desired.text)], labels)
+
+    def restart(self, desired: GatewayState) -> None:
+        """Re-create the container: LiteLLM reads its config (and its key) only at start."""
+        key = resolve_secret(desired.key_ref)
+        self._redact.add(key)
+        env = {desired.key_env: key, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}  # no cost-map download at start
+        self.docker.run_service(gateway_container(desired), env)
+
+    def wait_live(self, desired: GatewayState, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            try:
+                r = httpx.get(desired.url + LIVELINESS, timeout=self.timeout, trust_env=False)
+                if r.status_code == 200:
+                    return
+                last = f"HTTP {r.status_code}"
+            except httpx.HTTPError as exc:
+                last = type(exc).__name__
+            got = self.docker.service_status(GATEWAY_CONTAINER)
+            if got is None or got[0] not in ("created", "running", "restarting"):
+                tail = ""
+                with contextlib.suppress(DriverError):
+                    logs = self.docker.container_logs(GATEWAY_CONTAINER, tail=3) if got is not None else ""
+                    tail = " | ".join(line.strip() for line in self._redact(logs).strip().splitlines())
+                state = "does not exist" if got is None else got[0]
+                raise DriverError(
+                    f"gateway: the proxy's container on node {self.docker.node} {state}"
+                    + (f"; last log lines: {tail}" if tail else "")
+                )
+            time.sleep(0.2)
+        raise DriverError(f"gateway: {desired.url}{LIVELINESS} did not answer 200 within {timeout:g}s (last: {last})")

@@ -479,7 +479,7 @@ def test_cli_probes_candidates(
     assert doc["model"] == "coder-1b"
     assert doc["url"] == f"http://127.0.0.1:{ready}/v1"
     assert doc["fallback_used"] is True
-    assert doc["reason"] == "coder-7b is down (on box: loading (HTTP 503)); using coder-1b on box"
+    assert doc["reason"] == "coder-7b is down (on box: loading the model); using coder-1b on box"
     cache = json.loads((tmp_path / "state" / "route-health.json").read_text())
     assert cache[f"http://127.0.0.1:{loading}/health"]["ok"] is False
     assert cache[f"http://127.0.0.1:{ready}/health"]["ok"] is True
@@ -493,7 +493,7 @@ def test_probe_refused_and_cache(tmp_path: Path) -> None:
     clock = [1000.0]
     cache = HealthCache(tmp_path / "c.json", ttl=30.0, clock=lambda: clock[0])
     got = probe(spec, [dead], cache)
-    assert got[dead] == EndpointHealth(False, "connection refused")
+    assert got[dead] == EndpointHealth(False, "Connection refused")  # as `homelab health` says it
     # a fresh cached answer is used instead of probing
     cache.results[dead.health_url] = Probed(True, at=clock[0])
     assert probe(spec, [dead], cache)[dead].healthy

@@ -135,3 +135,9 @@ def litellm_bin() -> str:
             pytest.fail(f"a real LiteLLM proxy is required here: {why}")
         pytest.skip(why)
     return path
+
+
+@pytest.fixture(scope="session")
+def litellm_image(docker_client: docker.DockerClient, litellm_bin: str) -> str:
+    """The real LiteLLM proxy of $HOMELAB_LITELLM's venv as an image (tests/support/images.py; ~0.8 GB)."""
+    return images.litellm_image(docker_client)

@@ -1,6 +1,6 @@
 """Test images built without a registry: a root filesystem assembled here, then `docker import`.
 
-Nothing is ever pulled. Two images:
+Nothing is ever pulled. Three images:
 
 - `busybox_image(client)`: `/bin/busybox` (Debian's busybox-static; a dynamic
   busybox gets its libraries and loader too) with a symlink per applet; ~2 MB.
@@ -11,6 +11,14 @@ Nothing is ever pulled. Two images:
   and the loader `/lib64/ld-linux-x86-64.so.2`, all copied with symlinks
   followed (`cp -L`); ENTRYPOINT is the server. ~80 MB. Without a GPU (or a
   Vulkan driver in the image) it runs on the CPU.
+- `litellm_image(client)`: the real LiteLLM proxy of the virtualenv behind
+  `$HOMELAB_LITELLM` (`litellm[proxy]==1.108.7` and `prisma`) and the CPython it
+  was made from (its `sys.base_prefix`: the interpreter, `libpython`, the
+  standard library without `site-packages`, tests, tkinter, idlelib and the
+  static library), each at its host path, so the venv's `pyvenv.cfg` and script
+  shebangs stay valid; plus every system library `ldd` lists for an ELF file in
+  them, and the loader. Tests, `*.pyi` stubs and pip are left out; `__pycache__`
+  is kept (a cold start compiles nothing). ENTRYPOINT is the venv's `litellm`.
 
 Images are tagged by a hash of their content (`homelab-test/NAME:HASH`), so a
 daemon that already has one is not asked again, and the root filesystem tarball
@@ -26,8 +34,10 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,7 +175,9 @@ def write_tar(entries: list[Entry], dest: Path) -> None:
                     info.mode = 0o777
                     tar.addfile(info)
                 elif e.source is not None:
-                    info.size = e.source.stat().st_size
+                    st = e.source.stat()
+                    info.size = st.st_size
+                    info.mtime = int(st.st_mtime)  # a .pyc is valid only next to a source of the same mtime
                     with open(e.source, "rb") as f:  # follows symlinks: `cp -L`
                         tar.addfile(info, f)
                 else:
@@ -212,6 +224,147 @@ def llamacpp_image(client: docker.DockerClient) -> str:
         'ENTRYPOINT ["/app/llama-server"]',
     ]
     return build_image(client, "llama-server", llamacpp_rootfs(), changes)
+
+
+LITELLM_ENV = "HOMELAB_LITELLM"
+_STDLIB_SKIP = {"site-packages", "test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3"}
+_VENV_SKIP = {"tests", "test", "pip", "__editable__"}
+
+
+def litellm_venv() -> Path:
+    """The virtualenv of `$HOMELAB_LITELLM` (`VENV/bin/litellm`)."""
+    exe = os.environ.get(LITELLM_ENV, "")
+    if not exe or not os.access(exe, os.X_OK):
+        raise ImageBuildError(f"${LITELLM_ENV} must name the `litellm` of a venv with 'litellm[proxy]==1.108.7' prisma")
+    venv = Path(exe).absolute().parent.parent
+    if not (venv / "pyvenv.cfg").is_file():
+        raise ImageBuildError(f"{venv} is not a virtualenv (no pyvenv.cfg)")
+    return venv
+
+
+def _tree(root: Path, skip_dir: Callable[[Path], bool], skip_file: Callable[[Path], bool]) -> list[Entry]:
+    """Every directory, file and symlink under `root` (at its host path), symlinks kept as links."""
+    entries: list[Entry] = []
+    for parent, dirs, files in os.walk(root):
+        here = Path(parent)
+        entries.append(Entry(str(here), mode=0o755))
+        keep = []
+        for d in sorted(dirs):
+            path = here / d
+            if skip_dir(path):
+                continue
+            if path.is_symlink():
+                entries.append(Entry(str(path), link=os.readlink(path)))
+            else:
+                keep.append(d)
+        dirs[:] = keep
+        for f in sorted(files):
+            path = here / f
+            if skip_file(path):
+                continue
+            if path.is_symlink():
+                entries.append(Entry(str(path), link=os.readlink(path)))
+            elif path.is_file():
+                entries.append(Entry(str(path), source=path, mode=stat.S_IMODE(path.stat().st_mode)))
+    return entries
+
+
+def _is_elf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"\x7fELF"
+    except OSError:
+        return False
+
+
+def _system_libs(binaries: list[Path]) -> dict[str, Path]:
+    """Libraries outside the copied trees that `ldd` resolves for `binaries` (name → host path)."""
+    libs: dict[str, Path] = {}
+    for i in range(0, len(binaries), 200):
+        result = subprocess.run(["ldd", *map(str, binaries[i : i + 200])], capture_output=True, text=True, check=False)
+        for line in result.stdout.splitlines():
+            m = _LDD_RE.match(line)
+            if m is not None:
+                libs.setdefault(m.group(1), Path(m.group(2)))
+    return libs
+
+
+def litellm_rootfs() -> list[Entry]:
+    venv = litellm_venv()
+    probe = subprocess.run(
+        [
+            str(venv / "bin" / "python"),
+            "-c",
+            "import sys; print(sys.base_prefix); print('%d.%d' % sys.version_info[:2])",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    base, version = Path(probe[0]), probe[1]
+    stdlib = base / "lib" / f"python{version}"
+
+    def skip_stdlib(path: Path) -> bool:
+        return path.parent == stdlib and (path.name in _STDLIB_SKIP or path.name.startswith("config-"))
+
+    def skip_venv(path: Path) -> bool:
+        return path.name in _VENV_SKIP and "site-packages" in path.parts
+
+    def skip_file(path: Path) -> bool:
+        return path.suffix == ".pyi" or path.name.endswith((".opt-1.pyc", ".opt-2.pyc"))
+
+    entries = [
+        *_base_dirs(),
+        Entry("/root", mode=0o700),
+        Entry("/lib"),
+        Entry("/lib/x86_64-linux-gnu"),
+        Entry("/lib64"),
+    ]
+    for parent in reversed([*base.parents][:-1]):
+        entries.append(Entry(str(parent)))
+    entries += [Entry(str(base)), Entry(str(base / "bin")), Entry(str(base / "lib"))]
+    for exe in sorted((base / "bin").glob("python*")):
+        if exe.is_symlink():
+            entries.append(Entry(str(exe), link=os.readlink(exe)))
+        elif _is_elf(exe):
+            entries.append(Entry(str(exe), source=exe))
+    for lib in sorted((base / "lib").glob("libpython*.so*")):
+        entries.append(Entry(str(lib), source=lib, mode=0o755))
+    entries += _tree(stdlib, skip_stdlib, skip_file)
+    for parent in reversed([*venv.parents][:-1]):
+        if not any(e.path == str(parent) for e in entries):
+            entries.append(Entry(str(parent)))
+    entries += _tree(venv, skip_venv, skip_file)
+    seen: set[str] = set()
+    unique = []
+    for e in entries:
+        if e.path not in seen:
+            seen.add(e.path)
+            unique.append(e)
+    binaries = [
+        e.source
+        for e in unique
+        if e.source is not None and (".so" in e.source.name or e.source.name == f"python{version}")
+    ]
+    system = Path("/lib/x86_64-linux-gnu")
+    for name, path in sorted(_system_libs([b for b in binaries if _is_elf(b)]).items()):
+        if str(path).startswith((str(base), str(venv))):
+            continue  # already in the image (libpython, a wheel's bundled libraries)
+        unique.append(Entry(str(system / name), source=path, mode=0o644))
+    unique.append(Entry(str(LOADER), source=LOADER))
+    return unique
+
+
+def litellm_image(client: docker.DockerClient) -> str:
+    """The real LiteLLM proxy as an image (see the module docstring); ENTRYPOINT `litellm`."""
+    venv = litellm_venv()
+    changes = [
+        f"ENV PATH={venv}/bin:{PATH_ENV}",
+        "ENV HOME=/root",
+        "ENV LITELLM_LOCAL_MODEL_COST_MAP=True",
+        f'ENTRYPOINT ["{venv}/bin/litellm"]',
+    ]
+    return build_image(client, "litellm", litellm_rootfs(), changes)
 
 
 def clear_cache() -> None:

@@ -1,0 +1,691 @@
+"""The request classifier: which expert category a request belongs to. Standard library only.
+
+This module is the classifier's whole core, and it imports nothing but the standard library,
+so that the same code runs in two places:
+
+- in homelab, behind `controller.routing.Classifier` (`homelab route`, `homelab health`);
+- inside the LiteLLM proxy, whose virtualenv has no homelab: `controller.gateway` writes this
+  file's source, followed by the spec's routing rules as JSON and one `LiteLLMClassifier`
+  instance, next to the proxy's config (`homelab_router.py`), and the config names that
+  instance as the `classifier_plugin` of its `auto` model (see `LiteLLMClassifier`).
+
+Categories are plain strings here (`controller.routing` turns them into `specs.enums.Category`);
+the rules from the spec arrive as a JSON-able mapping (`Classifier.from_config`), the same one
+homelab and the plugin build their classifier from.
+
+How a request is classified, in order:
+
+1. an image in any user message → `vision`; an embeddings body (`input`) → `embed`;
+2. every rule votes: a keyword or phrase (matched on whole words, case-insensitive),
+   a regular expression, or a file name with one of its extensions each add the
+   signal's weight × the rule's `weight`; text of the last user message counts fully,
+   the system prompt and earlier user turns count a quarter (`CONTEXT_WEIGHT`);
+3. the category with the highest score ≥ `THRESHOLD` wins (ties: code, reason,
+   vision, embed, fast, chat);
+4. else a prompt of at most `fast_max_words` words with no conversational signal
+   (why, explain, write …) is `fast`; anything else is `default_category`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+CODE = "code"
+REASON = "reason"
+CHAT = "chat"
+VISION = "vision"
+FAST = "fast"
+EMBED = "embed"
+CATEGORIES = (CODE, REASON, CHAT, VISION, FAST, EMBED)
+"""The categories (the values of `specs.enums.Category`)."""
+
+THRESHOLD = 1.0
+"""A category needs at least this score to win on its signals."""
+
+CONTEXT_WEIGHT = 0.25
+"""How much the system prompt and earlier user turns count against the last user message."""
+
+TIE_ORDER: tuple[str, ...] = (
+    CODE,
+    REASON,
+    VISION,
+    EMBED,
+    FAST,
+    CHAT,
+)
+"""Equal scores go to the more specialised category."""
+
+
+class RequestError(ValueError):
+    """The request cannot be classified (one line, for the user)."""
+
+
+# --------------------------------------------------------------------------- default rules
+
+
+@dataclass(frozen=True, eq=False, slots=True)
+class Signal:
+    """One compiled signal: a keyword or phrase, a regex or a file extension.
+
+    Compared by identity: the classifier makes one per (category, label, weight), so
+    patterns sharing a label are one signal and count once.
+    """
+
+    category: str
+    label: str
+    weight: float
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A rule before compilation: built in, or from the spec."""
+
+    category: str
+    keywords: tuple[str, ...] = ()
+    patterns: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
+    """(label, regex, prefilter): the regex runs only on text containing one of the prefilter strings
+    (always, when there are none). Patterns sharing a label are one signal."""
+    file_extensions: tuple[str, ...] = ()
+    weight: float = 1.0
+    pattern_weight: float = 1.0
+    """Each pattern counts this much (× `weight`); built-in structural patterns are strong."""
+    word_problems: bool = False
+    """Vote for a text with several numbers and a quantity question ("how long …?")."""
+
+
+_CODE_KEYWORDS = (
+    # languages and runtimes
+    "python", "python3", "javascript", "typescript", "js", "ts", "node.js", "nodejs", "rust", "golang",
+    "java", "kotlin", "c#", "c++", "cpp", "csharp", "ruby", "php", "perl", "lua", "swift", "scala",
+    "haskell", "elixir", "bash", "zsh", "powershell", "shell script", "sql", "html", "css", "jsx", "tsx",
+    # tools
+    "git", "github", "gitlab", "docker", "dockerfile", "docker-compose", "compose file", "kubernetes",
+    "kubectl", "k8s", "helm", "terraform", "ansible", "nginx", "systemd", "systemctl", "makefile", "cmake",
+    "gcc", "clang", "npm", "yarn", "pnpm", "pip", "conda", "venv", "virtualenv", "cargo", "pytest",
+    "jest", "webpack", "vite", "gitignore", "regex", "regexp", "grep", "sed", "awk", "curl", "ssh",
+    "react", "vue", "django", "flask", "fastapi", "express", "pandas", "numpy", "dataframe", "postgres",
+    "postgresql", "mysql", "sqlite", "redis", "mongodb", "llama-server", "cuda",
+    # programming words
+    "code", "coding", "function", "functions", "method", "methods", "class", "classes", "variable",
+    "variables", "compile", "compiler", "compiles", "compiling", "syntax", "debug", "debugging", "bug",
+    "bugs", "exception", "stack trace", "stacktrace", "traceback", "segfault", "segmentation fault",
+    "core dumped", "null pointer", "pointer", "refactor", "refactoring", "api", "endpoint", "json", "yaml",
+    "script", "scripts", "for loop", "while loop", "loop", "array", "arrays", "linked list", "hashmap",
+    "hash map", "dictionary", "recursion", "recursive", "algorithm", "time complexity", "big-o",
+    "async", "await", "thread safe", "thread-safe", "mutex", "race condition", "unit test", "unit tests",
+    "test case", "fixture", "query", "queries", "schema", "commit", "rebase", "merge conflict", "branch",
+    "pull request", "repo", "repository", "library", "package", "dependency", "dependencies",
+    "implement", "implementation", "idiomatic", "off-by-one", "struct", "structs", "enum", "interface",
+    "generic", "generics", "lambda", "callback", "closure", "boolean", "integer overflow", "string",
+    "parse", "parser", "cli", "command line", "config file", "env var", "environment variable",
+    "container", "image size", "port", "localhost", "stdout", "stderr", "crashloopbackoff", "deploy",
+    "deployment", "build", "linter", "type hint", "typescript's", "undefined", "null", "nan", "unwrap",
+    "borrow checker", "lifetime", "goroutine", "decorator", "iterator", "generator", "comprehension",
+)  # fmt: skip
+
+_CODE_EXTENSIONS = (
+    ".py", ".pyi", ".ipynb", ".js", ".mjs", ".cjs", ".ts", ".jsx", ".tsx", ".vue", ".svelte", ".rs",
+    ".go", ".c", ".h", ".cc", ".cpp", ".hpp", ".cxx", ".java", ".kt", ".cs", ".rb", ".php", ".pl",
+    ".lua", ".swift", ".scala", ".sh", ".bash", ".zsh", ".ps1", ".bat", ".sql", ".yaml", ".yml",
+    ".toml", ".json", ".ini", ".conf", ".cfg", ".env", ".tf", ".hcl", ".html", ".css", ".scss",
+    ".xml", ".gradle", ".mk", ".cmake", ".dockerfile", ".lock", ".proto", ".graphql", ".nix",
+)  # fmt: skip
+
+_CODE_PATTERNS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    # (label, regex, prefilter: the regex is only run on text holding one of these)
+    ("code fence", r"```", ("```",)),
+    ("Python traceback", r"Traceback \(most recent call last\)|^\s*File \"[^\"]+\", line \d+", ("Traceback", 'File "')),
+    ("error name", r"\b[A-Z][A-Za-z]*(?:Error|Exception)\b", ("Error", "Exception")),
+    ("compiler error", r"^(?:error|warning)(?:\[E\d+\])?: ", ("error", "warning")),
+    ("stack frame", r"^\s+at [\w$.<>]+ \(?[^\s()]+:\d+(?::\d+)?\)?\s*$", ("\n    at ", "\n\tat ", "\n  at ")),
+    ("stack frame", r"\.(?:go|rs|c|cc|cpp|h|java|kt|js|jsx|ts|tsx|py|rb|php|cs):\d+", (":",)),
+    ("panic", r"^panic: |^goroutine \d+ \[|Exception in thread \"", ("panic: ", "goroutine ", "Exception in thread")),
+)
+"""Strong signals: each counts 3."""
+
+_CODE_SYNTAX: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    (
+        "definition",
+        r"^\s*(?:def|fn|func|function|class|struct|impl|public|private|static|import|from \S+ import"
+        r"|#include|package|const|let|var|async def|export)\b[^\n]*[({:=;]",
+        (),
+    ),
+    ("call", r"\w\.[A-Za-z_]\w*\(", (".",)),
+    ("call", r"\w\(\)", ("()",)),
+    ("operator", r"=>|->|::|!==?|===?|&&|\|\||\+\+|\+=|-=", ()),
+    ("statement end", r"[;{}][ \t]*$", (";", "{", "}")),
+    ("inline code", r"`[^`\n]+`", ("`",)),
+    ("shell prompt", r"^\s*\$ \w", ("$ ",)),
+    ("camelCase name", r"(?<![A-Za-z])[a-z]{2,}[A-Z][a-z]", ()),
+    ("snake_case name", r"\b[a-z][a-z0-9]*_[a-z0-9_]+\b", ("_",)),
+    ("indented block", r"^(?: {4}|\t)\S.*\n(?: {4}|\t)\S", ("\n    ", "\n\t")),
+)
+"""Weak signals: each counts 1."""
+
+_REASON_KEYWORDS = (
+    "prove", "proof", "proofs", "theorem", "lemma", "corollary", "derive", "derivation", "integral",
+    "integrate", "derivative", "differentiate", "the limit as", "calculus", "algebra", "geometry",
+    "trigonometry", "probability", "probabilities", "expected value", "expected number", "eigenvalue",
+    "eigenvalues", "eigenvector", "determinant", "matrix", "equation", "equations", "solve", "solve for",
+    "induction", "irrational", "prime", "primes", "puzzle", "riddle", "paradox", "logic", "logical",
+    "logically", "syllogism", "fallacy", "premise", "therefore", "step by step", "step-by-step",
+    "think carefully", "reason carefully", "reason through", "think through", "work through",
+    "rigorous", "rigorously", "justify", "show that", "show your work", "show your steps", "remainder",
+    "modulo", "factorial", "combinatorics", "permutations", "combinations", "how many ways", "maximise",
+    "maximize", "minimise", "minimize", "optimal", "calculate", "calculation", "compute", "reasoning",
+    "deduce", "infer", "injective", "surjective", "bijective", "converge", "converges", "divergent",
+    "polynomial", "quadratic", "inequality", "sequence", "series", "sum of", "average speed", "odds",
+)  # fmt: skip
+
+_REASON_PATTERNS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("equation", r"\d[a-z]\s*[-+=*/^]", ()),
+    ("equation", r"[a-z0-9)]\s*\^\s*\d", ("^",)),
+    ("equation", r"\b[a-z]\([a-z]\)\s*=", (") =", ")=")),
+    ("inequality", r"\b[a-z]\s*(?:>=|<=|≥|≤)\s*\d", (">=", "<=", "≥", "≤")),
+    ("math symbol", r"[∫∑∏√π≤≥≠∞∂∀∃∈⇒]", ("∫", "∑", "∏", "√", "π", "≤", "≥", "≠", "∞", "∂", "∀", "∃", "∈", "⇒")),
+    ("math function", r"\b(?:sin|cos|tan|log|ln|exp|sqrt)\(", ("sin(", "cos(", "tan(", "log(", "ln(", "exp(", "sqrt(")),
+)
+"""Each counts 1.5."""
+
+_FAST_GREETINGS = (
+    "hi", "hello", "hey", "heya", "hiya", "yo", "sup", "howdy", "hola", "bonjour", "ciao", "hallo",
+    "thanks", "thank you", "thx", "ty", "cheers", "bye", "goodbye", "good morning", "good afternoon",
+    "good evening", "good night", "gm", "gn", "ok", "okay", "ping", "are you there", "how are you",
+)  # fmt: skip
+
+_CHAT_WORDS = (
+    "why", "explain", "describe", "tell me", "write", "rewrite", "draft", "summarise", "summarize",
+    "translate", "recommend", "suggest", "advice", "opinion", "what do you think", "compare", "story",
+    "poem", "email", "letter", "help me", "feel", "feeling",
+)  # fmt: skip
+
+
+def _default_rules() -> dict[str, list[Rule]]:
+    return {
+        CODE: [
+            Rule(CODE, keywords=_CODE_KEYWORDS, file_extensions=_CODE_EXTENSIONS),
+            Rule(CODE, patterns=_CODE_PATTERNS, pattern_weight=3.0),
+            Rule(CODE, patterns=_CODE_SYNTAX),
+        ],
+        REASON: [
+            Rule(REASON, keywords=_REASON_KEYWORDS),
+            Rule(REASON, patterns=_REASON_PATTERNS, pattern_weight=1.5, word_problems=True),
+        ],
+        FAST: [Rule(FAST, keywords=_FAST_GREETINGS)],
+        # Conversational wording: too weak to win (0.5 < THRESHOLD), it keeps a short question
+        # such as "why do cats purr?" from being sent to the fast model.
+        CHAT: [Rule(CHAT, keywords=_CHAT_WORDS, weight=0.5)],
+    }
+
+
+def merge_rules(rules: Mapping[str, Mapping[str, Any]]) -> dict[str, list[Rule]]:
+    """The defaults merged with rules from the spec (`replace_defaults` drops that category's defaults)."""
+    merged = _default_rules()
+    for category, rule in rules.items():
+        extra = Rule(
+            category,
+            keywords=tuple(rule.get("keywords", ())),
+            patterns=tuple((f"pattern {p!r}", p, ()) for p in rule.get("patterns", ())),
+            file_extensions=tuple(rule.get("file_extensions", ())),
+            weight=float(rule.get("weight", 1.0)),
+        )
+        if rule.get("replace_defaults"):
+            merged[category] = [extra]
+        else:
+            merged.setdefault(category, []).append(extra)
+    return merged
+
+
+# --------------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    """What the classifier looks at, pulled out of whatever shape the request came in."""
+
+    text: str
+    """The last user message (or the prompt)."""
+    context: str = ""
+    """The system prompt and earlier user turns: weak evidence."""
+    images: int = 0
+    """Image parts in user messages."""
+    embed: bool = False
+    """An embeddings body (`input`)."""
+    shape: str = "prompt"
+    """prompt, chat, completion, embeddings."""
+
+
+_TEXT_PARTS = frozenset({"text", "input_text"})
+_IMAGE_PARTS = frozenset({"image_url", "input_image", "image", "image_file"})
+
+
+def parse_json(text: str) -> object:
+    """A JSON request body, or a one-line RequestError saying where it is malformed."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RequestError(f"malformed JSON request: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise RequestError("malformed JSON request: nested too deeply") from None
+
+
+def _content(content: object, where: str) -> tuple[str, int]:
+    """(text, image parts) of a message's content: a string or a list of parts."""
+    if content is None:
+        return "", 0
+    if isinstance(content, str):
+        return content, 0
+    if not isinstance(content, list):
+        raise RequestError(f"{where}.content: must be a string or a list of content parts")
+    texts: list[str] = []
+    images = 0
+    for i, part in enumerate(content):
+        if isinstance(part, str):
+            texts.append(part)
+            continue
+        if not isinstance(part, dict):
+            raise RequestError(f"{where}.content[{i}]: must be an object with a `type`")
+        kind = part.get("type")
+        if kind in _TEXT_PARTS:
+            value = part.get("text")
+            if not isinstance(value, str):
+                raise RequestError(f"{where}.content[{i}].text: must be a string")
+            texts.append(value)
+        elif kind in _IMAGE_PARTS:
+            images += 1
+        # other parts (audio, files, tool results) carry no text to classify
+    return "\n".join(texts), images
+
+
+def _system_text(system: object) -> str:
+    if system is None:
+        return ""
+    if isinstance(system, str):
+        return system
+    if isinstance(system, list):
+        return "\n".join(p["text"] for p in system if isinstance(p, dict) and isinstance(p.get("text"), str))
+    raise RequestError("system: must be a string or a list of text blocks")
+
+
+def _parse_messages(body: Mapping[str, Any]) -> ParsedRequest:
+    messages = body["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("messages: must be a non-empty list")
+    last_user: int | None = None
+    parsed: list[tuple[str, str, int]] = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise RequestError(f"messages[{i}]: must be an object with `role` and `content`")
+        role = message.get("role")
+        if not isinstance(role, str):
+            raise RequestError(f"messages[{i}].role: must be a string")
+        text, images = _content(message.get("content"), f"messages[{i}]")
+        parsed.append((role, text, images))
+        if role == "user":
+            last_user = i
+    if last_user is None:
+        raise RequestError("messages: no message with role `user`")
+    context = [_system_text(body.get("system"))]
+    images = 0
+    for i, (role, text, n) in enumerate(parsed):
+        if role in ("system", "developer"):
+            context.append(text)
+        elif role == "user":
+            images += n
+            if i != last_user:
+                context.append(text)
+    text = parsed[last_user][1]
+    if not text.strip() and images == 0:
+        raise RequestError(f"messages[{last_user}]: the last user message is empty")
+    return ParsedRequest(text=text, context="\n".join(c for c in context if c), images=images, shape="chat")
+
+
+def _parse_embeddings(value: object) -> ParsedRequest:
+    if isinstance(value, str):
+        if not value.strip():
+            raise RequestError("input: the embeddings input is empty")
+        return ParsedRequest(text=value, embed=True, shape="embeddings")
+    if isinstance(value, list) and value:
+        if all(isinstance(v, str) for v in value):
+            return ParsedRequest(text="\n".join(value), embed=True, shape="embeddings")
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in value) or all(
+            isinstance(v, list) and v and all(isinstance(t, int) and not isinstance(t, bool) for t in v) for v in value
+        ):
+            return ParsedRequest(text="", embed=True, shape="embeddings")
+        raise RequestError("input: must be a string, a list of strings, or token ids")
+    raise RequestError("input: the embeddings input is empty" if value == [] else "input: must be a string or a list")
+
+
+def parse_request(request: object) -> ParsedRequest:
+    """Pull the text (and images, or the embeddings input) out of a prompt or a request body."""
+    if isinstance(request, ParsedRequest):
+        return request
+    if isinstance(request, str):
+        if not request.strip():
+            raise RequestError("empty prompt")
+        return ParsedRequest(text=request)
+    if not isinstance(request, Mapping):
+        raise RequestError(f"a request must be a prompt or a JSON object, not {type(request).__name__}")
+    if "messages" in request:
+        return _parse_messages(request)
+    if "input" in request:
+        return _parse_embeddings(request["input"])
+    if "prompt" in request:
+        prompt = request["prompt"]
+        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            prompt = "\n".join(prompt)
+        if isinstance(prompt, list) and prompt and all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+            return ParsedRequest(text="", shape="completion")  # token ids: nothing to read
+        if not isinstance(prompt, str):
+            raise RequestError("prompt: must be a string or a list of strings")
+        if not prompt.strip():
+            raise RequestError("prompt: empty prompt")
+        return ParsedRequest(text=prompt, context=_system_text(request.get("system")), shape="completion")
+    raise RequestError("request body has no `messages`, `prompt` or `input`")
+
+
+# --------------------------------------------------------------------------- classifier
+
+
+@dataclass(frozen=True)
+class Classification:
+    """A category, the signals that decided it (best first), and every category's score."""
+
+    category: str
+    signals: tuple[str, ...]
+    scores: Mapping[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "category": str(self.category),
+            "signals": list(self.signals),
+            "scores": {str(c): round(s, 3) for c, s in self.scores.items() if s},
+        }
+
+
+_TOKEN_RE = re.compile(r"[a-z0-9_#+$]+(?:['.\-/][a-z0-9_#+]+)*")
+"""Words as the classifier sees them: `main.rs`, `docker-compose.yml`, `c++`, `don't` are one word each."""
+_MAX_PHRASE = 4
+_NUMBER_WORDS = frozenset((
+    "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+    "twenty", "thirty", "forty", "fifty", "hundred", "thousand", "million", "half", "twice", "double",
+))  # fmt: skip
+_QUANTITY_QUESTION = re.compile(
+    r"\b(?:how (?:long|many|much|far|fast|old|often|tall|big|heavy)|what time|at what|which day"
+    r"|what day|when (?:will|does|do|did|is))\b"
+)
+SCAN_HEAD = 1500
+SCAN_TAIL = 500
+"""A long request is read at its start and its end (a pasted file with the question after it):
+classification stays microseconds whatever the size."""
+WORD_PROBLEM_NUMBERS = 3
+"""A word problem has at least this many numbers (digits or words) and a quantity question."""
+
+
+def _tokens(text: str) -> list[str]:
+    return _TOKEN_RE.findall(text.lower())
+
+
+@dataclass(frozen=True)
+class _Pattern:
+    regex: re.Pattern[str]
+    prefilter: tuple[str, ...]
+    signal: Signal
+
+
+class Classifier:
+    """Compiled rules: keyword and phrase tables, file extensions, regexes with prefilters.
+
+    Build once (`from_spec`), classify often: each request is lowercased and split into words
+    once, words and phrases are dictionary look-ups, and a regex runs only when its prefilter
+    strings occur in the text and only until its first match (each signal counts once).
+    """
+
+    def __init__(
+        self,
+        rules: Mapping[str, Sequence[Rule]],
+        default_category: str = CHAT,
+        fast_max_words: int = 6,
+    ) -> None:
+        self.default_category = default_category
+        self.fast_max_words = fast_max_words
+        self._words: dict[str, list[Signal]] = {}
+        self._phrases: dict[tuple[str, ...], list[Signal]] = {}
+        self._phrase_sizes: dict[str, list[int]] = {}
+        """First word of a phrase → the lengths of the phrases starting with it."""
+        self._extensions: dict[str, list[Signal]] = {}
+        self._patterns: list[_Pattern] = []
+        self._word_problems: list[Signal] = []
+        self._made: dict[tuple[str, str, float], Signal] = {}
+        for category, category_rules in rules.items():
+            for rule in category_rules:
+                self._add(category, rule)
+
+    def _signal(self, category: str, label: str, weight: float) -> Signal:
+        key = (category, label, weight)
+        if key not in self._made:
+            self._made[key] = Signal(category, label, weight)
+        return self._made[key]
+
+    def _add(self, category: str, rule: Rule) -> None:
+        for keyword in rule.keywords:
+            words = tuple(_tokens(keyword))[:_MAX_PHRASE]
+            if not words:
+                continue
+            signal = self._signal(category, f"keyword '{keyword.lower()}'", rule.weight)
+            if len(words) == 1:
+                self._words.setdefault(words[0], []).append(signal)
+            else:
+                self._phrases.setdefault(words, []).append(signal)
+                sizes = self._phrase_sizes.setdefault(words[0], [])
+                if len(words) not in sizes:
+                    sizes.append(len(words))
+        for ext in rule.file_extensions:
+            self._extensions.setdefault(ext.lower(), []).append(
+                self._signal(category, f"file name *{ext.lower()}", rule.weight)
+            )
+        for label, pattern, prefilter in rule.patterns:
+            try:
+                regex = re.compile(pattern, re.MULTILINE)
+            except re.error as exc:
+                raise RequestError(f"routing.rules.{category}: bad pattern {pattern!r}: {exc}") from None
+            signal = self._signal(category, label, rule.weight * rule.pattern_weight)
+            self._patterns.append(_Pattern(regex, prefilter, signal))
+        if rule.word_problems:
+            label = "word problem (numbers and a quantity question)"
+            self._word_problems.append(self._signal(category, label, rule.weight))
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | None = None) -> Classifier:
+        """The defaults merged with the config's `rules`, and its default category and fast limit.
+
+        `config` is the JSON-able form of the spec's `routing` section (`controller.routing.routing_config`)::
+
+            {"rules": {CATEGORY: {"keywords": [...], "patterns": [...], "file_extensions": [...],
+                                  "weight": 1.0, "replace_defaults": false}},
+             "default_category": "chat", "fast_max_words": 6}
+        """
+        config = config or {}
+        return cls(
+            merge_rules(config.get("rules") or {}),
+            str(config.get("default_category") or CHAT),
+            int(config.get("fast_max_words", 6)),
+        )
+
+    def _signals(self, text: str) -> tuple[list[Signal], int]:
+        """Every signal found in `text` (repeats included), and its number of words (of the part read)."""
+        if len(text) > SCAN_HEAD + SCAN_TAIL:
+            text = text[:SCAN_HEAD] + "\n" + text[-SCAN_TAIL:]
+        lowered = text.lower()
+        tokens = _TOKEN_RE.findall(lowered)
+        found: list[Signal] = []
+        words = self._words
+        extensions = self._extensions
+        phrase_sizes = self._phrase_sizes
+        phrases = self._phrases
+        numbers = 0
+        n = len(tokens)
+        for i, token in enumerate(tokens):
+            signals = words.get(token)
+            if signals is not None:
+                found.extend(signals)
+            sizes = phrase_sizes.get(token)
+            if sizes is not None:
+                for size in sizes:
+                    if i + size <= n:
+                        signals = phrases.get(tuple(tokens[i : i + size]))
+                        if signals is not None:
+                            found.extend(signals)
+            first = token[0]
+            if first.isdigit() or token in _NUMBER_WORDS:
+                numbers += 1
+            elif "." in token and extensions:
+                dot = token.rfind(".")
+                if dot > 0:
+                    signals = extensions.get(token[dot:])
+                    if signals is not None:
+                        found.extend(signals)
+        for p in self._patterns:
+            if p.prefilter:
+                for marker in p.prefilter:
+                    if marker in text:
+                        break
+                else:
+                    continue
+            if p.regex.search(text) is not None:
+                found.append(p.signal)
+        if self._word_problems and numbers >= WORD_PROBLEM_NUMBERS and _QUANTITY_QUESTION.search(lowered):
+            found.extend(self._word_problems)
+        return found, n
+
+    def classify(self, request: object) -> Classification:
+        """The category of a prompt, a request body (dict) or a `ParsedRequest`."""
+        parsed = parse_request(request)
+        if parsed.images:
+            n = parsed.images
+            return Classification(VISION, (f"{n} image part{'s' if n != 1 else ''} in the messages",))
+        if parsed.embed:
+            return Classification(EMBED, ("embeddings request (`input`)",))
+        if not parsed.text:
+            return Classification(self.default_category, ("token ids only: nothing to read",))
+        found, words = self._signals(parsed.text)
+        short = words <= self.fast_max_words
+        # (signal, counts as) — each signal once; context counts CONTEXT_WEIGHT of its weight
+        votes: dict[Signal, float] = {}
+        for signal in found:
+            if signal.category == FAST and not short:
+                continue  # greetings only mean `fast` in a short message ("hi!", not "Hi! I'm setting up …")
+            votes[signal] = signal.weight
+        if parsed.context:
+            for signal in self._signals(parsed.context)[0]:
+                if signal.category != FAST and signal not in votes:
+                    votes[signal] = signal.weight * CONTEXT_WEIGHT
+        scores: dict[str, float] = {}
+        for signal, weight in votes.items():
+            scores[signal.category] = scores.get(signal.category, 0.0) + weight
+        best: str | None = None
+        for category in (*TIE_ORDER, *(c for c in scores if c not in TIE_ORDER)):
+            score = scores.get(category, 0.0)
+            if score >= THRESHOLD and (best is None or score > scores[best] + 1e-9):
+                best = category
+        if best is not None:
+            return Classification(best, _explain(best, votes), scores)
+        if short and scores.get(CHAT, 0.0) <= 0.0:
+            s = "s" if words != 1 else ""
+            return Classification(FAST, (f"short prompt: {words} word{s} ≤ {self.fast_max_words}",), scores)
+        why = _explain(self.default_category, votes)
+        return Classification(self.default_category, (*why, "no stronger signal: default category"), scores)
+
+
+def _explain(category: str, votes: Mapping[Signal, float]) -> tuple[str, ...]:
+    """The signals that voted for `category`, strongest first (context marked as such)."""
+    ranked = sorted(((s, w) for s, w in votes.items() if s.category == category), key=lambda sw: -sw[1])
+    return tuple(
+        s.label if w >= s.weight else f"{s.label} (in the system prompt or an earlier turn)" for s, w in ranked
+    )
+
+
+# --------------------------------------------------------------------------- the LiteLLM plugin
+
+PLUGIN_MODULE = "homelab_router"
+"""The file (`homelab_router.py`) written next to the LiteLLM config, and the module the config names."""
+PLUGIN_OBJECT = "classifier"
+"""The plugin instance in that module: `classifier_plugin: homelab_router.classifier`."""
+
+
+class LiteLLMClassifier:
+    """The LiteLLM proxy's classifier plugin: the same classifier as `homelab route`.
+
+    LiteLLM mechanism (1.108): the built-in complexity router. The config's `auto` model is
+    `model: auto_router/complexity_router` with `complexity_router_config: {classifier_type: custom,
+    classifier_plugin: homelab_router.classifier, tier_definitions, fallback_tier, tiers}`; the proxy
+    loads `homelab_router.py` from the config's directory (`get_instance_fn`), checks that
+    `classify` is a coroutine function, and for each request to `auto` awaits
+    `classify(context)` with a `litellm.types.router.RoutingContext`. Its `raw_messages` carry the
+    request in chat form for every API the router serves (the chat `messages`, system prompt
+    included, and the `prompt` of `/v1/completions` as a user message). The returned tier names
+    the model group that serves: one tier per category, `tiers: {code: expert/code, ...}`.
+    Because `auto` is a model of the config, it is listed in `/v1/models` (a pre-call hook
+    loaded through `litellm_settings.callbacks` would route too, but leaves `auto` unlisted).
+
+    `config`: {"routing": (see `Classifier.from_config`), "tiers": {category: tier},
+    "fallback_tier": tier}. A category without a tier of its own was already mapped by homelab
+    to the tier of its fallback category; a request that cannot be classified, or anything
+    unexpected, goes to `fallback_tier` (this plugin never fails a request).
+    """
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.classifier = Classifier.from_config(config.get("routing") or {})
+        self.tiers: dict[str, str] = {str(k): str(v) for k, v in (config.get("tiers") or {}).items()}
+        self.fallback_tier = str(config["fallback_tier"])
+        self.last: Classification | None = None
+        """The latest classification (for tests and debugging)."""
+
+    def tier_for(self, body: object) -> str:
+        """The tier (model group) of a request body: its category's, else the fallback tier."""
+        try:
+            self.last = self.classifier.classify(body)
+        except RequestError:
+            return self.fallback_tier
+        return self.tiers.get(self.last.category, self.fallback_tier)
+
+    async def classify(self, context: Any) -> str | None:
+        messages = getattr(context, "raw_messages", None) or getattr(context, "structured_messages", None)
+        if not messages:
+            return self.fallback_tier
+        return self.tier_for({"messages": [dict(m) for m in messages if isinstance(m, Mapping)]})
+
+
+def plugin_source(config: Mapping[str, Any]) -> str:
+    """The text of `homelab_router.py`: this module's source, then the plugin built from `config`."""
+    with open(__file__, encoding="utf-8") as f:
+        source = f.read()
+    doc = json.dumps(config, sort_keys=True, ensure_ascii=True)
+    future = "from __future__ import annotations\n"
+    head, _, body = source.partition(future)
+    return (
+        "# Written by homelab (controller/classifier.py and the spec's routing rules): the classifier\n"
+        "# plugin of the LiteLLM config next to it. Edits here are replaced on the next `homelab reconcile`.\n"
+        + head
+        + future
+        + _REGISTER
+        + body
+        + f"\n\n{PLUGIN_OBJECT} = LiteLLMClassifier(json.loads({doc!r}))\n"
+    )
+
+
+_REGISTER = """
+import sys as _sys
+
+
+class _ThisModule:  # LiteLLM executes this file without putting it in sys.modules, where dataclasses look
+    def __init__(self, namespace: dict[str, object]) -> None:
+        self.__dict__ = namespace
+
+
+_sys.modules.setdefault(__name__, _ThisModule(globals()))  # type: ignore[arg-type]
+"""

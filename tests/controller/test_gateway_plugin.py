@@ -1,0 +1,54 @@
+"""The gateway's classifier plugin: the same classifier as `homelab route`, standard library only."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from controller.classifier import LiteLLMClassifier, plugin_source
+from controller.routing import Classifier, routing_config
+from specs.enums import Category
+from specs.model import ClassifierRule, Routing
+
+DATA = Path(__file__).resolve().parent.parent / "data" / "routing.jsonl"
+
+LOAD = """
+import asyncio, importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("homelab_router", sys.argv[1])  # as LiteLLM's get_instance_fn
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+class Context:
+    def __init__(self, messages): self.raw_messages = messages
+bodies = json.loads(sys.stdin.read())
+print(json.dumps([asyncio.run(module.classifier.classify(Context(b["messages"]))) for b in bodies]))
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("specs", "controller", "pydantic"))))
+"""
+
+
+def test_plugin_runs_without_homelab_and_agrees_with_route(tmp_path: Path) -> None:
+    routing = Routing(rules={Category.CODE: ClassifierRule(keywords=["homelab reconcile"])})
+    tiers = {"code": "code", "chat": "chat", "fast": "chat", "reason": "chat", "vision": "chat", "embed": "chat"}
+    config = {"routing": routing_config(routing), "tiers": tiers, "fallback_tier": "chat"}
+    plugin = tmp_path / "homelab_router.py"
+    plugin.write_text(plugin_source(config))
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()[:200]]
+    texts = [r["request"] for r in rows if isinstance(r["request"], str)] + ["what does homelab reconcile do"]
+    bodies = [{"messages": [{"role": "user", "content": t}]} for t in texts]
+    # -I -S: no site-packages, no homelab on the path: what the plugin imports is the standard library
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", LOAD, str(plugin)],
+        input=json.dumps(bodies),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=True,
+    )
+    got, imported = (json.loads(line) for line in done.stdout.splitlines())
+    assert imported == []
+    ours = Classifier.from_spec(routing)
+    want = [tiers[ours.classify(b).category.value] for b in bodies]
+    assert got == want
+    assert got[-1] == "code"
+    assert LiteLLMClassifier(config).tier_for({"messages": []}) == "chat"  # unclassifiable: the fallback tier
