@@ -164,6 +164,10 @@ TIER_DESCRIPTIONS = {
 }
 
 
+ONLY_TIER_TWIN = "same"
+"""The second tier name when one category alone has models."""
+
+
 def auto_router(spec: ClusterSpec, groups: Mapping[Category, list[str]]) -> tuple[dict[str, Any], str] | None:
     """The `auto` model's config entry and the text of its classifier plugin; None when no category has a model."""
     from controller.routing import fallback_chain as category_chain
@@ -181,6 +185,13 @@ def auto_router(spec: ClusterSpec, groups: Mapping[Category, list[str]]) -> tupl
     default = spec.routing.default_category
     fallback = tier_of.get(default.value, placed[0].value)
     plugin = plugin_source({"routing": routing_config(spec.routing), "tiers": tier_of, "fallback_tier": fallback})
+    definitions = [{"name": c.value, "description": TIER_DESCRIPTIONS[c]} for c in placed]
+    tiers = {c.value: GROUP_PREFIX + c.value for c in placed}
+    if len(placed) == 1:
+        # LiteLLM refuses a complexity router with fewer than 2 tiers (and then drops `auto`):
+        # with one category served, a second tier names the same group; the classifier never picks it.
+        definitions.append({"name": ONLY_TIER_TWIN, "description": "the same models (LiteLLM wants two tiers)"})
+        tiers[ONLY_TIER_TWIN] = GROUP_PREFIX + placed[0].value
     entry = {
         "model_name": spec.gateway.auto_model,
         "litellm_params": {
@@ -188,9 +199,9 @@ def auto_router(spec: ClusterSpec, groups: Mapping[Category, list[str]]) -> tupl
             "complexity_router_config": {
                 "classifier_type": "custom",
                 "classifier_plugin": f"{PLUGIN_MODULE}.{PLUGIN_OBJECT}",
-                "tier_definitions": [{"name": c.value, "description": TIER_DESCRIPTIONS[c]} for c in placed],
+                "tier_definitions": definitions,
                 "fallback_tier": fallback,
-                "tiers": {c.value: GROUP_PREFIX + c.value for c in placed},
+                "tiers": tiers,
             },
         },
     }

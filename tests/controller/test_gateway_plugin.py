@@ -52,3 +52,27 @@ def test_plugin_runs_without_homelab_and_agrees_with_route(tmp_path: Path) -> No
     assert got == want
     assert got[-1] == "code"
     assert LiteLLMClassifier(config).tier_for({"messages": []}) == "chat"  # unclassifiable: the fallback tier
+
+
+def test_one_served_category_still_gives_litellm_two_tiers() -> None:
+    """LiteLLM drops a complexity router with fewer than 2 tiers (seen with the real 1.108.7 proxy)."""
+    from controller.gateway import ONLY_TIER_TWIN, auto_router
+    from specs import parse_spec
+    from specs.enums import Category
+
+    spec = parse_spec(
+        """
+cluster: {name: t}
+nodes:
+  - {name: a, tier: local, address: 127.0.0.1, ram: 8GiB, ollama: {url: "http://127.0.0.1:9"}}
+models:
+  - {name: m, runtime: ollama, source: {ollama: "m:1"}, categories: [chat]}
+gateway: {mode: external, port: 4000, master_key: "env:LT_KEY"}
+""",
+        "x.yaml",
+    ).spec
+    rendered = auto_router(spec, {Category.CHAT: ["m"]})
+    assert rendered is not None
+    config = rendered[0]["litellm_params"]["complexity_router_config"]
+    assert config["tiers"] == {"chat": "expert/chat", ONLY_TIER_TWIN: "expert/chat"}
+    assert [t["name"] for t in config["tier_definitions"]] == ["chat", ONLY_TIER_TWIN]
