@@ -25,7 +25,8 @@ from controller.health import (
     tier_verdict,
 )
 from specs import parse_spec
-from tests.support.stubs import Behaviour, StubServers, free_port
+from tests.support.ports import free_port
+from tests.support.stubs import Behaviour, StubServers
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ from controller.drivers.base import DriverError, NodeUnreachable
 from controller.drivers.ollama import OllamaHttp, parse_parameters
 from controller.state import GatewayState, OllamaModelState
 from solver.estimate import shape_from_model_info
-from tests.support.llama_server import free_port
 from tests.support.ollama_standin import API_VERSION, OllamaStandin
+from tests.support.ports import free_port
 from tests.support.synth import shape_by_name, write_synth_gguf
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,6 +27,7 @@ from controller.routing import (
 from specs import parse_spec
 from specs.enums import Category, Runtime, Tier
 from specs.model import CategoryRoute, ClassifierRule, ClusterSpec, Routing
+from tests.support.ports import free_port
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "routing.jsonl"
 
@@ -429,12 +429,6 @@ def test_cli_unknown_category_in_spec(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- real probe on loopback
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class _Health(BaseHTTPRequestHandler):
     status = 200
 
@@ -472,7 +466,7 @@ def test_cli_probes_candidates(
     loading, ready = llama_stand_ins
     monkeypatch.setenv("HOMELAB_STATE_DIR", str(tmp_path / "state"))
     f = tmp_path / "cluster.yaml"
-    f.write_text(spec_text(loading, ready, _free_port()))
+    f.write_text(spec_text(loading, ready, free_port()))
     r = CliRunner().invoke(app(), ["route", "-f", str(f), "--json", "write a python function that adds two numbers"])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.output)
@@ -489,7 +483,7 @@ def test_probe_refused_and_cache(tmp_path: Path) -> None:
     from controller.route_probe import HealthCache, Probed, probe
 
     spec = parse_spec(spec_text()).spec
-    dead = ep("coder-7b", _free_port())
+    dead = ep("coder-7b", free_port())
     clock = [1000.0]
     cache = HealthCache(tmp_path / "c.json", ttl=30.0, clock=lambda: clock[0])
     got = probe(spec, [dead], cache)

@@ -29,7 +29,7 @@ from controller.state import (
 )
 from tests.integration.conftest import make_node
 from tests.support.dockerd import Dockerd
-from tests.support.llama_server import free_port
+from tests.support.ports import free_port
 
 VOLUME = "homelab-models"
 

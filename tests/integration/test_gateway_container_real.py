@@ -30,7 +30,7 @@ from controller.state import LABEL_CLUSTER, LABEL_ROLE
 from specs.model import Node
 from tests.integration.test_gateway_real import SYNTH_NOT_TEXT, free_port_range
 from tests.support import dockerd as dockerd_support
-from tests.support.llama_server import free_port
+from tests.support.ports import free_port
 
 KEY_ENV = "HOMELAB_TEST_GW_KEY"
 

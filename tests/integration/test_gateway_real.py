@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import secrets
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -31,27 +30,9 @@ from solver.place import SolveParams
 from specs import parse_spec
 from specs.model import ClusterSpec
 from tests.support import dockerd as dockerd_support
-from tests.support.llama_server import _stop, find_binary, free_port
+from tests.support.llama_server import _stop, find_binary
 from tests.support.ollama_standin import OllamaStandin
-
-
-def free_port_range(n: int) -> int:
-    """The first of `n` consecutive free ports on 127.0.0.1."""
-    for base in range(22000, 60000, 89):
-        socks: list[socket.socket] = []
-        try:
-            for p in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port range")
-
+from tests.support.ports import free_port, free_port_range
 
 SPEC = """\
 cluster: {{name: {cluster}}}

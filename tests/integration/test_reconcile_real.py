@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,25 +27,7 @@ from solver.place import SolveParams
 from specs import parse_spec
 from specs.model import ClusterSpec, Node
 from tests.support import dockerd as dockerd_support
-
-
-def free_port_range(n: int) -> int:
-    """The first port of `n` consecutive free ports on 127.0.0.1."""
-    for base in range(21000, 60000, 97):
-        socks = []
-        try:
-            for p in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port range")
-
+from tests.support.ports import free_port_range
 
 SPEC = """\
 cluster: {{name: {cluster}}}

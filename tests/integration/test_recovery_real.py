@@ -44,6 +44,7 @@ from specs.model import ClusterSpec
 from tests.support import dockerd as dockerd_support
 from tests.support import images
 from tests.support import sshd as sshd_support
+from tests.support.ports import free_port_range
 from tests.support.synth import shape_by_name, write_synth_gguf
 
 ADDRESS = "127.0.0.2"
@@ -167,29 +168,12 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
                 client.close()
 
 
-def free_port_range(n: int) -> int:
-    for base in range(23000, 60000, 89):
-        try:
-            socks = []
-            for p in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind((ADDRESS, p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port range")
-
-
 class World:
     def __init__(self, lab: Lab, tmp: Path, image: str, helper: str, gguf: Path) -> None:
         self.lab = lab
         self.tmp = tmp
         self.state = tmp / "state"
-        self.port = free_port_range(4)
+        self.port = free_port_range(4, ADDRESS)
         self.fields = {"image": image, "helper": helper, "gguf": gguf, "base": self.port, "top": self.port + 3}
 
     def text(self, *, known_hosts: Path | None = None, wake: str | None = None, attempts: int = 2) -> str:

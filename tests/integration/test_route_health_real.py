@@ -30,8 +30,9 @@ from solver.place import SolveParams
 from specs import parse_spec
 from specs.model import ClusterSpec
 from tests.integration.test_gateway_real import BAN, SYNTH_NOT_TEXT
-from tests.support.llama_server import _stop, find_binary, free_port
+from tests.support.llama_server import _stop, find_binary
 from tests.support.ollama_standin import OllamaStandin
+from tests.support.ports import free_port
 
 GATEWAY_SPEC = """\
 cluster: {{name: {cluster}}}

