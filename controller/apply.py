@@ -159,6 +159,10 @@ class Executor:
         self.on_progress = on_progress
         self._stop = threading.Event()
 
+    def cancel(self) -> None:
+        """Stop after the step in progress on each node (SIGTERM): the rest is reported as not run."""
+        self._stop.set()
+
     def apply(self, plan: Plan) -> ApplyResult:
         with apply_lock(self.state_dir):
             log = EventLog(self.state_dir / EVENTS_FILE)

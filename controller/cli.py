@@ -104,6 +104,7 @@ def _register_commands() -> None:
         reconcile_cmd,
         recover_cmd,
         route_cmd,
+        watch_cmd,
     )
 
     estimate_cmd.register(app)
@@ -114,6 +115,7 @@ def _register_commands() -> None:
     health_cmd.register(app)
     route_cmd.register(app)
     recover_cmd.register(app)
+    watch_cmd.register(app)
 
 
 _register_commands()

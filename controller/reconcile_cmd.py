@@ -163,8 +163,10 @@ def register(app: typer.Typer) -> None:
         """What runs where: managed containers per node and GPU, as observed now, with planned vs actual VRAM."""
         from controller.observe import observe
         from controller.vram_status import describe, planned_vs_actual
+        from controller.watch import describe_watch, read_status
 
         spec = load_or_exit(spec_path(file)).spec
+        watching = read_status(state_dir(spec, None))  # what a running `homelab watch` last did, if any
         connect = CachingConnect(connect_factory(spec))
         observed = observe(spec, connect)
         vram, reality = planned_vs_actual(spec, observed, connect, gpu_probe)
@@ -190,8 +192,13 @@ def register(app: typer.Typer) -> None:
                     ],
                     "foreign_containers": list(node.foreign_containers),
                 }
+            if watching is not None:
+                data["watch"] = watching
             out.print(json.dumps(data, indent=2), markup=False)
             return
+        if watching is not None:
+            for line in describe_watch(watching):
+                out.print(line, markup=False)
         for name, node in observed.nodes.items():
             if not node.reachable:
                 out.print(f"{name}: NOT OBSERVED ({node.error})", markup=False)
