@@ -324,13 +324,21 @@ async def probe_all(eps: Sequence[Endpoint], slow_threshold: float) -> list[Prob
 # --------------------------------------------------------------------------- verdicts
 
 
+SERVING_KINDS = frozenset({"ollama", "llamacpp", "litellm"})
+"""Endpoints that answer requests; Docker and SSH only say the machine is there."""
+
+
 def tier_verdict(probes: Iterable[Probe]) -> Verdict:
-    """HEALTHY: everything answers in time. DOWN: nothing answers. DEGRADED: anything in between
-    (some down, some slower than the threshold, or a llama.cpp server still loading its model)."""
+    """HEALTHY: everything answers in time. DOWN: nothing answers, or nothing that serves requests does (a
+    tier whose model servers are all down serves nothing, however well its Docker and SSH answer).
+    DEGRADED: anything in between (some down, some slower than the threshold, or a llama.cpp server still
+    loading its model)."""
+    probes = list(probes)
     statuses = [p.status for p in probes]
+    serving = [p.status for p in probes if p.endpoint.kind in SERVING_KINDS]
     if not statuses or all(s is Status.UP for s in statuses):
         return Verdict.HEALTHY
-    if all(s is Status.DOWN for s in statuses):
+    if all(s is Status.DOWN for s in statuses) or (serving and all(s is Status.DOWN for s in serving)):
         return Verdict.DOWN
     return Verdict.DEGRADED
 

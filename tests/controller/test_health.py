@@ -42,8 +42,8 @@ def ep(
     return Endpoint(name, tier, kind, target, timeout, name.split("/")[0])
 
 
-def probe(status: Status, tier: str = "local", name: str = "n/ollama") -> Probe:
-    return Probe(ep(name, tier), status, error=None if status is Status.UP else status.value)
+def probe(status: Status, tier: str = "local", name: str = "n/ollama", kind: str = "ollama") -> Probe:
+    return Probe(ep(name, tier, kind), status, error=None if status is Status.UP else status.value)
 
 
 # --------------------------------------------------------------------------- verdicts
@@ -69,6 +69,19 @@ def test_tier_verdict_cases_spelled_out() -> None:
     assert tier_verdict([probe(Status.STARTING)]) is Verdict.DEGRADED
     assert tier_verdict([probe(Status.DOWN), probe(Status.UP)]) is Verdict.DEGRADED
     assert tier_verdict([probe(Status.DOWN), probe(Status.DOWN)]) is Verdict.DOWN
+
+
+def test_a_tier_whose_model_servers_are_all_down_is_down_whatever_its_docker_and_ssh_say() -> None:
+    docker_up = probe(Status.UP, name="n/docker", kind="docker")
+    ssh_up = probe(Status.UP, name="n/ssh", kind="ssh")
+    llama_down = [probe(Status.DOWN, name=f"n/llamacpp/m{i}", kind="llamacpp") for i in range(2)]
+    assert tier_verdict([docker_up, ssh_up, *llama_down]) is Verdict.DOWN
+    assert tier_verdict([docker_up, ssh_up, llama_down[0], probe(Status.STARTING, kind="llamacpp")]) is Verdict.DEGRADED
+    # Docker down while the model servers still answer: degraded, not down
+    assert tier_verdict([probe(Status.DOWN, name="n/docker", kind="docker"), probe(Status.UP)]) is Verdict.DEGRADED
+    # a tier with nothing that serves (no model placed there): its machines decide
+    assert tier_verdict([docker_up, probe(Status.DOWN, name="n/ssh", kind="ssh")]) is Verdict.DEGRADED
+    assert tier_verdict([probe(Status.DOWN, name="n/ssh", kind="ssh")]) is Verdict.DOWN
 
 
 def tiers(**verdicts: Status) -> list[TierHealth]:
