@@ -42,6 +42,18 @@ class RenderError(ValueError):
     """The spec and placement cannot be turned into containers (one line, for the user)."""
 
 
+GPU_RESTART_POLICY = "no"
+CPU_RESTART_POLICY = "unless-stopped"
+
+
+def restart_policy(gpu_layers: int) -> str:
+    """A container with layers on a GPU is never restarted by Docker itself: after a Docker restart or a
+    reboot, Docker would start every such container at once, and CUDA initialisation of several at once
+    deadlocks. homelab starts them (recovery, `watch`, `reconcile`), one at a time, each healthy before the
+    next. CPU-only containers come back with Docker."""
+    return GPU_RESTART_POLICY if gpu_layers > 0 else CPU_RESTART_POLICY
+
+
 def container_name(model: str) -> str:
     """A name users can read: `homelab-qwen2.5-coder-7b`. Replicas of a model are on different nodes."""
     return f"homelab-{model}"
@@ -168,6 +180,7 @@ def render(
             gpus=gpus,
             gpu_access=access.value if gpus else GpuAccess.NONE.value,
             volume=rt.volume,
+            restart_policy=restart_policy(a.gpu_layers),
         )
         digest = config.digest()
         labels = {

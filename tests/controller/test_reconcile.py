@@ -271,3 +271,13 @@ def test_command_only_change_is_described() -> None:
     assert describe_config_change(base, replace(base, command=("-m", "/models/a", "-t", "4"))) == "command 2 → 4"
     assert describe_config_change(None, base) == "its configuration label is missing or unreadable"
     assert describe_config_change(base, replace(base, gpus=(0,), gpu_layers=33)) == "gpu_layers 10 → 33, gpus[0] added"
+
+
+def test_gpu_containers_are_left_to_homelab_to_restart_cpu_ones_to_docker(tmp_path: Path) -> None:
+    """Docker restarts `unless-stopped` containers all at once when it starts: GPU ones would deadlock CUDA."""
+    lab = Lab()
+    lab.apply(spec_of(), tmp_path)
+    desired = {c.model: c for node in lab.prepare(spec_of()).desired.nodes.values() for c in node.containers}
+    assert desired["chat"].config.gpu_layers > 0 and desired["chat"].config.restart_policy == "no"
+    assert desired["coder"].config.restart_policy == "no"
+    assert desired["tiny"].config.gpu_layers == 0 and desired["tiny"].config.restart_policy == "unless-stopped"
