@@ -24,6 +24,8 @@ def test_validate_examples(examples_dir: Path) -> None:
     assert "valid — cluster 'lumina': 3 nodes, 2 GPUs (48.0 GiB), 12 models, gateway on port 4000" in out
     code, out, _ = invoke("validate", "-f", str(examples_dir / "minimal.yaml"))
     assert code == 0 and "1 node, 1 GPU (24.0 GiB), 1 model" in out
+    code, out, _ = invoke("validate", str(examples_dir / "lab" / "cluster.yaml"))
+    assert code == 0 and "valid — cluster 'lab': 3 nodes, 3 GPUs (2.8 GiB), 7 models, gateway on port 4000" in out
 
 
 def test_validate_reads_homelab_spec_env_then_cwd(

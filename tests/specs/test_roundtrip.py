@@ -81,7 +81,7 @@ def test_round_trip_is_identical(text: str) -> None:
     assert dump_document(parse_document(text, "x.yaml")) == text
 
 
-@pytest.mark.parametrize("name", ["homelab.yaml", "minimal.yaml"])
+@pytest.mark.parametrize("name", ["homelab.yaml", "minimal.yaml", "lab/cluster.yaml"])
 def test_examples_round_trip(examples_dir: Path, name: str) -> None:
     doc = read_document(examples_dir / name)
     assert dump_document(doc) == (examples_dir / name).read_text()

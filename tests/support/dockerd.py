@@ -53,8 +53,13 @@ def available() -> str | None:
 class Dockerd:
     """One private dockerd; a context manager. `stop()` and `start()` may be repeated."""
 
-    def __init__(self, *, prefix: str = "/tmp/hl-") -> None:
-        self.root = Path(tempfile.mkdtemp(prefix=Path(prefix).name, dir=str(Path(prefix).parent)))
+    def __init__(self, *, prefix: str = "/tmp/hl-", root: Path | None = None) -> None:
+        """A fresh temporary root under `prefix`, or `root` (created; removed again by `close`)."""
+        if root is None:
+            self.root = Path(tempfile.mkdtemp(prefix=Path(prefix).name, dir=str(Path(prefix).parent)))
+        else:
+            root.mkdir(parents=True, exist_ok=True)
+            self.root = root
         self.socket = self.root / "docker.sock"
         if len(str(self.socket).encode()) > 100:
             raise DockerdError(f"socket path {self.socket} is too long for a unix socket")
@@ -68,6 +73,10 @@ class Dockerd:
     @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self.running and self._proc is not None else None
 
     def start(self, timeout: float = START_TIMEOUT_S) -> None:
         """Start dockerd (again, after `stop`) and wait until it answers a ping."""

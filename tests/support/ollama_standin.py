@@ -82,10 +82,17 @@ class StandinModel:
 
 
 class OllamaStandin:
-    """Serve the stand-in on 127.0.0.1 (a free port) in a background thread; use as a context manager."""
+    """Serve the stand-in on `host`:`port` (default 127.0.0.1, a free port) in a background thread; use as a
+    context manager."""
 
     def __init__(
-        self, registry: dict[str, Path], llama_url: str | None = None, llama_options: dict[str, Any] | None = None
+        self,
+        registry: dict[str, Path],
+        llama_url: str | None = None,
+        llama_options: dict[str, Any] | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
     ) -> None:
         self.registry = {full_name(k): Path(v) for k, v in registry.items()}
         self.llama_url = llama_url
@@ -104,10 +111,10 @@ class OllamaStandin:
         class Handler(_Handler):
             server_state = standin
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer((host, port), Handler)
         self.httpd.daemon_threads = True
         self.port = int(self.httpd.server_address[1])
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{host}:{self.port}"
         self._thread = threading.Thread(
             target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="ollama-standin", daemon=True
         )

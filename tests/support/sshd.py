@@ -70,12 +70,20 @@ def keygen(path: Path, comment: str) -> None:
 class Sshd:
     """One private sshd listening on `addresses` (all on one port); a context manager."""
 
-    def __init__(self, addresses: Sequence[str] = ("127.0.0.2",)) -> None:
+    def __init__(
+        self, addresses: Sequence[str] = ("127.0.0.2",), root: Path | None = None, port: int | None = None
+    ) -> None:
+        """Its keys, config and log in a fresh temporary directory, or in `root` (created); on `port`, or a
+        free one."""
         self.addresses = list(addresses)
-        self.root = Path(tempfile.mkdtemp(prefix="hl-sshd-"))
+        if root is None:
+            self.root = Path(tempfile.mkdtemp(prefix="hl-sshd-"))
+        else:
+            root.mkdir(parents=True, exist_ok=True)
+            self.root = root
         self.root.chmod(0o755)
         self.user = getpass.getuser()
-        self.port = free_port(self.addresses[0])
+        self.port = port if port is not None else free_port(self.addresses[0])
         self.host_key = self.root / "host_ed25519"
         self.authorized_keys = self.root / "authorized_keys"
         self.known_hosts = self.root / "known_hosts"
@@ -148,6 +156,14 @@ class Sshd:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self._proc = None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self.running and self._proc is not None else None
 
     def log_tail(self, n: int = 20) -> str:
         try:
