@@ -107,10 +107,10 @@ class PlacementResult:
     notes: tuple[str, ...] = ()
     """One sentence per replica placed with fewer GPU layers than it has."""
     bound: int | None = None
-    """CP-SAT's proven upper bound on `objective` (None for greedy, and with a current placement,
-    whose moves enter the solver's objective); equal to it when OPTIMAL."""
+    """A proven upper bound on `objective` over every feasible plan (None for greedy); equal to it
+    when OPTIMAL and there is no current placement (moves may cost layers)."""
     solver_gap: float | None = None
-    """CP-SAT's proven gap on its own objective, in %: set when `bound` cannot be."""
+    """A proven gap in % for a solver whose bound is not in `objective`'s terms (unused by CP-SAT)."""
 
     @property
     def gap(self) -> float | None:
