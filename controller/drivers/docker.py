@@ -20,6 +20,11 @@
   never model files: `list_files` ignores them (a stale `.NAME.partial` left by
   a killed copy is overwritten by the next copy of NAME).
 
+- **ssh:// with the node's own SSH settings.** The SDK talks to a private local
+  socket piped through `ssh … HOST docker system dial-stdio` with the spec's
+  `ssh.key_file` and `ssh.known_hosts`, strict host key checking and no prompts
+  (drivers/sshdocker.py); docker-py's own ssh support cannot name either file.
+
 Helper containers carry `homelab.cluster` and `homelab.role=helper`; they are
 neither managed containers nor foreign ones for `list_containers`.
 """
@@ -45,6 +50,7 @@ import docker.errors
 import docker.types
 
 from controller.drivers.base import DriverError, NodeUnreachable, NotManaged, ProgressFn, VerifyFailed
+from controller.drivers.sshdocker import DialStdioProxy, ssh_argv
 from controller.state import (
     LABEL_CLUSTER,
     LABEL_CONFIG,
@@ -252,6 +258,8 @@ class DockerEngine:
         self.timeout = float(timeout if timeout is not None else node.docker.timeout)
         self.helper_image = node.llamacpp.helper_image if node.llamacpp is not None else "busybox:latest"
         self.poll_interval = poll_interval
+        self._ssh = node.ssh
+        self._proxy: DialStdioProxy | None = None
         self._client: Any = None
 
     # ------------------------------------------------------------------ plumbing
@@ -268,6 +276,29 @@ class DockerEngine:
         if self._client is not None:
             self._client.close()
             self._client = None
+        if self._proxy is not None:
+            self._proxy.close()
+            self._proxy = None
+
+    def _ssh_proxy(self) -> DialStdioProxy:
+        """ssh:// endpoints: the docker SDK talks to a local socket piped through `ssh … docker system
+        dial-stdio` with the node's `ssh.key_file` and `ssh.known_hosts` (drivers/sshdocker.py)."""
+        if self._proxy is None:
+            host, port = ssh_host_port(self.endpoint)
+            authority = self.endpoint.removeprefix("ssh://").split("/", 1)[0]
+            user = authority.rsplit("@", 1)[0] if "@" in authority else None
+            ssh = self._ssh
+            self._proxy = DialStdioProxy(
+                ssh_argv(
+                    host=host,
+                    port=port,
+                    user=user or (ssh.user if ssh is not None else None),
+                    key_file=ssh.key_file if ssh is not None else None,
+                    known_hosts=ssh.known_hosts if ssh is not None else "~/.ssh/known_hosts",
+                    connect_timeout=self.timeout,
+                )
+            )
+        return self._proxy
 
     def _check_ssh_port(self) -> None:
         """Before docker-py starts an `ssh` child, see that the node's SSH port answers at all.
@@ -289,21 +320,20 @@ class DockerEngine:
 
     def _unreachable(self, exc: BaseException) -> NodeUnreachable:
         reason = unreachable_reason(exc, endpoint=self.endpoint, timeout=self.timeout)
+        if self._proxy is not None and self._proxy.last_error:
+            reason = f"ssh: {self._proxy.last_error}"  # ssh's own reason beats "connection aborted"
         return NodeUnreachable(f"node {self.node}: Docker at {self.endpoint} does not answer: {reason}")
 
     @property
     def client(self) -> Any:
         """The docker SDK client (made, and the API version negotiated, on first use)."""
         if self._client is None:
+            base_url = self.endpoint
             if self.endpoint.startswith("ssh://"):
                 self._check_ssh_port()
+                base_url = self._ssh_proxy().url
             try:
-                self._client = docker.DockerClient(
-                    base_url=self.endpoint,
-                    version="auto",
-                    timeout=self.timeout,
-                    use_ssh_client=self.endpoint.startswith("ssh://"),
-                )
+                self._client = docker.DockerClient(base_url=base_url, version="auto", timeout=self.timeout)
             except (docker.errors.DockerException, OSError) as exc:
                 raise self._unreachable(exc) from None
         return self._client
