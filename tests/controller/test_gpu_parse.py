@@ -43,7 +43,7 @@ def test_noheader_nounits_form_reads_the_same() -> None:
     for name, parse in (("query-gpu-busy.csv", parse_gpus), ("query-apps-busy.csv", parse_processes)):
         text = fixture(name)
         bare = "\n".join(text.splitlines()[1:]).replace(" MiB", "") + "\n"
-        assert parse(bare) == parse(text)  # type: ignore[operator]
+        assert parse(bare) == parse(text)
 
 
 def test_the_xml_and_plain_captures_agree_with_the_csv() -> None:
@@ -63,6 +63,7 @@ def test_the_xml_and_plain_captures_agree_with_the_csv() -> None:
     plain = fixture("nvidia-smi-busy.txt")
     m = re.search(r"(\d+)MiB /\s+(\d+)MiB", plain)
     assert m is not None and int(m[1]) * MIB == gpu.used_bytes and int(m[2]) * MIB == gpu.total_bytes
+    assert proc.used_bytes is not None
     assert re.search(rf"\b{proc.pid}\b.*{proc.name}\s+{proc.used_bytes // MIB}MiB", plain)
 
 

@@ -147,7 +147,8 @@ def test_standin_json_shapes_and_status_codes(standin: OllamaStandin) -> None:
 
 
 def test_local_gateway_writes_atomically_and_keeps_the_previous_file(tmp_path: Path) -> None:
-    from controller.drivers.litellm import LocalGateway, resolve_secret
+    from controller.drivers.litellm import LocalGateway
+    from controller.secrets import resolve_secret
 
     path = tmp_path / "litellm" / "config.yaml"
     gw = GatewayState("external", str(path), "a: 1\n", f"http://127.0.0.1:{free_port()}")

@@ -205,7 +205,7 @@ def steps(plan: Plan) -> list[tuple[str, str, str]]:
 
 def test_golden_gateway_config() -> None:
     prepared = Lab().prepare(spec_of())
-    assert prepared.desired.gateway is not None
+    assert prepared.desired.gateway is not None and prepared.desired.gateway.text is not None
     assert masked(prepared.desired.gateway.text) == GOLDEN
     assert render_config(spec_of(), prepared.desired.nodes) == prepared.desired.gateway.text  # stable
 

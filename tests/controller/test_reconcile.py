@@ -277,7 +277,12 @@ def test_gpu_containers_are_left_to_homelab_to_restart_cpu_ones_to_docker(tmp_pa
     """Docker restarts `unless-stopped` containers all at once when it starts: GPU ones would deadlock CUDA."""
     lab = Lab()
     lab.apply(spec_of(), tmp_path)
-    desired = {c.model: c for node in lab.prepare(spec_of()).desired.nodes.values() for c in node.containers}
-    assert desired["chat"].config.gpu_layers > 0 and desired["chat"].config.restart_policy == "no"
-    assert desired["coder"].config.restart_policy == "no"
-    assert desired["tiny"].config.gpu_layers == 0 and desired["tiny"].config.restart_policy == "unless-stopped"
+    desired = {
+        c.model: c.config
+        for node in lab.prepare(spec_of()).desired.nodes.values()
+        for c in node.containers
+        if c.config is not None
+    }
+    assert desired["chat"].gpu_layers > 0 and desired["chat"].restart_policy == "no"
+    assert desired["coder"].restart_policy == "no"
+    assert desired["tiny"].gpu_layers == 0 and desired["tiny"].restart_policy == "unless-stopped"

@@ -199,7 +199,7 @@ def make(actions: Scripted, t: FakeTime, tmp_path: Path, events: list[dict[str, 
 
 
 def test_docker_down_is_restarted_then_containers_then_healthy(tmp_path: Path) -> None:
-    t, events = FakeTime(), []
+    t, events = FakeTime(), list[dict[str, object]]()
     actions = Scripted(
         probe=[Obs(ssh=Reach.UP, docker=False, healthy=False)],
         restart_docker=[Obs(ok=True)],
@@ -217,7 +217,7 @@ def test_docker_down_is_restarted_then_containers_then_healthy(tmp_path: Path) -
 
 
 def test_asleep_is_woken_and_waited_for(tmp_path: Path) -> None:
-    t, events = FakeTime(), []
+    t, events = FakeTime(), list[dict[str, object]]()
     actions = Scripted(
         probe=[Obs(ssh=Reach.DOWN, docker=False, healthy=False)],
         wake=[Obs(ok=True)],
@@ -231,7 +231,7 @@ def test_asleep_is_woken_and_waited_for(tmp_path: Path) -> None:
 
 
 def test_wait_for_ssh_runs_out_then_backoff_then_give_up_limit(tmp_path: Path) -> None:
-    t, events = FakeTime(), []
+    t, events = FakeTime(), list[dict[str, object]]()
     actions = Scripted(
         probe=[Obs(ssh=Reach.DOWN, docker=False, healthy=False)],
         wake=[Obs(ok=True)],
@@ -257,7 +257,7 @@ def test_wait_for_ssh_runs_out_then_backoff_then_give_up_limit(tmp_path: Path) -
 
 
 def test_watch_loop_continues_backoff_across_runs(tmp_path: Path) -> None:
-    t, events = FakeTime(), []
+    t, events = FakeTime(), list[dict[str, object]]()
     actions = Scripted(
         probe=[Obs(ssh=Reach.UP, docker=False, healthy=False)], restart_docker=[Obs(ok=False, detail="exit 1")]
     )
@@ -273,7 +273,7 @@ def test_watch_loop_continues_backoff_across_runs(tmp_path: Path) -> None:
 
 
 def test_untrusted_host_key_gives_up_without_waking(tmp_path: Path) -> None:
-    t, events = FakeTime(), []
+    t, events = FakeTime(), list[dict[str, object]]()
     actions = Scripted(probe=[Obs(ssh=Reach.REJECTED, docker=False, healthy=False, detail="host key not trusted")])
     status, attempts, message = run(make(actions, t, tmp_path, events))
     assert (status, attempts) == (Status.GAVE_UP, 1)
@@ -286,13 +286,13 @@ def test_untrusted_host_key_gives_up_without_waking(tmp_path: Path) -> None:
 
 
 def test_healthy_node_is_left_alone(tmp_path: Path) -> None:
-    t, events = FakeTime(), []
+    t, events = FakeTime(), list[dict[str, object]]()
     actions = Scripted(probe=[Obs(ssh=Reach.UP, docker=True, healthy=True)])
     assert run(make(actions, t, tmp_path, events))[:2] == (Status.HEALTHY, 1)
 
 
 def test_secret_values_are_masked_in_events(tmp_path: Path) -> None:
-    t, events = FakeTime(), []
+    t, events = FakeTime(), list[dict[str, object]]()
     actions = Scripted(
         probe=[Obs(ssh=Reach.UP, docker=False, healthy=False)],
         restart_docker=[Obs(ok=False, detail="sudo: wrong password hunter2")],

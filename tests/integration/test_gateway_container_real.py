@@ -28,9 +28,9 @@ from controller.drivers.docker import DockerEngine
 from controller.gateway import GATEWAY_CONTAINER, GATEWAY_VOLUME
 from controller.state import LABEL_CLUSTER, LABEL_ROLE
 from specs.model import Node
-from tests.integration.test_gateway_real import SYNTH_NOT_TEXT, free_port_range
+from tests.integration.test_gateway_real import SYNTH_NOT_TEXT
 from tests.support import dockerd as dockerd_support
-from tests.support.ports import free_port
+from tests.support.ports import free_port, free_port_range
 
 KEY_ENV = "HOMELAB_TEST_GW_KEY"
 

@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -233,7 +234,7 @@ recovery: {{attempts: {attempts}, backoff: {{initial: 0.2s, max: 1s}}, wait_ssh:
         except httpx.HTTPError:
             return False
 
-    def events(self) -> list[dict[str, object]]:
+    def events(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in (self.state / EVENTS_FILE).read_text().splitlines()]
 
 

@@ -17,6 +17,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -156,7 +157,7 @@ def test_auto_goes_to_the_code_model_and_health_reports_the_proxy(
             rc, out = _cli(["route", "-f", str(spec_file), "--json", "--no-health", CODE_QUESTION])
             assert rc == 0 and json.loads(out)["gateway_model"] == "expert/code", out
             bias = {str(t): -100 for t in range(SYNTH_NOT_TEXT)}
-            asks = [
+            asks: list[tuple[str, dict[str, Any], str]] = [
                 ("/v1/chat/completions", {"messages": [{"role": "user", "content": CODE_QUESTION}]}, code.url),
                 ("/v1/completions", {"prompt": CODE_QUESTION}, code.url),
                 ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Tell me a story about a cat"}]},

@@ -124,7 +124,7 @@ def test_failed_write_leaves_the_file_alone(tmp_path: Path, monkeypatch: pytest.
     def broken_replace(src: str, dst: str) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(files.os, "replace", broken_replace)
+    monkeypatch.setattr("specs.files.os.replace", broken_replace)
     with pytest.raises(OSError):
         files.atomic_write(path, "cluster: {name: b}\n")
     assert path.read_text() == "cluster: {name: a}\n"
