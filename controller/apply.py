@@ -249,6 +249,9 @@ class Executor:
         driver = self.drivers[step.node]
         if step.kind is StepKind.REMOVE_CONTAINER:
             driver.remove_container(step.name)
+        elif step.kind is StepKind.REMOVE_FILE:
+            assert step.file is not None
+            driver.remove_file(step.file.volume, step.file.name)
         elif step.kind is StepKind.CREATE_VOLUME:
             assert step.volume is not None
             driver.create_volume(step.volume.name, {LABEL_CLUSTER: self.cluster, LABEL_NODE: step.node})

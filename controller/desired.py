@@ -203,6 +203,9 @@ def render(
                 labels=labels,
             )
         )
+    spec_files = tuple(
+        sorted({file_name(m.source.gguf) for m in spec.models if m.runtime is Runtime.LLAMACPP and m.source.gguf})
+    )
     nodes = {
         n.name: NodeState(
             node=n.name,
@@ -210,6 +213,8 @@ def render(
             files=tuple(files[n.name].values()),
             containers=tuple(containers[n.name]),
             ollama=render_ollama(spec, n, placement),
+            model_volume=n.llamacpp.volume if n.llamacpp is not None else None,
+            spec_files=spec_files,
         )
         for n in spec.nodes
     }

@@ -235,6 +235,13 @@ def _node_changes(want: NodeState, have: NodeState) -> list[Change]:
                 )
             )
             changed_files.add((f.volume, f.name))
+    wanted_files = {(f.volume, f.name) for f in want.files}
+    for got in have.files:
+        if got.volume != want.model_volume:
+            continue  # never the gateway's volume, nor a model volume the spec no longer names
+        if (got.volume, got.name) not in wanted_files and got.name not in want.spec_files:
+            reason = "no model in the spec uses it"
+            out.append(Change(Action.DELETE, "file", node, f"{got.volume}/{got.name}", reason, before=got))
     have_containers = {c.name: c for c in have.containers}
     for c in want.containers:
         current = have_containers.get(c.name)

@@ -43,6 +43,7 @@ PLAN_FORMAT = 1
 
 class StepKind(StrEnum):
     REMOVE_CONTAINER = "remove-container"
+    REMOVE_FILE = "remove-file"
     CREATE_VOLUME = "create-volume"
     COPY_FILE = "copy-file"
     RUN_CONTAINER = "run-container"
@@ -249,6 +250,10 @@ def _node_steps(node: str, changes: list[Change]) -> list[Step]:
         if ch.kind == "container" and ch.action in (Action.DELETE, Action.REPLACE):
             before = ch.before if isinstance(ch.before, ContainerState) else None
             steps.append(Step(node, StepKind.REMOVE_CONTAINER, ch.name, container=before))
+    # Model files no model in the spec uses any more (after the containers that read them).
+    for ch in sorted(changes, key=lambda c: c.name):
+        if ch.kind == "file" and ch.action is Action.DELETE and isinstance(ch.before, FileState):
+            steps.append(Step(node, StepKind.REMOVE_FILE, ch.name, file=ch.before))
     # Homelab's stale derived models, then (prune: true only) tags nothing needs.
     for kind in ("ollama-model", "ollama-tag"):
         for ch in sorted(changes, key=lambda c: c.name):

@@ -234,6 +234,12 @@ class NodeState:
     """Names of containers without homelab labels (observed only; never touched)."""
     ollama: OllamaNodeState | None = None
     """The node's Ollama server, when the spec gives it one."""
+    model_volume: str | None = None
+    """Desired state only: the node's `llamacpp.volume`, the one volume whose files homelab prunes."""
+    spec_files: tuple[str, ...] = ()
+    """Desired state only: every model file name the spec mentions, placed here or not. A file in a managed
+    volume that is neither wanted here nor named in the spec is pruned; one of a model placed elsewhere
+    for now is kept (copying it back would cost gigabytes)."""
 
 
 @dataclass(frozen=True)

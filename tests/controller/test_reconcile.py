@@ -158,9 +158,29 @@ def test_removing_a_model_removes_only_its_container(tmp_path: Path) -> None:
     text = SPEC.split("  - name: tiny")[0]
     plan = lab.prepare(spec_of(text)).plan
     assert [(c.action, c.node, c.name, c.reason) for c in plan.changes] == [
-        (Action.DELETE, "spare", "homelab-tiny", "not in spec")
+        (Action.DELETE, "spare", "homelab-models/tiny.gguf", "no model in the spec uses it"),
+        (Action.DELETE, "spare", "homelab-tiny", "not in spec"),
     ]
-    assert steps(plan) == [("spare", "remove-container", "homelab-tiny")]
+    # the container that reads the file goes first
+    assert steps(plan) == [
+        ("spare", "remove-container", "homelab-tiny"),
+        ("spare", "remove-file", "homelab-models/tiny.gguf"),
+    ]
+    lab.apply(spec_of(text), tmp_path)
+    assert "tiny.gguf" not in lab.engines["spare"].volumes["homelab-models"]
+    assert lab.prepare(spec_of(text)).plan.empty
+
+
+def test_a_model_placed_elsewhere_keeps_its_file_where_it_was(tmp_path: Path) -> None:
+    """Only a file no model in the spec names is pruned: moving back must not cost another copy."""
+    lab = Lab()
+    lab.apply(spec_of(), tmp_path)
+    moved = SPEC.replace("placement: {node: spare, cpu_only: true}", "placement: {node: box, cpu_only: true}")
+    plan = lab.prepare(spec_of(moved)).plan
+    assert ("spare", "remove-container", "homelab-tiny") in steps(plan)
+    assert not [s for s in steps(plan) if s[1] == "remove-file"]
+    lab.apply(spec_of(moved), tmp_path)
+    assert "tiny.gguf" in lab.engines["spare"].volumes["homelab-models"]
 
 
 def test_a_stopped_container_is_started_again(tmp_path: Path) -> None:
@@ -286,3 +306,12 @@ def test_gpu_containers_are_left_to_homelab_to_restart_cpu_ones_to_docker(tmp_pa
     assert desired["chat"].gpu_layers > 0 and desired["chat"].restart_policy == "no"
     assert desired["coder"].restart_policy == "no"
     assert desired["tiny"].gpu_layers == 0 and desired["tiny"].restart_policy == "unless-stopped"
+
+
+def test_files_are_pruned_only_from_the_model_volumes_of_the_spec(tmp_path: Path) -> None:
+    """The gateway's labelled config volume (and a model volume the spec no longer names) is never pruned."""
+    lab = Lab()
+    lab.apply(spec_of(), tmp_path)
+    lab.engines["box"].volumes["homelab-gateway"] = {"config.yaml": 900, "config.yaml.bak": 880}
+    lab.engines["box"].volumes["old-models"] = {"retired.gguf": 5_000}
+    assert lab.prepare(spec_of()).plan.empty

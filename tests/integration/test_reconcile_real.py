@@ -181,11 +181,14 @@ def test_reconcile_builds_converges_and_heals(world: World) -> None:
     assert [(c.action.value, c.name) for c in healed.plan.changes] == [("update", "homelab-beta")]
     assert served_models(base + 1) == ["beta"]
 
-    # 5. A model removed from the spec: only its container goes.
+    # 5. A model removed from the spec: only its container goes, and its file no model uses any more.
     removed = world.apply(world.spec(ctx_alpha=1024, without_beta=True))
     assert [(c.action.value, c.name, c.reason) for c in removed.plan.changes] == [
-        ("delete", "homelab-beta", "not in spec")
+        ("delete", "hl-models/beta.gguf", "no model in the spec uses it"),
+        ("delete", "homelab-beta", "not in spec"),
     ]
+    with DockerEngine(world.spec().node("box"), world.spec().cluster.name) as engine:
+        assert [f.name for f in engine.list_files("hl-models")] == ["alpha.gguf"]
     names = {c.name for c in world.client.containers.list(all=True)}
     assert names == {"homelab-alpha", "someone-elses"}
     someone = world.client.containers.get("someone-elses")
