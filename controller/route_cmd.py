@@ -17,7 +17,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -25,26 +25,53 @@ from controller.cliutil import SpecFileOption, fail, load_or_exit, out, spec_pat
 from controller.routing import Classifier, Endpoint, RequestError, Route, RouteError, candidates, choose, parse_json
 from specs.model import ClusterSpec
 
+if TYPE_CHECKING:
+    from controller.state import ClusterState
+
 STATE_ENV = "HOMELAB_STATE_DIR"
 CACHE_FILE = "route-health.json"
 
 
-def endpoints_for(spec: ClusterSpec) -> dict[str, tuple[Endpoint, ...]]:
+def running_llamacpp(spec: ClusterSpec) -> ClusterState | None:
+    """The managed containers running on the llama.cpp nodes now (their Docker engines, concurrently);
+    None for a spec without any. A node that does not answer is simply absent."""
+    from controller.engine import CachingConnect
+    from controller.observe import observe
+    from controller.reconcile_cmd import connect_factory
+
+    nodes = [n for n in spec.nodes if n.llamacpp is not None and n.docker is not None]
+    if not nodes:
+        return None
+    only = spec.model_copy(update={"nodes": nodes})
+    connect = CachingConnect(connect_factory(only))
+    try:
+        return observe(only, connect, None)
+    finally:
+        connect.close()
+
+
+def endpoints_for(spec: ClusterSpec, running: ClusterState | None = None) -> dict[str, tuple[Endpoint, ...]]:
     """model → endpoints of its placed replicas: placement, then the desired state, as a reconcile plans them.
 
-    Ports are those a reconcile from scratch would give (a fixed `port:`, else the lowest free one in
-    the node's range); a running container that kept another port is not observed here.
-    """
+    With `running` (the observed llama.cpp containers), replicas stay where they run and keep their
+    ports, as in a reconcile; without it, ports are those a reconcile from scratch would give (a fixed
+    `port:`, else the lowest free one in the node's range)."""
     from controller.desired import RenderError, render
+    from controller.engine import current_placement, current_ports
     from controller.gateway import GatewayError
     from controller.routing import endpoints_from_state
     from solver.gguf import read_header
     from solver.place import SolveParams, place
     from solver.profiles import profiles_for
 
-    placement = place(spec, profiles_for(spec, read_header=read_header), params=SolveParams(time_limit=5.0))
+    placement = place(
+        spec,
+        profiles_for(spec, read_header=read_header),
+        current=current_placement(running) if running is not None else None,
+        params=SolveParams(time_limit=5.0),
+    )
     try:
-        desired = render(spec, placement)
+        desired = render(spec, placement, current_ports(running) if running is not None else None)
     except (RenderError, GatewayError) as exc:
         fail(str(exc))
     return endpoints_from_state(spec, desired)
@@ -101,7 +128,11 @@ def register(app: typer.Typer) -> None:
         ] = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print the route as JSON.")] = False,
         no_health: Annotated[
-            bool, typer.Option("--no-health", help="Take every endpoint as healthy (planning, tests).")
+            bool,
+            typer.Option(
+                "--no-health",
+                help="No network at all: every endpoint taken as healthy, ports as a fresh reconcile would give.",
+            ),
         ] = False,
     ) -> None:
         """Classify a request and choose the healthy model that should serve it."""
@@ -111,7 +142,9 @@ def register(app: typer.Typer) -> None:
             classification = Classifier.from_spec(spec.routing).classify(body)
         except RequestError as exc:
             fail(str(exc))
-        endpoints = endpoints_for(spec)
+        # With health checks, where the llama.cpp containers run now decides their ports (as in a reconcile);
+        # --no-health touches no network: ports as a reconcile from scratch would give them.
+        endpoints = endpoints_for(spec, None if no_health else running_llamacpp(spec))
         health = None
         if not no_health:
             from controller.route_probe import HealthCache, probe

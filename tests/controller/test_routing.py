@@ -12,6 +12,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from controller import reconcile_cmd
+from controller.drivers.fake import FakeDockerNode
 from controller.route_cmd import register
 from controller.routing import (
     Classifier,
@@ -364,6 +366,8 @@ def app() -> typer.Typer:
 @pytest.fixture
 def spec_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("HOMELAB_STATE_DIR", str(tmp_path / "state"))
+    # `homelab route` (with health checks) observes the llama.cpp nodes' Docker engines: an empty fake one
+    monkeypatch.setattr(reconcile_cmd, "connect_factory", lambda spec: lambda node: FakeDockerNode(node.name))
     f = tmp_path / "cluster.yaml"
     f.write_text(spec_text())
     return f
@@ -465,6 +469,7 @@ def test_cli_probes_candidates(
 ) -> None:
     loading, ready = llama_stand_ins
     monkeypatch.setenv("HOMELAB_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setattr(reconcile_cmd, "connect_factory", lambda spec: lambda node: FakeDockerNode(node.name))
     f = tmp_path / "cluster.yaml"
     f.write_text(spec_text(loading, ready, free_port()))
     r = CliRunner().invoke(app(), ["route", "-f", str(f), "--json", "write a python function that adds two numbers"])
@@ -493,3 +498,31 @@ def test_probe_refused_and_cache(tmp_path: Path) -> None:
     assert probe(spec, [dead], cache)[dead].healthy
     clock[0] += 31.0
     assert not probe(spec, [dead], cache)[dead].healthy
+
+
+def test_endpoints_follow_the_running_containers_ports() -> None:
+    """A container that kept another port (the cluster grew model by model) is routed to where it listens."""
+    from dataclasses import replace
+
+    spec = parse_spec(spec_text().replace(", port: 3001}", "}")).spec  # coder-7b: any free port
+
+    from controller.desired import render
+    from controller.route_cmd import endpoints_for
+    from controller.state import ClusterState, NodeState
+    from solver.gguf import read_header
+    from solver.place import SolveParams, place
+    from solver.profiles import profiles_for
+
+    desired = render(spec, place(spec, profiles_for(spec, read_header=read_header), params=SolveParams(time_limit=5)))
+    running = {}
+    for name, node in desired.nodes.items():
+        moved = []
+        for c in node.containers:
+            assert c.config is not None
+            if c.model == "coder-7b":
+                c = replace(c, config=replace(c.config, port=3007))
+            moved.append(c)
+        running[name] = NodeState(node=name, containers=tuple(moved))
+    eps = endpoints_for(spec, ClusterState(spec.cluster.name, running))
+    assert eps["coder-7b"][0].url == "http://127.0.0.1:3007/v1"
+    assert endpoints_for(spec)["coder-7b"][0].url == "http://127.0.0.1:1024/v1"  # from scratch: the lowest free
