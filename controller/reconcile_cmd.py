@@ -24,6 +24,7 @@ from controller.drivers.gpu import GpuProbe, discover_gpus
 from controller.engine import CachingConnect, CachingOllama, GatewayFactory, Prepared, gateways, prepare
 from controller.gpuuse import ModelVram
 from controller.plan import Plan, render_text
+from controller.state import OllamaNodeState
 from specs.files import atomic_write
 from specs.model import ClusterSpec, Node
 
@@ -160,7 +161,8 @@ def register(app: typer.Typer) -> None:
         file: SpecFileOption = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
     ) -> None:
-        """What runs where: managed containers per node and GPU, as observed now, with planned vs actual VRAM."""
+        """What runs where: managed containers per node and GPU, and Ollama models, as observed now, with
+        planned vs actual VRAM."""
         from controller.observe import observe
         from controller.vram_status import describe, planned_vs_actual
         from controller.watch import describe_watch, read_status
@@ -168,7 +170,7 @@ def register(app: typer.Typer) -> None:
         spec = load_or_exit(spec_path(file)).spec
         watching = read_status(state_dir(spec, None))  # what a running `homelab watch` last did, if any
         connect = CachingConnect(connect_factory(spec))
-        observed = observe(spec, connect)
+        observed = observe(spec, connect, CachingOllama(ollama_factory))
         vram, reality = planned_vs_actual(spec, observed, connect, gpu_probe)
         for warning in reality.warnings:
             err.print(f"warning: {warning}", markup=False)
@@ -191,6 +193,7 @@ def register(app: typer.Typer) -> None:
                         for c in node.containers
                     ],
                     "foreign_containers": list(node.foreign_containers),
+                    "ollama": _ollama_json(node.ollama),
                 }
             if watching is not None:
                 data["watch"] = watching
@@ -200,6 +203,10 @@ def register(app: typer.Typer) -> None:
             for line in describe_watch(watching):
                 out.print(line, markup=False)
         for name, node in observed.nodes.items():
+            for line in _ollama_lines(node.ollama):
+                out.print(f"{name}: {line}" if not line.startswith(" ") else line, markup=False)
+            if spec.node(name).docker is None:
+                continue
             if not node.reachable:
                 out.print(f"{name}: NOT OBSERVED ({node.error})", markup=False)
                 continue
@@ -211,6 +218,34 @@ def register(app: typer.Typer) -> None:
                 v = vram.get((name, c.name))
                 usage = f"  {describe(v)}" if v is not None and (v.planned_bytes or v.actual_bytes) else ""
                 out.print(f"  {c.name}  {c.status}  {where}  {detail}{usage}", markup=False)
+
+
+def _ollama_json(o: OllamaNodeState | None) -> dict[str, Any] | None:
+    if o is None:
+        return None
+    return {
+        "url": o.url,
+        "reachable": o.reachable,
+        "error": o.error,
+        "models": [
+            {"name": m.name, "base": m.base, "num_gpu": m.num_gpu, "num_ctx": m.num_ctx, "loaded": m.preload}
+            for m in o.models
+        ],
+        "other_tags": list(o.tags),
+    }
+
+
+def _ollama_lines(o: OllamaNodeState | None) -> list[str]:
+    """A node's Ollama server: homelab's derived models (parameters, loaded or not) and the other tags."""
+    if o is None:
+        return []
+    if not o.reachable:
+        return [f"Ollama {o.url}: NOT OBSERVED ({o.error})"]
+    lines = [f"Ollama {o.url}: {len(o.models)} homelab models, {len(o.tags)} other tags"]
+    for m in o.models:
+        params = f"num_gpu {m.num_gpu if m.num_gpu is not None else 'default'}, num_ctx {m.num_ctx or 'default'}"
+        lines.append(f"  {m.name}  from {m.base or '?'}  {params}  {'loaded' if m.preload else 'not loaded'}")
+    return lines
 
 
 def _vram_json(v: ModelVram | None) -> dict[str, Any]:

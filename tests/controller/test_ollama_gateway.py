@@ -443,6 +443,19 @@ def test_reconcile_command_applies_ollama_and_gateway(
     r = runner.invoke(app, ["reconcile", "--dry-run", "-f", str(tmp_path / "cluster.yaml")])
     assert r.exit_code == 0, r.output
     assert "No changes. The cluster matches the spec." in r.stdout
+    # `homelab status` lists the Ollama node's models with their parameters, next to the containers
+    r = runner.invoke(app, ["status", "-f", str(tmp_path / "cluster.yaml")])
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("desk: Ollama http://127.0.0.2:11434:"))
+    assert header.endswith("2 homelab models, 2 other tags"), header
+    assert any(line.strip().startswith("homelab/chat:latest  from qwen2.5:14b  num_gpu ") for line in lines), lines
+    r = runner.invoke(app, ["status", "--json", "-f", str(tmp_path / "cluster.yaml")])
+    ollama = json.loads(r.stdout)["nodes"]["desk"]["ollama"]
+    assert ollama["reachable"] and {m["name"] for m in ollama["models"]} == {
+        "homelab/chat:latest",
+        "homelab/fast:latest",
+    }
 
 
 @pytest.fixture
