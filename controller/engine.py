@@ -49,6 +49,14 @@ class CachingConnect:
             self.opened[node.name] = self.factory(node)
         return self.opened[node.name]
 
+    def close(self) -> None:
+        """Close every driver opened (those that can be: the Docker SDK client, an SSH tunnel)."""
+        for driver in self.opened.values():
+            close = getattr(driver, "close", None)
+            if callable(close):
+                close()
+        self.opened.clear()
+
 
 class CachingOllama:
     """Opens each node's Ollama driver once (the HTTP one unless a factory is given)."""

@@ -27,6 +27,7 @@ import socket
 import subprocess
 import tempfile
 import threading
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -75,6 +76,8 @@ class DialStdioProxy:
             raise DriverError(f"{argv[0]} is not installed (the OpenSSH client is needed for ssh:// endpoints)")
         self.argv = list(argv)
         self.dir = Path(tempfile.mkdtemp(prefix="hl-ssh-"))  # 0700
+        # The directory goes even when nobody calls close() (a command that exits with the engine open).
+        self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.dir), True)
         self.path = self.dir / "docker.sock"
         self.url = f"unix://{self.path}"
         self.last_error = ""
@@ -159,4 +162,4 @@ class DialStdioProxy:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
         self._thread.join(timeout=2)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self._cleanup()
