@@ -54,7 +54,9 @@ def test_split_without_layers_is_refused() -> None:
 
 
 def test_placed_split_renders_tensor_split_and_all_gpus() -> None:
-    s = spec(llama_node("n", ["8GiB", "8GiB", "8GiB"]), model("big", "20GiB", runtime="llamacpp", layers=40, extra=SPLIT))
+    s = spec(
+        llama_node("n", ["8GiB", "8GiB", "8GiB"]), model("big", "20GiB", runtime="llamacpp", layers=40, extra=SPLIT)
+    )
     r = place(s, profiles_for(s), params=SolveParams(time_limit=5.0, workers=1))
     [a] = r.assignments
     assert len(a.gpus) == 3
