@@ -92,12 +92,28 @@ def llama_server_args(model: Model, node: Node, assignment: Assignment, port: in
         args += ["-np", str(model.parallel)]
     if rt.threads is not None:
         args += ["-t", str(rt.threads)]
-    gpus = sorted(assignment.vram_bytes)
-    if len(gpus) > 1:
-        total = sum(assignment.vram_bytes.values()) or 1
-        split = ",".join(f"{assignment.vram_bytes[g] / total:.3f}" for g in gpus)
-        args += ["--tensor-split", split]
+    args += tensor_split_args(assignment)
     return (*args, *rt.server_args, *model.args)
+
+
+def tensor_split_args(assignment: Assignment) -> list[str]:
+    """`--split-mode layer --tensor-split N0,N1,…` for a replica split over several GPUs, else nothing.
+
+    The proportions are the layers the placement gave each GPU (in GPU index order, the output layer
+    counted on the last), as integers: llama.cpp assigns layer il of L+1 to the first GPU whose
+    cumulative share exceeds il/(L+1), so integer layer counts reproduce them exactly
+    (`solver.estimate.layer_devices`). Proportions of bytes would not: each GPU's bytes include its
+    compute buffer and overhead, which are not layers.
+    """
+    gpus = sorted(assignment.vram_bytes)
+    if len(gpus) <= 1:
+        return []
+    if sorted(assignment.layers_per_gpu) != gpus or sum(assignment.layers_per_gpu.values()) != assignment.gpu_layers:
+        raise RenderError(
+            f"model '{assignment.model}': placed on GPUs {gpus} without its layers per GPU"
+            " (cannot render --tensor-split)"
+        )
+    return ["--split-mode", "layer", "--tensor-split", ",".join(str(assignment.layers_per_gpu[g]) for g in gpus)]
 
 
 def _ports(

@@ -21,7 +21,10 @@ from solver.profiles import profiles_for
 
 
 def render(result: PlacementResult, console: Console) -> None:
-    """The planning table per GPU, then CPU-only replicas, then unplaced replicas with their reasons."""
+    """The planning table per GPU, then CPU-only replicas, then unplaced replicas with their reasons.
+
+    A replica split over several GPUs has a row in each of their tables, with the layers on that GPU.
+    """
     for g in result.gpus:
         rows = [a for a in result.assignments if a.node == g.node and g.index in a.gpus]
         table = Table(title=f"{g.node} GPU {g.index} ({g.name}, {gib(g.capacity_bytes)} usable)", title_justify="left")
@@ -30,7 +33,12 @@ def render(result: PlacementResult, console: Console) -> None:
         table.add_column("GPU layers", justify="right")
         for a in rows:
             name = a.model if a.replica == 0 else f"{a.model}#{a.replica}"
-            table.add_row(name, f"{a.vram_bytes[g.index] / (1 << 30):.1f}", f"{a.gpu_layers}/{a.layers}")
+            layers = f"{a.gpu_layers}/{a.layers}"
+            if a.split:
+                # One row per GPU of a split replica: the layers on this GPU, and the GPUs it is split over.
+                over = "+".join(str(i) for i in a.gpus)
+                layers = f"{a.layers_per_gpu.get(g.index, 0)}/{a.layers} (split {over})"
+            table.add_row(name, f"{a.vram_bytes[g.index] / (1 << 30):.1f}", layers)
         pct = 100.0 * g.used_bytes / g.capacity_bytes if g.capacity_bytes else 0.0
         table.add_section()
         table.add_row("total", f"{g.used_bytes / (1 << 30):.1f}", f"{pct:.0f}% used")

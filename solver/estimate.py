@@ -24,17 +24,25 @@ bench/estimate_accuracy.py):
   the repacked copies of Q4_0/Q4_K/IQ4_NL weights the CPU keeps;
 - a fixed per-GPU overhead (CUDA context, cuBLAS, pool), configurable per node.
 
+`estimate_split()` is the same model split by layers over several GPUs of one
+node (`--split-mode layer`, full offload): llama.cpp's contiguous layer
+assignment for a `--tensor-split` (`layer_devices`), and per device its blocks'
+weights and KV, the output layer on the last device, its own compute buffer and
+the per-GPU overhead. `split_curve()` is its form for the solver.
+
 Everything here is pure arithmetic on the shape; the only I/O in the solver is
 `solver.gguf.read_header`.
 """
 
 from __future__ import annotations
 
+import bisect
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from solver.errors import EstimateError, GGUFError
@@ -729,21 +737,202 @@ def layer_curve(shape: ModelShape, params: EstimateParams) -> LayerCurve:
     )
 
 
+# --------------------------------------------------------------------------- multi-GPU split
+
+SPLIT_PIPELINE_COPIES = 4
+"""GGML_SCHED_MAX_COPIES: with several GPUs and full offload llama.cpp enables pipeline parallelism and
+keeps this many copies of each device's graph inputs (reference page, section 4; unmeasured here)."""
+
+
+def layer_devices(n_layer: int, ngl: int, tensor_split: Sequence[float]) -> tuple[int, ...]:
+    """The device of each layer il = 0 … L (L is the output layer) under `--split-mode layer`; -1 is the CPU.
+
+    llama.cpp's `load_tensors` (the source quoted in shared/reference/llama-cpp-memory.md section 2, and
+    llama.cpp's `get_layer_buft_list`): the split proportions are normalised into cumulative split points
+    `splits[j]` (float32), `i_gpu_start = max(L - ngl, 0)`, `act = min(ngl, L + 1)`, and layer il, when
+    `i_gpu_start ≤ il < i_gpu_start + act`, goes to the first device j with `splits[j] > (il - i_gpu_start) / act`
+    (`std::upper_bound`). So devices get contiguous blocks of layers in proportion to the split, and the
+    output layer (il = L) goes to the last device with a non-zero share. This is the older (`output-last`)
+    offload rule; for full offload (ngl ≥ L + 1) both rules put every layer on a GPU, and which device a
+    recent build gives the output layer has not been measured here (no GPU).
+    """
+    if n_layer <= 0:
+        raise EstimateError("a split needs at least one layer")
+    if not tensor_split or any(x < 0 for x in tensor_split) or sum(tensor_split) <= 0:
+        raise EstimateError(f"tensor split must be non-negative proportions, not all 0: {list(tensor_split)}")
+    f32 = np.float32
+    cum: list[np.float32] = []
+    total = f32(0.0)
+    for x in tensor_split:
+        total = f32(total + f32(x))
+        cum.append(total)
+    points = [f32(c / total) for c in cum]
+    start = max(n_layer - ngl, 0)
+    act = min(ngl, n_layer + 1)
+    out: list[int] = []
+    for il in range(n_layer + 1):
+        if il < start or il - start >= act:
+            out.append(-1)
+            continue
+        value = f32(f32(il - start) / f32(act))
+        out.append(min(bisect.bisect_right(points, value), len(points) - 1))
+    return tuple(out)
+
+
+def split_layers(n_layer: int, tensor_split: Sequence[float]) -> tuple[int, ...]:
+    """Layers (blocks, and the output layer on its device) each device holds at full offload."""
+    counts = [0] * len(tensor_split)
+    for dev in layer_devices(n_layer, n_layer + 1, tensor_split):
+        counts[dev] += 1
+    return tuple(counts)
+
+
+def tensor_split_for(blocks: Sequence[int]) -> tuple[int, ...]:
+    """The `--tensor-split` that makes llama.cpp give device j exactly `blocks[j]` blocks at full offload.
+
+    The proportions are layer counts, the output layer counted on the last device: with integer
+    proportions the split points are n/(L+1) and layer il/(L+1) exactly, so `layer_devices` reproduces
+    the counts (no rounding between bytes and layers).
+    """
+    if len(blocks) < 1 or any(b < 0 for b in blocks):
+        raise EstimateError(f"blocks per device must be non-negative: {list(blocks)}")
+    return (*blocks[:-1], blocks[-1] + 1)
+
+
+@dataclass(frozen=True)
+class SplitEstimate:
+    """Memory of a model split by layers over several GPUs of one node, fully offloaded."""
+
+    layers: tuple[int, ...]
+    """Layers per device as llama.cpp assigns them (blocks, plus the output layer on its device)."""
+    devices: tuple[MemoryBreakdown, ...]
+    """Per device: its blocks' weights and KV, the output layer on its device, a compute buffer and the
+    fixed overhead on every device that holds a layer; a device with none holds nothing."""
+    ram_bytes: int
+    """Host RAM: as for full offload on one GPU (token_embd, host compute and output buffers)."""
+
+    @property
+    def vram(self) -> tuple[int, ...]:
+        return tuple(d.total_gpu for d in self.devices)
+
+
+def _split_device_compute(shape: ModelShape, params: EstimateParams) -> int:
+    graph, inputs = _graph_bytes(shape, params)
+    return graph + (SPLIT_PIPELINE_COPIES - 1) * inputs
+
+
+def estimate_split(shape: ModelShape, params: EstimateParams, tensor_split: Sequence[float]) -> SplitEstimate:
+    """Per-GPU memory of `shape` fully offloaded (ngl = L+1) over len(tensor_split) GPUs, `--split-mode layer`.
+
+    Which layers go where is `layer_devices` (llama.cpp's source). Per device in use:
+    - weights and KV of its blocks (KV follows its layer: reference page section 3);
+    - the output layer on the device that gets layer L;
+    - its own compute buffer: charged the whole single-GPU full-offload graph (an upper bound: the
+      logits phase is only on the last device), plus (SPLIT_PIPELINE_COPIES − 1) more copies of the
+      graph inputs for pipeline parallelism. The reference page says compute buffers grow "roughly ×4"
+      with pipeline parallelism; published multi-GPU logs (equal per-device buffers near one
+      single-GPU graph) and ggml-backend's copying only split inputs suggest otherwise. Unmeasured here;
+    - the per-GPU fixed overhead (CUDA context, cuBLAS) on every device used (section 5).
+    Full offload only: a split with CPU layers is not modelled. No GPU was available to check any
+    of this against a real multi-GPU llama-server.
+    """
+    params.check()
+    if not params.gpu:
+        raise EstimateError("a split needs GPUs")
+    n = shape.n_layer
+    devs = layer_devices(n, n + 1, tensor_split)
+    kv = kv_layer_bytes(shape, params)
+    compute = _split_device_compute(shape, params)
+    out: list[MemoryBreakdown] = []
+    counts: list[int] = []
+    for j in range(len(tensor_split)):
+        blocks = [il for il in range(n) if devs[il] == j]
+        has_output = devs[n] == j
+        counts.append(len(blocks) + int(has_output))
+        used = bool(blocks) or has_output
+        out.append(
+            MemoryBreakdown(
+                layers=n,
+                gpu_layers=len(blocks) + int(has_output),
+                weights_gpu=sum(shape.layers[i].weights for i in blocks) + (shape.output_weights if has_output else 0),
+                kv_gpu=sum(kv[i] for i in blocks),
+                compute_gpu=compute if used else 0,
+                overhead_gpu=params.gpu_overhead if used else 0,
+            )
+        )
+    host = estimate(shape, n + 1, params).total_cpu
+    return SplitEstimate(tuple(counts), tuple(out), host)
+
+
+@dataclass(frozen=True)
+class SplitCurve:
+    """A model's per-GPU memory when split at full offload, as the solver counts it.
+
+    Device j of a split holding blocks [a, b) needs `device_fixed` + Σ block_bytes[a:b], and the last
+    device also `output_bytes`. Exact for `estimate_split` (see `devices`), for GGUF-derived curves.
+    """
+
+    block_bytes: tuple[int, ...]
+    """Weights + KV of each block, in llama.cpp's order (block 0 first, on the first device)."""
+    output_bytes: int
+    device_fixed: int
+    """Overhead + compute buffer on every device the split uses."""
+    ram_bytes: int
+
+    @property
+    def layers(self) -> int:
+        return len(self.block_bytes)
+
+    def devices(self, blocks: Sequence[int]) -> tuple[int, ...]:
+        """VRAM per device with `blocks[j]` consecutive blocks on device j and the output on the last."""
+        if sum(blocks) != self.layers or any(b < 0 for b in blocks) or not blocks:
+            raise EstimateError(f"blocks per device {list(blocks)} do not add up to {self.layers}")
+        out: list[int] = []
+        start = 0
+        for j, b in enumerate(blocks):
+            last = j == len(blocks) - 1
+            used = b > 0 or last
+            body = sum(self.block_bytes[start : start + b]) + (self.output_bytes if last else 0)
+            out.append(body + (self.device_fixed if used else 0))
+            start += b
+        return tuple(out)
+
+
+def split_curve(shape: ModelShape, params: EstimateParams) -> SplitCurve:
+    """The `SplitCurve` of `shape` (see `estimate_split` for what each term is and what is unmeasured)."""
+    params.check()
+    kv = kv_layer_bytes(shape, params)
+    return SplitCurve(
+        block_bytes=tuple(lay.weights + kv[i] for i, lay in enumerate(shape.layers)),
+        output_bytes=shape.output_weights,
+        device_fixed=_split_device_compute(shape, params) + params.gpu_overhead,
+        ram_bytes=estimate(shape, shape.n_layer + 1, params).total_cpu,
+    )
+
+
 __all__ = [
     "DEFAULT_GPU_OVERHEAD_BYTES",
     "DEFAULT_N_SEQ",
     "DEFAULT_N_UBATCH",
+    "SPLIT_PIPELINE_COPIES",
     "EstimateParams",
     "LayerCurve",
     "LayerShape",
     "MemoryBreakdown",
     "ModelShape",
+    "SplitCurve",
+    "SplitEstimate",
     "estimate",
     "estimate_all",
+    "estimate_split",
     "kv_cells",
     "kv_layer_bytes",
     "layer_curve",
+    "layer_devices",
     "max_gpu_layers",
     "shape_from_header",
     "shape_from_model_info",
+    "split_curve",
+    "split_layers",
+    "tensor_split_for",
 ]

@@ -119,7 +119,35 @@ def _why_unplaced(
     )
     if least <= free[gi]:
         text += f", but its node has only {gib(ram_free[slot.node])} of RAM free for the layers left on the CPU"
-    return text + _alternatives(r, slot, max(free[gi], 0), ram_free[slot.node], partial=False)
+    return (
+        text
+        + _alternatives(r, slot, max(free[gi], 0), ram_free[slot.node], partial=False)
+        + _split_text(problem, r, free, hosts)
+    )
+
+
+def _split_text(problem: Problem, r: Replica, free: list[int], hosts: dict[str, set[str]]) -> str:
+    """Why a replica that may be split over several GPUs was not: the split's need against what is free."""
+    pins = r.model.placement.gpus
+    best: tuple[int, str, int] | None = None
+    for node in sorted(r.profile.node_splits):
+        if node not in r.curves or node in hosts[r.model.name]:
+            continue
+        gis = [gi for gi, g in enumerate(problem.gpus) if g.node == node and (pins is None or g.index in pins)]
+        if len(gis) < 2:
+            continue
+        room = sum(max(free[gi], 0) for gi in gis)
+        if best is None or room > best[0]:
+            best = (room, node, len(gis))
+    if best is None:
+        return ""
+    room, node, count = best
+    sc = r.profile.node_splits[node]
+    least = sum(sc.block_bytes) + sc.output_bytes + 2 * sc.device_fixed
+    return (
+        f"; split over {node}'s GPUs it needs at least {gib(least)} in all ({gib(sc.device_fixed)} on every GPU"
+        f" it uses besides its layers), and its {count} GPUs have {gib(room)} free together"
+    )
 
 
 def explain(

@@ -8,7 +8,8 @@ it in three lexicographic stages, each keeping the value the earlier ones reache
 1. placed replicas weighted by priority;
 2. replicas moved away from their current node/GPU/layers (each move counts
    as much as all GPU layers together), then GPU layers weighted by priority;
-3. the highest GPU utilisation (headroom balanced).
+3. replicas split over several GPUs, then the highest GPU utilisation
+   (headroom balanced).
 
 Moves rank above GPU layers: a model that runs is not moved (a restart, and a
 reload of its weights) to give another model a few more layers on a GPU. With
@@ -42,9 +43,18 @@ time, the result is greedy's. The time limit covers all stages, and a stage
 that ends early leaves its time to the next; above `PRESOLVE_MAX_PAIRS` pairs
 CP-SAT's presolve is skipped so that a 10 s budget still yields a solution.
 
-Multi-GPU split (`placement.split`) is not modelled yet: a replica gets one
-GPU, chosen among `placement.gpus` when those are pinned; a current replica on
-several GPUs always counts as moved.
+Multi-GPU split (`placement.split: true`, llama.cpp models): besides the
+single-GPU pairs, a replica may run fully offloaded over two or more GPUs of
+one node (`--split-mode layer`). Per (replica, node) a Boolean `split`, and per
+GPU of that node (in index order) a Boolean "used", its number of blocks, a
+Boolean "holds the output layer" (the last GPU used) and the running total of
+blocks; that GPU's VRAM is the estimator's bytes of exactly its blocks (an
+element constraint on the prefix sums of the per-block need), plus the output
+layer where it is, plus the compute buffer and overhead every GPU used needs
+(`solver.estimate.split_curve`). A split replica is not partially offloaded.
+A current replica on several GPUs stays when it is split over exactly those
+GPUs with the same layers; how its blocks are divided between them is not
+known from the current placement and may change.
 
 Same input, same parameters → same plan: the default is one worker, for which
 CP-SAT is deterministic (it was also the faster setting measured); with
@@ -71,6 +81,7 @@ from solver.problem import (
     PlacementResult,
     Problem,
     ReplicaKey,
+    SplitNeed,
     build_problem,
     placement_weight,
     ram_at,
@@ -137,6 +148,22 @@ class _OnGpu:
     top: int
 
 
+@dataclass(frozen=True)
+class _Split:
+    """The variables of one replica split over GPUs of one node (see the module docstring)."""
+
+    on: cp_model.IntVar
+    gpus: tuple[int, ...]
+    """Indices into problem.gpus, in GPU index order."""
+    used: tuple[cp_model.IntVar, ...]
+    blocks: tuple[cp_model.IntVar, ...]
+    output: tuple[cp_model.IntVar, ...]
+    cum: tuple[cp_model.IntVar, ...]
+    prefix: tuple[cp_model.IntVar, ...]
+    """Units of the blocks up to and including this GPU's (an element of the prefix table)."""
+    top: int
+
+
 @dataclass
 class _Model:
     model: cp_model.CpModel
@@ -144,6 +171,8 @@ class _Model:
     """x[r, g]: replica r on GPU g (index into problem.gpus), with its layer variables."""
     c: dict[tuple[ReplicaKey, str], cp_model.IntVar]
     """c[r, n]: replica r runs on node n's CPU only."""
+    sp: dict[tuple[ReplicaKey, str], _Split]
+    """sp[r, n]: replica r split over GPUs of node n."""
     ngl: dict[ReplicaKey, Expr]
     placed: dict[ReplicaKey, cp_model.IntVar]
     vram: dict[int, Expr]
@@ -169,6 +198,7 @@ def _build(problem: Problem) -> _Model:
     # ----------------------------------------------------------------- variables
     x: dict[tuple[ReplicaKey, int], _OnGpu] = {}
     c: dict[tuple[ReplicaKey, str], cp_model.IntVar] = {}
+    sp: dict[tuple[ReplicaKey, str], _Split] = {}
     placed: dict[ReplicaKey, cp_model.IntVar] = {}
     ngl: dict[ReplicaKey, Expr] = {}
     vram_use: dict[int, list[Expr]] = defaultdict(list)
@@ -218,6 +248,17 @@ def _build(problem: Problem) -> _Model:
             vram_use[gi].append(cp_model.LinearExpr.sum(terms_v))
             ram_use[node].append(cp_model.LinearExpr.sum(terms_r))
             on_node[k, node].append(xv)
+        for node, gis in problem.split_cands.get(k, {}).items():
+            spl = _split_vars(m, r.splits[node], gis, r.n_layers, f"{tag},{node}")
+            sp[k, node] = spl
+            for j, gi in enumerate(gis):
+                before = spl.prefix[j - 1] if j else 0
+                sn = r.splits[node]
+                # This GPU's blocks, the output layer if it is the last used, and compute + overhead if used.
+                vram_use[gi].append(spl.prefix[j] - before + sn.fixed * spl.used[j] + sn.output * spl.output[j])
+            ram_use[node].append(r.splits[node].ram * spl.on)
+            layer_terms.append(spl.top * spl.on)
+            on_node[k, node].append(spl.on)
         for n in problem.cpu_cands[k]:
             c[k, n] = m.new_bool_var(f"c[{tag},{n}]")
             # A CPU-only replica holds its whole RAM need on its node.
@@ -232,6 +273,8 @@ def _build(problem: Problem) -> _Model:
         by_rep[k].append(og.x)
     for (k, _), cv in c.items():
         by_rep[k].append(cv)
+    for (k, _), spl in sp.items():
+        by_rep[k].append(spl.on)
     for r in reps:
         # A replica is placed on at most one GPU or one node's CPU.
         m.add(cp_model.LinearExpr.sum(by_rep[r.key]) == placed[r.key])
@@ -286,6 +329,8 @@ def _build(problem: Problem) -> _Model:
             here = x[k, gpu_at[cur.node, cur.gpus[0]]].x
         elif not cur.gpus and (k, cur.node) in c:
             here = c[k, cur.node]
+        elif len(cur.gpus) > 1 and (k, cur.node) in sp:
+            here = _same_split(m, sp[k, cur.node], {gpu_at.get((cur.node, i), -1) for i in cur.gpus})
         if here is None:
             moved.append(cp_model.LinearExpr.constant(1))
             continue
@@ -305,7 +350,59 @@ def _build(problem: Problem) -> _Model:
     for gi, expr in vram.items():
         if cap[gi] > 0:
             m.add(UTIL_SCALE * expr <= cap[gi] * util)
-    return _Model(m, x, c, ngl, placed, vram, placement, layers, cp_model.LinearExpr.sum(moved), util, stays)
+    return _Model(m, x, c, sp, ngl, placed, vram, placement, layers, cp_model.LinearExpr.sum(moved), util, stays)
+
+
+def _split_vars(m: cp_model.CpModel, need: SplitNeed, gis: list[int], top: int, where: str) -> _Split:
+    """Variables and constraints of one replica split over the GPUs `gis` of one node."""
+    n = need.layers
+    assert n + 1 == top, "the split curve and the layer curve disagree on the layer count"
+    on = m.new_bool_var(f"split[{where}]")
+    used, blocks, output, cum, prefix = [], [], [], [], []
+    prev: cp_model.IntVar | int = 0
+    for j in range(len(gis)):
+        u = m.new_bool_var(f"split_used[{where}:{j}]")
+        b = m.new_int_var(0, n, f"split_blocks[{where}:{j}]")
+        o = m.new_bool_var(f"split_output[{where}:{j}]")
+        cu = m.new_int_var(0, n, f"split_cum[{where}:{j}]")
+        pv = m.new_int_var(0, need.prefix[-1], f"split_prefix[{where}:{j}]")
+        # Contiguous blocks in GPU order: the running total, and the units of the blocks so far.
+        m.add(cu == prev + b)
+        m.add_element(cu, list(need.prefix), pv)
+        # A GPU is used iff it holds a block or the output layer.
+        m.add(b <= n * u)
+        m.add(o <= u)
+        m.add(b + o >= u)
+        used.append(u)
+        blocks.append(b)
+        output.append(o)
+        cum.append(cu)
+        prefix.append(pv)
+        prev = cu
+    # All blocks on the GPUs of a placed split, on two GPUs or more; the output layer on the last used one.
+    m.add(cum[-1] == n * on)
+    m.add(cp_model.LinearExpr.sum(used) >= 2 * on)
+    m.add(cp_model.LinearExpr.sum(used) <= len(gis) * on)
+    m.add(cp_model.LinearExpr.sum(output) == on)
+    for j in range(len(gis)):
+        for later in range(j + 1, len(gis)):
+            m.add(output[j] + used[later] <= 1)
+    return _Split(on, tuple(gis), tuple(used), tuple(blocks), tuple(output), tuple(cum), tuple(prefix), top)
+
+
+def _same_split(m: cp_model.CpModel, spl: _Split, gpus: set[int]) -> cp_model.IntVar:
+    """A Boolean that implies the replica is split over exactly `gpus` (indices into problem.gpus)."""
+    same = m.new_bool_var("same_split")
+    if not gpus <= set(spl.gpus):
+        m.add(same == 0)
+        return same
+    m.add_implication(same, spl.on)
+    for gi, u in zip(spl.gpus, spl.used, strict=True):
+        if gi in gpus:
+            m.add_implication(same, u)
+        else:
+            m.add_implication(same, u.Not())
+    return same
 
 
 # --------------------------------------------------------------------------- solve
@@ -349,15 +446,31 @@ def _hint(mm: _Model, problem: Problem, chosen: list[Choice]) -> None:
             used[gi] += reps[k].needs[problem.gpus[gi].node].vram(ngl)
     for (k, node), v in mm.c.items():
         ch = by_key.get(k)
-        mm.model.add_hint(v, ch is not None and ch.gpu is None and ch.node == node)
+        mm.model.add_hint(v, ch is not None and not ch.on_gpu and ch.node == node)
+    for (k, node), spl in mm.sp.items():
+        ch = by_key.get(k)
+        blocks = dict(ch.split) if ch is not None and ch.split and ch.node == node else {}
+        need = reps[k].splits[node]
+        last = max(blocks, key=spl.gpus.index) if blocks else None
+        mm.model.add_hint(spl.on, bool(blocks))
+        cum = 0
+        for j, gi in enumerate(spl.gpus):
+            b = blocks.get(gi, 0)
+            cum += b
+            mm.model.add_hint(spl.used[j], gi in blocks)
+            mm.model.add_hint(spl.blocks[j], b)
+            mm.model.add_hint(spl.output[j], gi == last)
+            mm.model.add_hint(spl.cum[j], cum)
+            mm.model.add_hint(spl.prefix[j], need.prefix[cum])
+        if blocks:
+            units = need.devices([blocks[gi] for gi in spl.gpus if gi in blocks])
+            for gi, u in zip([gi for gi in spl.gpus if gi in blocks], units, strict=True):
+                used[gi] += u
     for k, v in mm.placed.items():
         mm.model.add_hint(v, k in by_key)
-    gpu_at = {g.key: gi for gi, g in enumerate(problem.gpus)}
     for k, v in mm.stays.items():
         ch, cur = by_key.get(k), problem.current[k]
-        at = gpu_at.get((cur.node, cur.gpus[0])) if cur.gpus else None
-        same_place = ch is not None and ch.node == cur.node and ch.gpu == at
-        mm.model.add_hint(v, same_place and ch is not None and ch.ngl == cur.gpu_layers)
+        mm.model.add_hint(v, ch is not None and _same_place(problem, ch, cur) and ch.ngl == cur.gpu_layers)
     util = 0
     for gi, u in used.items():
         cap = units_down(problem.gpus[gi].capacity)
@@ -420,7 +533,10 @@ def solve(problem: Problem, params: SolveParams, start: float | None = None) -> 
         # Stage 3: keep stage 2's value; balance headroom.
         mm.model.add(stage2 >= round(s2.objective_value))
         _hint(mm, problem, chosen)
-        mm.model.minimize(mm.util)
+        # Fewest split replicas first (a split pays a compute buffer and overhead again on every GPU
+        # it uses), then the balance.
+        splits = cp_model.LinearExpr.sum([spl.on for spl in mm.sp.values()])
+        mm.model.minimize((UTIL_SCALE + 1) * splits + mm.util)
         s3 = clock.solver(STAGE_SHARES[2], len(mm.x))
         st3 = s3.solve(mm.model)
         if st3 in (cp_model.OPTIMAL, cp_model.FEASIBLE):
@@ -472,18 +588,22 @@ def _stage2_value(problem: Problem, chosen: list[Choice]) -> int:
     prio = {m.name: m.priority for m in problem.spec.models}
     layers = sum((prio[ch.key[0]] + 1) * ch.ngl for ch in chosen)
     by_key = {ch.key: ch for ch in chosen}
-    gpu_at = {g.key: gi for gi, g in enumerate(problem.gpus)}
     placeable = {r.key for r in problem.replicas if r.key not in problem.blocked}
     moves = 0
     for k, cur in problem.current.items():
         if k not in placeable:
             continue
         ch = by_key.get(k)
-        at = gpu_at.get((cur.node, cur.gpus[0])) if len(cur.gpus) == 1 else None
-        same = ch is not None and ch.node == cur.node and len(cur.gpus) <= 1 and ch.gpu == at
+        same = ch is not None and _same_place(problem, ch, cur)
         if not (same and ch is not None and (cur.gpu_layers is None or ch.ngl == cur.gpu_layers)):
             moves += 1
     return layers - placement_weight(problem) * moves
+
+
+def _same_place(problem: Problem, ch: Choice, cur: CurrentAssignment) -> bool:
+    """Whether a choice keeps a replica on its current node and exactly its current GPUs."""
+    gpus = tuple(sorted(problem.gpus[gi].index for gi in ch.gpu_slots()))
+    return ch.node == cur.node and gpus == tuple(sorted(cur.gpus))
 
 
 def choice_score(problem: Problem, chosen: list[Choice]) -> int:
@@ -501,6 +621,14 @@ def _extract(problem: Problem, mm: _Model, s: cp_model.CpSolver) -> list[Choice]
     for (k, n), v in mm.c.items():
         if s.boolean_value(v):
             out.append(Choice(k, n, None, 0))
+    for (k, n), spl in mm.sp.items():
+        if s.boolean_value(spl.on):
+            split = tuple(
+                (gi, int(s.value(b)))
+                for gi, u, b in zip(spl.gpus, spl.used, spl.blocks, strict=True)
+                if s.boolean_value(u)
+            )
+            out.append(Choice(k, n, None, spl.top, split))
     return out
 
 
@@ -514,7 +642,19 @@ def _result(
         r = reps[ch.key]
         curve = r.curves[ch.node]
         vram: dict[int, int] = {}
-        if ch.gpu is not None:
+        per_gpu: dict[int, int] = {}
+        ram = ram_at(curve, ch.ngl)
+        if ch.split:
+            sc = r.profile.node_splits[ch.node]
+            blocks = [b for _, b in ch.split]
+            for (gi, b), nbytes in zip(ch.split, sc.devices(blocks), strict=True):
+                index = problem.gpus[gi].index
+                vram[index] = nbytes
+                used[gi] += nbytes
+                per_gpu[index] = b
+            per_gpu[problem.gpus[ch.split[-1][0]].index] += 1  # the output layer
+            ram = sc.ram_bytes
+        elif ch.gpu is not None:
             b = vram_at(curve, ch.ngl)
             vram[problem.gpus[ch.gpu].index] = b
             used[ch.gpu] += b
@@ -527,8 +667,9 @@ def _result(
                 gpu_layers=ch.ngl,
                 layers=r.n_layers,
                 vram_bytes=vram,
-                ram_bytes=ram_at(curve, ch.ngl),
+                ram_bytes=ram,
                 context=r.model.context,
+                layers_per_gpu=per_gpu,
             )
         )
     gpu_use = tuple(GpuUse(g.node, g.index, g.name, g.capacity, used.get(gi, 0)) for gi, g in enumerate(problem.gpus))

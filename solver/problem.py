@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from solver.estimate import LayerCurve
+from solver.estimate import LayerCurve, SplitCurve
 from solver.profiles import MemoryProfile, NoEstimate, Profile, as_profile
 from specs.enums import Runtime
 from specs.model import ClusterSpec, Model, Node
@@ -48,9 +48,16 @@ class Assignment:
     vram_bytes: Mapping[int, int]
     ram_bytes: int
     context: int
+    layers_per_gpu: Mapping[int, int] = field(default_factory=dict)
+    """For a replica split over several GPUs: the layers on each GPU index (blocks, and the output
+    layer on the last GPU), summing to `gpu_layers`; what `--tensor-split` says. Empty otherwise."""
+
+    @property
+    def split(self) -> bool:
+        return len(self.gpus) > 1
 
     def to_json(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "model": self.model,
             "replica": self.replica,
             "node": self.node,
@@ -61,6 +68,9 @@ class Assignment:
             "ram_bytes": self.ram_bytes,
             "context": self.context,
         }
+        if self.layers_per_gpu:
+            out["layers_per_gpu"] = {str(k): v for k, v in sorted(self.layers_per_gpu.items())}
+        return out
 
 
 @dataclass(frozen=True)
@@ -133,12 +143,27 @@ class PlacementResult:
 
 @dataclass(frozen=True)
 class Choice:
-    """One replica's decision: GPU (index into problem.gpus) or CPU node, and its GPU layers."""
+    """One replica's decision: GPU (index into problem.gpus) or CPU node, and its GPU layers.
+
+    A replica split over several GPUs has `gpu` None and `split` the (GPU, blocks) of each GPU it
+    uses, in GPU index order (the output layer on the last); it is fully offloaded.
+    """
 
     key: ReplicaKey
     node: str
     gpu: int | None
     ngl: int
+    split: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.gpu is not None or bool(self.split)
+
+    def gpu_slots(self) -> tuple[int, ...]:
+        """Indices into problem.gpus of the GPUs it uses."""
+        if self.split:
+            return tuple(gi for gi, _ in self.split)
+        return () if self.gpu is None else (self.gpu,)
 
 
 @dataclass(frozen=True)
@@ -150,6 +175,8 @@ class Replica:
     profile: MemoryProfile
     needs: Mapping[str, LinearNeed]
     """Per candidate node: the memory both solvers count."""
+    splits: Mapping[str, SplitNeed] = field(default_factory=dict)
+    """Per node where it may be split over several GPUs (`placement.split`), in units."""
 
     @property
     def key(self) -> ReplicaKey:
@@ -199,6 +226,8 @@ class Problem:
     current: Mapping[ReplicaKey, CurrentAssignment] = field(default_factory=dict)
     port_slots: dict[str, int] = field(default_factory=dict)
     """How many llamacpp replicas each llamacpp node can host (its port range)."""
+    split_cands: dict[ReplicaKey, dict[str, list[int]]] = field(default_factory=dict)
+    """Per replica that may be split: node → its GPUs (indices into `gpus`, in GPU index order)."""
 
     def node(self, name: str) -> Node:
         return self.spec.node(name)
@@ -289,8 +318,9 @@ def build_problem(
         curves = {n.name: prof.for_node(n.name) for n in nodes}
         lo_all = max(1, model.placement.min_gpu_layers) if model.placement.cpu_offload else prof.curve.layers + 1
         needs = {n: need_of(c, lo_all) for n, c in curves.items()}
+        splits = {n: split_need(sc) for n, sc in prof.node_splits.items() if n in curves}
         for i in range(model.replicas):
-            rep = Replica(model, i, curves, prof, needs)
+            rep = Replica(model, i, curves, prof, needs, splits)
             prob.replicas.append(rep)
             if not nodes:
                 prob.blocked[rep.key] = _why_no_node(spec, model)
@@ -311,6 +341,20 @@ def build_problem(
                 cc = [n.name for n in nodes if needs[n.name].r0 <= units_down(prob.node_ram[n.name])]
             prob.gpu_cands[rep.key] = gc
             prob.cpu_cands[rep.key] = cc
+            sc: dict[str, list[int]] = {}
+            if not p.cpu_only and hi == rep.n_layers:
+                for n_name, sn in splits.items():
+                    gis = [
+                        gi
+                        for gi, slot in enumerate(gpus)
+                        if slot.node == n_name and (p.gpus is None or slot.index in p.gpus)
+                    ]
+                    caps = sorted((units_down(gpus[gi].capacity) for gi in gis), reverse=True)
+                    # Worth modelling only if two GPUs or more together could hold it.
+                    if len(gis) >= 2 and sn.ram <= units_down(prob.node_ram[n_name]) and sum(caps) >= sn.least_total:
+                        sc[n_name] = gis
+            if sc:
+                prob.split_cands[rep.key] = sc
     return prob
 
 
@@ -419,3 +463,45 @@ def linear_need(curve: LayerCurve, lo: int) -> LinearNeed:
         a_v = max(vt[k] - b_v * k for k in range(plo, curve.layers + 1))
         a_r = max(rt[k] - b_r * k for k in range(plo, curve.layers + 1))
     return LinearNeed(top, plo, vt[top], a_v, b_v, rt[top], rt[0], a_r, b_r)
+
+
+@dataclass(frozen=True)
+class SplitNeed:
+    """A `SplitCurve` in `UNIT`s for the solvers: every block rounded up on its own, so that a device's
+    blocks [a, b) need at most prefix[b] − prefix[a] units however the bytes fall."""
+
+    prefix: tuple[int, ...]
+    """prefix[k]: units of blocks 0 … k−1 (prefix[0] = 0, prefix[L] = all blocks)."""
+    output: int
+    fixed: int
+    """Per GPU used."""
+    ram: int
+
+    @property
+    def layers(self) -> int:
+        return len(self.prefix) - 1
+
+    @property
+    def least_total(self) -> int:
+        """Units over all GPUs of the cheapest split (two GPUs)."""
+        return self.prefix[-1] + self.output + 2 * self.fixed
+
+    def devices(self, blocks: tuple[int, ...] | list[int]) -> list[int]:
+        """Units per device for `blocks` consecutive blocks per device (output on the last)."""
+        out: list[int] = []
+        start = 0
+        for j, b in enumerate(blocks):
+            last = j == len(blocks) - 1
+            body = self.prefix[start + b] - self.prefix[start] + (self.output if last else 0)
+            out.append(body + (self.fixed if b > 0 or last else 0))
+            start += b
+        return out
+
+
+def split_need(curve: SplitCurve) -> SplitNeed:
+    prefix = [0]
+    for b in curve.block_bytes:
+        prefix.append(prefix[-1] + units_up(b))
+    return SplitNeed(
+        tuple(prefix), units_up(curve.output_bytes), units_up(curve.device_fixed), units_up(curve.ram_bytes)
+    )

@@ -23,9 +23,11 @@ from solver.estimate import (
     EstimateParams,
     LayerCurve,
     ModelShape,
+    SplitCurve,
     layer_curve,
     shape_from_header,
     shape_from_model_info,
+    split_curve,
 )
 from solver.gguf import GGUFHeader
 from specs.enums import LayerOrder, Runtime
@@ -55,6 +57,9 @@ class MemoryProfile:
     node_curves: Mapping[str, LayerCurve] = field(default_factory=dict)
     shape: ModelShape | None = None
     node_params: Mapping[str, EstimateParams] = field(default_factory=dict)
+    node_splits: Mapping[str, SplitCurve] = field(default_factory=dict)
+    """Per node, the model's memory split over several GPUs (only for llama.cpp models with
+    `placement.split: true` on nodes with two GPUs or more)."""
 
     def for_node(self, node: str) -> LayerCurve:
         return self.node_curves.get(node, self.curve)
@@ -104,6 +109,34 @@ def declared_curve(
         gpu_fixed=(0, partial_fixed, full_fixed),
         cpu_fixed=(vram + ram, cpu_top + (per if layer_order == LayerOrder.OUTPUT_LAST else 0), cpu_top),
     )
+
+
+def declared_split_curve(memory: DeclaredMemory, gpu_overhead: int = DEFAULT_GPU_OVERHEAD_BYTES) -> SplitCurve | None:
+    """A split curve from a declared `memory:` with `layers: L` (None without layers: nothing to split).
+
+    The same reading as `declared_curve`: a fixed part (the GPU overhead, at most half the VRAM),
+    taken to be needed again on every GPU of the split, and the rest evenly over L blocks and the
+    output layer (the output's share takes the rounding), so one device holding everything needs
+    exactly the declared VRAM.
+    """
+    n = memory.layers or 0
+    if n == 0:
+        return None
+    vram = memory.vram
+    fixed = min(gpu_overhead, vram // 2)
+    per = math.ceil((vram - fixed) / (n + 1))
+    return SplitCurve(
+        block_bytes=(per,) * n,
+        output_bytes=max(vram - fixed - n * per, 0),
+        device_fixed=fixed,
+        ram_bytes=memory.ram,
+    )
+
+
+def _split_nodes(spec: ClusterSpec, model: Model) -> list[Node]:
+    if not model.placement.split or model.runtime is not Runtime.LLAMACPP:
+        return []
+    return [n for n in _candidate_nodes(spec, model) if len(n.gpus) >= 2]
 
 
 def params_for(model: Model, node: Node | None) -> EstimateParams:
@@ -177,6 +210,7 @@ def profile_for(
                     node_curves={name: layer_curve(shape, p) for name, p in node_params.items()},
                     shape=shape,
                     node_params=node_params,
+                    node_splits={n.name: split_curve(shape, node_params[n.name]) for n in _split_nodes(spec, model)},
                 )
             except EstimateError as exc:
                 if model.memory is None:
@@ -191,7 +225,14 @@ def profile_for(
             )
             for n in nodes
         }
-        return MemoryProfile(curve=declared_curve(model.memory), source="declared", node_curves=node_curves)
+        splits: dict[str, SplitCurve] = {}
+        for n in _split_nodes(spec, model):
+            sc = declared_split_curve(model.memory, params_for(model, n).gpu_overhead)
+            if sc is not None:
+                splits[n.name] = sc
+        return MemoryProfile(
+            curve=declared_curve(model.memory), source="declared", node_curves=node_curves, node_splits=splits
+        )
     return NoEstimate()
 
 

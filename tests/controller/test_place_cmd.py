@@ -62,3 +62,41 @@ def test_missing_file_is_an_error(tmp_path: Path) -> None:
     r = CliRunner().invoke(app(), ["place", "-f", str(tmp_path / "nope.yaml")])
     assert r.exit_code == 1
     assert "Traceback" not in r.output
+
+
+SPLIT_SPEC = """version: 1
+cluster: {name: t}
+nodes:
+  - name: n
+    tier: local
+    address: h
+    ram: 64GiB
+    gpus: [{index: 0, name: g, vram: 8GiB}, {index: 1, name: g, vram: 8GiB}]
+    docker: {endpoint: "unix:///var/run/docker.sock"}
+    llamacpp: {image: llama, ports: 3000-3009}
+models:
+  - name: big
+    runtime: llamacpp
+    source: {gguf: /m/big.gguf}
+    memory: {vram: 12GiB, layers: 20}
+    placement: {cpu_offload: false, split: true}
+"""
+
+
+def test_split_rows_and_json(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text(SPLIT_SPEC)
+    r = CliRunner().invoke(app(), ["place", "-f", str(f), "--workers", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    [a] = json.loads(r.output)["assignments"]
+    assert a["gpus"] == [0, 1]
+    per_gpu = a["layers_per_gpu"]
+    assert set(per_gpu) == {"0", "1"} and sum(per_gpu.values()) == a["gpu_layers"] == 21
+    assert set(a["vram_bytes"]) == {"0", "1"}
+    r = CliRunner().invoke(app(), ["place", "-f", str(f), "--workers", "1"])
+    assert r.exit_code == 0, r.output
+    for i in ("0", "1"):
+        gib = f"{a['vram_bytes'][i] / (1 << 30):.1f}"
+        # A row in each GPU's table: its own GiB and its own layers of the 21.
+        assert f"n GPU {i}" in r.output
+        assert f"{gib} │ {per_gpu[i]}/21 (split 0+1)" in r.output

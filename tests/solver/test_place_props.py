@@ -7,8 +7,9 @@ from collections import defaultdict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from solver.estimate import DEFAULT_GPU_OVERHEAD_BYTES
 from solver.place import SolveParams, greedy_place, place
-from solver.profiles import MemoryProfile, declared_curve, profiles_for
+from solver.profiles import MemoryProfile, declared_curve, declared_split_curve, profiles_for
 from specs.model import ClusterSpec
 
 GIB = 1 << 30
@@ -100,3 +101,79 @@ def test_never_worse_than_greedy_and_bound_holds(s: ClusterSpec, time_limit: flo
     assert r.bound is None or r.bound >= r.objective
     if r.status == "OPTIMAL":
         assert r.bound == r.objective
+
+
+@st.composite
+def split_clusters(draw: st.DrawFn) -> ClusterSpec:
+    """llama.cpp nodes with up to 3 GPUs and models that may be split over them."""
+    nodes = []
+    for i in range(draw(st.integers(1, 2))):
+        gpus = [
+            {"index": j, "name": "g", "vram": draw(st.sampled_from([4, 6, 8, 12])) * GIB}
+            for j in range(draw(st.integers(1, 3)))
+        ]
+        nodes.append(
+            {
+                "name": f"n{i}",
+                "tier": "local",
+                "address": "h",
+                "ram": draw(st.sampled_from([8, 32])) * GIB,
+                "ram_reserve": GIB,
+                "gpus": gpus,
+                "docker": {"endpoint": "unix:///var/run/docker.sock"},
+                "llamacpp": {"image": "llama", "ports": "3000-3009"},
+            }
+        )
+    models = [
+        {
+            "name": f"m{i}",
+            "runtime": "llamacpp",
+            "source": {"gguf": f"/m/m{i}.gguf"},
+            "priority": draw(st.integers(0, 100)),
+            "memory": {
+                "vram": draw(st.integers(GIB // 2, 24 * GIB)),
+                "ram": draw(st.integers(0, 2 * GIB)),
+                "layers": draw(st.integers(2, 40)),
+            },
+            "placement": {"cpu_offload": draw(st.booleans()), "split": draw(st.booleans())},
+        }
+        for i in range(draw(st.integers(1, 5)))
+    ]
+    return ClusterSpec.model_validate({"cluster": {"name": "p"}, "nodes": nodes, "models": models})
+
+
+@settings(max_examples=30, deadline=None)
+@given(split_clusters())
+def test_split_bounds_hold(s: ClusterSpec) -> None:
+    profiles = profiles_for(s)
+    r = place(s, profiles, params=SolveParams(time_limit=2.0, workers=1))
+    vram: dict[tuple[str, int], int] = defaultdict(int)
+    ram: dict[str, int] = defaultdict(int)
+    for a in r.assignments:
+        m = s.model(a.model)
+        assert m.memory is not None
+        if a.split:
+            # Recomputed from the declared memory, outside the solver: blocks per GPU in index order,
+            # the output layer on the last GPU, a fixed part on every GPU used.
+            assert m.placement.split and a.gpu_layers == a.layers
+            sc = declared_split_curve(m.memory, DEFAULT_GPU_OVERHEAD_BYTES)
+            assert sc is not None
+            counts = [a.layers_per_gpu[i] for i in a.gpus]
+            assert sum(counts) == a.layers and all(c >= 1 for c in counts[:-1])
+            for i, b in zip(a.gpus, sc.devices([*counts[:-1], counts[-1] - 1]), strict=True):
+                assert a.vram_bytes[i] == b
+                vram[a.node, i] += b
+            ram[a.node] += sc.ram_bytes
+            continue
+        curve = declared_curve(m.memory)
+        if a.gpu_layers:
+            vram[a.node, a.gpus[0]] += curve.vram(a.gpu_layers)
+        ram[a.node] += curve.ram(a.gpu_layers)
+        if not m.placement.cpu_offload:
+            assert a.gpu_layers == curve.layers + 1
+    for node in s.nodes:
+        assert ram[node.name] <= node.ram - node.ram_reserve
+        for g in node.gpus:
+            assert vram[node.name, g.index] <= g.vram - g.reserve
+    assert len(r.assignments) + len(r.unplaced) == sum(m.replicas for m in s.models)
+    assert r.objective >= greedy_place(s, profiles).objective
