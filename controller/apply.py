@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-import httpx
-
 from controller.drivers.base import DockerNode, DriverError, Gateway, OllamaNode, ProgressFn
+from controller.drivers.poll import poll_200
 from controller.plan import Plan, Step, StepKind
 from controller.state import LABEL_CLUSTER, LABEL_NODE
 
@@ -45,21 +44,21 @@ HealthCheck = Callable[[str, float, Callable[[], bool]], None]
 
 def wait_healthy(url: str, timeout: float, cancelled: Callable[[], bool]) -> None:
     """Poll llama-server's /health until 200. 503 means loading; anything else, keep trying until timeout."""
-    deadline = time.monotonic() + timeout
-    last = "no answer"
-    with httpx.Client(timeout=2.0, trust_env=False) as client:
-        while time.monotonic() < deadline:
-            if cancelled():
-                raise StepFailed("cancelled")
-            try:
-                r = client.get(url)
-                if r.status_code == 200:
-                    return
-                last = "loading (503)" if r.status_code == 503 else f"HTTP {r.status_code}"
-            except httpx.HTTPError as exc:
-                last = type(exc).__name__
-            time.sleep(0.1)
-    raise StepFailed(f"{url} did not answer 200 within {timeout:g}s (last: {last})")
+
+    def stop_if_cancelled() -> None:
+        if cancelled():
+            raise StepFailed("cancelled")
+
+    stop_if_cancelled()
+    last = poll_200(
+        url,
+        timeout,
+        every=0.1,
+        describe=lambda code: "loading (503)" if code == 503 else f"HTTP {code}",
+        between=stop_if_cancelled,
+    )
+    if last is not None:
+        raise StepFailed(f"{url} did not answer 200 within {timeout:g}s (last: {last})")
 
 
 @dataclass

@@ -47,6 +47,7 @@ from pathlib import Path
 import httpx
 
 from controller.drivers.base import DockerNode, DriverError
+from controller.drivers.poll import poll_200
 from controller.gateway import GATEWAY_CONFIG, GATEWAY_CONTAINER, GATEWAY_ROLE, GATEWAY_VOLUME, gateway_container
 from controller.secrets import Redactor, resolve_secret
 from controller.state import LABEL_CLUSTER, LABEL_NODE, LABEL_ROLE, GatewayState
@@ -55,6 +56,10 @@ from specs.files import atomic_write
 PID_FILE = "litellm.pid"
 LOG_FILE = "litellm.log"
 LIVELINESS = "/health/liveliness"
+
+
+def _not_live(desired: GatewayState, timeout: float, last: str) -> DriverError:
+    return DriverError(f"gateway: {desired.url}{LIVELINESS} did not answer 200 within {timeout:g}s (last: {last})")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -178,23 +183,22 @@ class LocalGateway:
         pid = self._our_pid(desired) if desired.mode == "process" else None
         if desired.mode == "process" and pid is None:
             raise DriverError(f"gateway: the proxy is not running; see {self.state_dir / LOG_FILE}")
-        deadline = time.monotonic() + timeout
-        last = "no answer"
-        while time.monotonic() < deadline:
-            try:
-                r = httpx.get(desired.url + LIVELINESS, timeout=self.timeout, trust_env=False)
-                if r.status_code == 200:
-                    return
-                last = f"HTTP {r.status_code}"
-            except httpx.HTTPError as exc:
-                if desired.mode == "external" and isinstance(exc, httpx.ConnectError):
-                    return  # not reachable from here: the owner of the proxy restarts and checks it
-                last = type(exc).__name__
+
+        def exited() -> None:
             if pid is not None and not _pid_alive(pid):
                 tail = self._log_tail()
                 raise DriverError(f"gateway: the proxy exited while starting{': ' + tail if tail else ''}")
-            time.sleep(0.2)
-        raise DriverError(f"gateway: {desired.url}{LIVELINESS} did not answer 200 within {timeout:g}s (last: {last})")
+
+        last = poll_200(
+            desired.url + LIVELINESS,
+            timeout,
+            request_timeout=self.timeout,
+            between=exited,
+            # mode external, not reachable from here: the owner of the proxy restarts and checks it
+            error_is_ok=lambda exc: desired.mode == "external" and isinstance(exc, httpx.ConnectError),
+        )
+        if last is not None:
+            raise _not_live(desired, timeout, last)
 
     def container_hash(self) -> str:
         return ""  # no container: mode process or external
@@ -257,16 +261,7 @@ class ContainerGateway:
         self.docker.run_service(gateway_container(desired), env)
 
     def wait_live(self, desired: GatewayState, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        last = "no answer"
-        while time.monotonic() < deadline:
-            try:
-                r = httpx.get(desired.url + LIVELINESS, timeout=self.timeout, trust_env=False)
-                if r.status_code == 200:
-                    return
-                last = f"HTTP {r.status_code}"
-            except httpx.HTTPError as exc:
-                last = type(exc).__name__
+        def container_gone() -> None:
             got = self.docker.service_status(GATEWAY_CONTAINER)
             if got is None or got[0] not in ("created", "running", "restarting"):
                 tail = ""
@@ -278,5 +273,7 @@ class ContainerGateway:
                     f"gateway: the proxy's container on node {self.docker.node} {state}"
                     + (f"; last log lines: {tail}" if tail else "")
                 )
-            time.sleep(0.2)
-        raise DriverError(f"gateway: {desired.url}{LIVELINESS} did not answer 200 within {timeout:g}s (last: {last})")
+
+        last = poll_200(desired.url + LIVELINESS, timeout, request_timeout=self.timeout, between=container_gone)
+        if last is not None:
+            raise _not_live(desired, timeout, last)
