@@ -246,7 +246,7 @@ class Executor:
             self._run_gateway_step(step)
             return
         driver = self.drivers[step.node]
-        if step.kind is StepKind.REMOVE_CONTAINER:
+        if step.kind in (StepKind.REMOVE_CONTAINER, StepKind.REMOVE_SERVICE):
             driver.remove_container(step.name)
         elif step.kind is StepKind.REMOVE_FILE:
             assert step.file is not None

@@ -12,7 +12,7 @@ import json
 import re
 from collections.abc import Mapping
 
-from controller.gateway import render_gateway
+from controller.gateway import GATEWAY_CONTAINER, render_gateway
 from controller.state import (
     LABEL_CLUSTER,
     LABEL_CONFIG,
@@ -44,6 +44,12 @@ class RenderError(ValueError):
 
 GPU_RESTART_POLICY = "no"
 CPU_RESTART_POLICY = "unless-stopped"
+
+
+def gateway_here(spec: ClusterSpec, node: str) -> bool:
+    """The spec runs the LiteLLM proxy as a container on `node`."""
+    gw = spec.gateway
+    return gw is not None and gw.mode == "container" and gw.node == node
 
 
 def restart_policy(gpu_layers: int) -> str:
@@ -230,6 +236,7 @@ def render(
             containers=tuple(containers[n.name]),
             ollama=render_ollama(spec, n, placement),
             model_volume=n.llamacpp.volume if n.llamacpp is not None else None,
+            services=(GATEWAY_CONTAINER,) if gateway_here(spec, n.name) else (),
             spec_files=spec_files,
         )
         for n in spec.nodes

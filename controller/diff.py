@@ -47,7 +47,8 @@ GATEWAY_NODE = ""
 class Change:
     action: Action
     kind: str
-    """volume, file, container, ollama-tag (a pulled base tag), ollama-model (a derived model) or gateway."""
+    """volume, file, container, ollama-tag (a pulled base tag), ollama-model (a derived model), service
+    (the gateway's container on a node) or gateway."""
     node: str
     name: str
     reason: str
@@ -262,6 +263,10 @@ def _node_changes(want: NodeState, have: NodeState) -> list[Change]:
                     Action.REPLACE, "container", node, c.name, f"container {current.status}", before=current, after=c
                 )
             )
+    for service in have.services:
+        if service not in want.services:
+            reason = "the gateway no longer runs on this node"
+            out.append(Change(Action.DELETE, "service", node, service, reason))
     wanted = {c.name for c in want.containers}
     for extra in have.containers:
         if extra.name not in wanted:

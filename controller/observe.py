@@ -24,6 +24,9 @@ from solver.profiles import OllamaInfo
 from specs.enums import Runtime
 from specs.model import ClusterSpec, Node
 
+SERVICE_CONTAINERS = ("homelab-gateway",)
+"""Service containers homelab may run on a node (controller.gateway.GATEWAY_CONTAINER)."""
+
 Connect = Callable[[Node], DockerNode]
 """Opens a node's Docker driver (the real one, or a fake in tests)."""
 
@@ -111,6 +114,7 @@ def _observe_docker(node: Node, cluster: str, connect: Connect) -> NodeState:
         files: list[FileState] = []
         for v in volumes:
             files.extend(engine.list_files(v.name))
+        services = [name for name in SERVICE_CONTAINERS if engine.service_status(name) is not None]
     except DriverError as exc:
         return NodeState(node=node.name, reachable=False, error=str(exc))
     return NodeState(
@@ -119,6 +123,7 @@ def _observe_docker(node: Node, cluster: str, connect: Connect) -> NodeState:
         files=tuple(sorted(files, key=lambda f: (f.volume, f.name))),
         containers=tuple(sorted(containers, key=lambda c: c.name)),
         foreign_containers=tuple(sorted(foreign)),
+        services=tuple(services),
     )
 
 

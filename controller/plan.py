@@ -44,6 +44,7 @@ PLAN_FORMAT = 1
 class StepKind(StrEnum):
     REMOVE_CONTAINER = "remove-container"
     REMOVE_FILE = "remove-file"
+    REMOVE_SERVICE = "remove-service"
     CREATE_VOLUME = "create-volume"
     COPY_FILE = "copy-file"
     RUN_CONTAINER = "run-container"
@@ -209,7 +210,7 @@ class Plan:
         return json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n"
 
 
-_KIND_ORDER = {"volume": 0, "file": 1, "container": 2, "ollama-tag": 3, "ollama-model": 4, "gateway": 5}
+_KIND_ORDER = {"volume": 0, "file": 1, "container": 2, "ollama-tag": 3, "ollama-model": 4, "service": 5, "gateway": 6}
 
 
 def make_plan(cluster: str, result: DiffResult, observed_fingerprint: str) -> Plan:
@@ -250,6 +251,10 @@ def _node_steps(node: str, changes: list[Change]) -> list[Step]:
         if ch.kind == "container" and ch.action in (Action.DELETE, Action.REPLACE):
             before = ch.before if isinstance(ch.before, ContainerState) else None
             steps.append(Step(node, StepKind.REMOVE_CONTAINER, ch.name, container=before))
+    # A gateway container where the spec no longer runs it (before the gateway starts anywhere else).
+    for ch in sorted(changes, key=lambda c: c.name):
+        if ch.kind == "service" and ch.action is Action.DELETE:
+            steps.append(Step(node, StepKind.REMOVE_SERVICE, ch.name))
     # Model files no model in the spec uses any more (after the containers that read them).
     for ch in sorted(changes, key=lambda c: c.name):
         if ch.kind == "file" and ch.action is Action.DELETE and isinstance(ch.before, FileState):

@@ -234,6 +234,9 @@ class NodeState:
     """Names of containers without homelab labels (observed only; never touched)."""
     ollama: OllamaNodeState | None = None
     """The node's Ollama server, when the spec gives it one."""
+    services: tuple[str, ...] = ()
+    """homelab's service containers on the node (the gateway's): desired, where the spec runs one;
+    observed, those that exist. One that exists where the spec no longer runs it is removed."""
     model_volume: str | None = None
     """Desired state only: the node's `llamacpp.volume`, the one volume whose files homelab prunes."""
     spec_files: tuple[str, ...] = ()

@@ -105,6 +105,7 @@ class FakeDockerNode:
         if name in self.foreign:
             raise NotManaged(f"container {name} has no {LABEL_CLUSTER} label: not homelab's")
         self.containers.pop(name, None)
+        self.services.pop(name, None)
 
     def container_logs(self, name: str, tail: int = 20) -> str:
         return ""

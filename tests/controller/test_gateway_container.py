@@ -205,3 +205,21 @@ def test_a_missing_key_fails_the_restart_without_naming_a_value(lab: Lab, monkey
     labels = {LABEL_CLUSTER: "lab", LABEL_ROLE: "gateway"}
     lab.docker.write_volume_files(GATEWAY_VOLUME, [("config.yaml", "a: 1\n")], labels)
     assert gw.read_config() is not None
+
+
+def test_a_gateway_container_the_spec_no_longer_runs_is_removed_first(lab: Lab) -> None:
+    lab.apply(lab.spec())
+    assert GATEWAY_CONTAINER in lab.docker.services
+    without = parse_spec(SPEC.format(image="litellm:1", port=lab.port).split("gateway:")[0], "cluster.yaml").spec
+    plan = lab.prepare(without).plan
+    assert [(c.action.value, c.kind, c.name, c.reason) for c in plan.changes] == [
+        ("delete", "service", GATEWAY_CONTAINER, "the gateway no longer runs on this node")
+    ]
+    assert steps(plan) == [("box", "remove-service")]
+    assert f"- service {GATEWAY_CONTAINER}" in render_text(plan)
+    Executor(without.cluster.name, {"box": lab.docker}, lab.tmp / "state", health_check=lambda u, t, c: None).apply(
+        plan
+    )
+    assert GATEWAY_CONTAINER not in lab.docker.services
+    assert GATEWAY_VOLUME in lab.docker.text_volumes  # its config (and .bak) stay: nothing is lost
+    assert lab.prepare(without).plan.empty

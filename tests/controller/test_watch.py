@@ -383,7 +383,13 @@ def test_dry_run_prints_plans_and_applies_nothing(
 
     arun(scenario())
     assert engines["box"].containers == {} and engines["spare"].containers == {}
-    assert {method for method, _ in engines["box"].calls} <= {"ping", "image_exists", "list_containers", "list_volumes"}
+    assert {method for method, _ in engines["box"].calls} <= {
+        "ping",
+        "image_exists",
+        "list_containers",
+        "list_volumes",
+        "service_status",
+    }
     assert engines["box"].volumes == {}
 
 

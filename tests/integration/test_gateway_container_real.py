@@ -262,3 +262,16 @@ def test_container_gateway_is_created_restarted_on_change_and_converges(world: W
     assert world.key not in (world.tmp / "plan.json").read_text()
     assert world.key not in (world.tmp / "state" / EVENTS_FILE).read_text()
     assert all(world.key not in text for text in world.outputs)
+
+    # 7. The gateway leaves the spec: its container goes (first), its volume and config stay.
+    text = (world.tmp / "cluster.yaml").read_text()
+    start, end = text.index("gateway:\n"), text.index("routing:\n")
+    (world.tmp / "cluster.yaml").write_text(text[:start] + text[end:])
+    code, out = world.reconcile("--dry-run")
+    assert code == 2 and f"- service {GATEWAY_CONTAINER}  (the gateway no longer runs on this node)" in out, out
+    code, out = world.reconcile("--yes")
+    assert code == 0, out
+    assert GATEWAY_CONTAINER not in {c.name for c in world.client.containers.list(all=True)}
+    assert "model_name: beta" in world.volume_file("config.yaml")
+    code, out = world.reconcile("--dry-run")
+    assert code == 0 and "No changes. The cluster matches the spec." in out, out
