@@ -138,6 +138,11 @@ class DialStdioProxy:
         with contextlib.suppress(OSError, ValueError):
             while data := os.read(stdout.fileno(), CHUNK):
                 conn.sendall(data)
+        # ssh closed its output: let it exit and its last stderr line be read *before* the client sees the
+        # connection end, so the client's error can name ssh's reason ("Host key verification failed.").
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+        threads[1].join(timeout=2)
         with contextlib.suppress(OSError):
             conn.shutdown(socket.SHUT_RDWR)
         conn.close()
