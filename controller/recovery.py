@@ -603,7 +603,12 @@ class NodeActions:
                 ok=True, detail=f"magic packet for {wake.wol.mac} sent to {wake.wol.broadcast}:{wake.wol.port}"
             )
         assert wake.command is not None
-        result = await run_wake_command(self.node.name, wake.command)
+        stdin = None
+        if wake.stdin is not None:
+            secret = resolve(wake.stdin, self.spec.secrets, what=f"node {self.node.name}: wake.stdin")
+            self.redactor.add(secret)
+            stdin = secret.reveal().encode() + b"\n"
+        result = await run_wake_command(self.node.name, wake.command, stdin=stdin)
         if result.exit_status != 0:
             return Observation(
                 ok=False, detail=self.redactor(f"wake command: exit {result.exit_status}: {result.error_line}")
@@ -675,7 +680,8 @@ class NodeActions:
                 w = node.wake.wol
                 return f"send a Wake-on-LAN packet for {w.mac} to {w.broadcast}:{w.port}"
             if node.wake is not None and node.wake.command is not None:
-                return f"run the wake command `{node.wake.command}` here"
+                fed = f", {node.wake.stdin} on its stdin" if node.wake.stdin is not None else ""
+                return f"run the wake command `{node.wake.command}` here{fed}"
             return "no `wake` configured"
         if step is Step.WAIT_SSH:
             return f"wait up to {r.wait_ssh:g} s for SSH on {where}"

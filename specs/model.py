@@ -306,11 +306,18 @@ class Wake(_Spec):
 
     wol: WakeOnLan | None = None
     command: str | None = Field(default=None, min_length=1)
+    stdin: SecretRef | None = Field(
+        default=None,
+        description="a secret written to the wake command's standard input (an IPMI or smart-plug password);"
+        " never on its command line",
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Self:
         if (self.wol is None) == (self.command is None):
             raise ValueError("give exactly one of `wol` or `command`")
+        if self.stdin is not None and self.command is None:
+            raise ValueError("stdin: is for a wake `command`")
         return self
 
 

@@ -241,6 +241,8 @@ def _secret_refs(spec: ClusterSpec) -> Iterator[tuple[Path, str]]:
     for n, node in enumerate(spec.nodes):
         if node.ssh is not None and node.ssh.sudo_password is not None:
             yield ("nodes", n, "ssh", "sudo_password"), node.ssh.sudo_password
+        if node.wake is not None and node.wake.stdin is not None:
+            yield ("nodes", n, "wake", "stdin"), node.wake.stdin
 
 
 def _secrets(spec: ClusterSpec) -> Iterator[Problem]:

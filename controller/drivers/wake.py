@@ -53,6 +53,9 @@ def send_magic_packet(mac: str, address: str, port: int) -> None:
         raise DriverError(f"wake-on-lan to {address}:{port}: {exc.strerror or type(exc).__name__}") from None
 
 
-async def run_wake_command(node: str, command: str, timeout: float = WAKE_COMMAND_TIMEOUT_S) -> CommandResult:
-    """Run the node's wake command here (`sh -c`); a non-zero exit is a result, a timeout a CommandFailed."""
-    return await LocalShell(node).run(command, timeout=timeout)
+async def run_wake_command(
+    node: str, command: str, timeout: float = WAKE_COMMAND_TIMEOUT_S, stdin: bytes | None = None
+) -> CommandResult:
+    """Run the node's wake command here (`sh -c`), `stdin` (a secret) on its standard input; a non-zero exit
+    is a result, a timeout a CommandFailed."""
+    return await LocalShell(node).run(command, stdin=stdin, timeout=timeout)

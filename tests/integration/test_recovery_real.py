@@ -369,7 +369,9 @@ def test_a_sleeping_node_is_woken_and_recovered(world: World, how: str) -> None:
     lab = world.lab
     lab.sleep_node()
     before = len(lab.woken)
-    wake = f"{{command: 'touch {lab.requests}/wake'}}" if how == "command" else None
+    # the command gets the plug's password (here: the sudo secret) on stdin, never on its command line
+    check = f'read -r p; [ "$p" = "$(cat {lab.expected})" ] && touch {lab.requests}/wake'
+    wake = f"{{command: '{check}', stdin: 'secret:sudo'}}" if how == "command" else None
     spec = world.write(wake=wake)
     code, out, err = cli("recover", "box", "--dry-run", "-f", str(spec), "--state-dir", str(world.state))
     assert code == 0, err
@@ -378,7 +380,7 @@ def test_a_sleeping_node_is_woken_and_recovered(world: World, how: str) -> None:
     if how == "wol":
         assert first.startswith(f"  1. wake: send a Wake-on-LAN packet for {MAC} to 127.0.0.1:{lab.wol_port}")
     else:
-        assert first.startswith(f"  1. wake: run the wake command `touch {lab.requests}/wake` here")
+        assert first.startswith(f"  1. wake: run the wake command `{check}` here, secret:sudo on its stdin")
     assert "  2. wait-ssh: wait up to 20 s for SSH" in out and lab.server._proc is None
 
     code, out, err = cli("recover", "box", "-f", str(spec), "--state-dir", str(world.state))
@@ -389,6 +391,7 @@ def test_a_sleeping_node_is_woken_and_recovered(world: World, how: str) -> None:
     steps = [e["step"] for e in world.events() if e["event"] == "recovery-observed"]
     assert steps[-6:] == ["probe", "wake", "wait-ssh", "wait-docker", "restart-containers", "recheck"]
     assert world.serving()
+    assert PASSWORD not in out + err + (world.state / EVENTS_FILE).read_text()
 
 
 def test_an_unknown_host_key_stops_recovery(world: World) -> None:

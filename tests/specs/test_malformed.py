@@ -229,6 +229,18 @@ CASES: list[tuple[str, str, int, str]] = [
         r"gateway\.master_key: unknown secret 'litellm' \(secrets: none\)",
     ),
     (
+        "wake-stdin-unknown-secret",
+        edit("    tier: cpu\n", "    tier: cpu\n    wake: {command: plug-on, stdin: 'secret:plug'}\n"),
+        14,
+        r"nodes\[1\]\.wake\.stdin: unknown secret 'plug' \(secrets: none\)",
+    ),
+    (
+        "wake-stdin-with-wol",
+        edit("    tier: cpu\n", "    tier: cpu\n    wake: {wol: {mac: 'aa:bb:cc:dd:ee:ff'}, stdin: 'env:PLUG'}\n"),
+        14,
+        r"nodes\[1\]\.wake\.stdin: is for a wake `command`",
+    ),
+    (
         "secret-file-relative",
         BASE + "secrets:\n  key: file:secrets/key.txt\n",
         27,
