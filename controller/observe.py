@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 from controller.drivers.base import DockerNode, DriverError, Gateway, NodeUnreachable, OllamaNode
+from controller.gateway import GATEWAY_CONTAINER
 from controller.state import (
     OLLAMA_PREFIX,
     ClusterState,
@@ -24,8 +25,8 @@ from solver.profiles import OllamaInfo
 from specs.enums import Runtime
 from specs.model import ClusterSpec, Node
 
-SERVICE_CONTAINERS = ("homelab-gateway",)
-"""Service containers homelab may run on a node (controller.gateway.GATEWAY_CONTAINER)."""
+SERVICE_CONTAINERS = (GATEWAY_CONTAINER,)
+"""Service containers homelab may run on a node."""
 
 Connect = Callable[[Node], DockerNode]
 """Opens a node's Docker driver (the real one, or a fake in tests)."""

@@ -572,13 +572,17 @@ class NodeActions:
 
     # -- actions
 
-    def _sudo_stdin(self) -> bytes | None:
-        ssh = self.node.ssh
-        if ssh is None or ssh.sudo_password is None:
+    def _secret_stdin(self, ref: str | None, what: str) -> bytes | None:
+        """A secret as a command's standard input (a line), masked from then on; None without one."""
+        if ref is None:
             return None
-        secret = resolve(ssh.sudo_password, self.spec.secrets, what=f"node {self.node.name}: ssh.sudo_password")
+        secret = resolve(ref, self.spec.secrets, what=f"node {self.node.name}: {what}")
         self.redactor.add(secret)
         return secret.reveal().encode() + b"\n"
+
+    def _sudo_stdin(self) -> bytes | None:
+        ssh = self.node.ssh
+        return self._secret_stdin(ssh.sudo_password if ssh is not None else None, "ssh.sudo_password")
 
     async def restart_docker(self) -> Observation:
         command = docker_restart_command(self.spec, self.node)
@@ -603,11 +607,7 @@ class NodeActions:
                 ok=True, detail=f"magic packet for {wake.wol.mac} sent to {wake.wol.broadcast}:{wake.wol.port}"
             )
         assert wake.command is not None
-        stdin = None
-        if wake.stdin is not None:
-            secret = resolve(wake.stdin, self.spec.secrets, what=f"node {self.node.name}: wake.stdin")
-            self.redactor.add(secret)
-            stdin = secret.reveal().encode() + b"\n"
+        stdin = self._secret_stdin(wake.stdin, "wake.stdin")
         result = await run_wake_command(self.node.name, wake.command, stdin=stdin)
         if result.exit_status != 0:
             return Observation(

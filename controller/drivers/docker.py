@@ -558,11 +558,15 @@ class DockerEngine:
             else:
                 raise DriverError(f"container {desired.name} already exists on node {self.node}")
             container = self.client.containers.create(**kwargs)
-        with self._errors(f"start container {desired.name}"):
+        self._start_new(container, desired.name)
+
+    def _start_new(self, container: Any, name: str) -> None:
+        """Start a container just created; one that cannot start (no GPU driver, a bad device, a port in
+        use) is not left behind."""
+        with self._errors(f"start container {name}"):
             try:
                 container.start()
             except docker.errors.APIError:
-                # A container that cannot start (no GPU driver, bad device) is not left behind.
                 with suppress(docker.errors.APIError):
                     container.remove(force=True)
                 raise
@@ -695,13 +699,7 @@ class DockerEngine:
                 restart_policy={"Name": desired.restart_policy},
                 init=True,
             )
-        with self._errors(f"start container {desired.name}"):
-            try:
-                container.start()
-            except docker.errors.APIError:
-                with suppress(docker.errors.APIError):
-                    container.remove(force=True)
-                raise
+        self._start_new(container, desired.name)
 
     def service_status(self, name: str) -> tuple[str, str] | None:
         with self._errors(f"look up container {name}"):

@@ -58,6 +58,14 @@ LOG_FILE = "litellm.log"
 LIVELINESS = "/health/liveliness"
 
 
+def _answers(url: str, timeout: float) -> bool:
+    """One GET: 200 or not (the proxy's /health/liveliness)."""
+    try:
+        return httpx.get(url, timeout=timeout, trust_env=False).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def _not_live(desired: GatewayState, timeout: float, last: str) -> DriverError:
     return DriverError(f"gateway: {desired.url}{LIVELINESS} did not answer 200 within {timeout:g}s (last: {last})")
 
@@ -111,11 +119,7 @@ class LocalGateway:
         return text
 
     def alive(self) -> bool:
-        try:
-            r = httpx.get(self.desired.url + LIVELINESS, timeout=self.timeout, trust_env=False)
-        except httpx.HTTPError:
-            return False
-        return r.status_code == 200
+        return _answers(self.desired.url + LIVELINESS, self.timeout)
 
     def write_config(self, desired: GatewayState) -> None:
         assert desired.text is not None
@@ -241,11 +245,7 @@ class ContainerGateway:
         got = self.docker.service_status(GATEWAY_CONTAINER)
         if got is None or got[0] != "running":
             return False
-        try:
-            r = httpx.get(self.desired.url + LIVELINESS, timeout=self.timeout, trust_env=False)
-        except httpx.HTTPError:
-            return False
-        return r.status_code == 200
+        return _answers(self.desired.url + LIVELINESS, self.timeout)
 
     def write_config(self, desired: GatewayState) -> None:
         assert desired.text is not None

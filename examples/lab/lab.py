@@ -44,11 +44,9 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -104,27 +102,18 @@ def log(msg: str) -> None:
 # --------------------------------------------------------------------------- ports and the spec
 
 
-def port_free(address: str, port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind((address, port))
-        except OSError:
-            return False
-    return True
-
-
 def choose_port(address: str, preferred: int) -> int:
     """`preferred` when nothing listens there, else a free port."""
-    from tests.support.ports import free_port
+    from tests.support.ports import free_port, ports_free
 
-    return preferred if port_free(address, preferred) else free_port(address)
+    return preferred if ports_free(address, preferred) else free_port(address)
 
 
 def choose_range(address: str, start: int, end: int) -> tuple[int, int]:
-    from tests.support.ports import free_port_range
+    from tests.support.ports import free_port_range, ports_free
 
     n = end - start + 1
-    if all(port_free(address, p) for p in range(start, end + 1)):
+    if ports_free(address, start, n):
         return start, end
     base = free_port_range(n, address)
     return base, base + n - 1
@@ -158,10 +147,10 @@ def render_spec(d: Path, ports: dict[str, Any], litellm: str) -> str:
 
 
 def write_private(path: Path, text: str) -> None:
+    from specs.files import atomic_write
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+    atomic_write(path, text, keep_previous=False, mode=0o600)
 
 
 # --------------------------------------------------------------------------- the supervisor
@@ -283,12 +272,14 @@ class Supervisor:
         )
         llama_log.close()
         llama_url = f"http://127.0.0.1:{llama_port}"
-        wait_until(
-            lambda: http_ok(llama_url + "/health"),
-            120,
-            "the stand-ins' llama-server",
-            alive=lambda: self.llama is not None and self.llama.poll() is None,
-        )
+        from controller.drivers.poll import poll_200
+
+        def exited() -> None:
+            if self.llama is not None and self.llama.poll() is not None:
+                raise LabError("the stand-ins' llama-server exited while starting")
+
+        if poll_200(llama_url + "/health", 120, every=0.1, request_timeout=1, between=exited) is not None:
+            raise LabError("the stand-ins' llama-server did not answer within 120 s")
         for name, tags in OLLAMA_TAGS.items():
             address = NODES[name]
             standin = OllamaStandin(
@@ -404,28 +395,9 @@ class Supervisor:
 
 
 def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    from specs.files import atomic_write
 
-
-def http_ok(url: str) -> bool:
-    import httpx
-
-    try:
-        return httpx.get(url, timeout=1, trust_env=False).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def wait_until(ok: Callable[[], bool], timeout: float, what: str, alive: Callable[[], bool] = lambda: True) -> None:
-    deadline = time.monotonic() + timeout
-    while not ok():
-        if not alive():
-            raise LabError(f"{what} exited while starting")
-        if time.monotonic() > deadline:
-            raise LabError(f"{what} did not answer within {timeout:g} s")
-        time.sleep(0.1)
+    atomic_write(path, json.dumps(data, indent=2) + "\n", keep_previous=False)
 
 
 # --------------------------------------------------------------------------- the commands
@@ -515,13 +487,6 @@ def lab_processes(d: Path) -> list[int]:
     return found
 
 
-def mounts_under(d: Path) -> list[str]:
-    from tests.support.dockerd import _mount_points
-
-    prefix = str(d)
-    return [p for p in _mount_points() if p == prefix or p.startswith(prefix + "/")]
-
-
 def cleanup(d: Path) -> None:
     """Kill what still names the lab directory, unmount below it, remove it."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -533,8 +498,9 @@ def cleanup(d: Path) -> None:
         while pids and time.monotonic() < deadline:
             pids = [p for p in pids if Path(f"/proc/{p}").exists() and not _zombie(p)]
             time.sleep(0.1)
-    for point in sorted(mounts_under(d), key=len, reverse=True):
-        subprocess.run(["umount", "-l", point], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    from tests.support.dockerd import umount_under
+
+    umount_under(d)
     if (d / MARKER).exists():
         shutil.rmtree(d, ignore_errors=True)
 
@@ -560,6 +526,8 @@ def cmd_down(d: Path, quiet: bool = False) -> int:
         while supervisor_pid(d) is not None and not _zombie(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
     cleanup(d)
+    from tests.support.dockerd import mounts_under
+
     left, mounted = lab_processes(d), mounts_under(d)
     if left or mounted or d.exists():
         raise LabError(f"lab down left processes {left}, mounts {mounted} or the directory {d}")

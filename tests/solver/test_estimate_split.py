@@ -8,8 +8,6 @@ from solver.errors import EstimateError
 from solver.estimate import (
     SPLIT_PIPELINE_COPIES,
     EstimateParams,
-    LayerShape,
-    ModelShape,
     estimate,
     estimate_split,
     kv_layer_bytes,
@@ -20,24 +18,9 @@ from solver.estimate import (
 )
 from solver.profiles import declared_curve, declared_split_curve
 from specs.model import DeclaredMemory
+from tests.solver.test_estimate import toy  # four blocks of 100/200/300/400 bytes, 1000 B in, 50 B out
 
 MIB = 1 << 20
-
-
-def toy() -> ModelShape:
-    """Four blocks of 100/200/300/400 bytes, a 1000-byte embedding and a 50-byte output layer."""
-    return ModelShape(
-        name="toy",
-        arch="llama",
-        n_embd=64,
-        n_vocab=128,
-        n_ff=128,
-        head_dim_k=16,
-        head_dim_v=16,
-        layers=tuple(LayerShape(weights=w, n_head=4, n_head_kv=2, largest_matrix=w // 2) for w in (100, 200, 300, 400)),
-        input_weights=1000,
-        output_weights=50,
-    )
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from solver.estimate import DEFAULT_GPU_OVERHEAD_BYTES
 from solver.place import SolveParams, greedy_place, place
+from solver.problem import Assignment, PlacementResult
 from solver.profiles import MemoryProfile, declared_curve, declared_split_curve, profiles_for
 from specs.model import ClusterSpec
 
@@ -67,27 +68,37 @@ def test_bounds_hold(s: ClusterSpec) -> None:
         vram: dict[tuple[str, int], int] = defaultdict(int)
         ram: dict[str, int] = defaultdict(int)
         for a in result.assignments:
-            m = s.model(a.model)
-            node = s.node(a.node)
-            assert m.memory is not None
-            curve = declared_curve(m.memory)
+            memory = s.model(a.model).memory
+            assert memory is not None
             prof = profiles[a.model]
             assert isinstance(prof, MemoryProfile)
-            assert prof.for_node(a.node).layers == curve.layers
-            # Recompute from the estimator's curve, outside the solver.
-            if a.gpu_layers:
-                assert a.gpus and node.gpus
-                vram[a.node, a.gpus[0]] += curve.vram(a.gpu_layers)
-            else:
-                assert not a.gpus
-            ram[a.node] += curve.ram(a.gpu_layers)
-            if not m.placement.cpu_offload:
-                assert a.gpu_layers == curve.layers + 1
-        for node in s.nodes:
-            assert ram[node.name] <= node.ram - node.ram_reserve
-            for g in node.gpus:
-                assert vram[node.name, g.index] <= g.vram - g.reserve
-        assert len(result.assignments) + len(result.unplaced) == sum(m.replicas for m in s.models)
+            assert prof.for_node(a.node).layers == declared_curve(memory).layers
+            add_single(s, a, vram, ram)
+        assert_fits(s, result, vram, ram)
+
+
+def add_single(s: ClusterSpec, a: Assignment, vram: dict[tuple[str, int], int], ram: dict[str, int]) -> None:
+    """Add a one-GPU (or CPU-only) replica's bytes, recomputed from its declared memory outside the solver."""
+    m = s.model(a.model)
+    assert m.memory is not None
+    curve = declared_curve(m.memory)
+    if a.gpu_layers:
+        assert a.gpus and s.node(a.node).gpus
+        vram[a.node, a.gpus[0]] += curve.vram(a.gpu_layers)
+    else:
+        assert not a.gpus
+    ram[a.node] += curve.ram(a.gpu_layers)
+    if not m.placement.cpu_offload:
+        assert a.gpu_layers == curve.layers + 1
+
+
+def assert_fits(s: ClusterSpec, result: PlacementResult, vram: dict[tuple[str, int], int], ram: dict[str, int]) -> None:
+    """Every node's RAM and every GPU's VRAM, as recomputed, within bounds; every replica placed or explained."""
+    for node in s.nodes:
+        assert ram[node.name] <= node.ram - node.ram_reserve
+        for g in node.gpus:
+            assert vram[node.name, g.index] <= g.vram - g.reserve
+    assert len(result.assignments) + len(result.unplaced) == sum(m.replicas for m in s.models)
 
 
 @settings(max_examples=25, deadline=None)
@@ -165,15 +176,6 @@ def test_split_bounds_hold(s: ClusterSpec) -> None:
                 vram[a.node, i] += b
             ram[a.node] += sc.ram_bytes
             continue
-        curve = declared_curve(m.memory)
-        if a.gpu_layers:
-            vram[a.node, a.gpus[0]] += curve.vram(a.gpu_layers)
-        ram[a.node] += curve.ram(a.gpu_layers)
-        if not m.placement.cpu_offload:
-            assert a.gpu_layers == curve.layers + 1
-    for node in s.nodes:
-        assert ram[node.name] <= node.ram - node.ram_reserve
-        for g in node.gpus:
-            assert vram[node.name, g.index] <= g.vram - g.reserve
-    assert len(r.assignments) + len(r.unplaced) == sum(m.replicas for m in s.models)
+        add_single(s, a, vram, ram)
+    assert_fits(s, r, vram, ram)
     assert r.objective >= greedy_place(s, profiles).objective

@@ -137,7 +137,7 @@ class Dockerd:
                 proc.wait(timeout=10)
         self._release()
         # dockerd leaves its nsfs mount behind; a later start makes a new one.
-        self._umount_under(self.root / "exec" / "netns")
+        umount_under(self.root / "exec" / "netns")
 
     def restart(self) -> None:
         self.stop()
@@ -148,7 +148,7 @@ class Dockerd:
         try:
             self.stop()
         finally:
-            self._umount_under(self.root)
+            umount_under(self.root)
             shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> Dockerd:
@@ -196,13 +196,17 @@ class Dockerd:
             os.close(self._log)
             self._log = None
 
-    @staticmethod
-    def _umount_under(path: Path) -> None:
-        """Lazily unmount every mount point at or below `path`, deepest first."""
-        prefix = str(path)
-        points = [p for p in _mount_points() if p == prefix or p.startswith(prefix + "/")]
-        for point in sorted(points, key=len, reverse=True):
-            subprocess.run(["umount", "-l", point], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+
+def mounts_under(path: Path) -> list[str]:
+    """Every mount point at or below `path`."""
+    prefix = str(path)
+    return [p for p in _mount_points() if p == prefix or p.startswith(prefix + "/")]
+
+
+def umount_under(path: Path) -> None:
+    """Lazily unmount every mount point at or below `path`, deepest first."""
+    for point in sorted(mounts_under(path), key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
 
 
 def _mount_points() -> list[str]:
