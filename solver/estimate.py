@@ -626,16 +626,24 @@ def estimate(shape: ModelShape, ngl: int, params: EstimateParams) -> MemoryBreak
 
     graph, inputs = _graph_bytes(shape, params)
     full = len(place.gpu_blocks) == n_layer and place.output_on_gpu
+    # With a GPU, the host compute buffer holds the graph inputs and the embeddings that
+    # get_rows reads from the CPU-resident token_embd (one T x E f32 tensor), at every
+    # offload level: the large-batch ops of CPU layers run on the GPU too (measured with a
+    # real llama-server on an H100, bench/gpu_memory.py).
+    embd = 4 * min(_pad(params.ctx, KV_CELL_PAD), params.n_ubatch) * shape.n_embd
     if not params.gpu:
         compute_gpu, compute_cpu, overhead = 0, graph, 0
     elif full:
-        compute_gpu, compute_cpu, overhead = graph, inputs, params.gpu_overhead
+        # The embeddings arrive from the host, so the GPU graph lacks the first two T x E
+        # tensors of the CPU graph (measured: reported = graph - 2·T·E·4 on every shape).
+        compute_gpu, compute_cpu, overhead = graph - 2 * embd, inputs + embd, params.gpu_overhead
     else:
         # Large-batch matmuls of CPU-resident weights run on the GPU, which copies the
         # weight into its compute buffer: room for the largest such matrix. The output
         # matmul only sees n_seq rows (below the batch-32 threshold), so it stays on the CPU.
         cpu_mats = [lay.largest_matrix for i, lay in enumerate(shape.layers) if i not in place.gpu_blocks]
-        compute_gpu, compute_cpu, overhead = graph + max(cpu_mats, default=0), graph, params.gpu_overhead
+        compute_gpu, compute_cpu = graph + max(cpu_mats, default=0), inputs + embd
+        overhead = params.gpu_overhead
 
     return MemoryBreakdown(
         layers=n_layer,

@@ -46,6 +46,16 @@ def test_noheader_nounits_form_reads_the_same() -> None:
         assert parse(bare) == parse(text)
 
 
+def test_real_noheader_nounits_capture() -> None:
+    """The production queries as a real nvidia-smi answered them, while a Vulkan llama-server ran."""
+    (gpu,) = parse_gpus(fixture("query-gpu-vulkan-nounits.csv"))
+    uuid = "GPU-7551ba04-893a-8905-ea5b-edfa2b358509"
+    assert (gpu.index, gpu.name, gpu.uuid, gpu.driver) == (0, "NVIDIA H100 80GB HBM3", uuid, "580.159.04")
+    assert (gpu.total_bytes, gpu.used_bytes, gpu.free_bytes) == (81559 * MIB, 65 * MIB, 81015 * MIB)
+    (proc,) = parse_processes(fixture("query-apps-vulkan-nounits.csv"))
+    assert (proc.pid, proc.name, proc.used_bytes, proc.gpu_uuid) == (552, "/tmp/lsv/bin/llama-server", 33 * MIB, uuid)
+
+
 def test_the_xml_and_plain_captures_agree_with_the_csv() -> None:
     """`nvidia-smi -q -x` and plain `nvidia-smi` of the same moment: the same GPU, memory and process."""
     (gpu,) = parse_gpus(fixture("query-gpu-busy.csv"))

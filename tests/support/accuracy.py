@@ -2,20 +2,25 @@
 
 On a CPU-only machine llama.cpp reports the CPU side of ngl=0: the model buffers
 (`CPU_Mapped`, and `CPU_REPACK` on x86), the KV cache, the compute buffer and the
-output buffer. Those are compared with an estimate for a node without a GPU; the
-GPU terms (weights/KV/compute on the GPU, the CUDA overhead) cannot be measured
-here and are not in the comparison.
+output buffer. Those are compared with an estimate for a node without a GPU.
+
+The GPU terms were measured once on a GPU machine (`bench/gpu_memory.py measure`,
+recorded in tests/data/gpu-memory/); `gpu_loads` sets the estimate against such a
+recording, per offload level.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from solver.estimate import EstimateParams, MemoryBreakdown, estimate, shape_from_header
 from solver.gguf import read_header
-from specs.enums import KVCacheType
-from tests.support.llama_server import ReportedMemory, measure
+from specs.enums import KVCacheType, LayerOrder
+from tests.support.llama_server import MIB, ReportedMemory, measure, parse_log
+from tests.support.synth import shape_by_name, write_synth_gguf
 
 WEIGHTS_KV_TOLERANCE = 0.01
 TOTAL_TOLERANCE = 0.05
@@ -99,3 +104,92 @@ def compare(case: Case, path: Path, report: ReportedMemory) -> Comparison:
 def run_case(case: Case, path: Path) -> Comparison:
     report = measure(path, ctx=case.ctx, cache_type=case.cache_type.value, flash_attn=case.flash_attn)
     return compare(case, path, report)
+
+
+# --------------------------------------------------------------------------- on a GPU
+
+
+@dataclass(frozen=True)
+class GpuLoad:
+    """One load measured on a GPU machine (bench/gpu_memory.py measure) against its estimate."""
+
+    shape: str
+    ctx: int
+    cache_type: KVCacheType
+    flash_attn: bool
+    ngl: int
+    estimate: MemoryBreakdown
+    report: ReportedMemory
+    process_vram: int | None
+    """The server's whole VRAM: nvidia-smi memory.used while loaded minus before (MiB resolution)."""
+
+    @property
+    def gpu_name(self) -> str:
+        names = [k for k in (*self.report.model, *self.report.compute) if k.startswith(("Vulkan", "CUDA"))]
+        return next((k for k in names if "Host" not in k), "Vulkan0")
+
+    @property
+    def full(self) -> bool:
+        return self.ngl == self.estimate.layers + 1
+
+    def reported(self) -> dict[str, int]:
+        """The terms llama.cpp logged, by the estimator's names."""
+        gpu, r = self.gpu_name, self.report
+        out = {
+            "weights_gpu": r.model.get(gpu, 0),
+            "kv_gpu": r.kv_buffers.get(gpu, 0),
+            "compute_gpu": r.compute.get(gpu, 0),
+            "weights_cpu": r.model.get("CPU_Mapped", 0) + r.model.get("CPU", 0),
+            "kv_cpu": r.kv_buffers.get("CPU", 0),
+            "compute_cpu": sum(v for k, v in r.compute.items() if k != gpu),
+        }
+        out["buffers_gpu"] = out["weights_gpu"] + out["kv_gpu"] + out["compute_gpu"]
+        return out
+
+    def estimated(self) -> dict[str, int]:
+        b = self.estimate
+        return {
+            "weights_gpu": b.weights_gpu,
+            "kv_gpu": b.kv_gpu,
+            "compute_gpu": b.compute_gpu,
+            "weights_cpu": b.weights_cpu,
+            "kv_cpu": b.kv_cpu,
+            "compute_cpu": b.compute_cpu,
+            "buffers_gpu": b.weights_gpu + b.kv_gpu + b.compute_gpu,
+        }
+
+    def error(self, term: str) -> float:
+        est, rep = self.estimated()[term], self.reported()[term]
+        if rep == 0:
+            return 0.0 if est == 0 else float("inf")
+        return (est - rep) / rep
+
+
+def gpu_loads(data: Mapping[str, Any], workdir: Path) -> list[GpuLoad]:
+    """Estimate every load of a `bench/gpu_memory.py measure` file (writing the synthetic GGUFs to `workdir`)."""
+    out: list[GpuLoad] = []
+    for r in data["records"]:
+        if "error" in r:
+            continue
+        path = workdir / f"{r['shape']}.gguf"
+        if not path.exists():
+            write_synth_gguf(path, shape_by_name(r["shape"]))
+        shape = shape_from_header(read_header(path))
+        cache = KVCacheType(r["cache"])
+        params = EstimateParams(ctx=r["ctx"], cache_type=cache, flash_attn=r["fa"], layer_order=LayerOrder.OUTPUT_FIRST)
+        process = None
+        if r.get("loaded_mib") is not None and r.get("before_mib") is not None:
+            process = (r["loaded_mib"] - r["before_mib"]) * MIB
+        out.append(
+            GpuLoad(
+                shape=r["shape"],
+                ctx=r["ctx"],
+                cache_type=cache,
+                flash_attn=r["fa"],
+                ngl=r["ngl"],
+                estimate=estimate(shape, r["ngl"], params),
+                report=parse_log("\n".join(r["lines"])),
+                process_vram=process,
+            )
+        )
+    return out

@@ -23,6 +23,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,7 @@ DEFAULT_BINARY = "llama-server-vulkan"
 _MODEL_RE = re.compile(r"(\S+) model buffer size =\s+([\d.]+) MiB")
 _KV_RE = re.compile(r"llama_kv_cache: size =\s+([\d.]+) MiB")
 _COMPUTE_RE = re.compile(r"(\S+) compute buffer size =\s+([\d.]+) MiB")
+_KV_BUF_RE = re.compile(r"llama_kv_cache:\s+(\S+) KV buffer size =\s+([\d.]+) MiB")
 _OUTPUT_RE = re.compile(r"(\S+)\s+output buffer size =\s+([\d.]+) MiB")
 _READY_MARKERS = ("server is listening", "listening on http", "model loaded")
 
@@ -50,6 +52,8 @@ class ReportedMemory:
     """`<buffer type> model buffer size`, e.g. {"CPU_Mapped": ..., "CPU_REPACK": ...}."""
     kv: int = 0
     """Sum of every `llama_kv_cache: size =` line (two of them for SWA models)."""
+    kv_buffers: dict[str, int] = field(default_factory=dict)
+    """`<buffer type> KV buffer size` summed per buffer type (where the KV cache lives: CPU, Vulkan0…)."""
     compute: dict[str, int] = field(default_factory=dict)
     output: dict[str, int] = field(default_factory=dict)
     log: str = ""
@@ -65,16 +69,19 @@ def parse_log(log: str) -> ReportedMemory:
     compute: dict[str, int] = {}
     output: dict[str, int] = {}
     kv = 0
+    kv_buffers: dict[str, int] = {}
     for line in log.splitlines():
         if m := _MODEL_RE.search(line):
             model[m.group(1)] = model.get(m.group(1), 0) + _mib(m.group(2))
+        elif m := _KV_BUF_RE.search(line):
+            kv_buffers[m.group(1)] = kv_buffers.get(m.group(1), 0) + _mib(m.group(2))
         elif m := _KV_RE.search(line):
             kv += _mib(m.group(1))
         elif m := _COMPUTE_RE.search(line):
             compute[m.group(1)] = _mib(m.group(2))
         elif m := _OUTPUT_RE.search(line):
             output[m.group(1)] = _mib(m.group(2))
-    return ReportedMemory(model=model, kv=kv, compute=compute, output=output, log=log)
+    return ReportedMemory(model=model, kv=kv, kv_buffers=kv_buffers, compute=compute, output=output, log=log)
 
 
 def find_binary(name: str = DEFAULT_BINARY) -> str:
@@ -97,8 +104,12 @@ def measure(
     threads: int = 1,
     timeout_s: float = 90.0,
     extra_args: tuple[str, ...] = (),
+    while_loaded: Callable[[int], None] | None = None,
 ) -> ReportedMemory:
-    """Start llama-server on `model_path`, wait until it has loaded, stop it, parse its log."""
+    """Start llama-server on `model_path`, wait until it has loaded, stop it, parse its log.
+
+    `while_loaded(pid)` runs once the model is loaded, before the server is stopped (to read
+    nvidia-smi while the server holds its GPU memory)."""
     exe = find_binary(binary)
     args = [
         exe,
@@ -150,6 +161,8 @@ def measure(
                     if time.monotonic() > deadline:
                         raise LlamaServerError(f"llama-server did not load {model_path} in {timeout_s} s")
                     time.sleep(0.05)
+                if while_loaded is not None:
+                    while_loaded(proc.pid)
             finally:
                 _stop(proc)
         text = log_path.read_text(errors="replace")

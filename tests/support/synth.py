@@ -105,9 +105,21 @@ SHAPES: tuple[SynthShape, ...] = (
     ),
 )
 
+LARGER = SynthShape(
+    "llama-16l-q8",
+    n_layer=16,
+    n_embd=1024,
+    n_head=16,
+    n_head_kv=4,
+    n_ff=2816,
+    n_vocab=32000,
+    tensor_type=gguf.GGMLQuantizationType.Q8_0,
+)
+"""A 250 MB shape with a realistic vocabulary, for the GPU measurements (bench/gpu_memory.py)."""
+
 
 def shape_by_name(name: str) -> SynthShape:
-    for shape in SHAPES:
+    for shape in (*SHAPES, LARGER):
         if shape.name == name:
             return shape
     raise KeyError(name)
