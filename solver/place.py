@@ -40,8 +40,14 @@ otherwise the result is FEASIBLE and `PlacementResult.bound` is what is proven:
 stage 1's bound on placement, plus stage 2's bound on layers when stages 1 and 2
 are optimal (else every layer of every replica). When CP-SAT finds nothing in
 time, the result is greedy's. The time limit covers all stages, and a stage
-that ends early leaves its time to the next; above `PRESOLVE_MAX_PAIRS` pairs
-CP-SAT's presolve is skipped so that a 10 s budget still yields a solution.
+that ends early leaves its time to the next.
+
+Large clusters (more than `LNS_MIN_PAIRS` replica-GPU pairs, e.g. 500 models on
+100 GPUs) are not built as one model: loading it alone outlasts the budget on a
+small machine. `_solve_lns` starts from first-fit's plan and lets CP-SAT
+re-optimise a few nodes at a time (large-neighbourhood search, deterministic),
+with a per-node knapsack relaxation for the bound; its result is FEASIBLE,
+solver "cp-sat-lns".
 
 Multi-GPU split (`placement.split: true`, llama.cpp models): besides the
 single-GPU pairs, a replica may run fully offloaded over two or more GPUs of
@@ -63,6 +69,8 @@ several workers the search is CP-SAT's deterministic interleaved search.
 
 from __future__ import annotations
 
+import math
+import random
 import time
 from collections import defaultdict
 from collections.abc import Mapping
@@ -487,15 +495,17 @@ def solve(problem: Problem, params: SolveParams, start: float | None = None) -> 
     time to the next.
     """
     start = time.monotonic() if start is None else start
-    mm = _build(problem)
-    w = placement_weight(problem)
-    clock = _Clock(params, start)
     baseline = greedy_assign(problem)
     if problem.current:
         # Start from the current placement where it still fits, unless first-fit does better.
         stable = greedy_assign(problem, keep_current=True)
         if choice_score(problem, stable) >= choice_score(problem, baseline):
             baseline = stable
+    if _pairs(problem) > LNS_MIN_PAIRS:
+        return _solve_lns(problem, params, start, baseline)
+    mm = _build(problem)
+    w = placement_weight(problem)
+    clock = _Clock(params, start)
 
     # Stage 1: priority-weighted placement.
     mm.model.maximize(mm.placement)
@@ -550,6 +560,195 @@ def solve(problem: Problem, params: SolveParams, start: float | None = None) -> 
     # `layers_bound` (known only when stages 1 and 2 are optimal; else all layers of all replicas).
     bound = w * placed_bound + layers_bound
     return _result(problem, chosen, "OPTIMAL" if optimal else "FEASIBLE", "cp-sat", bound)
+
+
+# --------------------------------------------------------------------------- large clusters
+
+
+LNS_MIN_PAIRS = 8000
+"""Above this many (replica, GPU) pairs the whole model is not built: CP-SAT re-optimises a few nodes at a time."""
+LNS_MAX_PAIRS = 1200
+"""The most (replica, GPU) pairs one neighbourhood's model has."""
+LNS_ROUND_LIMIT = 0.25
+"""Deterministic seconds at most for one neighbourhood."""
+
+
+def _pairs(problem: Problem) -> int:
+    return sum(len(v) for v in problem.gpu_cands.values())
+
+
+def _solve_lns(problem: Problem, params: SolveParams, start: float, plan: list[Choice]) -> PlacementResult:
+    """Large-neighbourhood search from first-fit's plan, for clusters too large for one model in time.
+
+    Building and loading one CP-SAT model of a 500-replica, 100-GPU cluster (39k pairs, 117k
+    variables) takes longer than a 10 s budget on a small machine before the search starts. Instead:
+    each round frees the replicas on a few nodes (chosen by a generator seeded with `params.seed`),
+    together with every replica not placed yet that could run there, and CP-SAT solves that
+    neighbourhood with everything else fixed, maximising placement, then GPU layers less moves (one
+    weighted objective: the neighbourhood is small). A round never makes the plan worse (it starts
+    from the plan as a complete hint). Rounds run until the deterministic budget is spent, so the
+    same input and parameters give the same plan. The bound is a relaxation's: per node, one
+    knapsack of the replicas' least VRAM, least RAM and least VRAM + RAM over all their options there.
+    Headroom is not balanced (stage 3).
+    """
+    rng = random.Random(params.seed)
+    w = placement_weight(problem)
+    reps = {r.key: r for r in problem.replicas if r.key not in problem.blocked}
+    nodes = sorted({g.node for g in problem.gpus} | {n for cs in problem.cpu_cands.values() for n in cs})
+    gpus_of: dict[str, list[int]] = defaultdict(list)
+    for gi, g in enumerate(problem.gpus):
+        gpus_of[g.node].append(gi)
+    cands_on: dict[ReplicaKey, dict[str, int]] = {}
+    for k in reps:
+        per: dict[str, int] = defaultdict(int)
+        for gi in problem.gpu_cands.get(k, []):
+            per[problem.gpus[gi].node] += 1
+        for n in problem.cpu_cands.get(k, []):
+            per[n] += 1
+        for n in problem.split_cands.get(k, {}):
+            per[n] += 1
+        cands_on[k] = per
+    budget = params.time_limit * STAGE_SHARES[1]
+    wall_end = start + WALL_CAP * params.time_limit
+    bound_solver = _solver(params, 0.05 * params.time_limit, 0, max(0.05, wall_end - time.monotonic()))
+    placed_bound = _placement_bound(problem, bound_solver)
+    used = bound_solver.deterministic_time
+    order: list[str] = []
+    value = _plan_value(problem, plan)
+    improved = True
+    while used < budget and time.monotonic() < wall_end:
+        if not order:
+            if not improved:
+                break  # a whole pass over the nodes changed nothing: no neighbourhood improves the plan
+            improved = False
+            order = nodes[:]
+            rng.shuffle(order)
+        by_key = {ch.key: ch for ch in plan}
+        free: set[ReplicaKey] = set()
+        chosen_nodes: set[str] = set()
+        unplaced = [k for k in reps if k not in by_key]
+        while order:
+            n = order[-1]
+            grow = {ch.key for ch in plan if ch.node == n} | {k for k in unplaced if n in cands_on[k]}
+            trial_nodes = chosen_nodes | {n}
+            pairs = sum(v for k in free | grow for nn, v in cands_on[k].items() if nn in trial_nodes)
+            if chosen_nodes and pairs > LNS_MAX_PAIRS:
+                break
+            order.pop()
+            chosen_nodes.add(n)
+            free |= grow
+        sub, back = _neighbourhood(problem, chosen_nodes, free)
+        fixed = [ch for ch in plan if ch.key not in free]
+        mm = _build(sub)
+        moves_w = w * (len(sub.current) + 1)
+        mm.model.maximize(moves_w * mm.placement + mm.layers - w * mm.moves)
+        _hint(mm, sub, [_remap(ch, {gi: j for j, gi in enumerate(back)}) for ch in plan if ch.key in free])
+        wall_left = wall_end - time.monotonic()
+        s = _solver(params, min(LNS_ROUND_LIMIT, budget - used), len(mm.x), max(0.05, wall_left))
+        st = s.solve(mm.model)
+        used += max(s.deterministic_time, 0.005)
+        if st in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            new = fixed + [_remap(ch, dict(enumerate(back))) for ch in _extract(sub, mm, s)]
+            if _plan_value(problem, new) > value:
+                plan, value, improved = new, _plan_value(problem, new), True
+    return _result(problem, plan, "FEASIBLE", "cp-sat-lns", w * placed_bound + w - 1)
+
+
+def _plan_value(problem: Problem, plan: list[Choice]) -> tuple[int, int]:
+    """Stages 1 and 2's objectives of a plan, compared lexicographically."""
+    return choice_placement(problem, plan), _stage2_value(problem, plan)
+
+
+def _neighbourhood(problem: Problem, nodes: set[str], free: set[ReplicaKey]) -> tuple[Problem, list[int]]:
+    """The sub-problem of the replicas `free` on the GPUs and CPUs of `nodes` (and sub → problem GPU indices)."""
+    back = [gi for gi, g in enumerate(problem.gpus) if g.node in nodes]
+    to_sub = {gi: j for j, gi in enumerate(back)}
+    keys = sorted(free)
+    sub = Problem(
+        spec=problem.spec,
+        replicas=[r for r in problem.replicas if r.key in free],
+        gpus=[problem.gpus[gi] for gi in back],
+        node_ram={n: problem.node_ram[n] for n in nodes},
+        gpu_cands={k: [to_sub[gi] for gi in problem.gpu_cands.get(k, []) if gi in to_sub] for k in keys},
+        cpu_cands={k: [n for n in problem.cpu_cands.get(k, []) if n in nodes] for k in keys},
+        current={k: c for k, c in problem.current.items() if k in free},
+        port_slots={n: v for n, v in problem.port_slots.items() if n in nodes},
+        split_cands={
+            k: {n: [to_sub[gi] for gi in gis] for n, gis in problem.split_cands[k].items() if n in nodes}
+            for k in keys
+            if k in problem.split_cands
+        },
+    )
+    return sub, back
+
+
+def _remap(ch: Choice, gpu: Mapping[int, int]) -> Choice:
+    """A choice with its GPU indices mapped (between a problem and a neighbourhood of it)."""
+    return Choice(
+        ch.key,
+        ch.node,
+        None if ch.gpu is None else gpu[ch.gpu],
+        ch.ngl,
+        tuple((gpu[gi], b) for gi, b in ch.split),
+    )
+
+
+def _placement_bound(problem: Problem, s: cp_model.CpSolver) -> int:
+    """A proven upper bound on priority-weighted placement, from a per-node knapsack relaxation.
+
+    A replica on node n uses at least its least VRAM, its least RAM and its least VRAM + RAM over
+    every option it has there (a GPU fully or partly offloaded, a split, the CPU); per node those
+    least amounts of the replicas on it fit in the node's VRAM, RAM and both together.
+    """
+    m = cp_model.CpModel()
+    cap = [units_down(g.capacity) for g in problem.gpus]
+    ram = {n: units_down(b) for n, b in problem.node_ram.items()}
+    node_vram: dict[str, int] = defaultdict(int)
+    for gi, g in enumerate(problem.gpus):
+        node_vram[g.node] += cap[gi]
+    use: dict[tuple[str, int], list[Expr]] = defaultdict(list)
+    per_model_node: dict[tuple[str, str], list[cp_model.IntVar]] = defaultdict(list)
+    objective: list[Expr] = []
+    for r in problem.replicas:
+        k = r.key
+        if k in problem.blocked:
+            continue
+        lo, hi = r.ngl_range()
+        options: dict[str, list[tuple[int, int]]] = defaultdict(list)
+        for gi in problem.gpu_cands.get(k, []):
+            node = problem.gpus[gi].node
+            need = r.needs[node]
+            if hi == need.top and need.full_fits(cap[gi], ram[node]):
+                options[node].append((need.v_full, need.r_full))
+            plo, phi = need.partial_range(lo, cap[gi], ram[node]) if lo < need.top else (1, 0)
+            for ngl in (plo, phi) if plo <= phi else ():
+                options[node].append((need.vram(ngl), need.ram(ngl)))
+        for node in problem.split_cands.get(k, {}):
+            options[node].append((0, r.splits[node].ram))
+        for node in problem.cpu_cands.get(k, []):
+            options[node].append((0, r.needs[node].r0))
+        ys = []
+        for node, opts in options.items():
+            y = m.new_bool_var(f"y[{k[0]}#{k[1]},{node}]")
+            ys.append(y)
+            per_model_node[k[0], node].append(y)
+            use[node, 0].append(min(v for v, _ in opts) * y)
+            use[node, 1].append(min(b for _, b in opts) * y)
+            use[node, 2].append(min(v + b for v, b in opts) * y)
+        if ys:
+            m.add(cp_model.LinearExpr.sum(ys) <= 1)
+            objective.append((r.model.priority + 1) * cp_model.LinearExpr.sum(ys))
+    for (node, what), terms in use.items():
+        limit = (node_vram[node], ram[node], node_vram[node] + ram[node])[what]
+        m.add(cp_model.LinearExpr.sum(terms) <= limit)
+    for lits in per_model_node.values():
+        if len(lits) > 1:
+            m.add(cp_model.LinearExpr.sum(lits) <= 1)
+    m.maximize(cp_model.LinearExpr.sum(objective))
+    st = s.solve(m)
+    if st in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return math.floor(s.best_objective_bound + 1e-6)
+    return sum(r.model.priority + 1 for r in problem.replicas if r.key not in problem.blocked)
 
 
 STAGE_SHARES = (0.45, 0.85, 0.95)

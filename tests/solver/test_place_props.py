@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from unittest.mock import patch
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import solver.place as place_module
 from solver.estimate import DEFAULT_GPU_OVERHEAD_BYTES
 from solver.place import SolveParams, greedy_place, place
-from solver.problem import Assignment, PlacementResult
+from solver.problem import Assignment, CurrentAssignment, PlacementResult
 from solver.profiles import MemoryProfile, declared_curve, declared_split_curve, profiles_for
 from specs.model import ClusterSpec
+from tests.support.clusters import random_spec
 
 GIB = 1 << 30
 
@@ -179,3 +184,60 @@ def test_split_bounds_hold(s: ClusterSpec) -> None:
         add_single(s, a, vram, ram)
     assert_fits(s, r, vram, ram)
     assert r.objective >= greedy_place(s, profiles).objective
+
+
+# ----------------------------------------------------------------- large clusters (neighbourhood search)
+
+
+@contextmanager
+def neighbourhood_search(max_pairs: int = 6) -> Iterator[None]:
+    """Force the large-cluster path on small clusters, with neighbourhoods of a few pairs."""
+    with patch.object(place_module, "LNS_MIN_PAIRS", -1), patch.object(place_module, "LNS_MAX_PAIRS", max_pairs):
+        yield
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.one_of(clusters(), split_clusters()))
+def test_neighbourhood_search_bounds_hold(s: ClusterSpec) -> None:
+    profiles = profiles_for(s)
+    with neighbourhood_search():
+        r = place(s, profiles, params=SolveParams(time_limit=1.0, workers=1))
+    assert r.solver == "cp-sat-lns" and r.status == "FEASIBLE"
+    vram: dict[tuple[str, int], int] = defaultdict(int)
+    ram: dict[str, int] = defaultdict(int)
+    for a in r.assignments:
+        m = s.model(a.model)
+        assert m.memory is not None
+        if a.split:
+            sc = declared_split_curve(m.memory, DEFAULT_GPU_OVERHEAD_BYTES)
+            assert sc is not None
+            counts = [a.layers_per_gpu[i] for i in a.gpus]
+            for i, b in zip(a.gpus, sc.devices([*counts[:-1], counts[-1] - 1]), strict=True):
+                vram[a.node, i] += b
+            ram[a.node] += sc.ram_bytes
+            continue
+        add_single(s, a, vram, ram)
+    assert_fits(s, r, vram, ram)
+    assert r.objective >= greedy_place(s, profiles).objective
+    # The relaxation's bound holds against the whole model's proven optimum.
+    full = place(s, profiles, params=SolveParams(time_limit=2.0, workers=1))
+    assert r.bound is not None and r.bound >= r.objective
+    if full.status == "OPTIMAL":
+        assert r.bound >= full.objective
+
+
+def test_neighbourhood_search_improves_is_deterministic_and_stable() -> None:
+    s = random_spec(40, 8, 4, seed=3)
+    profiles = profiles_for(s)
+    params = SolveParams(time_limit=2.0, workers=1)
+    with neighbourhood_search(max_pairs=120):
+        first = place(s, profiles, params=params)
+        again = place(s, profiles, params=params)
+        assert first.solver == "cp-sat-lns"
+        assert first.assignments == again.assignments
+        assert first.objective > greedy_place(s, profiles).objective
+        # Re-placing a running cluster moves nothing.
+        current = {(a.model, a.replica): CurrentAssignment(a.node, a.gpus, a.gpu_layers) for a in first.assignments}
+        stays = place(s, profiles, current=current, params=params)
+    assert stays.moves == 0
+    assert stays.objective >= first.objective
