@@ -7,7 +7,9 @@ solver.place.LNS_MIN_PAIRS pairs, solved a few nodes at a time; `/greedy`: CP-SA
 found nothing in time), CP-SAT's objective, greedy's, the
 gain over greedy (in % of greedy's objective; negative would be a bug) and
 CP-SAT's optimality gap (its proven bound minus its objective, in % of the
-objective; 0 when OPTIMAL). Then tight instances (total VRAM demand 90–110 % of
+objective; 0 when OPTIMAL), and `layers±`: the median change in priority-weighted GPU
+layers against greedy's plan (the objective's second part, hidden in it by placement's
+weight; it may fall where more replicas are placed). Then tight instances (total VRAM demand 90–110 % of
 the VRAM, half the models without CPU offload, small RAM): per size, on how many
 seeds CP-SAT beats greedy strictly. Then stability: in a placed 50-model
 cluster, change one model's context and count how many other replicas move.
@@ -24,8 +26,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from solver.place import SolveParams, greedy_place, place
-from solver.problem import CurrentAssignment
+from solver.problem import CurrentAssignment, PlacementResult
 from solver.profiles import profiles_for
+from specs.model import ClusterSpec
 from tests.support.clusters import random_spec
 
 SIZES = ((10, 2, 2), (50, 10, 5), (100, 30, 10), (200, 50, 15), (500, 100, 30))
@@ -39,6 +42,7 @@ def run_size(n_models: int, n_gpus: int, n_nodes: int, seeds: int, params: Solve
     objs: list[int] = []
     greedys: list[int] = []
     opt_gaps: list[float] = []
+    layer_gains: list[float] = []
     for seed in range(seeds):
         spec = random_spec(n_models, n_gpus, n_nodes, seed, tight)
         profiles = profiles_for(spec)
@@ -47,7 +51,10 @@ def run_size(n_models: int, n_gpus: int, n_nodes: int, seeds: int, params: Solve
         times.append(time.perf_counter() - t)
         statuses.append(res.status + {"greedy": "/greedy", "cp-sat-lns": "/lns"}.get(res.solver, ""))
         objs.append(res.objective)
-        greedys.append(greedy_place(spec, profiles).objective)
+        greedy = greedy_place(spec, profiles)
+        greedys.append(greedy.objective)
+        layers, greedy_layers = _layers(spec, res), _layers(spec, greedy)
+        layer_gains.append(100.0 * (layers - greedy_layers) / greedy_layers if greedy_layers else 0.0)
         opt_gaps.append(res.gap if res.gap is not None else float("nan"))
     gains = [100.0 * (o - g) / g if g else 0.0 for o, g in zip(objs, greedys, strict=True)]
     better = sum(o > g for o, g in zip(objs, greedys, strict=True))
@@ -56,14 +63,20 @@ def run_size(n_models: int, n_gpus: int, n_nodes: int, seeds: int, params: Solve
         f"{n_models:>6} {n_gpus:>5} {n_nodes:>5} {statistics.median(times):>9.2f} {max(times):>7.2f}"
         f"  {counts:<22} {statistics.median(objs):>14.0f} {statistics.median(greedys):>14.0f}"
         f" {min(gains):>9.4f}% {statistics.median(gains):>9.4f}% {better:>3}/{seeds:<3}"
-        f" {statistics.median(opt_gaps):>9.5f}% {max(opt_gaps):>9.5f}%"
+        f" {statistics.median(opt_gaps):>9.5f}% {max(opt_gaps):>9.5f}% {statistics.median(layer_gains):>9.2f}%"
     )
+
+
+def _layers(spec: ClusterSpec, res: PlacementResult) -> int:
+    """Priority-weighted GPU layers (the second part of the objective)."""
+    prio = {m.name: m.priority + 1 for m in spec.models}
+    return sum(prio[a.model] * a.gpu_layers for a in res.assignments)
 
 
 HEADER = (
     f"{'models':>6} {'GPUs':>5} {'nodes':>5} {'median s':>9} {'max s':>7}  {'status':<22}"
     f" {'objective':>14} {'greedy':>14} {'min gain':>10} {'med gain':>10} {'>greedy':>7}"
-    f" {'med gap':>10} {'max gap':>10}"
+    f" {'med gap':>10} {'max gap':>10} {'layers±':>10}"
 )
 
 
