@@ -50,8 +50,12 @@ from solver.gguf import ArrayInfo, GGUFHeader, MetaValue, TensorInfo, tensor_nby
 from specs.enums import KVCacheType, LayerOrder
 
 MIB = 1 << 20
-DEFAULT_GPU_OVERHEAD_BYTES = 512 * MIB
-"""CUDA context + cuBLAS + driver as seen per GPU: 300-460 MiB measured, plus margin."""
+DEFAULT_GPU_OVERHEAD_BYTES = 768 * MIB
+"""What a CUDA llama.cpp process holds on its GPU beyond its buffers, while serving. Measured on an
+H100 (CUDA 13, tests/data/gpu-memory/h100-cuda-probe.json): 518 MiB of context before the model,
+528-534 MiB once loaded, ~598 after the first decode (cuBLAS), 606-730 after a 2048-token prompt
+(the CUDA memory pool). A Vulkan build holds 49-57 MiB (h100-vulkan.json): set the node's
+`gpu_overhead`."""
 DEFAULT_N_UBATCH = 512
 DEFAULT_N_SEQ = 4
 """llama-server's `-np` auto: 4 slots sharing one unified KV cache."""

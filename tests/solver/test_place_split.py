@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from solver.estimate import EstimateParams, estimate_split, tensor_split_for
+from solver.estimate import DEFAULT_GPU_OVERHEAD_BYTES, EstimateParams, estimate_split, tensor_split_for
 from solver.gguf import GGUFHeader, read_header
 from solver.place import SolveParams, greedy_place, place
 from solver.problem import CurrentAssignment, PlacementResult
@@ -44,14 +44,14 @@ def test_too_big_for_one_gpu_is_split() -> None:
     assert a.gpu_layers == a.layers == 21
     assert sum(a.layers_per_gpu.values()) == 21
     assert all(n >= 1 for n in a.layers_per_gpu.values())
-    # Recomputed outside the solver from the declared memory: 512 MiB on each GPU besides its layers.
+    # Recomputed outside the solver from the declared memory: the overhead on each GPU besides its layers.
     m = s.model("big")
     assert m.memory is not None
-    sc = declared_split_curve(m.memory, 512 * MIB)
+    sc = declared_split_curve(m.memory, DEFAULT_GPU_OVERHEAD_BYTES)
     assert sc is not None
     expected = sc.devices(blocks_of(dict(a.layers_per_gpu)))
     assert tuple(a.vram_bytes[i] for i in a.gpus) == expected
-    assert sum(expected) == 12 * GIB + 512 * MIB
+    assert sum(expected) == 12 * GIB + DEFAULT_GPU_OVERHEAD_BYTES
     for g in r.gpus:
         assert g.used_bytes == a.vram_bytes[g.index] <= g.capacity_bytes
     assert a.to_json()["layers_per_gpu"] == {str(i): n for i, n in sorted(a.layers_per_gpu.items())}
@@ -84,16 +84,17 @@ def test_split_too_big_even_for_both_is_explained() -> None:
     r = solve(spec(llama_node("n", ["8GiB", "8GiB"]), big(SPLIT, vram="16GiB")))
     assert not r.assignments
     [u] = r.unplaced
-    # 16 GiB + a second 512 MiB fixed part = 16.5 GiB against 16 GiB.
-    assert "split over n's GPUs it needs at least 16.5 GiB in all (0.5 GiB on every GPU it uses" in u.reason
+    # 16 GiB + a second 768 MiB fixed part = 16.75 GiB against 16 GiB.
+    assert DEFAULT_GPU_OVERHEAD_BYTES == 768 * MIB
+    assert "split over n's GPUs it needs at least 16.8 GiB in all (0.8 GiB on every GPU it uses" in u.reason
     assert "its 2 GPUs have 16.0 GiB free together" in u.reason
 
 
 def test_split_shares_gpus_with_other_models() -> None:
-    # 12 GiB + 0.5 GiB split, next to a 3 GiB model: 15.5 of 16 GiB, each GPU within its bound.
+    # 12 GiB + 0.75 GiB split, next to a 2.5 GiB model: 15.25 of 16 GiB, each GPU within its bound.
     s = spec(
         llama_node("n", ["8GiB", "8GiB"]),
-        big(SPLIT) + model("small", "3GiB", runtime="llamacpp", layers=10, extra=NO_SPLIT),
+        big(SPLIT) + model("small", "2.5GiB", runtime="llamacpp", layers=10, extra=NO_SPLIT),
     )
     r = solve(s)
     assert not r.unplaced
@@ -157,7 +158,7 @@ def test_gguf_split_matches_the_estimator(tmp_path: Path) -> None:
     path = write_synth_gguf(tmp_path / "split.gguf", shape)
     header = read_header(path)
     s = spec(
-        llama_node("n", ["610MiB", "610MiB"]),
+        llama_node("n", ["866MiB", "866MiB"]),
         f"""  - name: syn
     runtime: llamacpp
     source: {{gguf: {path}}}
@@ -173,13 +174,13 @@ def test_gguf_split_matches_the_estimator(tmp_path: Path) -> None:
     profiles = profiles_for(s, read_header=read)
     prof = profiles["syn"]
     assert isinstance(prof, MemoryProfile) and prof.shape is not None
-    # Full offload on one GPU needs 615 MiB; split, about 600 MiB on each of two 610 MiB GPUs.
+    # Full offload on one GPU needs 869 MiB; split, 849-865 MiB on each of two 866 MiB GPUs.
     params = EstimateParams(ctx=8192)
-    assert prof.for_node("n").vram(9) > 610 * MIB
+    assert prof.for_node("n").vram(9) > 866 * MIB
     r = place(s, profiles, params=PARAMS)
     [a] = r.assignments
     assert a.gpus == (0, 1)
     est = estimate_split(prof.shape, params, tensor_split_for(blocks_of(dict(a.layers_per_gpu))))
     assert tuple(a.vram_bytes[i] for i in a.gpus) == est.vram
-    assert all(v <= 610 * MIB for v in est.vram)
+    assert all(v <= 866 * MIB for v in est.vram)
     assert a.ram_bytes == est.ram_bytes
