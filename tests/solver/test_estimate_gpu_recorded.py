@@ -3,7 +3,8 @@
 Recorded once on an NVIDIA H100 with a Vulkan llama-server (`python bench/gpu_memory.py
 measure`), and the same cases with a CUDA build of llama.cpp (h100-cuda-probe.json: a small
 program, bench/cudaprobe/, that loads the model and creates the context as llama-server does):
-42 loads each of six synthetic llama shapes at ngl 0 … L+1, f16/q8_0/q4_0 KV, flash attention on and off, with llama.cpp's own buffer figures and nvidia-smi's memory.used.
+42 loads each of six synthetic llama shapes at ngl 0 … L+1, f16/q8_0/q4_0 KV, flash attention
+on and off, with llama.cpp's own buffer figures and nvidia-smi's memory.used.
 The machine that runs the tests needs no GPU: the estimate is recomputed from the same GGUF
 headers and held to the bounds below, which are the claims the README makes.
 """
