@@ -185,10 +185,8 @@ def cmd_compare(path: Path, overhead_mib: int) -> int:
     for term, head in zip(TERMS, HEADS, strict=True):
         errs = [ld.error(term) for ld in loads if ld.reported()[term]]
         full = [ld.error(term) for ld in loads if ld.full and ld.reported()[term]]
-        console.print(
-            f"{head:>13}: worst {max(errs, key=abs):+.2%} over all levels, {max(full, key=abs, default=0.0):+.2%}"
-            " at full offload"
-        )
+        worst, worst_full = max(errs, key=abs, default=0.0), max(full, key=abs, default=0.0)
+        console.print(f"{head:>13}: worst {worst:+.2%} over all levels, {worst_full:+.2%} at full offload")
     return 0
 
 

@@ -574,6 +574,11 @@ def kv_layer_bytes(shape: ModelShape, params: EstimateParams) -> tuple[int, ...]
     return tuple(out)
 
 
+def ubatch_tokens(params: EstimateParams) -> int:
+    """T: the tokens of the largest batch llama.cpp reserves its compute graph for."""
+    return min(_pad(params.ctx, KV_CELL_PAD), params.n_ubatch)
+
+
 def _graph_bytes(shape: ModelShape, params: EstimateParams) -> tuple[int, int]:
     """(whole compute graph, its inputs) for one backend, in bytes.
 
@@ -585,8 +590,7 @@ def _graph_bytes(shape: ModelShape, params: EstimateParams) -> tuple[int, int]:
       attention: 3·E + 2·q (+ 2·kv + H·n_kv without flash attention: KQ is materialised)
       output:    E, plus n_seq rows of logits (4·n_seq·V bytes)
     """
-    n_ctx = _pad(params.ctx, KV_CELL_PAD)
-    t = min(n_ctx, params.n_ubatch)
+    t = ubatch_tokens(params)
     dense, swa = kv_cells(shape, params)
     has_swa = any(lay.swa for lay in shape.layers)
     has_dense = any(not lay.swa for lay in shape.layers)
@@ -634,7 +638,7 @@ def estimate(shape: ModelShape, ngl: int, params: EstimateParams) -> MemoryBreak
     # get_rows reads from the CPU-resident token_embd (one T x E f32 tensor), at every
     # offload level: the large-batch ops of CPU layers run on the GPU too (measured with a
     # real llama-server on an H100, bench/gpu_memory.py).
-    embd = 4 * min(_pad(params.ctx, KV_CELL_PAD), params.n_ubatch) * shape.n_embd
+    embd = 4 * ubatch_tokens(params) * shape.n_embd
     if not params.gpu:
         compute_gpu, compute_cpu, overhead = 0, graph, 0
     elif full:

@@ -87,6 +87,7 @@ from solver.problem import (
     CurrentAssignment,
     GpuKey,
     GpuUse,
+    LinearNeed,
     PlacementResult,
     Problem,
     ReplicaKey,
@@ -221,8 +222,7 @@ def _build(problem: Problem) -> _Model:
         for gi in problem.gpu_cands[k]:
             node = gpus[gi].node
             need = r.needs[node]
-            full_ok = hi == need.top and need.full_fits(cap[gi], node_ram[node])
-            plo, phi = need.partial_range(lo, cap[gi], node_ram[node]) if lo < need.top else (1, 0)
+            full_ok, plo, phi = _regimes(need, lo, hi, cap[gi], node_ram[node])
             if not full_ok and plo > phi:
                 continue
             where = f"{tag},{node}:{gpus[gi].index}"
@@ -360,6 +360,14 @@ def _build(problem: Problem) -> _Model:
         if cap[gi] > 0:
             m.add(UTIL_SCALE * expr <= cap[gi] * util)
     return _Model(m, x, c, sp, ngl, placed, vram, placement, layers, cp_model.LinearExpr.sum(moved), util, stays)
+
+
+def _regimes(need: LinearNeed, lo: int, hi: int, vram: int, ram: int) -> tuple[bool, int, int]:
+    """On one GPU (`vram`) and its node (`ram`), in units: whether full offload fits, and the
+    partial-offload ngl range that does (empty when lowest > highest)."""
+    full_ok = hi == need.top and need.full_fits(vram, ram)
+    plo, phi = need.partial_range(lo, vram, ram) if lo < need.top else (1, 0)
+    return full_ok, plo, phi
 
 
 def _split_vars(m: cp_model.CpModel, need: SplitNeed, gis: list[int], top: int, where: str) -> _Split:
@@ -599,9 +607,6 @@ def _solve_lns(problem: Problem, params: SolveParams, start: float, plan: list[C
     w = placement_weight(problem)
     reps = {r.key: r for r in problem.replicas if r.key not in problem.blocked}
     nodes = sorted({g.node for g in problem.gpus} | {n for cs in problem.cpu_cands.values() for n in cs})
-    gpus_of: dict[str, list[int]] = defaultdict(list)
-    for gi, g in enumerate(problem.gpus):
-        gpus_of[g.node].append(gi)
     cands_on: dict[ReplicaKey, dict[str, int]] = {}
     for k in reps:
         per: dict[str, int] = defaultdict(int)
@@ -619,12 +624,12 @@ def _solve_lns(problem: Problem, params: SolveParams, start: float, plan: list[C
     used = bound_solver.deterministic_time
     order: list[str] = []
     value = _plan_value(problem, plan)
-    improved = True
+    may_improve = True
     while used < budget and time.monotonic() < wall_end:
         if not order:
-            if not improved:
+            if not may_improve:
                 break  # a whole pass over the nodes, each proven optimal, changed nothing: a local optimum
-            improved = False
+            may_improve = False
             order = nodes[:]
             rng.shuffle(order)
         by_key = {ch.key: ch for ch in plan}
@@ -644,19 +649,21 @@ def _solve_lns(problem: Problem, params: SolveParams, start: float, plan: list[C
         sub, back = _neighbourhood(problem, chosen_nodes, free)
         fixed = [ch for ch in plan if ch.key not in free]
         mm = _build(sub)
-        moves_w = w * (len(sub.current) + 1)
-        mm.model.maximize(moves_w * mm.placement + mm.layers - w * mm.moves)
+        # One more placed replica outweighs all layers and every move of the neighbourhood.
+        placed_w = w * (len(sub.current) + 1)
+        mm.model.maximize(placed_w * mm.placement + mm.layers - w * mm.moves)
         _hint(mm, sub, [_remap(ch, {gi: j for j, gi in enumerate(back)}) for ch in plan if ch.key in free])
         wall_left = wall_end - time.monotonic()
         s = _solver(params, min(LNS_ROUND_LIMIT, budget - used), len(mm.x), max(0.05, wall_left))
         st = s.solve(mm.model)
         used += max(s.deterministic_time, 0.005)
         if st != cp_model.OPTIMAL:
-            improved = True  # not proven: this neighbourhood may still improve on a later pass
+            may_improve = True  # not proven: this neighbourhood may still improve on a later pass
         if st in (cp_model.OPTIMAL, cp_model.FEASIBLE):
             new = fixed + [_remap(ch, dict(enumerate(back))) for ch in _extract(sub, mm, s)]
-            if _plan_value(problem, new) > value:
-                plan, value, improved = new, _plan_value(problem, new), True
+            new_value = _plan_value(problem, new)
+            if new_value > value:
+                plan, value, may_improve = new, new_value, True
     return _result(problem, plan, "FEASIBLE", "cp-sat-lns", w * placed_bound + w - 1)
 
 
@@ -724,9 +731,9 @@ def _placement_bound(problem: Problem, s: cp_model.CpSolver) -> int:
         for gi in problem.gpu_cands.get(k, []):
             node = problem.gpus[gi].node
             need = r.needs[node]
-            if hi == need.top and need.full_fits(cap[gi], ram[node]):
+            full_ok, plo, phi = _regimes(need, lo, hi, cap[gi], ram[node])
+            if full_ok:
                 options[node].append((need.v_full, need.r_full))
-            plo, phi = need.partial_range(lo, cap[gi], ram[node]) if lo < need.top else (1, 0)
             for ngl in (plo, phi) if plo <= phi else ():
                 options[node].append((need.vram(ngl), need.ram(ngl)))
         for node in problem.split_cands.get(k, {}):

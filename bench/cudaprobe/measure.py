@@ -60,18 +60,6 @@ from tests.support.synth import write_synth_gguf  # noqa: E402
 DEFAULT_PROBE = "/tmp/cudaprobe/build-cuda-ON/bin/probe"
 
 
-def _smi(args: list[str]) -> str:
-    try:
-        return subprocess.run(args, capture_output=True, text=True, timeout=20).stdout
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"error: {e}"
-
-
-def _used_mib() -> int | None:
-    text = _smi(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"]).strip()
-    return int(text.splitlines()[0]) if text[:1].isdigit() else None
-
-
 def _proc_mib(apps: str, pid: int) -> int | None:
     for line in apps.splitlines():
         parts = [p.strip() for p in line.split(",")]
@@ -81,8 +69,8 @@ def _proc_mib(apps: str, pid: int) -> int | None:
 
 
 def _read(seen: dict[str, Any], key: str, pid: int) -> None:
-    seen[f"{key}_mib"] = _used_mib()
-    apps = _smi(gm.QUERY_APPS)
+    seen[f"{key}_mib"] = gm._used_mib()
+    apps = gm._smi(gm.QUERY_APPS)
     seen["apps" if key == "loaded" else f"{key}_apps"] = apps
     seen[f"{key}_proc_mib"] = _proc_mib(apps, pid)
 
@@ -101,6 +89,27 @@ def _wait_for(log_path: Path, marker: str, proc: subprocess.Popen[bytes], timeou
             if time.monotonic() > deadline:
                 raise RuntimeError(f"no {marker!r} in {timeout_s} s:\n{log_path.read_text(errors='replace')[-3000:]}")
             time.sleep(0.02)
+
+
+def _send(proc: subprocess.Popen[bytes], line: str) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write(f"{line}\n".encode())
+    proc.stdin.flush()
+
+
+def _read_at(
+    seen: dict[str, Any],
+    key: str,
+    marker: str,
+    proc: subprocess.Popen[bytes],
+    log_path: Path,
+    timeout_s: float,
+    settle_s: float,
+) -> None:
+    """Wait for the probe's `marker`, let the driver settle, read nvidia-smi into seen[key_*]."""
+    _wait_for(log_path, marker, proc, timeout_s)
+    time.sleep(settle_s)
+    _read(seen, key, proc.pid)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -138,7 +147,7 @@ def _prioritised(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def run_case(
     probe: str, model: Path, case: dict[str, Any], args: argparse.Namespace, log_path: Path, pause_init: bool
 ) -> dict[str, Any]:
-    seen: dict[str, Any] = {"before_mib": _used_mib()}
+    seen: dict[str, Any] = {"before_mib": gm._used_mib()}
     cmd = [
         probe,
         str(model),
@@ -158,28 +167,15 @@ def run_case(
     seen["pid"] = proc.pid
     try:
         if pause_init:  # the bare process: CUDA context (+ ggml's device enumeration), no model, no context
-            _wait_for(log_path, "PROBE INIT", proc, args.timeout)
-            time.sleep(0.3)
-            _read(seen, "init", proc.pid)
-            assert proc.stdin is not None
-            proc.stdin.write(b"go\n")
-            proc.stdin.flush()
-        _wait_for(log_path, "PROBE READY", proc, args.timeout)
-        time.sleep(0.5)
-        _read(seen, "loaded", proc.pid)
+            _read_at(seen, "init", "PROBE INIT", proc, log_path, args.timeout, 0.3)
+            _send(proc, "go")
+        _read_at(seen, "loaded", "PROBE READY", proc, log_path, args.timeout, 0.5)
         if args.prompt > 0:
-            assert proc.stdin is not None
-            proc.stdin.write(b"warmup\n")
-            proc.stdin.flush()
-            _wait_for(log_path, "PROBE WARM", proc, args.timeout)
-            time.sleep(0.3)
-            _read(seen, "warm", proc.pid)
+            _send(proc, "warmup")
+            _read_at(seen, "warm", "PROBE WARM", proc, log_path, args.timeout, 0.3)
             n = max(1, min(args.prompt, case["ctx"] - 16))
-            proc.stdin.write(f"prompt {n}\n".encode())
-            proc.stdin.flush()
-            _wait_for(log_path, "PROBE DECODED", proc, args.timeout)
-            time.sleep(0.3)
-            _read(seen, "decoded", proc.pid)
+            _send(proc, f"prompt {n}")
+            _read_at(seen, "decoded", "PROBE DECODED", proc, log_path, args.timeout, 0.3)
             seen["prompt_tokens"] = n
     finally:
         _stop(proc)
@@ -213,8 +209,8 @@ def main() -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
-    gpu = _smi(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"]).strip()
-    (out / "smi-gpu.csv").write_text(_smi(gm.QUERY_GPU))
+    gpu = gm._smi(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"]).strip()
+    (out / "smi-gpu.csv").write_text(gm._smi(gm.QUERY_GPU))
     shapes = {s.name: s for s in gm.ALL_SHAPES}
     cases = gm._cases() if args.in_order else _prioritised(gm._cases())
     cases = cases[: args.limit or None]

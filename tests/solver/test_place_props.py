@@ -97,6 +97,22 @@ def add_single(s: ClusterSpec, a: Assignment, vram: dict[tuple[str, int], int], 
         assert a.gpu_layers == curve.layers + 1
 
 
+def add_split(s: ClusterSpec, a: Assignment, vram: dict[tuple[str, int], int], ram: dict[str, int]) -> None:
+    """Add a split replica's bytes, recomputed from the declared memory outside the solver: blocks per GPU
+    in index order, the output layer on the last GPU, a fixed part on every GPU used."""
+    m = s.model(a.model)
+    assert m.memory is not None
+    assert m.placement.split and a.gpu_layers == a.layers
+    sc = declared_split_curve(m.memory, DEFAULT_GPU_OVERHEAD_BYTES)
+    assert sc is not None
+    counts = [a.layers_per_gpu[i] for i in a.gpus]
+    assert sum(counts) == a.layers and all(c >= 1 for c in counts[:-1])
+    for i, b in zip(a.gpus, sc.devices([*counts[:-1], counts[-1] - 1]), strict=True):
+        assert a.vram_bytes[i] == b
+        vram[a.node, i] += b
+    ram[a.node] += sc.ram_bytes
+
+
 def assert_fits(s: ClusterSpec, result: PlacementResult, vram: dict[tuple[str, int], int], ram: dict[str, int]) -> None:
     """Every node's RAM and every GPU's VRAM, as recomputed, within bounds; every replica placed or explained."""
     for node in s.nodes:
@@ -166,22 +182,10 @@ def test_split_bounds_hold(s: ClusterSpec) -> None:
     vram: dict[tuple[str, int], int] = defaultdict(int)
     ram: dict[str, int] = defaultdict(int)
     for a in r.assignments:
-        m = s.model(a.model)
-        assert m.memory is not None
         if a.split:
-            # Recomputed from the declared memory, outside the solver: blocks per GPU in index order,
-            # the output layer on the last GPU, a fixed part on every GPU used.
-            assert m.placement.split and a.gpu_layers == a.layers
-            sc = declared_split_curve(m.memory, DEFAULT_GPU_OVERHEAD_BYTES)
-            assert sc is not None
-            counts = [a.layers_per_gpu[i] for i in a.gpus]
-            assert sum(counts) == a.layers and all(c >= 1 for c in counts[:-1])
-            for i, b in zip(a.gpus, sc.devices([*counts[:-1], counts[-1] - 1]), strict=True):
-                assert a.vram_bytes[i] == b
-                vram[a.node, i] += b
-            ram[a.node] += sc.ram_bytes
-            continue
-        add_single(s, a, vram, ram)
+            add_split(s, a, vram, ram)
+        else:
+            add_single(s, a, vram, ram)
     assert_fits(s, r, vram, ram)
     assert r.objective >= greedy_place(s, profiles).objective
 
@@ -206,17 +210,10 @@ def test_neighbourhood_search_bounds_hold(s: ClusterSpec) -> None:
     vram: dict[tuple[str, int], int] = defaultdict(int)
     ram: dict[str, int] = defaultdict(int)
     for a in r.assignments:
-        m = s.model(a.model)
-        assert m.memory is not None
         if a.split:
-            sc = declared_split_curve(m.memory, DEFAULT_GPU_OVERHEAD_BYTES)
-            assert sc is not None
-            counts = [a.layers_per_gpu[i] for i in a.gpus]
-            for i, b in zip(a.gpus, sc.devices([*counts[:-1], counts[-1] - 1]), strict=True):
-                vram[a.node, i] += b
-            ram[a.node] += sc.ram_bytes
-            continue
-        add_single(s, a, vram, ram)
+            add_split(s, a, vram, ram)
+        else:
+            add_single(s, a, vram, ram)
     assert_fits(s, r, vram, ram)
     assert r.objective >= greedy_place(s, profiles).objective
     # The relaxation's bound holds against the whole model's proven optimum.
