@@ -15,7 +15,9 @@ from typing import Annotated
 
 import typer
 
-from controller.cliutil import SpecFileOption, err, fail, load_or_exit, out, spec_path
+from controller.commands import discover, estimate, gateway, health, place, reconcile, recover, route, watch
+from controller.commands.common import SpecFileOption, err, fail, load_or_exit, out, spec_path
+from specs.files import atomic_write
 from specs.schema import json_schema_text
 from specs.units import format_size
 
@@ -85,8 +87,6 @@ def schema(
     if output is None:
         sys.stdout.write(text)
         return
-    from specs.files import atomic_write
-
     try:
         atomic_write(output, text)
     except OSError as exc:
@@ -94,31 +94,8 @@ def schema(
     err.print(f"wrote {output}", markup=False)
 
 
-def _register_commands() -> None:
-    from controller import (
-        discover_cmd,
-        estimate_cmd,
-        gateway_cmd,
-        health_cmd,
-        place_cmd,
-        reconcile_cmd,
-        recover_cmd,
-        route_cmd,
-        watch_cmd,
-    )
-
-    estimate_cmd.register(app)
-    place_cmd.register(app)
-    reconcile_cmd.register(app)
-    gateway_cmd.register(app)
-    discover_cmd.register(app)
-    health_cmd.register(app)
-    route_cmd.register(app)
-    recover_cmd.register(app)
-    watch_cmd.register(app)
-
-
-_register_commands()
+for command in (estimate, place, reconcile, gateway, discover, health, route, recover, watch):
+    command.register(app)
 
 
 def main() -> None:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.wiring import Wired
+
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 
@@ -13,3 +15,9 @@ EXAMPLES = REPO / "examples"
 @pytest.fixture
 def examples_dir() -> Path:
     return EXAMPLES
+
+
+@pytest.fixture
+def wired() -> Wired:
+    """The seams (Docker, Ollama, gateway, GPU probe, health) for this test: real until `wired.set(...)`."""
+    return Wired()

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
-from controller.state import (
+from controller.core.state import (
     ContainerState,
     FileState,
     GatewayState,

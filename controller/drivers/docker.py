@@ -49,9 +49,7 @@ import docker
 import docker.errors
 import docker.types
 
-from controller.drivers.base import DriverError, NodeUnreachable, NotManaged, ProgressFn, VerifyFailed
-from controller.drivers.sshdocker import DialStdioProxy, ssh_argv
-from controller.state import (
+from controller.core.state import (
     LABEL_CLUSTER,
     LABEL_CONFIG,
     LABEL_HASH,
@@ -67,9 +65,11 @@ from controller.state import (
     VolumeState,
     health_url,
 )
+from controller.drivers.base import DriverError, NodeUnreachable, NotManaged, ProgressFn, VerifyFailed
+from controller.drivers.sshdocker import DialStdioProxy, ssh_argv
 from specs.model import Node
 
-# LABEL_ROLE (controller.state): `helper` on the short-lived containers that read and copy model files;
+# LABEL_ROLE (controller.core.state): `helper` on the short-lived containers that read and copy model files;
 # `gateway` on the LiteLLM proxy's container and its volume (`run_service`, `write_volume_files`). A container
 # or volume with a role is neither a model server (or model volume) nor foreign.
 HELPER_ROLE = "helper"

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+from controller.core.state import LABEL_CLUSTER, ContainerState, FileState, ServiceContainer, VolumeState
 from controller.drivers.base import DriverError, NodeUnreachable, NotManaged, ProgressFn, VerifyFailed
-from controller.state import LABEL_CLUSTER, ContainerState, FileState, ServiceContainer, VolumeState
 
 
 @dataclass

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from controller.core.state import GatewayState
 from controller.drivers.base import DriverError
-from controller.state import GatewayState
 
 
 @dataclass

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from controller.core.state import OllamaModelState, ollama_tag
 from controller.drivers.base import DriverError, NodeUnreachable, ProgressFn
-from controller.state import OllamaModelState, ollama_tag
 
 
 @dataclass

@@ -25,8 +25,8 @@ from typing import Any, TypeVar
 
 import httpx
 
+from controller.core.state import OLLAMA_PREFIX, OllamaModelState
 from controller.drivers.base import DriverError, NodeUnreachable, ProgressFn
-from controller.state import OLLAMA_PREFIX, OllamaModelState
 
 T = TypeVar("T")
 StatusFn = Callable[[dict[str, Any]], None]

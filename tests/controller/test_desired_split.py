@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from controller.desired import RenderError, llama_server_args, render, tensor_split_args
+from controller.core.desired import RenderError, llama_server_args, render, tensor_split_args
 from controller.drivers.docker import container_create_kwargs
 from solver.estimate import layer_devices
 from solver.place import SolveParams, place

@@ -6,12 +6,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from controller import discover_cmd
-from controller.cli import app
+from controller.commands import discover as discover_cmd
 from controller.drivers.gpu import GpuInfo, GpuProcess, NodeGpus
 from specs.model import Node
+from tests.support.wiring import Wired
 
 GIB = 2**30
 MIB = 2**20
@@ -64,23 +63,16 @@ class Probe:
 
 
 @pytest.fixture
-def spec_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+def spec_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, wired: Wired) -> Path:
     path = tmp_path / "cluster.yaml"
     path.write_text(SPEC)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(discover_cmd, "gpu_probe", Probe({"box": BOX, "nas": NodeGpus("nas", ram_bytes=16 * GIB)}))
+    wired.set(gpu_probe=Probe({"box": BOX, "nas": NodeGpus("nas", ram_bytes=16 * GIB)}))
     return path
 
 
-def run(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(app, list(args))
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.stdout, result.stderr
-
-
-def test_prints_gpus_ram_and_the_diff_without_writing(spec_file: Path) -> None:
-    code, out, err = run("discover")
+def test_prints_gpus_ram_and_the_diff_without_writing(spec_file: Path, wired: Wired) -> None:
+    code, out, err = wired.run("discover")
     assert code == 0, err
     assert "node box (127.0.0.1, local):" in out
     assert "  GPU 0  NVIDIA GeForce RTX 3090  24.0 GiB total, 23.0 GiB free  driver 550.1  GPU-a" in out
@@ -92,8 +84,8 @@ def test_prints_gpus_ram_and_the_diff_without_writing(spec_file: Path) -> None:
     assert spec_file.read_text() == SPEC
 
 
-def test_write_changes_only_the_edited_keys(spec_file: Path) -> None:
-    code, _, err = run("discover", "--write", "--yes")
+def test_write_changes_only_the_edited_keys(spec_file: Path, wired: Wired) -> None:
+    code, _, err = wired.run("discover", "--write", "--yes")
     assert code == 0, err
     assert "wrote cluster.yaml (previous version kept as" in err
     after = spec_file.read_text()
@@ -110,34 +102,34 @@ def test_write_changes_only_the_edited_keys(spec_file: Path) -> None:
         "        vram: 12GiB\n"
         "        uuid: GPU-b\n",
     ).replace("    ram: 64GiB   # more later\n", "    ram: 64217MiB # more later\n")  # the comment keeps its column
-    code, out, _ = run("discover")  # a second run finds nothing to change
+    code, out, _ = wired.run("discover")  # a second run finds nothing to change
     assert code == 0 and "cluster.yaml already says what the nodes have." in out
 
 
-def test_write_asks_and_refuses_without_a_terminal(spec_file: Path) -> None:
-    code, _, err = run("discover", "--write")
+def test_write_asks_and_refuses_without_a_terminal(spec_file: Path, wired: Wired) -> None:
+    code, _, err = wired.run("discover", "--write")
     assert code == 1
     assert err.strip().endswith("error: not writing without confirmation: run in a terminal or pass --yes")
     assert spec_file.read_text() == SPEC
 
 
-def test_some_nodes_fail_the_others_report(spec_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_some_nodes_fail_the_others_report(spec_file: Path, monkeypatch: pytest.MonkeyPatch, wired: Wired) -> None:
     probe = Probe({"box": BOX, "nas": NodeGpus("nas", error="node nas: ssh root@127.0.0.3:22: connection refused")})
-    monkeypatch.setattr(discover_cmd, "gpu_probe", probe)
-    code, out, err = run("discover", "box", "nas")
+    wired.set(gpu_probe=probe)
+    code, out, err = wired.run("discover", "box", "nas")
     assert code == 1
     assert "node box (127.0.0.1, local):" in out
     assert err == "error: node nas: ssh root@127.0.0.3:22: connection refused\n"
 
 
-def test_unknown_node(spec_file: Path) -> None:
-    code, _, err = run("discover", "nope")
+def test_unknown_node(spec_file: Path, wired: Wired) -> None:
+    code, _, err = wired.run("discover", "nope")
     assert code == 1 and err == "error: unknown node nope (nodes: box, nas)\n"
 
 
-def test_missing_gpu_is_left_in_the_file(spec_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(discover_cmd, "gpu_probe", Probe({"box": NodeGpus("box", (), (), 64 * GIB)}))
-    code, out, _ = run("discover", "box")
+def test_missing_gpu_is_left_in_the_file(spec_file: Path, monkeypatch: pytest.MonkeyPatch, wired: Wired) -> None:
+    wired.set(gpu_probe=Probe({"box": NodeGpus("box", (), (), 64 * GIB)}))
+    code, out, _ = wired.run("discover", "box")
     assert code == 0
     assert "node box: GPU 0 (RTX 3090) is in the spec but not on the node; left in the file" in out
 

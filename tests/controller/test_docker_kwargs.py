@@ -11,9 +11,7 @@ from typing import Any
 
 import pytest
 
-from controller.drivers.base import DriverError
-from controller.drivers.docker import DockerEngine, container_create_kwargs, ssh_host_port, unreachable_reason
-from controller.state import (
+from controller.core.state import (
     LABEL_CLUSTER,
     LABEL_CONFIG,
     LABEL_HASH,
@@ -24,6 +22,8 @@ from controller.state import (
     ContainerState,
     health_url,
 )
+from controller.drivers.base import DriverError
+from controller.drivers.docker import DockerEngine, container_create_kwargs, ssh_host_port, unreachable_reason
 from specs.model import Node
 
 

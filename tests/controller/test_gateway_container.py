@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from controller.apply import Executor
+from controller.core.gateway_config import GATEWAY_CONTAINER, GATEWAY_MOUNT, GATEWAY_VOLUME
+from controller.core.plan import Plan, render_text
+from controller.core.state import LABEL_CLUSTER, LABEL_ROLE
 from controller.drivers.base import DriverError
 from controller.drivers.fake import FakeDockerNode
 from controller.drivers.litellm import ContainerGateway
-from controller.engine import CachingConnect, Prepared, gateways, prepare
-from controller.gateway import GATEWAY_CONTAINER, GATEWAY_MOUNT, GATEWAY_VOLUME
-from controller.plan import Plan, render_text
-from controller.state import LABEL_CLUSTER, LABEL_ROLE
+from controller.effects.apply import Executor
+from controller.effects.engine import CachingConnect, Prepared, gateways, prepare
 from solver.place import SolveParams
 from specs import parse_spec
 from specs.model import ClusterSpec

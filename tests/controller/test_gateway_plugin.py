@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from controller.classifier import LiteLLMClassifier, plugin_source
-from controller.routing import Classifier, routing_config
+from controller.core.classifier import LiteLLMClassifier, plugin_source
+from controller.core.routing import Classifier, routing_config
 from specs.enums import Category
 from specs.model import ClassifierRule, Routing
 
@@ -56,7 +56,7 @@ def test_plugin_runs_without_homelab_and_agrees_with_route(tmp_path: Path) -> No
 
 def test_one_served_category_still_gives_litellm_two_tiers() -> None:
     """LiteLLM drops a complexity router with fewer than 2 tiers (seen with the real 1.108.7 proxy)."""
-    from controller.gateway import ONLY_TIER_TWIN, auto_router
+    from controller.core.gateway_config import ONLY_TIER_TWIN, auto_router
     from specs import parse_spec
     from specs.enums import Category
 

@@ -7,17 +7,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from controller import reconcile_cmd
-from controller.cli import app
+from controller.commands import reconcile as reconcile_cmd
+from controller.core.state import ClusterState
 from controller.drivers.gpu import GpuInfo, GpuProcess, NodeGpus
-from controller.engine import prepare
-from controller.gpuuse import FOREIGN_MARGIN_MIN_BYTES, assess, with_margin
-from controller.state import ClusterState
+from controller.effects.engine import prepare
+from controller.effects.gpu_use import FOREIGN_MARGIN_MIN_BYTES, assess, with_margin
 from solver.place import SolveParams
 from specs.model import ClusterSpec, Node
 from tests.controller.test_reconcile import SPEC, Lab, spec_of
+from tests.support.wiring import Wired
 
 GIB = 2**30
 MIB = 2**20
@@ -149,49 +148,44 @@ def test_discovery_failure_is_a_warning_and_the_spec_figures_are_used() -> None:
 
 
 @pytest.fixture
-def cli_lab(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Lab:
+def cli_lab(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, wired: Wired) -> Lab:
     lab = Lab()
 
     def factory(spec: ClusterSpec) -> object:
         return lab.connect
 
-    monkeypatch.setattr(reconcile_cmd, "connect_factory", factory)
-    monkeypatch.setattr(reconcile_cmd, "health_check", lambda url, timeout, cancelled: None)
+    wired.set(connect=factory)
+    wired.set(health_check=lambda url, timeout, cancelled: None)
     monkeypatch.setenv("HOMELAB_STATE_DIR", str(tmp_path / "state"))
     (tmp_path / "cluster.yaml").write_text(SPEC)
     monkeypatch.chdir(tmp_path)
     return lab
 
 
-def run(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(app, list(args))
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.stdout, result.stderr
-
-
-def test_reconcile_dry_run_shows_foreign_use_and_warnings(cli_lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(reconcile_cmd, "gpu_probe", Probe({"box": box([PYTHON], used0=18 * GIB, gpus=(0,))}))
-    code, out, err = run("reconcile", "--dry-run")
+def test_reconcile_dry_run_shows_foreign_use_and_warnings(
+    cli_lab: Lab, monkeypatch: pytest.MonkeyPatch, wired: Wired
+) -> None:
+    wired.set(gpu_probe=Probe({"box": box([PYTHON], used0=18 * GIB, gpus=(0,))}))
+    code, out, err = wired.run("reconcile", "--dry-run")
     assert code == 2
     assert "  GPU 0 on box: 18.0 GiB held by other processes (python3 422: 18.0 GiB)" in out
     assert "warning: GPU 1 on box: in the spec (RTX 3060, 12.0 GiB) but not on the node" in err
-    code, out, _ = run("reconcile", "--dry-run", "--json")
+    code, out, _ = wired.run("reconcile", "--dry-run", "--json")
     data = json.loads(out)
     assert data["gpus"]["gpus"][0]["foreign_bytes"] == 18 * GIB
 
 
-def test_status_planned_vs_actual(cli_lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(reconcile_cmd, "gpu_probe", Probe({}))
-    code, _, err = run("reconcile", "--yes")
+def test_status_planned_vs_actual(cli_lab: Lab, monkeypatch: pytest.MonkeyPatch, wired: Wired) -> None:
+    wired.set(gpu_probe=Probe({}))
+    code, _, err = wired.run("reconcile", "--yes")
     assert code == 0, err
     cli_lab.engines["box"].pids = {"homelab-chat": {1000, 1001}, "homelab-coder": {2000}}
     procs = [
         GpuProcess(1001, "llama-server", 11 * GIB + 512 * MIB, "GPU-a"),  # 15% over its 10 GiB
         GpuProcess(2000, "llama-server", 5 * GIB, "GPU-b"),  # as planned
     ]
-    monkeypatch.setattr(reconcile_cmd, "gpu_probe", Probe({"box": box(procs, used0=11 * GIB + 512 * MIB)}))
-    code, out, err = run("status")
+    wired.set(gpu_probe=Probe({"box": box(procs, used0=11 * GIB + 512 * MIB)}))
+    code, out, err = wired.run("status")
     assert code == 0, err
     assert (
         "  homelab-chat  running  GPU 0  port 3000, ngl 33, ctx 4096  VRAM planned 10.0 GiB, actual 11.5 GiB"
@@ -201,7 +195,7 @@ def test_status_planned_vs_actual(cli_lab: Lab, monkeypatch: pytest.MonkeyPatch)
         "  homelab-coder  running  GPU 1  port 3001, ngl 29, ctx 4096  VRAM planned 5.0 GiB, actual 5.0 GiB (+0%)"
         in out
     )
-    code, out, _ = run("status", "--json")
+    code, out, _ = wired.run("status", "--json")
     chat = next(c for c in json.loads(out)["nodes"]["box"]["containers"] if c["name"] == "homelab-chat")
     assert chat["vram_planned_bytes"] == 10 * GIB
     assert chat["vram_actual_bytes"] == 11 * GIB + 512 * MIB

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from controller.cli import app
-from controller.health import (
+from controller.effects.health import (
     Endpoint,
     Probe,
     Status,
@@ -153,7 +153,7 @@ def spec_text(**ports: object) -> str:
 
 
 def test_endpoints_and_their_timeouts() -> None:
-    from controller.health_cmd import desired_state
+    from controller.effects.engine import desired_state
 
     spec = parse_spec(spec_text(ssh=2222, llama=3000, ollama=11434, ollama2=11435, gateway=4000), "x.yaml").spec
     eps = {e.name: e for e in endpoints(spec, desired_state(spec))}

@@ -10,9 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from controller.core.state import GatewayState, OllamaModelState
 from controller.drivers.base import DriverError, NodeUnreachable
 from controller.drivers.ollama import OllamaHttp, parse_parameters
-from controller.state import GatewayState, OllamaModelState
 from solver.estimate import shape_from_model_info
 from tests.support.ollama_standin import API_VERSION, OllamaStandin
 from tests.support.ports import free_port
@@ -148,7 +148,7 @@ def test_standin_json_shapes_and_status_codes(standin: OllamaStandin) -> None:
 
 def test_local_gateway_writes_atomically_and_keeps_the_previous_file(tmp_path: Path) -> None:
     from controller.drivers.litellm import LocalGateway
-    from controller.secrets import resolve_secret
+    from controller.drivers.secrets import resolve_secret
 
     path = tmp_path / "litellm" / "config.yaml"
     gw = GatewayState("external", str(path), "a: 1\n", f"http://127.0.0.1:{free_port()}")

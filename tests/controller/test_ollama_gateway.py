@@ -8,25 +8,23 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from controller import reconcile_cmd
-from controller.apply import Executor
-from controller.cli import app
-from controller.diff import Action
+from controller.core.diff import Action
+from controller.core.gateway_config import category_models, fallback_chain, master_key_ref, render_config
+from controller.core.plan import Plan, render_text
+from controller.core.state import GatewayState, OllamaModelState
 from controller.drivers.fake import FakeDockerNode
 from controller.drivers.fake_gateway import FakeGateway
 from controller.drivers.fake_ollama import FakeOllamaNode
-from controller.engine import CachingConnect, Prepared, prepare
-from controller.gateway import category_models, fallback_chain, master_key_ref, render_config
-from controller.plan import Plan, render_text
-from controller.state import GatewayState, OllamaModelState
+from controller.effects.apply import Executor
+from controller.effects.engine import CachingConnect, Prepared, prepare
 from solver.gguf import read_header
 from solver.place import SolveParams
 from specs import parse_spec
 from specs.enums import Category
 from specs.model import ClusterSpec, Node
 from tests.support.synth import shape_by_name, write_synth_gguf
+from tests.support.wiring import Wired
 
 SPEC = """\
 cluster: {name: lab}
@@ -414,43 +412,47 @@ def test_saved_plan_is_stale_when_the_gateway_file_changed() -> None:
 # ------------------------------------------------------------------ the command line
 
 
-def test_gateway_render_prints_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lab_cli: Lab) -> None:
+def test_gateway_render_prints_the_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lab_cli: Lab, wired: Wired
+) -> None:
     (tmp_path / "cluster.yaml").write_text(SPEC)
-    r = CliRunner().invoke(app, ["gateway", "render", "-f", str(tmp_path / "cluster.yaml")])
+    r = wired.invoke(["gateway", "render", "-f", str(tmp_path / "cluster.yaml")])
     assert r.exit_code == 0, r.output
     assert masked(r.stdout) == GOLDEN
 
 
-def test_gateway_render_without_a_gateway_is_one_line(tmp_path: Path, lab_cli: Lab) -> None:
+def test_gateway_render_without_a_gateway_is_one_line(tmp_path: Path, lab_cli: Lab, wired: Wired) -> None:
     (tmp_path / "cluster.yaml").write_text(SPEC.split("gateway:")[0])
-    r = CliRunner().invoke(app, ["gateway", "render", "-f", str(tmp_path / "cluster.yaml")])
+    r = wired.invoke(["gateway", "render", "-f", str(tmp_path / "cluster.yaml")])
     assert r.exit_code == 1
     assert r.stderr.strip() == "error: the spec has no `gateway` section"
 
 
 def test_reconcile_command_applies_ollama_and_gateway(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lab_cli: Lab
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    lab_cli: Lab,
+    wired: Wired,
 ) -> None:
     (tmp_path / "cluster.yaml").write_text(SPEC)
     monkeypatch.setenv("HOMELAB_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setattr(reconcile_cmd, "health_check", lambda url, timeout, cancelled: None)
-    runner = CliRunner()
-    r = runner.invoke(app, ["reconcile", "--yes", "-f", str(tmp_path / "cluster.yaml")])
+    wired.set(health_check=lambda url, timeout, cancelled: None)
+    r = wired.invoke(["reconcile", "--yes", "-f", str(tmp_path / "cluster.yaml")])
     assert r.exit_code == 0, r.output
     assert "desk: pulling qwen2.5:14b: 4292/8583 MiB (50%)" in r.stdout
     assert ": gateway-write /srv/litellm/config.yaml ..." in r.stdout
     assert r.stdout.rstrip().endswith("Apply complete: 12 steps.")
-    r = runner.invoke(app, ["reconcile", "--dry-run", "-f", str(tmp_path / "cluster.yaml")])
+    r = wired.invoke(["reconcile", "--dry-run", "-f", str(tmp_path / "cluster.yaml")])
     assert r.exit_code == 0, r.output
     assert "No changes. The cluster matches the spec." in r.stdout
     # `homelab status` lists the Ollama node's models with their parameters, next to the containers
-    r = runner.invoke(app, ["status", "-f", str(tmp_path / "cluster.yaml")])
+    r = wired.invoke(["status", "-f", str(tmp_path / "cluster.yaml")])
     assert r.exit_code == 0, r.output
     lines = r.stdout.splitlines()
     header = next(line for line in lines if line.startswith("desk: Ollama http://127.0.0.2:11434:"))
     assert header.endswith("2 homelab models, 2 other tags"), header
     assert any(line.strip().startswith("homelab/chat:latest  from qwen2.5:14b  num_gpu ") for line in lines), lines
-    r = runner.invoke(app, ["status", "--json", "-f", str(tmp_path / "cluster.yaml")])
+    r = wired.invoke(["status", "--json", "-f", str(tmp_path / "cluster.yaml")])
     ollama = json.loads(r.stdout)["nodes"]["desk"]["ollama"]
     assert ollama["reachable"] and {m["name"] for m in ollama["models"]} == {
         "homelab/chat:latest",
@@ -459,11 +461,11 @@ def test_reconcile_command_applies_ollama_and_gateway(
 
 
 @pytest.fixture
-def lab_cli(monkeypatch: pytest.MonkeyPatch) -> Lab:
+def lab_cli(monkeypatch: pytest.MonkeyPatch, wired: Wired) -> Lab:
     lab = Lab()
-    monkeypatch.setattr(reconcile_cmd, "connect_factory", lambda spec: lambda node: lab.docker)
-    monkeypatch.setattr(reconcile_cmd, "ollama_factory", lambda node: lab.ollama)
-    monkeypatch.setattr(reconcile_cmd, "gateway_factory", lambda state: lambda desired: lab.gateway)
+    wired.set(connect=lambda spec: lambda node: lab.docker)
+    wired.set(ollama=lambda node: lab.ollama)
+    wired.set(gateway=lambda state: lambda desired: lab.gateway)
     return lab
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from typer.testing import CliRunner
 
-from controller.place_cmd import register
+from controller.commands.place import register
 
 
 def app() -> typer.Typer:

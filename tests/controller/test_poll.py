@@ -9,8 +9,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from controller.apply import StepFailed, wait_healthy
 from controller.drivers.poll import poll_200
+from controller.effects.apply import StepFailed, wait_healthy
 from tests.support.ports import free_port
 
 

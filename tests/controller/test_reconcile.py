@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from controller.apply import EVENTS_FILE, Executor, LockHeld, StepFailed, apply_lock
-from controller.diff import Action, describe_config_change
+from controller.core.diff import Action, describe_config_change
+from controller.core.plan import Plan, StepKind, render_text
+from controller.core.state import ContainerConfig
 from controller.drivers.fake import FakeDockerNode
-from controller.engine import CachingConnect, Prepared, prepare
-from controller.plan import Plan, StepKind, render_text
-from controller.state import ContainerConfig
+from controller.effects.apply import EVENTS_FILE, Executor, LockHeld, StepFailed, apply_lock
+from controller.effects.engine import CachingConnect, Prepared, prepare
 from solver.place import SolveParams
 from specs import parse_spec
 from specs.model import ClusterSpec, Node

@@ -6,17 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from controller import reconcile_cmd
-from controller.cli import app
 from controller.drivers.fake import FakeDockerNode
 from specs.model import ClusterSpec, Node
 from tests.controller.test_reconcile import SOURCES, SPEC
+from tests.support.wiring import Wired
 
 
 @pytest.fixture
-def engines(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, FakeDockerNode]:
+def engines(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, wired: Wired) -> dict[str, FakeDockerNode]:
     fakes = {n: FakeDockerNode(n, images={"llama:test"}, source_files=dict(SOURCES)) for n in ("box", "spare")}
 
     def factory(spec: ClusterSpec) -> object:
@@ -26,73 +24,72 @@ def engines(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, FakeDo
 
         return connect
 
-    monkeypatch.setattr(reconcile_cmd, "connect_factory", factory)
-    monkeypatch.setattr(reconcile_cmd, "gpu_probe", lambda nodes: {})  # no GPU discovery here
-    monkeypatch.setattr(reconcile_cmd, "health_check", lambda url, timeout, cancelled: None)
+    wired.set(connect=factory)
+    wired.set(gpu_probe=lambda nodes: {})  # no GPU discovery here
+    wired.set(health_check=lambda url, timeout, cancelled: None)
     monkeypatch.setenv("HOMELAB_STATE_DIR", str(tmp_path / "state"))
     (tmp_path / "cluster.yaml").write_text(SPEC)
     monkeypatch.chdir(tmp_path)
     return fakes
 
 
-def run(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(app, list(args))
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.stdout, result.stderr
-
-
-def test_dry_run_apply_dry_run(engines: dict[str, FakeDockerNode]) -> None:
-    code, out, _ = run("reconcile", "--dry-run")
+def test_dry_run_apply_dry_run(engines: dict[str, FakeDockerNode], wired: Wired) -> None:
+    code, out, _ = wired.run("reconcile", "--dry-run")
     assert code == 2
     assert "  + container homelab-chat  (not running on this node)" in out
     assert out.endswith("Plan: 8 to add, 0 to change, 0 to destroy.\n")
     assert "box GPU 0: 10.0 of 24.0 GiB (42%): chat 33/33" in out
     assert engines["box"].containers == {}  # a dry run changes nothing
-    code, out, err = run("reconcile", "--yes")
+    code, out, err = wired.run("reconcile", "--yes")
     assert code == 0, err
     assert "Apply complete: 11 steps." in out
     assert set(engines["box"].containers) == {"homelab-chat", "homelab-coder"}
-    code, out, _ = run("reconcile", "--dry-run")
+    code, out, _ = wired.run("reconcile", "--dry-run")
     assert code == 0
     assert "No changes. The cluster matches the spec." in out
-    code, out, _ = run("status")
+    code, out, _ = wired.run("status")
     assert "  homelab-chat  running  GPU 0  port 3000, ngl 33, ctx 4096" in out
 
 
-def test_without_yes_and_without_a_terminal_nothing_is_applied(engines: dict[str, FakeDockerNode]) -> None:
-    code, _, err = run("reconcile")
+def test_without_yes_and_without_a_terminal_nothing_is_applied(
+    engines: dict[str, FakeDockerNode], wired: Wired
+) -> None:
+    code, _, err = wired.run("reconcile")
     assert code == 1
     assert "error: not applying without confirmation" in err
     assert engines["box"].containers == {}
 
 
-def test_saved_plan_is_applied_only_while_current(engines: dict[str, FakeDockerNode], tmp_path: Path) -> None:
-    code, _, _ = run("reconcile", "--dry-run", "--out", "plan.json")
+def test_saved_plan_is_applied_only_while_current(
+    engines: dict[str, FakeDockerNode], tmp_path: Path, wired: Wired
+) -> None:
+    code, _, _ = wired.run("reconcile", "--dry-run", "--out", "plan.json")
     assert code == 2
     saved = json.loads((tmp_path / "plan.json").read_text())
     assert saved["summary"] == {"add": 8, "change": 0, "destroy": 0}
     engines["box"].foreign.add("someone-elses")  # the world moves on
-    code, _, err = run("reconcile", "--plan", "plan.json", "--yes")
+    code, _, err = wired.run("reconcile", "--plan", "plan.json", "--yes")
     assert code == 1
     assert "the cluster changed since this plan was made" in err
     assert engines["box"].containers == {}
     engines["box"].foreign.clear()
-    code, _, err = run("reconcile", "--plan", "plan.json", "--yes")
+    code, _, err = wired.run("reconcile", "--plan", "plan.json", "--yes")
     assert code == 0, err
     assert set(engines["box"].containers) == {"homelab-chat", "homelab-coder"}
 
 
-def test_bad_saved_plan(engines: dict[str, FakeDockerNode], tmp_path: Path) -> None:
+def test_bad_saved_plan(engines: dict[str, FakeDockerNode], tmp_path: Path, wired: Wired) -> None:
     (tmp_path / "plan.json").write_text("{not json")
-    code, _, err = run("reconcile", "--plan", "plan.json", "--yes")
+    code, _, err = wired.run("reconcile", "--plan", "plan.json", "--yes")
     assert code == 1 and err.startswith("error: plan.json: not a readable homelab plan")
-    code, _, err = run("reconcile", "--plan", "missing.json", "--yes")
+    code, _, err = wired.run("reconcile", "--plan", "missing.json", "--yes")
     assert code == 1 and err.startswith("error: missing.json: no such file")
 
 
-def test_example_spec_with_no_node_reachable(engines: dict[str, FakeDockerNode], examples_dir: Path) -> None:
-    code, out, _ = run("reconcile", "--dry-run", "-f", str(examples_dir / "homelab.yaml"))
+def test_example_spec_with_no_node_reachable(
+    engines: dict[str, FakeDockerNode], examples_dir: Path, wired: Wired
+) -> None:
+    code, out, _ = wired.run("reconcile", "--dry-run", "-f", str(examples_dir / "homelab.yaml"))
     assert code == 2
     assert "node workstation: UNREACHABLE (workstation: connection refused)" in out
     assert "  + container homelab-qwen2.5-coder-7b  (not running on this node)" in out

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from controller.drivers.secrets import MASK, Redactor, SecretError, resolve
 from controller.drivers.wake import is_broadcast, magic_packet, send_magic_packet
-from controller.recovery import (
+from controller.effects.recovery import (
     Abilities,
     AttemptStore,
     Decision,
@@ -25,7 +26,6 @@ from controller.recovery import (
     predicted_path,
     transition,
 )
-from controller.secrets import MASK, Redactor, SecretError, resolve
 from specs import parse_spec
 from specs.model import Backoff, ClusterSpec
 

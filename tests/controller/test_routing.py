@@ -10,12 +10,9 @@ from pathlib import Path
 
 import pytest
 import typer
-from typer.testing import CliRunner
 
-from controller import reconcile_cmd
-from controller.drivers.fake import FakeDockerNode
-from controller.route_cmd import register
-from controller.routing import (
+from controller.commands.route import register
+from controller.core.routing import (
     Classifier,
     Endpoint,
     EndpointHealth,
@@ -26,10 +23,12 @@ from controller.routing import (
     parse_json,
     parse_request,
 )
+from controller.drivers.fake import FakeDockerNode
 from specs import parse_spec
 from specs.enums import Category, Runtime, Tier
 from specs.model import CategoryRoute, ClassifierRule, ClusterSpec, Routing
 from tests.support.ports import free_port
+from tests.support.wiring import Wired
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "routing.jsonl"
 
@@ -137,7 +136,7 @@ def test_default_category_and_fast_max_words() -> None:
 
 
 def test_bad_spec_pattern_is_one_line() -> None:
-    from controller.routing import _Rule
+    from controller.core.routing import _Rule
 
     with pytest.raises(RequestError, match=r"^routing.rules.code: bad pattern '\(': ") as info:
         Classifier({C.CODE: [_Rule(C.CODE, patterns=(("x", "(", ()),))]})
@@ -339,7 +338,7 @@ def test_health_by_url_and_unknown_is_healthy(spec: ClusterSpec) -> None:
 
 
 def test_endpoints_from_render(spec: ClusterSpec) -> None:
-    from controller.route_cmd import endpoints_for
+    from controller.commands.route import endpoints_for
 
     eps = endpoints_for(spec)
     assert eps["coder-7b"][0].url == "http://127.0.0.1:3001/v1"
@@ -364,17 +363,17 @@ def app() -> typer.Typer:
 
 
 @pytest.fixture
-def spec_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def spec_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, wired: Wired) -> Path:
     monkeypatch.setenv("HOMELAB_STATE_DIR", str(tmp_path / "state"))
     # `homelab route` (with health checks) observes the llama.cpp nodes' Docker engines: an empty fake one
-    monkeypatch.setattr(reconcile_cmd, "connect_factory", lambda spec: lambda node: FakeDockerNode(node.name))
+    wired.set(connect=lambda spec: lambda node: FakeDockerNode(node.name))
     f = tmp_path / "cluster.yaml"
     f.write_text(spec_text())
     return f
 
 
-def test_cli_json_no_health(spec_file: Path) -> None:
-    r = CliRunner().invoke(app(), ["route", "-f", str(spec_file), "--json", "--no-health", "fix my Makefile please"])
+def test_cli_json_no_health(spec_file: Path, wired: Wired) -> None:
+    r = wired.invoke(["route", "-f", str(spec_file), "--json", "--no-health", "fix my Makefile please"])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.output)
     assert {k: doc[k] for k in ("category", "model", "node", "tier", "url", "gateway_model", "fallback_used")} == {
@@ -389,9 +388,9 @@ def test_cli_json_no_health(spec_file: Path) -> None:
     assert doc["reason"] == "coder-7b on box: first choice for code"
 
 
-def test_cli_request_from_stdin(spec_file: Path) -> None:
+def test_cli_request_from_stdin(spec_file: Path, wired: Wired) -> None:
     body = json.dumps({"model": "auto", "input": ["a", "b"]})
-    r = CliRunner().invoke(app(), ["route", "-f", str(spec_file), "--no-health", "--request", "-"], input=body)
+    r = wired.invoke(["route", "-f", str(spec_file), "--no-health", "--request", "-"], input=body)
     assert r.exit_code == 0, r.output
     assert r.output.startswith("embed → embedder on box (local)")
 
@@ -409,22 +408,24 @@ def test_cli_request_from_stdin(spec_file: Path) -> None:
         (["describe a picture"], None, ""),  # vision: no route configured
     ],
 )
-def test_cli_errors_are_one_line(spec_file: Path, args: list[str], stdin: str | None, message: str) -> None:
+def test_cli_errors_are_one_line(
+    spec_file: Path, args: list[str], stdin: str | None, message: str, wired: Wired
+) -> None:
     if not message:
         args = ["--request", "-"]
         stdin = json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]})
         message = "error: no model serves 'vision'"
-    r = CliRunner().invoke(app(), ["route", "-f", str(spec_file), "--no-health", *args], input=stdin)
+    r = wired.invoke(["route", "-f", str(spec_file), "--no-health", *args], input=stdin)
     assert r.exit_code == 1
     assert r.exception is None or isinstance(r.exception, SystemExit)
     assert r.output.startswith(message), r.output
     assert r.output.count("\n") == 1, r.output
 
 
-def test_cli_unknown_category_in_spec(tmp_path: Path) -> None:
+def test_cli_unknown_category_in_spec(tmp_path: Path, wired: Wired) -> None:
     f = tmp_path / "cluster.yaml"
     f.write_text(spec_text().replace("fast: {models: [tiny, coder-1b]}", "quick: {models: [tiny]}"))
-    r = CliRunner().invoke(app(), ["route", "-f", str(f), "--no-health", "hi"])
+    r = wired.invoke(["route", "-f", str(f), "--no-health", "hi"])
     assert r.exit_code == 1
     assert "Traceback" not in r.output
     assert "routing.categories" in r.output and "quick" in r.output
@@ -465,14 +466,17 @@ def llama_stand_ins() -> Iterator[tuple[int, int]]:
 
 
 def test_cli_probes_candidates(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, llama_stand_ins: tuple[int, int]
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    llama_stand_ins: tuple[int, int],
+    wired: Wired,
 ) -> None:
     loading, ready = llama_stand_ins
     monkeypatch.setenv("HOMELAB_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setattr(reconcile_cmd, "connect_factory", lambda spec: lambda node: FakeDockerNode(node.name))
+    wired.set(connect=lambda spec: lambda node: FakeDockerNode(node.name))
     f = tmp_path / "cluster.yaml"
     f.write_text(spec_text(loading, ready, free_port()))
-    r = CliRunner().invoke(app(), ["route", "-f", str(f), "--json", "write a python function that adds two numbers"])
+    r = wired.invoke(["route", "-f", str(f), "--json", "write a python function that adds two numbers"])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.output)
     assert doc["model"] == "coder-1b"
@@ -485,7 +489,7 @@ def test_cli_probes_candidates(
 
 
 def test_probe_refused_and_cache(tmp_path: Path) -> None:
-    from controller.route_probe import HealthCache, Probed, probe
+    from controller.effects.route_probe import HealthCache, Probed, probe
 
     spec = parse_spec(spec_text()).spec
     dead = ep("coder-7b", free_port())
@@ -506,9 +510,9 @@ def test_endpoints_follow_the_running_containers_ports() -> None:
 
     spec = parse_spec(spec_text().replace(", port: 3001}", "}")).spec  # coder-7b: any free port
 
-    from controller.desired import render
-    from controller.route_cmd import endpoints_for
-    from controller.state import ClusterState, NodeState
+    from controller.commands.route import endpoints_for
+    from controller.core.desired import render
+    from controller.core.state import ClusterState, NodeState
     from solver.gguf import read_header
     from solver.place import SolveParams, place
     from solver.profiles import profiles_for

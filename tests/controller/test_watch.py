@@ -15,13 +15,12 @@ from typing import Any, cast
 
 import httpx
 import pytest
-from typer.testing import CliRunner
 
-from controller import reconcile_cmd, watch
-from controller.cli import app
 from controller.drivers.fake import FakeDockerNode
-from controller.health import Probe, Status, classify, endpoints
-from controller.watch import (
+from controller.effects import watch
+from controller.effects.engine import Wiring
+from controller.effects.health import Probe, Status, classify, endpoints
+from controller.effects.watch import (
     Action,
     FileSource,
     GitSource,
@@ -36,6 +35,7 @@ from controller.watch import (
 )
 from specs.model import ClusterSpec, Node
 from tests.controller.test_reconcile import SOURCES, SPEC
+from tests.support.wiring import Wired
 
 Arun = Callable[[Coroutine[Any, Any, Any]], Any]
 
@@ -255,16 +255,16 @@ def test_stop_lets_the_run_finish_and_leaves(arun: Arun) -> None:
 
 
 @pytest.fixture
-def engines(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, FakeDockerNode]:
+def engines(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, wired: Wired) -> dict[str, FakeDockerNode]:
     fakes = {n: FakeDockerNode(n, images={"llama:test"}, source_files=dict(SOURCES)) for n in ("box", "spare")}
 
     def factory(spec: ClusterSpec) -> Callable[[Node], FakeDockerNode]:
         return lambda node: fakes.setdefault(node.name, FakeDockerNode(node.name, reachable=False))
 
-    monkeypatch.setattr(reconcile_cmd, "connect_factory", factory)
-    monkeypatch.setattr(reconcile_cmd, "gpu_probe", lambda nodes: {})
-    monkeypatch.setattr(reconcile_cmd, "health_check", lambda url, timeout, cancelled: None)
-    monkeypatch.setattr(watch, "health_check", fake_health(set()))
+    wired.set(connect=factory)
+    wired.set(gpu_probe=lambda nodes: {})
+    wired.set(health_check=lambda url, timeout, cancelled: None)
+    wired.set(health=fake_health(set()))
     monkeypatch.setenv("HOMELAB_STATE_DIR", str(tmp_path / "state"))
     (tmp_path / "cluster.yaml").write_text(SPEC)
     monkeypatch.chdir(tmp_path)
@@ -298,10 +298,10 @@ class Said:
 
 
 def make_loop(
-    source: FileSource | GitSource, state: Path, *, dry_run: bool = False, interval: float = 600.0
+    source: FileSource | GitSource, state: Path, wiring: Wiring, *, dry_run: bool = False, interval: float = 600.0
 ) -> tuple[WatchLoop, Said, Metrics]:
     said, metrics = Said(), Metrics()
-    worker = Worker(source, state, dry_run, metrics, said)
+    worker = Worker(source, state, dry_run, metrics, said, wiring)
     return WatchLoop(worker, lambda: interval, git=isinstance(source, GitSource), settle=0.05), said, metrics
 
 
@@ -319,9 +319,9 @@ def container_ctx(fake: FakeDockerNode, name: str) -> int | None:
     return c.config.context if c is not None and c.config is not None else None
 
 
-def test_edit_apply_invalid_fix(engines: dict[str, FakeDockerNode], tmp_path: Path, arun: Arun) -> None:
+def test_edit_apply_invalid_fix(engines: dict[str, FakeDockerNode], tmp_path: Path, arun: Arun, wired: Wired) -> None:
     spec = tmp_path / "cluster.yaml"
-    loop, said, _ = make_loop(FileSource(spec), tmp_path / "state")
+    loop, said, _ = make_loop(FileSource(spec), tmp_path / "state", wired.wiring)
     box = engines["box"]
 
     async def scenario() -> None:
@@ -366,10 +366,10 @@ def test_edit_apply_invalid_fix(engines: dict[str, FakeDockerNode], tmp_path: Pa
 
 
 def test_dry_run_prints_plans_and_applies_nothing(
-    engines: dict[str, FakeDockerNode], tmp_path: Path, arun: Arun
+    engines: dict[str, FakeDockerNode], tmp_path: Path, arun: Arun, wired: Wired
 ) -> None:
     spec = tmp_path / "cluster.yaml"
-    loop, said, _ = make_loop(FileSource(spec), tmp_path / "state", dry_run=True)
+    loop, said, _ = make_loop(FileSource(spec), tmp_path / "state", wired.wiring, dry_run=True)
 
     async def scenario() -> None:
         task = asyncio.create_task(serve(loop, watch_path=spec))
@@ -394,18 +394,22 @@ def test_dry_run_prints_plans_and_applies_nothing(
 
 
 def test_status_file_metrics_and_homelab_status(
-    engines: dict[str, FakeDockerNode], tmp_path: Path, arun: Arun, monkeypatch: pytest.MonkeyPatch
+    engines: dict[str, FakeDockerNode],
+    tmp_path: Path,
+    arun: Arun,
+    monkeypatch: pytest.MonkeyPatch,
+    wired: Wired,
 ) -> None:
-    monkeypatch.setattr(watch, "health_check", fake_health({"spare"}))
+    wired.set(health=fake_health({"spare"}))
     recovered: list[str] = []
 
     async def recover(spec: ClusterSpec, nodes: Sequence[str], state: Path, desired: Any) -> list[Any]:
         recovered.extend(nodes)
         return []
 
-    monkeypatch.setattr(watch, "recover_nodes", recover)
     spec = tmp_path / "cluster.yaml"
-    loop, _, metrics = make_loop(FileSource(spec), tmp_path / "state")
+    loop, _, metrics = make_loop(FileSource(spec), tmp_path / "state", wired.wiring)
+    loop.recover = recover
     port = metrics.serve(0)
     scraped = ""
 
@@ -446,12 +450,12 @@ def test_status_file_metrics_and_homelab_status(
     assert status["health"]["nodes"] == {"box": "up", "spare": "down"}
     assert status["applied"]["spec_hash"] and status["applied"]["commit"] is None
 
-    result = CliRunner().invoke(app, ["status"])
+    result = wired.invoke(["status"])
     assert result.exit_code == 0, result.stderr
     assert f"watch (pid {status['pid']}): {spec}" in result.stdout
     assert f"  applied: {status['applied']['spec_hash']}" in result.stdout
     assert "  health: DEGRADED (box up, spare down)" in result.stdout or "  health: DOWN" in result.stdout
-    result = CliRunner().invoke(app, ["status", "--json"])
+    result = wired.invoke(["status", "--json"])
     assert json.loads(result.stdout)["watch"]["health"]["nodes"]["spare"] == "down"
 
 
@@ -469,7 +473,7 @@ def git(cwd: Path, *args: str) -> str:
 
 
 def test_git_mode_applies_each_commit_and_reports_a_force_push(
-    engines: dict[str, FakeDockerNode], tmp_path: Path, arun: Arun
+    engines: dict[str, FakeDockerNode], tmp_path: Path, arun: Arun, wired: Wired
 ) -> None:
     bare, work = tmp_path / "repo.git", tmp_path / "work"
     git(tmp_path, "init", "--quiet", "--bare", "--initial-branch=main", str(bare))
@@ -483,7 +487,7 @@ def test_git_mode_applies_each_commit_and_reports_a_force_push(
 
     source = GitSource(str(bare), "main", "cluster.yaml", watch.clone_dir(tmp_path / "state", str(bare), "main"))
     source.open()
-    loop, said, _ = make_loop(source, tmp_path / "state", interval=0.3)
+    loop, said, _ = make_loop(source, tmp_path / "state", wired.wiring, interval=0.3)
     box = engines["box"]
 
     def applied() -> str | None:
@@ -515,10 +519,10 @@ def test_git_mode_applies_each_commit_and_reports_a_force_push(
     assert said.errors.count("force-push or divergence") == 1  # reported once, not every interval
 
 
-def test_watch_command_line_mistakes(engines: dict[str, FakeDockerNode]) -> None:
-    result = CliRunner().invoke(app, ["watch", "--interval", "soon"])
+def test_watch_command_line_mistakes(engines: dict[str, FakeDockerNode], wired: Wired) -> None:
+    result = wired.invoke(["watch", "--interval", "soon"])
     assert result.exit_code == 1 and result.stderr.startswith("error: --interval:")
-    result = CliRunner().invoke(app, ["watch", "--git", "/nowhere.git", "-f", "cluster.yaml"])
+    result = wired.invoke(["watch", "--git", "/nowhere.git", "-f", "cluster.yaml"])
     assert result.exit_code == 1 and "--git and -f: choose one" in result.stderr
-    result = CliRunner().invoke(app, ["watch", "--git", "/nowhere.git"])
+    result = wired.invoke(["watch", "--git", "/nowhere.git"])
     assert result.exit_code == 1 and result.stderr.startswith("error: git: git clone failed:")

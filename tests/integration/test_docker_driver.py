@@ -14,9 +14,7 @@ import docker
 import httpx
 import pytest
 
-from controller.drivers.base import DriverError, NodeUnreachable, NotManaged, VerifyFailed
-from controller.drivers.docker import DockerEngine
-from controller.state import (
+from controller.core.state import (
     LABEL_CLUSTER,
     LABEL_CONFIG,
     LABEL_HASH,
@@ -27,6 +25,8 @@ from controller.state import (
     ContainerConfig,
     ContainerState,
 )
+from controller.drivers.base import DriverError, NodeUnreachable, NotManaged, VerifyFailed
+from controller.drivers.docker import DockerEngine
 from tests.integration.conftest import make_node
 from tests.support.dockerd import Dockerd
 from tests.support.ports import free_port

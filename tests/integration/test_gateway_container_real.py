@@ -19,18 +19,16 @@ from pathlib import Path
 import docker
 import httpx
 import pytest
-from typer.testing import CliRunner
 
-from controller import reconcile_cmd
-from controller.apply import EVENTS_FILE
-from controller.cli import app
+from controller.core.gateway_config import GATEWAY_CONTAINER, GATEWAY_VOLUME
+from controller.core.state import LABEL_CLUSTER, LABEL_ROLE
 from controller.drivers.docker import DockerEngine
-from controller.gateway import GATEWAY_CONTAINER, GATEWAY_VOLUME
-from controller.state import LABEL_CLUSTER, LABEL_ROLE
+from controller.effects.apply import EVENTS_FILE
 from specs.model import Node
 from tests.integration.test_gateway_real import SYNTH_NOT_TEXT
 from tests.support import dockerd as dockerd_support
 from tests.support.ports import free_port, free_port_range
+from tests.support.wiring import Wired
 
 KEY_ENV = "HOMELAB_TEST_GW_KEY"
 
@@ -88,7 +86,7 @@ class World:
         self.client = client
         self.key = str(fields["key"])
         self.outputs: list[str] = []
-        self.runner = CliRunner()
+        self.wired = Wired()
 
     def write_spec(self, *, with_beta: bool) -> None:
         beta = BETA.format(**self.fields) if with_beta else ""
@@ -99,7 +97,7 @@ class World:
         return DockerEngine(node, str(self.fields["cluster"]), poll_interval=0.05)
 
     def reconcile(self, *args: str) -> tuple[int, str]:
-        r = self.runner.invoke(app, ["reconcile", *args])
+        r = self.wired.invoke(["reconcile", *args])
         text = r.stdout + r.stderr
         self.outputs.append(text)
         return r.exit_code, text
@@ -159,6 +157,7 @@ def world(
     cluster: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    wired: Wired,
 ) -> Iterator[World]:
     models = tmp_path / "models"
     models.mkdir()
@@ -183,8 +182,8 @@ def world(
     w = World(fields, tmp_path, docker_client)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOMELAB_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setattr(reconcile_cmd, "connect_factory", lambda spec: w.connect)
-    monkeypatch.setattr(reconcile_cmd, "gateway_factory", None)  # the real one: engine.gateways
+    w.wired = wired
+    wired.set(connect=lambda spec: w.connect, gateway=None)  # gateway None: the real one, engine.gateways
     try:
         yield w
     finally:

@@ -22,10 +22,10 @@ import docker
 import httpx
 import pytest
 
-from controller.apply import Executor
 from controller.drivers.docker import DockerEngine
 from controller.drivers.litellm import LocalGateway
-from controller.engine import CachingConnect, CachingOllama, Prepared, local_gateway, prepare
+from controller.effects.apply import Executor
+from controller.effects.engine import CachingConnect, CachingOllama, Prepared, local_gateway, prepare
 from solver.place import SolveParams
 from specs import parse_spec
 from specs.model import ClusterSpec

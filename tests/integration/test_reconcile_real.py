@@ -15,19 +15,17 @@ from pathlib import Path
 import docker
 import httpx
 import pytest
-from typer.testing import CliRunner
 
-from controller import reconcile_cmd
-from controller.apply import EVENTS_FILE, Executor
-from controller.cli import app
+from controller.core.state import LABEL_CLUSTER
 from controller.drivers.docker import DockerEngine
-from controller.engine import CachingConnect, Prepared, prepare
-from controller.state import LABEL_CLUSTER
+from controller.effects.apply import EVENTS_FILE, Executor
+from controller.effects.engine import CachingConnect, Prepared, prepare
 from solver.place import SolveParams
 from specs import parse_spec
 from specs.model import ClusterSpec, Node
 from tests.support import dockerd as dockerd_support
 from tests.support.ports import free_port_range
+from tests.support.wiring import Wired
 
 SPEC = """\
 cluster: {{name: {cluster}}}
@@ -195,31 +193,30 @@ def test_reconcile_builds_converges_and_heals(world: World) -> None:
     assert someone.status == "running" and LABEL_CLUSTER not in someone.labels
 
 
-def test_stale_saved_plan_is_refused(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stale_saved_plan_is_refused(world: World, monkeypatch: pytest.MonkeyPatch, wired: Wired) -> None:
     spec_text = SPEC.format(**world.fields, ctx_alpha=512)
     (world.tmp / "cluster.yaml").write_text(spec_text)
     monkeypatch.chdir(world.tmp)
     monkeypatch.setenv("HOMELAB_STATE_DIR", str(world.tmp / "state"))
-    monkeypatch.setattr(reconcile_cmd, "connect_factory", lambda spec: world.connect)
-    runner = CliRunner()
-    r = runner.invoke(app, ["reconcile", "--dry-run", "--out", "plan.json"])
+    wired.set(connect=lambda spec: world.connect)
+    r = wired.invoke(["reconcile", "--dry-run", "--out", "plan.json"])
     assert r.exit_code == 2, r.output
     world.client.volumes.create("hl-models", labels={LABEL_CLUSTER: str(world.fields["cluster"])})
-    r = runner.invoke(app, ["reconcile", "--plan", "plan.json", "--yes"])
+    r = wired.invoke(["reconcile", "--plan", "plan.json", "--yes"])
     assert r.exit_code == 1
     assert "the cluster changed since this plan was made" in r.stderr
     assert [c.name for c in world.client.containers.list(all=True)] == []
     # A fresh plan, applied through the command line: copies report their bytes.
-    r = runner.invoke(app, ["reconcile", "--yes"])
+    r = wired.invoke(["reconcile", "--yes"])
     assert r.exit_code == 0, r.output
     assert "box: copying alpha.gguf: " in r.stdout and "(100%)" in r.stdout
     assert r.stdout.rstrip().endswith("Apply complete: 6 steps.")
-    r = runner.invoke(app, ["reconcile", "--dry-run"])
+    r = wired.invoke(["reconcile", "--dry-run"])
     assert r.exit_code == 0 and "No changes. The cluster matches the spec." in r.stdout
 
 
 def test_health_of_real_llama_cpp_containers_and_engine(world: World) -> None:
-    from controller.health import Status, Verdict, check
+    from controller.effects.health import Status, Verdict, check
 
     spec = world.spec()
     prepared = world.apply(spec)

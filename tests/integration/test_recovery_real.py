@@ -33,12 +33,12 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from controller.apply import EVENTS_FILE, Executor
 from controller.cli import app
 from controller.drivers.docker import DockerEngine
 from controller.drivers.wake import magic_packet
-from controller.engine import CachingConnect, prepare
-from controller.recovery import STATE_FILE
+from controller.effects.apply import EVENTS_FILE, Executor
+from controller.effects.engine import CachingConnect, prepare
+from controller.effects.recovery import STATE_FILE
 from solver.place import SolveParams
 from specs import parse_spec
 from specs.model import ClusterSpec

@@ -23,10 +23,10 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from controller.apply import Executor
 from controller.cli import app
 from controller.drivers.litellm import LocalGateway
-from controller.engine import CachingConnect, CachingOllama, local_gateway, prepare
+from controller.effects.apply import Executor
+from controller.effects.engine import CachingConnect, CachingOllama, local_gateway, prepare
 from solver.place import SolveParams
 from specs import parse_spec
 from specs.model import ClusterSpec

@@ -20,8 +20,8 @@ import docker
 import httpx
 import pytest
 
-from controller.apply import EVENTS_FILE, apply_lock
-from controller.watch import STATUS_FILE
+from controller.effects.apply import EVENTS_FILE, apply_lock
+from controller.effects.watch import STATUS_FILE
 from tests.integration.test_reconcile_real import SPEC, World, served_models
 from tests.integration.test_reconcile_real import world as world
 

@@ -9,7 +9,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from controller.estimate_cmd import register
+from controller.commands.estimate import register
 from solver.errors import EstimateError
 from solver.estimate import (
     DEFAULT_GPU_OVERHEAD_BYTES,

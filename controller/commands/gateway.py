@@ -11,11 +11,11 @@ import sys
 
 import typer
 
-from controller.cliutil import SpecFileOption, fail, load_or_exit, spec_path
-from controller.desired import RenderError
+from controller.commands.common import SpecFileOption, fail, load_or_exit, spec_path, wiring_of
+from controller.core.desired import RenderError
+from controller.core.gateway_config import GatewayError
 from controller.drivers.base import DriverError
-from controller.engine import CachingConnect, CachingOllama, prepare
-from controller.gateway import GatewayError
+from controller.effects.engine import Session
 
 
 def register(app: typer.Typer) -> None:
@@ -23,16 +23,14 @@ def register(app: typer.Typer) -> None:
     app.add_typer(gateway, name="gateway")
 
     @gateway.command()
-    def render(file: SpecFileOption = None) -> None:
+    def render(ctx: typer.Context, file: SpecFileOption = None) -> None:
         """Print the LiteLLM proxy config (YAML) for the spec and the current placement."""
-        from controller import reconcile_cmd
-
         spec = load_or_exit(spec_path(file)).spec
         if spec.gateway is None:
             fail("the spec has no `gateway` section")
-        connect = CachingConnect(reconcile_cmd.connect_factory(spec))
         try:
-            prepared = prepare(spec, connect, ollama=CachingOllama(reconcile_cmd.ollama_factory))
+            with Session(spec, wiring_of(ctx)) as session:
+                prepared = session.prepare(gateway=False)  # placed as `reconcile` places; the gateway is not asked
         except (DriverError, RenderError, GatewayError) as exc:
             fail(str(exc))
         assert prepared.desired.gateway is not None and prepared.desired.gateway.text is not None

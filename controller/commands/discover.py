@@ -36,21 +36,28 @@ from collections.abc import Mapping, Sequence
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
-from controller.cliutil import SpecFileOption, err, fail, load_or_exit, out, print_diagnostics, spec_path
-from controller.drivers.gpu import GpuInfo, GpuProbe, NodeGpus, discover_gpus
+from controller.commands.common import (
+    SpecFileOption,
+    err,
+    fail,
+    load_or_exit,
+    out,
+    print_diagnostics,
+    spec_path,
+    wiring_of,
+)
+from controller.drivers.gpu import GpuInfo, NodeGpus
 from controller.drivers.ssh import is_local
-from controller.gpuuse import gib
+from controller.effects.gpu_use import gib
 from specs import SpecError
 from specs.load import SpecDocument, dump_document, parse_spec, save_document
 from specs.model import ClusterSpec, Node
 
 MIB = 2**20
 GIB = 2**30
-
-gpu_probe: GpuProbe = discover_gpus
-"""How nodes are probed; tests swap in a fake."""
 
 
 def size_text(n_bytes: int) -> str:
@@ -167,6 +174,7 @@ def _describe(node: Node, report: NodeGpus) -> list[str]:
 def register(app: typer.Typer) -> None:
     @app.command()
     def discover(
+        ctx: typer.Context,
         nodes: Annotated[
             list[str] | None, typer.Argument(help="Nodes to look at [default: all]", show_default=False)
         ] = None,
@@ -185,7 +193,7 @@ def register(app: typer.Typer) -> None:
         if unknown:
             fail(f"unknown node{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} (nodes: {', '.join(known)})")
         chosen = [n for n in spec.nodes if not names or n.name in names]
-        reports = gpu_probe(chosen)
+        reports = wiring_of(ctx).gpu_probe(chosen)
         doc = loaded.document
         notes = apply_discovery(doc, spec, reports)
         after = dump_document(doc)
@@ -213,7 +221,7 @@ def register(app: typer.Typer) -> None:
             else:
                 out.print(f"{path} already says what the nodes have.", markup=False)
         for report in failed:
-            err.print(f"[red]error:[/red] {report.error}", markup=True, highlight=False)
+            err.print(f"[red]error:[/red] {escape(report.error or '')}", markup=True, highlight=False)
 
         if write and diff:
             try:

@@ -1,7 +1,7 @@
 """Planned versus actual VRAM per managed model, for `homelab status`.
 
 Planned: the `vram_bytes` the placement gives the replica — the placement is
-computed as `controller.engine.prepare` does (same profiles, the running
+computed as `controller.effects.engine.prepare` does (same profiles, the running
 replicas as the current placement, memory held by other processes left
 alone), and a replica counts as planned only where it runs on the node the
 placement puts it on. Actual: what `nvidia-smi` reports for the container's
@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from controller.core.state import ClusterState
 from controller.drivers.base import DockerNode
 from controller.drivers.gpu import GpuProbe
-from controller.engine import current_placement
-from controller.gpuuse import GpuReality, ModelVram, actual_vram, gib, managed_pids, observe_gpus
-from controller.state import ClusterState
+from controller.effects.engine import current_placement
+from controller.effects.gpu_use import GpuReality, ModelVram, actual_vram, gib, managed_pids, observe_gpus
 from solver.gguf import read_header
 from solver.place import SolveParams, place
 from solver.profiles import profiles_for

@@ -12,7 +12,9 @@ from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
+from controller.effects.engine import Wiring
 from specs import Diagnostic, LoadedSpec, SpecError, load_spec
 
 DEFAULT_SPEC = "cluster.yaml"
@@ -35,8 +37,15 @@ SpecFileOption = Annotated[
 
 def fail(message: str, code: int = 1) -> NoReturn:
     """Print one `error:` line to stderr and exit."""
-    err.print(f"[red]error:[/red] {message}", markup=True, highlight=False)
+    err.print(f"[red]error:[/red] {escape(message)}", markup=True, highlight=False)
     raise typer.Exit(code)
+
+
+def wiring_of(ctx: typer.Context) -> Wiring:
+    """The seams this run uses: the context object a test passed (`invoke(app, args, obj=Wiring(...))`), else the
+    real systems."""
+    obj = ctx.find_object(Wiring)
+    return obj if obj is not None else Wiring()
 
 
 def spec_path(file: Path | None, positional: Path | None = None) -> Path:

@@ -1,6 +1,6 @@
-"""Is a routing candidate up? `controller.health` probes, for `homelab route`.
+"""Is a routing candidate up? `controller.effects.health` probes, for `homelab route`.
 
-The candidates' endpoints are probed with `controller.health.probe_all`, all at once,
+The candidates' endpoints are probed with `controller.effects.health.probe_all`, all at once,
 each with its timeout from the spec (`health.timeouts` by model, then by node, then
 `health.timeout`), and read for routing:
 
@@ -21,8 +21,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from controller import health
-from controller.routing import Endpoint, EndpointHealth
+from controller.core.routing import Endpoint, EndpointHealth
+from controller.effects import health
 from specs.enums import Runtime
 from specs.model import ClusterSpec
 
@@ -57,7 +57,7 @@ class Probed:
 
 
 def health_endpoint(spec: ClusterSpec, endpoint: Endpoint) -> health.Endpoint:
-    """The `controller.health` endpoint that answers for a routing endpoint."""
+    """The `controller.effects.health` endpoint that answers for a routing endpoint."""
     kind = "ollama" if endpoint.runtime is Runtime.OLLAMA else "llamacpp"
     return health.Endpoint(
         name=f"{endpoint.node}/{kind}/{endpoint.model}",
@@ -122,7 +122,7 @@ class HealthCache:
 def probe(
     spec: ClusterSpec, endpoints: Iterable[Endpoint], cache: HealthCache | None = None
 ) -> dict[Endpoint, EndpointHealth]:
-    """The health of each endpoint: from the cache when fresh, else probed now (concurrently, `controller.health`)."""
+    """The health of each endpoint: from the cache when fresh, else probed now (concurrently)."""
     wanted = list(endpoints)
     targets: dict[str, health.Endpoint] = {}
     known: dict[str, Probed] = {}

@@ -10,9 +10,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
-from controller.drivers.base import DockerNode, DriverError, Gateway, NodeUnreachable, OllamaNode
-from controller.gateway import GATEWAY_CONTAINER
-from controller.state import (
+from controller.core.gateway_config import GATEWAY_CONTAINER
+from controller.core.state import (
     OLLAMA_PREFIX,
     ClusterState,
     FileState,
@@ -21,6 +20,7 @@ from controller.state import (
     OllamaNodeState,
     ollama_tag,
 )
+from controller.drivers.base import DockerNode, DriverError, Gateway, NodeUnreachable, OllamaNode
 from solver.profiles import OllamaInfo
 from specs.enums import Runtime
 from specs.model import ClusterSpec, Node

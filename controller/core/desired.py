@@ -12,8 +12,8 @@ import json
 import re
 from collections.abc import Mapping
 
-from controller.gateway import GATEWAY_CONTAINER, render_gateway
-from controller.state import (
+from controller.core.gateway_config import GATEWAY_CONTAINER, render_gateway
+from controller.core.state import (
     LABEL_CLUSTER,
     LABEL_CONFIG,
     LABEL_HASH,

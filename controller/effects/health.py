@@ -22,8 +22,8 @@ from typing import Any
 
 import httpx
 
-from controller.gateway import gateway_url
-from controller.state import ClusterState
+from controller.core.gateway_config import gateway_url
+from controller.core.state import ClusterState
 from specs.model import ClusterSpec, Node
 
 GATEWAY_TIER = "gateway"

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from controller.core.plan import Plan, Step, StepKind
+from controller.core.state import LABEL_CLUSTER, LABEL_NODE
 from controller.drivers.base import DockerNode, DriverError, Gateway, OllamaNode, ProgressFn
 from controller.drivers.poll import poll_200
-from controller.plan import Plan, Step, StepKind
-from controller.state import LABEL_CLUSTER, LABEL_NODE
 
 EVENTS_FILE = "events.jsonl"
 LOCK_FILE = "apply.lock"

@@ -16,43 +16,34 @@ from typing import Annotated, Any
 
 import typer
 
-from controller import reconcile_cmd
-from controller.apply import EVENTS_FILE, EventLog
-from controller.cliutil import SpecFileOption, err, fail, load_or_exit, out, spec_path
+from controller.commands.common import SpecFileOption, err, fail, load_or_exit, out, spec_path, wiring_of
+from controller.core.state import ClusterState
 from controller.drivers.base import DriverError
-from controller.recovery import (
+from controller.drivers.secrets import Redactor
+from controller.effects.apply import EVENTS_FILE, EventLog
+from controller.effects.engine import Wiring, desired_state, state_dir
+from controller.effects.health import Status as ProbeStatus
+from controller.effects.recovery import (
     STATE_FILE,
     AttemptStore,
     NodeActions,
     Observation,
-    Outcome,
     Reach,
     Recoverer,
-    Status,
     Step,
-    due,
+    due_nodes,
+    node_actions,
     predicted_path,
+    run_all,
 )
-from controller.secrets import Redactor
-from controller.state import ClusterState
 from specs.model import ClusterSpec, Node
 
 
-def _desired(spec: ClusterSpec) -> ClusterState | None:
-    from controller.health_cmd import desired_state
-
+def _desired(spec: ClusterSpec, wiring: Wiring) -> ClusterState | None:
     try:
-        return desired_state(spec)
+        return desired_state(spec, wiring.solve)
     except (ValueError, OSError):
         return None
-
-
-def _actions(
-    spec: ClusterSpec, node: Node, state: Path, desired: ClusterState | None, redactor: Redactor
-) -> NodeActions:
-    return NodeActions(
-        spec, node, state, connect=reconcile_cmd.connect_factory(spec), desired=desired, redactor=redactor
-    )
 
 
 def _observed_words(obs: Observation) -> str:
@@ -72,7 +63,7 @@ async def _dry_run(actions: NodeActions, recoverer: Recoverer, redactor: Redacto
             entry["action"] = actions.describe(decision.step)
         if decision.step is Step.RESTART_CONTAINERS and first.docker:
             try:
-                names, _ = await asyncio.to_thread(actions.node_plan_steps)
+                names = await asyncio.to_thread(actions.planned_steps)
                 entry["plan"] = names
             except DriverError as exc:
                 entry["plan_error"] = redactor(str(exc))
@@ -113,6 +104,7 @@ def _printer(as_json: bool) -> Any:
 def register(app: typer.Typer) -> None:
     @app.command()
     def recover(
+        ctx: typer.Context,
         nodes: Annotated[
             list[str] | None, typer.Argument(help="Nodes to recover [default: every DOWN node that is due]")
         ] = None,
@@ -130,15 +122,22 @@ def register(app: typer.Typer) -> None:
         for name in nodes or []:
             if name not in known:
                 fail(f"unknown node '{name}' (nodes: {', '.join(n.name for n in spec.nodes)})")
-        state_dir = reconcile_cmd.state_dir(spec, state)
+        wiring = wiring_of(ctx)
+        sdir = state_dir(spec, state)
         redactor = Redactor()
-        desired = _desired(spec)
-        store = AttemptStore(state_dir / STATE_FILE)
+        desired = _desired(spec, wiring)
+        store = AttemptStore(sdir / STATE_FILE)
         by_hand = bool(nodes)
         if by_hand:
             chosen = [spec.node(n) for n in nodes or []]
         else:
-            chosen, skipped = _down_and_due(spec, desired, store)
+            report = wiring.health(spec, desired)
+            down = {
+                p.endpoint.node
+                for p in report.probes
+                if p.status is ProbeStatus.DOWN and p.endpoint.node is not None and p.endpoint.tier != "gateway"
+            }
+            chosen, skipped = due_nodes(spec, down, store, time.time())
             for line in skipped:
                 err.print(line, markup=False)
         if not chosen:
@@ -149,7 +148,7 @@ def register(app: typer.Typer) -> None:
             return
 
         if dry_run:
-            results = asyncio.run(_dry_runs(spec, chosen, state_dir, desired, redactor))
+            results = asyncio.run(_dry_runs(spec, chosen, sdir, wiring, desired, redactor))
             if as_json:
                 out.print(json.dumps({"dry_run": True, "nodes": results}, indent=2), markup=False)
             else:
@@ -157,14 +156,16 @@ def register(app: typer.Typer) -> None:
                     _print_dry_run(r)
             return
 
-        log = EventLog(state_dir / EVENTS_FILE)
+        log = EventLog(sdir / EVENTS_FILE)
         show = _printer(as_json)
 
         def emit(event: str, **fields: Any) -> None:
             show(log.emit(event, **fields))
 
         try:
-            outcomes = asyncio.run(_run_all(spec, chosen, state_dir, desired, redactor, store, emit, by_hand))
+            outcomes = asyncio.run(
+                run_all(spec, chosen, sdir, wiring, desired, store=store, emit=emit, redactor=redactor, by_hand=by_hand)
+            )
         finally:
             log.close()
         if as_json:
@@ -176,59 +177,16 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(1)
 
 
-def _down_and_due(spec: ClusterSpec, desired: ClusterState | None, store: AttemptStore) -> tuple[list[Node], list[str]]:
-    from controller.health import Status as ProbeStatus
-    from controller.health import check
-
-    report = check(spec, desired)
-    down = {p.endpoint.node for p in report.probes if p.status is ProbeStatus.DOWN and p.endpoint.tier != "gateway"}
-    records = store.load()
-    chosen: list[Node] = []
-    skipped: list[str] = []
-    now = time.time()
-    for node in spec.nodes:
-        if node.name not in down:
-            if node.name in records:
-                store.put(node.name, None)  # it came back: its failure count no longer applies
-            continue
-        if not spec.recovery.enabled:
-            skipped.append(f"node {node.name}: DOWN; recovery is disabled (recovery.enabled: false)")
-            continue
-        ok, why = due(records.get(node.name), node, now)
-        if ok:
-            chosen.append(node)
-        else:
-            skipped.append(f"node {node.name}: DOWN; {why}")
-    return chosen, skipped
-
-
 async def _dry_runs(
-    spec: ClusterSpec, chosen: list[Node], state_dir: Path, desired: ClusterState | None, redactor: Redactor
-) -> list[dict[str, Any]]:
-    async def one(node: Node) -> dict[str, Any]:
-        actions = _actions(spec, node, state_dir, desired, redactor)
-        return await _dry_run(actions, Recoverer(node, spec, actions), redactor)
-
-    return list(await asyncio.gather(*(one(n) for n in chosen)))
-
-
-async def _run_all(
     spec: ClusterSpec,
     chosen: list[Node],
-    state_dir: Path,
+    sdir: Path,
+    wiring: Wiring,
     desired: ClusterState | None,
     redactor: Redactor,
-    store: AttemptStore,
-    emit: Any,
-    by_hand: bool,
-) -> list[Outcome]:
-    async def one(node: Node) -> Outcome:
-        actions = _actions(spec, node, state_dir, desired, redactor)
-        recoverer = Recoverer(node, spec, actions, emit=emit, store=store, redact=redactor)
-        try:
-            return await recoverer.run(once=not by_hand, resume=not by_hand)
-        except Exception as exc:  # one node's failure never stops the others
-            message = redactor(f"node {node.name}: recovery failed: {exc or type(exc).__name__}")
-            return Outcome(node.name, Status.FAILED, 0, message)
+) -> list[dict[str, Any]]:
+    async def one(node: Node) -> dict[str, Any]:
+        actions = node_actions(spec, node, sdir, wiring, desired, redactor)
+        return await _dry_run(actions, Recoverer(node, spec, actions), redactor)
 
     return list(await asyncio.gather(*(one(n) for n in chosen)))

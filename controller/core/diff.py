@@ -13,8 +13,8 @@ from typing import Any
 
 from deepdiff import DeepDiff
 
-from controller.gateway import config_diff
-from controller.state import (
+from controller.core.gateway_config import config_diff
+from controller.core.state import (
     ClusterState,
     ContainerConfig,
     ContainerState,

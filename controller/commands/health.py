@@ -10,23 +10,13 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from controller.cliutil import SpecFileOption, fail, load_or_exit, out, spec_path
-from controller.health import EXIT_CODES, HealthReport, Status, check
-from controller.state import ClusterState
+from controller.commands.common import SpecFileOption, fail, load_or_exit, out, spec_path, wiring_of
+from controller.core.state import ClusterState
+from controller.effects.engine import HealthProbe, desired_state
+from controller.effects.health import EXIT_CODES, HealthReport, Status
 from specs.model import ClusterSpec
 
 STATUS_STYLE = {Status.UP: "green", Status.SLOW: "yellow", Status.STARTING: "yellow", Status.DOWN: "red"}
-
-
-def desired_state(spec: ClusterSpec) -> ClusterState:
-    """Where the llama.cpp servers should be (placement + render), to know their ports."""
-    from controller.desired import render
-    from solver.gguf import read_header
-    from solver.place import SolveParams, place
-    from solver.profiles import profiles_for
-
-    placement = place(spec, profiles_for(spec, read_header=read_header), params=SolveParams(time_limit=5.0))
-    return render(spec, placement)
 
 
 def render_report(report: HealthReport) -> None:
@@ -53,6 +43,7 @@ def render_report(report: HealthReport) -> None:
 def register(app: typer.Typer) -> None:
     @app.command()
     def health(
+        ctx: typer.Context,
         file: SpecFileOption = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
         watch: Annotated[
@@ -62,21 +53,22 @@ def register(app: typer.Typer) -> None:
         """Probe every endpoint; exit 0 HEALTHY, 1 DEGRADED, 2 DOWN."""
         path: Path = spec_path(file)
         spec = load_or_exit(path).spec
+        wiring = wiring_of(ctx)
         try:
-            desired = desired_state(spec)
+            desired = desired_state(spec, wiring.solve)
         except ValueError as exc:
             fail(str(exc))
-        report = _once(spec, desired, as_json)
+        report = _once(wiring.health, spec, desired, as_json)
         while watch is not None:
             try:
                 time.sleep(watch)
             except KeyboardInterrupt:
                 break
-            report = _once(spec, desired, as_json)
+            report = _once(wiring.health, spec, desired, as_json)
         raise typer.Exit(EXIT_CODES[report.verdict])
 
 
-def _once(spec: ClusterSpec, desired: ClusterState, as_json: bool) -> HealthReport:
+def _once(check: HealthProbe, spec: ClusterSpec, desired: ClusterState, as_json: bool) -> HealthReport:
     report = check(spec, desired)
     if as_json:
         out.print(json.dumps(report.to_json(), indent=2), markup=False)

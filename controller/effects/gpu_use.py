@@ -37,9 +37,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from controller.core.state import ClusterState
 from controller.drivers.base import DockerNode, DriverError
 from controller.drivers.gpu import GpuInfo, GpuProbe, GpuProcess, NodeGpus
-from controller.state import ClusterState
 from specs.model import ClusterSpec, Gpu, Node
 
 GIB = 2**30

@@ -6,7 +6,7 @@ Two halves, both pure (no I/O):
   prompt or a JSON body (OpenAI chat completions, completions or embeddings;
   an Anthropic-style top-level `system`), is deterministic, takes microseconds
   and says which signals decided. Its rules are the built-in defaults merged
-  with the spec's `routing.rules`. Its core is `controller.classifier`, which
+  with the spec's `routing.rules`. Its core is `controller.core.classifier`, which
   needs nothing but the standard library: the gateway's classifier plugin is
   that module, run inside the LiteLLM proxy with the same rules
   (`routing_config`), so `homelab route` and the gateway's `auto` model agree.
@@ -14,7 +14,7 @@ Two halves, both pure (no I/O):
   or unhealthy, follows the category's `fallback`, and returns a `Route`: the
   endpoint and why it was chosen.
 
-How a request is classified: see `controller.classifier`.
+How a request is classified: see `controller.core.classifier`.
 
 Errors, all one line, for the user::
 
@@ -29,8 +29,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from controller import classifier as core
-from controller.classifier import (
+from controller.core import classifier as core
+from controller.core.classifier import (
     CONTEXT_WEIGHT,
     THRESHOLD,
     ParsedRequest,
@@ -39,12 +39,12 @@ from controller.classifier import (
     parse_json,
     parse_request,
 )
-from controller.classifier import Rule as _Rule
+from controller.core.classifier import Rule as _Rule
 from specs.enums import Category, Runtime, Tier
 from specs.model import ClusterSpec, Routing
 
 if TYPE_CHECKING:
-    from controller.state import ClusterState
+    from controller.core.state import ClusterState
 
 __all__ = [
     "CONTEXT_WEIGHT",
@@ -69,7 +69,7 @@ __all__ = [
 ]
 
 GROUP_PREFIX = "expert/"
-"""The gateway's model group of a category: `expert/<category>` (as `controller.gateway` renders it)."""
+"""The gateway's model group of a category: `expert/<category>` (as `controller.core.gateway_config` renders it)."""
 
 
 class RouteError(ValueError):
@@ -80,7 +80,7 @@ class RouteError(ValueError):
 
 
 def routing_config(routing: Routing | None = None) -> dict[str, Any]:
-    """The spec's routing rules as JSON-able data: what `controller.classifier.Classifier.from_config` reads
+    """The spec's routing rules as JSON-able data: what `controller.core.classifier.Classifier.from_config` reads
     (in homelab, and in the gateway's plugin)."""
     routing = routing or Routing()
     return {
@@ -116,7 +116,7 @@ class Classification:
 
 
 class Classifier:
-    """`controller.classifier.Classifier`, answering in `Category`s. Build once (`from_spec`), classify often."""
+    """`controller.core.classifier.Classifier`, answering in `Category`s. Build once (`from_spec`), classify often."""
 
     def __init__(
         self,
@@ -176,7 +176,7 @@ def _host(address: str) -> str:
 
 
 def endpoints_from_state(spec: ClusterSpec, desired: ClusterState) -> dict[str, tuple[Endpoint, ...]]:
-    """model → its endpoints, from the rendered desired state (`controller.desired.render`), in node order."""
+    """model → its endpoints, from the rendered desired state (`controller.core.desired.render`), in node order."""
     out: dict[str, list[Endpoint]] = {}
     for name in sorted(desired.nodes):
         state = desired.nodes[name]

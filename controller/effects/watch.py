@@ -18,7 +18,7 @@ the work itself (`Worker`, sync and thread-based like the executor) runs through
 A spec that does not load (syntax, validation) or whose placement leaves a
 model out is reported, located, and not applied: the loop goes on with the last
 good spec. A node with an endpoint DOWN after a sweep is handed to recovery
-(`controller.recovery`, when its backoff is due) in the background while the
+(`controller.effects.recovery`, when its backoff is due) in the background while the
 other nodes keep being reconciled. The status (STATE_DIR/watch.json, written
 atomically), the event log and Prometheus metrics say what happened.
 """
@@ -40,11 +40,20 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from watchfiles import awatch
 
+from controller.core.plan import render_text
+from controller.core.state import ClusterState
+from controller.drivers.base import DriverError
+from controller.drivers.secrets import Redactor
+from controller.effects.apply import EVENTS_FILE, EventLog, Executor, LockHeld
+from controller.effects.engine import Prepared, Session, Wiring, state_dir
+from controller.effects.health import Status
+from controller.effects.recovery import STATE_FILE, AttemptStore, Outcome, due_nodes, run_all
+from solver.problem import Unplaced
 from specs import Diagnostic, LoadedSpec, SpecError, load_spec
 from specs.files import atomic_write
 from specs.model import ClusterSpec
-from specs.model import Watch as ClusterSpecWatch
 
 STATUS_FILE = "watch.json"
 SETTLE_S = 0.2
@@ -304,23 +313,24 @@ class Good:
 @dataclass
 class Worker:
     """One run of the loop, sync (called through `asyncio.to_thread`): load the spec (keeping the last good one),
-    reconcile with the engine and executor of `controller.reconcile_cmd` (its factories are the seams), and
-    remember what happened for the status file and the metrics."""
+    reconcile through a `Session` with `wiring` (closed at the end of every run), and remember what happened for
+    the status file and the metrics."""
 
     source: Source
     state_dir_override: Path | None
     dry_run: bool
     metrics: Metrics
     say: Print
+    wiring: Wiring = field(default_factory=Wiring)
     good: Good | None = None
     bad_hash: str | None = None
     spec_errors: list[str] = field(default_factory=list)
     last: dict[str, Any] = field(default_factory=dict)
     health: dict[str, Any] = field(default_factory=dict)
     applied: dict[str, Any] = field(default_factory=dict)
-    desired: Any = None
+    desired: ClusterState | None = None
     _cancel: threading.Event = field(default_factory=threading.Event)
-    _executor: Any = None
+    _executor: Executor | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     # ---- the spec
@@ -373,16 +383,11 @@ class Worker:
                 self._executor.cancel()
 
     def run(self, reason: str) -> dict[str, Any]:
-        from controller import reconcile_cmd
-        from controller.apply import Executor, LockHeld
-        from controller.drivers.base import DriverError
-        from controller.engine import CachingConnect, CachingOllama, gateways, prepare
-        from controller.plan import render_text
-
         started = time.time()
         t0 = time.perf_counter()
         result: dict[str, Any] = {"time": started, "trigger": reason, "ok": False}
         self.metrics.reconciles.labels(trigger=trigger_kind(reason)).inc()
+        session: Session | None = None
         try:
             for _ in range(2):  # a new spec that does not place is rejected; then the last good one runs
                 chosen = self.refresh_spec()
@@ -390,12 +395,10 @@ class Worker:
                     result["error"] = "no valid spec yet"
                     return self._finish(result, t0)
                 spec = chosen.loaded.spec
-                connect = CachingConnect(reconcile_cmd.connect_factory(spec))
-                ollama = CachingOllama(reconcile_cmd.ollama_factory)
-                sdir = self.state_dir(spec)
-                factory = reconcile_cmd.gateway_factory
-                gateway = factory(sdir) if factory is not None else gateways(spec, connect, sdir)
-                prepared = prepare(spec, connect, ollama=ollama, gateway=gateway, gpu_probe=reconcile_cmd.gpu_probe)
+                if session is not None:
+                    session.close()  # a spec that did not place: its connections go before the last good one runs
+                session = Session(spec, self.wiring, self.state_dir(spec))
+                prepared = session.prepare()
                 if chosen is self.good:
                     break
                 if prepared.placement.unplaced and _all_observed(prepared.observed):
@@ -432,16 +435,7 @@ class Worker:
                     self._applied(chosen)
                 return self._finish(result, t0)
             self.say(f"applying ({reason}):\n" + render_text(plan).rstrip("\n"), False)
-            executor = Executor(
-                spec.cluster.name,
-                dict(connect.opened),
-                sdir,
-                health_timeout={n.name: n.llamacpp.health_timeout for n in spec.nodes if n.llamacpp is not None},
-                health_check=reconcile_cmd.health_check,
-                on_event=self._event,
-                ollama=dict(ollama.opened),
-                gateway=gateway(prepared.desired.gateway) if prepared.desired.gateway is not None else None,
-            )
+            executor = session.executor(prepared, on_event=self._event)
             with self._lock:
                 if self._cancel.is_set():
                     result["error"] = "stopped before applying"
@@ -463,14 +457,15 @@ class Worker:
         except LockHeld as exc:
             result["error"] = f"{exc}; will retry at the next interval"
             self.say(result["error"], True)
-        except (DriverError, OSError) as exc:
+        except (DriverError, OSError, ValueError) as exc:  # ValueError: a rendering or gateway-config error
             result["error"] = f"{exc}; will retry at the next interval"
             self.say(f"reconcile failed: {result['error']}", True)
+        finally:
+            if session is not None:
+                session.close()
         return self._finish(result, t0)
 
-    def state_dir(self, spec: ClusterSpec) -> Path:
-        from controller.reconcile_cmd import state_dir
-
+    def state_dir(self, spec: ClusterSpec | None) -> Path:
         return state_dir(spec, self.state_dir_override)
 
     def _applied(self, chosen: Good) -> None:
@@ -484,7 +479,7 @@ class Worker:
         elif event == "step-failed":
             self.say(f"{record['node']}: {record['step']} {record['name']} FAILED: {record['error']}", True)
 
-    def _placement_metrics(self, prepared: Any) -> None:
+    def _placement_metrics(self, prepared: Prepared) -> None:
         self.metrics.planned_vram.clear()
         self.metrics.gpu_capacity.clear()
         for g in prepared.placement.gpus:
@@ -503,13 +498,10 @@ class Worker:
 
     def sweep(self) -> list[str]:
         """Probe every endpoint of the good spec; the nodes with an endpoint DOWN."""
-        from controller import watch as hooks
-        from controller.health import Status
-
         if self.good is None:
             return []
         spec = self.good.loaded.spec
-        report = hooks.health_check(spec, self.desired)
+        report = self.wiring.health(spec, self.desired)
         m = self.metrics
         m.endpoint_up.clear()
         m.endpoint_latency.clear()
@@ -539,21 +531,11 @@ class Worker:
         return sorted(n for n, s in nodes.items() if s == Status.DOWN.value)
 
 
-def _all_observed(observed: Any) -> bool:
+def _all_observed(observed: ClusterState) -> bool:
     return all(n.reachable and (n.ollama is None or n.ollama.reachable) for n in observed.nodes.values())
 
 
-def default_state_dir(override: Path | None) -> Path:
-    """The state directory before any spec is good: --state-dir, $HOMELAB_STATE_DIR or watch.state_dir's default."""
-    from controller.reconcile_cmd import STATE_ENV
-
-    if override is not None:
-        return override
-    env = os.environ.get(STATE_ENV)
-    return Path(env) if env else Path(ClusterSpecWatch().state_dir).expanduser()
-
-
-def _unplaced_diagnostics(loaded: LoadedSpec, unplaced: Sequence[Any]) -> list[str]:
+def _unplaced_diagnostics(loaded: LoadedSpec, unplaced: Sequence[Unplaced]) -> list[str]:
     doc = loaded.document
     index = {m.name: i for i, m in enumerate(loaded.spec.models)}
     lines = []
@@ -567,53 +549,29 @@ def _unplaced_diagnostics(loaded: LoadedSpec, unplaced: Sequence[Any]) -> list[s
     return lines
 
 
-def _default_health(spec: ClusterSpec, desired: Any) -> Any:
-    from controller.health import check
-
-    return check(spec, desired)
+Recover = Callable[[ClusterSpec, Sequence[str], Path, ClusterState | None], Awaitable[list[Outcome]]]
+"""recover(spec, nodes, state_dir, desired): one attempt each for these DOWN nodes, with the stored backoff."""
 
 
-health_check: Callable[[ClusterSpec, Any], Any] = _default_health
-"""How the watch sweeps health (a `HealthReport`); tests swap it."""
+def recover_with(wiring: Wiring) -> Recover:
+    """Recovery as `homelab recover` runs it (without node names), through `wiring`, events into the log."""
 
+    async def recover(
+        spec: ClusterSpec, nodes: Sequence[str], sdir: Path, desired: ClusterState | None
+    ) -> list[Outcome]:
+        log = EventLog(sdir / EVENTS_FILE)
+        try:
+            store = AttemptStore(sdir / STATE_FILE)
+            chosen = [spec.node(n) for n in nodes]
 
-async def _default_recover(spec: ClusterSpec, nodes: Sequence[str], state_dir: Path, desired: Any) -> list[Any]:
-    from controller.apply import EVENTS_FILE, EventLog
-    from controller.recover_cmd import _run_all
-    from controller.recovery import STATE_FILE, AttemptStore
-    from controller.secrets import Redactor
+            def emit(event: str, **fields: Any) -> None:
+                log.emit(event, **fields)
 
-    log = EventLog(state_dir / EVENTS_FILE)
-    try:
-        chosen = [spec.node(n) for n in nodes]
-        store = AttemptStore(state_dir / STATE_FILE)
-        return await _run_all(spec, chosen, state_dir, desired, Redactor(), store, log.emit, False)
-    finally:
-        log.close()
+            return await run_all(spec, chosen, sdir, wiring, desired, store=store, emit=emit, redactor=Redactor())
+        finally:
+            log.close()
 
-
-recover_nodes: Callable[[ClusterSpec, Sequence[str], Path, Any], Awaitable[list[Any]]] = _default_recover
-"""How DOWN nodes are recovered (one attempt each, with the stored backoff); tests swap it."""
-
-
-def due_nodes(spec: ClusterSpec, down: Sequence[str], state_dir: Path, now: float) -> tuple[list[str], list[str]]:
-    """Of the DOWN nodes, those whose recovery is due now; and why the others wait."""
-    from controller.recovery import STATE_FILE, AttemptStore, due
-
-    store = AttemptStore(state_dir / STATE_FILE)
-    records = store.load()
-    chosen: list[str] = []
-    waiting: list[str] = []
-    for name in down:
-        if not spec.recovery.enabled:
-            waiting.append(f"node {name}: DOWN; recovery is disabled (recovery.enabled: false)")
-            continue
-        ok, why = due(records.get(name), spec.node(name), now)
-        (chosen if ok else waiting).append(name if ok else f"node {name}: DOWN; {why}")
-    for name in records:
-        if name not in down and name in {n.name for n in spec.nodes}:
-            store.put(name, None)  # it came back: its failure count no longer applies
-    return chosen, waiting
+    return recover
 
 
 # --------------------------------------------------------------------------- the loop
@@ -643,6 +601,8 @@ class WatchLoop:
     runs: int = 0
     fetch_error: str | None = None
     recovering: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    recover: Recover | None = None
+    """How DOWN nodes are recovered (None: `recover_with(worker.wiring)`)."""
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _stopping: bool = False
 
@@ -713,7 +673,10 @@ class WatchLoop:
             return
         spec = good.loaded.spec
         sdir = self.worker.state_dir(spec)
-        chosen, waiting = due_nodes(spec, [n for n in down if n not in self.recovering], sdir, self.wall())
+        store = AttemptStore(sdir / STATE_FILE)
+        due, waiting = due_nodes(spec, down, store, self.wall())
+        chosen = [n.name for n in due if n.name not in self.recovering]
+        waiting = [w for w in waiting if not any(w.startswith(f"node {n}: ") for n in self.recovering)]
         for line in waiting:
             self.worker.say(line, True)
         if self.worker.dry_run:
@@ -727,7 +690,8 @@ class WatchLoop:
 
     async def _recover_one(self, spec: ClusterSpec, name: str, sdir: Path) -> None:
         try:
-            outcomes = await recover_nodes(spec, [name], sdir, self.worker.desired)
+            recover = self.recover or recover_with(self.worker.wiring)
+            outcomes = await recover(spec, [name], sdir, self.worker.desired)
             for o in outcomes:
                 self.worker.say(o.message, not o.ok)
         except Exception as exc:  # a node's recovery never stops the loop
@@ -767,7 +731,7 @@ class WatchLoop:
         if not self.write_status:
             return
         w = self.worker
-        sdir = w.state_dir(w.good.loaded.spec) if w.good is not None else default_state_dir(w.state_dir_override)
+        sdir = w.state_dir(w.good.loaded.spec if w.good is not None else None)
         with contextlib.suppress(OSError):
             sdir.mkdir(parents=True, exist_ok=True)
             text = json.dumps(self.status(next_run), indent=2, sort_keys=True, default=str) + "\n"
@@ -776,8 +740,6 @@ class WatchLoop:
 
 async def watch_file(loop: WatchLoop, path: Path, stop: asyncio.Event) -> None:
     """Trigger on every save of `path` (the directory is watched: editors replace files)."""
-    from watchfiles import awatch
-
     path = path.absolute()
     name = path.name
 

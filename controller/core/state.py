@@ -1,8 +1,8 @@
 """The one schema that desired and observed state share.
 
-`controller.desired.render` builds a `ClusterState` from the spec and the
-placement; `controller.observe` builds one from the real cluster. Because both
-are the same plain, frozen values, `controller.diff` is a data comparison and a
+`controller.core.desired.render` builds a `ClusterState` from the spec and the
+placement; `controller.effects.observe` builds one from the real cluster. Because both
+are the same plain, frozen values, `controller.core.diff` is a data comparison and a
 second reconcile after a successful apply finds nothing to do.
 """
 

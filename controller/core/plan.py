@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from controller.diff import GATEWAY_NODE, GLYPH, Action, Change, DiffResult
-from controller.state import (
+from controller.core.diff import GATEWAY_NODE, GLYPH, Action, Change, DiffResult
+from controller.core.state import (
     ContainerState,
     FileState,
     GatewayState,

@@ -14,64 +14,56 @@ Exit 0 with a route, 1 on an error (one line on stderr).
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
-from controller.cliutil import SpecFileOption, fail, load_or_exit, out, spec_path
-from controller.routing import Classifier, Endpoint, RequestError, Route, RouteError, candidates, choose, parse_json
+from controller.commands.common import SpecFileOption, fail, load_or_exit, out, spec_path, wiring_of
+from controller.core.desired import RenderError
+from controller.core.gateway_config import GatewayError
+from controller.core.routing import (
+    Classifier,
+    Endpoint,
+    RequestError,
+    Route,
+    RouteError,
+    candidates,
+    choose,
+    endpoints_from_state,
+    parse_json,
+)
+from controller.core.state import ClusterState
+from controller.effects.engine import Session, Wiring, desired_state, state_dir
+from controller.effects.observe import observe
+from controller.effects.route_probe import HealthCache, probe
 from specs.model import ClusterSpec
 
-if TYPE_CHECKING:
-    from controller.state import ClusterState
-
-STATE_ENV = "HOMELAB_STATE_DIR"
 CACHE_FILE = "route-health.json"
 
 
-def running_llamacpp(spec: ClusterSpec) -> ClusterState | None:
+def running_llamacpp(spec: ClusterSpec, wiring: Wiring) -> ClusterState | None:
     """The managed containers running on the llama.cpp nodes now (their Docker engines, concurrently);
     None for a spec without any. A node that does not answer is simply absent."""
-    from controller.engine import CachingConnect
-    from controller.observe import observe
-    from controller.reconcile_cmd import connect_factory
-
     nodes = [n for n in spec.nodes if n.llamacpp is not None and n.docker is not None]
     if not nodes:
         return None
     only = spec.model_copy(update={"nodes": nodes})
-    connect = CachingConnect(connect_factory(only))
-    try:
-        return observe(only, connect, None)
-    finally:
-        connect.close()
+    with Session(only, wiring) as session:
+        return observe(only, session.connect, None)
 
 
-def endpoints_for(spec: ClusterSpec, running: ClusterState | None = None) -> dict[str, tuple[Endpoint, ...]]:
+def endpoints_for(
+    spec: ClusterSpec, running: ClusterState | None = None, wiring: Wiring | None = None
+) -> dict[str, tuple[Endpoint, ...]]:
     """model → endpoints of its placed replicas: placement, then the desired state, as a reconcile plans them.
 
     With `running` (the observed llama.cpp containers), replicas stay where they run and keep their
     ports, as in a reconcile; without it, ports are those a reconcile from scratch would give (a fixed
     `port:`, else the lowest free one in the node's range)."""
-    from controller.desired import RenderError, render
-    from controller.engine import current_placement, current_ports
-    from controller.gateway import GatewayError
-    from controller.routing import endpoints_from_state
-    from solver.gguf import read_header
-    from solver.place import SolveParams, place
-    from solver.profiles import profiles_for
-
-    placement = place(
-        spec,
-        profiles_for(spec, read_header=read_header),
-        current=current_placement(running) if running is not None else None,
-        params=SolveParams(time_limit=5.0),
-    )
     try:
-        desired = render(spec, placement, current_ports(running) if running is not None else None)
+        desired = desired_state(spec, (wiring or Wiring()).solve, running)
     except (RenderError, GatewayError) as exc:
         fail(str(exc))
     return endpoints_from_state(spec, desired)
@@ -116,6 +108,7 @@ def register(app: typer.Typer) -> None:
     """Add the `route` command to `app`."""
 
     def route_cmd(
+        ctx: typer.Context,
         prompt: Annotated[str | None, typer.Argument(help="The prompt to route.", show_default=False)] = None,
         file: SpecFileOption = None,
         request: Annotated[
@@ -144,15 +137,12 @@ def register(app: typer.Typer) -> None:
             fail(str(exc))
         # With health checks, where the llama.cpp containers run now decides their ports (as in a reconcile);
         # --no-health touches no network: ports as a reconcile from scratch would give them.
-        endpoints = endpoints_for(spec, None if no_health else running_llamacpp(spec))
+        wiring = wiring_of(ctx)
+        endpoints = endpoints_for(spec, None if no_health else running_llamacpp(spec, wiring), wiring)
         health = None
         if not no_health:
-            from controller.route_probe import HealthCache, probe
-
             wanted = [e for _, model in candidates(spec, classification.category) for e in endpoints.get(model, ())]
-            env = os.environ.get(STATE_ENV)
-            state = Path(env) if env else Path(spec.watch.state_dir).expanduser()
-            cache = HealthCache(state / CACHE_FILE, ttl=spec.health.interval)
+            cache = HealthCache(state_dir(spec, None) / CACHE_FILE, ttl=spec.health.interval)
             found = probe(spec, wanted, cache)
             health = found.get
         try:

@@ -77,7 +77,7 @@ def register(app: typer.Typer) -> None:
         Exit 0 when every replica is placed, 2 when some are not (each with its
         reason), 1 on an error in the spec or the options.
         """
-        from controller.cliutil import fail, load_or_exit, out, spec_path
+        from controller.commands.common import fail, load_or_exit, out, spec_path
 
         if time_limit <= 0:
             fail("--time-limit: must be greater than 0")

@@ -33,16 +33,21 @@ import hashlib
 import json
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
+from controller.core.plan import GATEWAY_STEPS, Plan
+from controller.core.state import ClusterState
 from controller.drivers.base import CommandFailed, DockerNode, DriverError, HostKeyRejected, SshFailed
+from controller.drivers.secrets import Redactor, resolve
 from controller.drivers.ssh import is_local, node_shell
-from controller.secrets import Redactor, resolve
-from controller.state import ClusterState
+from controller.drivers.wake import run_wake_command, send_magic_packet
+from controller.effects.engine import Prepared, Session, Wiring
+from controller.effects.health import Status as ProbeStatus
+from controller.effects.health import endpoints, probe_all
 from specs.files import atomic_write
 from specs.model import Backoff, ClusterSpec, Node
 
@@ -499,7 +504,7 @@ class NodeActions:
         node: Node,
         state_dir: Path,
         *,
-        connect: ConnectFn,
+        wiring: Wiring,
         desired: ClusterState | None = None,
         redactor: Redactor | None = None,
         restart_containers_fn: Callable[[], str] | None = None,
@@ -507,7 +512,8 @@ class NodeActions:
         self.spec = spec
         self.node = node
         self.state_dir = state_dir
-        self.connect = connect
+        self.wiring = wiring
+        self.connect: ConnectFn = wiring.connect(spec)
         self.desired = desired
         self.redactor = redactor or Redactor()
         self._restart_containers_fn = restart_containers_fn
@@ -551,9 +557,6 @@ class NodeActions:
         return Observation(docker=True)
 
     async def _health(self) -> Observation:
-        from controller.health import Status as ProbeStatus
-        from controller.health import endpoints, probe_all
-
         eps = [e for e in endpoints(self.spec, self.desired) if e.node == self.node.name and e.tier != "gateway"]
         probes = await probe_all(eps, self.spec.health.slow_threshold)
         down = [p for p in probes if p.status is ProbeStatus.DOWN]
@@ -596,8 +599,6 @@ class NodeActions:
         return Observation(ok=True)
 
     async def wake(self) -> Observation:
-        from controller.drivers.wake import run_wake_command, send_magic_packet
-
         wake = self.node.wake
         if wake is None:
             return Observation(ok=False, detail="no `wake` section")
@@ -623,44 +624,29 @@ class NodeActions:
             return Observation(ok=False, detail=self.redactor(str(exc)))
         return Observation(ok=True, detail=detail)
 
-    def node_plan_steps(self) -> tuple[list[str], Callable[[], str]]:
-        """This node's steps of the engine's plan (in its safe order), and a function that applies them."""
-        from controller.apply import Executor
-        from controller.engine import CachingConnect, prepare
-        from controller.plan import GATEWAY_STEPS
-        from solver.place import SolveParams
-
-        connect = CachingConnect(self.connect)
-        prepared = prepare(self.spec, connect, SolveParams(time_limit=5.0, workers=1))
+    def _node_plan(self, session: Session) -> tuple[Prepared, Plan]:
+        """This node's steps of the engine's plan (in its safe order), placed exactly as `homelab reconcile`
+        places (the same wiring and solver settings)."""
+        prepared = session.prepare(gateway=False)
         if self.node.name in prepared.plan.unreachable:
             raise DriverError(f"node {self.node.name}: {prepared.plan.unreachable[self.node.name]}")
-        steps = tuple(s for s in prepared.plan.steps if s.node == self.node.name and s.kind not in GATEWAY_STEPS)
-        plan = replace(prepared.plan, steps=steps)
+        mine = tuple(s for s in prepared.plan.steps if s.node == self.node.name and s.kind not in GATEWAY_STEPS)
+        return prepared, replace(prepared.plan, steps=mine)
 
-        def apply() -> str:
-            try:
-                if not steps:
-                    return "nothing to restart: the node's containers match the spec"
-                executor = Executor(
-                    self.spec.cluster.name,
-                    {k: v for k, v in connect.opened.items() if k == self.node.name},
-                    self.state_dir,
-                    health_timeout={n.name: n.llamacpp.health_timeout for n in self.spec.nodes if n.llamacpp},
-                )
-                result = executor.apply(plan)
-                if not result.ok:
-                    raise DriverError(result.summary().replace("\n", "; "))
-                return f"{len(steps)} step(s) done: " + ", ".join(s.describe() for s in steps)
-            finally:
-                _close_all(connect.opened.values())
-
-        return [s.describe() for s in steps], apply
+    def planned_steps(self) -> list[str]:
+        """What restarting this node's containers would do now (a dry run: nothing is changed)."""
+        with Session(self.spec, self.wiring, self.state_dir) as session:
+            return [s.describe() for s in self._node_plan(session)[1].steps]
 
     def _restart_with_engine(self) -> str:
-        _, apply = self.node_plan_steps()
-        return apply()
-
-    # -- words
+        with Session(self.spec, self.wiring, self.state_dir) as session:
+            prepared, plan = self._node_plan(session)
+            if not plan.steps:
+                return "nothing to restart: the node's containers match the spec"
+            result = session.executor(prepared, nodes={self.node.name}).apply(plan)
+            if not result.ok:
+                raise DriverError(result.summary().replace("\n", "; "))
+            return f"{len(plan.steps)} step(s) done: " + ", ".join(s.describe() for s in plan.steps)
 
     def describe(self, step: Step) -> str:
         node, r = self.node, self.spec.recovery
@@ -695,13 +681,61 @@ class NodeActions:
         return step.value
 
 
-def _close_all(drivers: Iterable[object]) -> None:
-    for d in drivers:
-        close = getattr(d, "close", None)
-        if close is not None:
-            close()
+# --------------------------------------------------------------------------- which nodes, and all at once
 
 
-def nodes_to_recover(spec: ClusterSpec, down_endpoints: Mapping[str, list[str]]) -> list[Node]:
-    """The nodes with an endpoint DOWN (node name → names of its down endpoints), in spec order."""
-    return [n for n in spec.nodes if down_endpoints.get(n.name)]
+def due_nodes(spec: ClusterSpec, down: Iterable[str], store: AttemptStore, now: float) -> tuple[list[Node], list[str]]:
+    """Of the DOWN nodes, those whose recovery is due now (spec order), and why the others wait. A node that is
+    no longer DOWN has its failure count forgotten."""
+    down = set(down)
+    records = store.load()
+    chosen: list[Node] = []
+    waiting: list[str] = []
+    for node in spec.nodes:
+        if node.name not in down:
+            if node.name in records:
+                store.put(node.name, None)  # it came back: its failure count no longer applies
+            continue
+        if not spec.recovery.enabled:
+            waiting.append(f"node {node.name}: DOWN; recovery is disabled (recovery.enabled: false)")
+            continue
+        ok, why = due(records.get(node.name), node, now)
+        if ok:
+            chosen.append(node)
+        else:
+            waiting.append(f"node {node.name}: DOWN; {why}")
+    return chosen, waiting
+
+
+def node_actions(
+    spec: ClusterSpec, node: Node, state_dir: Path, wiring: Wiring, desired: ClusterState | None, redactor: Redactor
+) -> NodeActions:
+    return NodeActions(spec, node, state_dir, wiring=wiring, desired=desired, redactor=redactor)
+
+
+async def run_all(
+    spec: ClusterSpec,
+    chosen: Iterable[Node],
+    state_dir: Path,
+    wiring: Wiring,
+    desired: ClusterState | None,
+    *,
+    store: AttemptStore,
+    emit: EventFn,
+    redactor: Redactor | None = None,
+    by_hand: bool = False,
+) -> list[Outcome]:
+    """Recover the nodes concurrently: by hand, every step from the start; otherwise (cron, watch) one attempt
+    each with the stored backoff. One node's failure never stops the others."""
+    redact = redactor or Redactor()
+
+    async def one(node: Node) -> Outcome:
+        actions = node_actions(spec, node, state_dir, wiring, desired, redact)
+        recoverer = Recoverer(node, spec, actions, emit=emit, store=store, redact=redact)
+        try:
+            return await recoverer.run(once=not by_hand, resume=not by_hand)
+        except Exception as exc:  # one node's failure never stops the others
+            message = redact(f"node {node.name}: recovery failed: {exc or type(exc).__name__}")
+            return Outcome(node.name, Status.FAILED, 0, message)
+
+    return list(await asyncio.gather(*(one(n) for n in chosen)))

@@ -15,9 +15,9 @@ from typing import Annotated
 
 import typer
 
-from controller.cliutil import SpecFileOption, err, fail, out, spec_path
-from controller.reconcile_cmd import STATE_ENV
-from controller.watch import (
+from controller.commands.common import SpecFileOption, err, fail, out, spec_path, wiring_of
+from controller.effects.engine import STATE_ENV, state_dir
+from controller.effects.watch import (
     FileSource,
     GitSource,
     Metrics,
@@ -25,7 +25,6 @@ from controller.watch import (
     WatchLoop,
     Worker,
     clone_dir,
-    default_state_dir,
     serve,
 )
 from specs.model import Watch
@@ -39,6 +38,7 @@ def _say(line: str, is_error: bool) -> None:
 def register(app: typer.Typer) -> None:
     @app.command()
     def watch(
+        ctx: typer.Context,
         file: SpecFileOption = None,
         git_url: Annotated[
             str | None, typer.Option("--git", help="Watch this git repository (URL or path) instead of a file.")
@@ -77,7 +77,7 @@ def register(app: typer.Typer) -> None:
         if git_url is not None:
             if file is not None:
                 fail("--git and -f: choose one (in git mode the spec is --path in the repository)")
-            sdir = default_state_dir(state)
+            sdir = state_dir(None, state)
             source = GitSource(git_url, branch, path, clone_dir(sdir, git_url, branch))
             try:
                 source.open()
@@ -89,7 +89,7 @@ def register(app: typer.Typer) -> None:
             source = FileSource(spec_path(file))
             out.print(f"watching {source.path}", markup=False)
         metrics = Metrics()
-        worker = Worker(source, state, dry_run, metrics, _say)
+        worker = Worker(source, state, dry_run, metrics, _say, wiring_of(ctx))
 
         def current_interval() -> float:
             if fixed_interval is not None:

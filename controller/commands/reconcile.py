@@ -8,56 +8,25 @@ status                what runs where, per node and GPU
 from __future__ import annotations
 
 import json
-import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TransferSpeedColumn
 
-from controller.apply import Executor, HealthCheck, LockHeld, wait_healthy
-from controller.cliutil import SpecFileOption, err, fail, load_or_exit, out, spec_path
-from controller.drivers.base import DockerNode, DriverError, OllamaNode
-from controller.drivers.gpu import GpuProbe, discover_gpus
-from controller.engine import CachingConnect, CachingOllama, GatewayFactory, Prepared, gateways, prepare
-from controller.gpuuse import ModelVram
-from controller.plan import Plan, render_text
-from controller.state import OllamaNodeState
+from controller.commands.common import SpecFileOption, err, fail, load_or_exit, out, spec_path, wiring_of
+from controller.core.plan import Plan, render_text
+from controller.core.state import OllamaNodeState
+from controller.drivers.base import DriverError
+from controller.effects.apply import LockHeld
+from controller.effects.engine import STATE_ENV, Prepared, Session, state_dir
+from controller.effects.gpu_use import ModelVram
+from controller.effects.observe import observe
+from controller.effects.vram_status import describe, planned_vs_actual
+from controller.effects.watch import describe_watch, read_status
 from specs.files import atomic_write
-from specs.model import ClusterSpec, Node
-
-STATE_ENV = "HOMELAB_STATE_DIR"
-
-
-ConnectFactory = Callable[[ClusterSpec], Callable[[Node], DockerNode]]
-
-
-def docker_connect(spec: ClusterSpec) -> Callable[[Node], DockerNode]:
-    from controller.drivers.docker import DockerEngine
-
-    return lambda node: DockerEngine(node, spec.cluster.name)
-
-
-connect_factory: ConnectFactory = docker_connect
-gpu_probe: GpuProbe = discover_gpus
-"""How nodes' GPUs are discovered (nvidia-smi, locally or over SSH); tests swap in a fake."""
-"""How nodes are reached; tests swap in the fake driver."""
-health_check: HealthCheck = wait_healthy
-"""How a started container is waited for; tests of the fake driver swap it."""
-ollama_factory: Callable[[Node], OllamaNode] | None = None
-"""How Ollama servers are reached (None: their HTTP API); tests swap in the fake."""
-gateway_factory: Callable[[Path], GatewayFactory] | None = None
-"""How the gateway is reached, given the state directory (None: `engine.gateways` — on this machine, or for
-mode container through its node's Docker engine); tests swap in the fake."""
-
-
-def state_dir(spec: ClusterSpec, override: Path | None) -> Path:
-    if override is not None:
-        return override
-    env = os.environ.get(STATE_ENV)
-    return Path(env) if env else Path(spec.watch.state_dir).expanduser()
+from specs.model import ClusterSpec
 
 
 def placement_summary(prepared: Prepared) -> list[str]:
@@ -83,6 +52,7 @@ def placement_summary(prepared: Prepared) -> list[str]:
 def register(app: typer.Typer) -> None:
     @app.command()
     def reconcile(
+        ctx: typer.Context,
         file: SpecFileOption = None,
         dry_run: Annotated[
             bool, typer.Option("--dry-run", help="Print the plan and exit (0 none, 2 changes).")
@@ -102,76 +72,22 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Make the cluster match the spec: observe, place, diff, plan, apply."""
         spec = load_or_exit(spec_path(file)).spec
-        connect = CachingConnect(connect_factory(spec))
-        ollama = CachingOllama(ollama_factory)
-        sdir = state_dir(spec, state)
-        gateway = gateway_factory(sdir) if gateway_factory is not None else gateways(spec, connect, sdir)
-        try:
-            prepared = prepare(spec, connect, ollama=ollama, gateway=gateway, gpu_probe=gpu_probe)
-        except DriverError as exc:
-            fail(str(exc))
-        if prepared.gpus is not None:
-            for warning in prepared.gpus.warnings:
-                err.print(f"warning: {warning}", markup=False)
-        plan = prepared.plan
-        if plan_file is not None:
-            if dry_run:
-                fail("--plan applies a saved plan; it makes no sense with --dry-run")
-            plan = _load_saved_plan(plan_file, spec, prepared)
-        if dry_run or as_json:
-            _show(prepared, plan, as_json)
-            if out_file is not None:
-                atomic_write(out_file, plan.dumps())
-                err.print(f"plan saved to {out_file}", markup=False)
-            if dry_run:
-                raise typer.Exit(0 if plan.in_sync else 2)
-        else:
-            _show(prepared, plan, False)
-        if plan.empty:
-            return
-        if not yes:
-            if not sys.stdin.isatty():
-                fail("not applying without confirmation: run in a terminal or pass --yes")
-            if not typer.confirm("Apply this plan?", default=False):
-                fail("not applied")
-        progress = CopyProgress()
-        executor = Executor(
-            spec.cluster.name,
-            dict(connect.opened),
-            state_dir(spec, state),
-            health_timeout={n.name: n.llamacpp.health_timeout for n in spec.nodes if n.llamacpp is not None},
-            health_check=health_check,
-            on_event=_print_event,
-            on_progress=progress,
-            ollama=dict(ollama.opened),
-            gateway=gateway(prepared.desired.gateway) if prepared.desired.gateway is not None else None,
-        )
-        try:
-            with progress:
-                result = executor.apply(plan)
-        except LockHeld as exc:
-            fail(str(exc))
-        if not result.ok:
-            err.print(result.summary(), markup=False)
-            fail("apply stopped at the first failure; run `homelab reconcile --dry-run` to see what is left")
-        out.print(f"Apply complete: {len(plan.steps)} steps.", markup=False)
+        with Session(spec, wiring_of(ctx), state_dir(spec, state)) as session:
+            _reconcile(session, dry_run, as_json, out_file, plan_file, yes)
 
     @app.command()
     def status(
+        ctx: typer.Context,
         file: SpecFileOption = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
     ) -> None:
         """What runs where: managed containers per node and GPU, and Ollama models, as observed now, with
         planned vs actual VRAM."""
-        from controller.observe import observe
-        from controller.vram_status import describe, planned_vs_actual
-        from controller.watch import describe_watch, read_status
-
         spec = load_or_exit(spec_path(file)).spec
         watching = read_status(state_dir(spec, None))  # what a running `homelab watch` last did, if any
-        connect = CachingConnect(connect_factory(spec))
-        observed = observe(spec, connect, CachingOllama(ollama_factory))
-        vram, reality = planned_vs_actual(spec, observed, connect, gpu_probe)
+        with Session(spec, wiring_of(ctx)) as session:
+            observed = observe(spec, session.connect, session.ollama)
+            vram, reality = planned_vs_actual(spec, observed, session.connect, session.wiring.gpu_probe)
         for warning in reality.warnings:
             err.print(f"warning: {warning}", markup=False)
         if as_json:
@@ -218,6 +134,51 @@ def register(app: typer.Typer) -> None:
                 v = vram.get((name, c.name))
                 usage = f"  {describe(v)}" if v is not None and (v.planned_bytes or v.actual_bytes) else ""
                 out.print(f"  {c.name}  {c.status}  {where}  {detail}{usage}", markup=False)
+
+
+def _reconcile(
+    session: Session, dry_run: bool, as_json: bool, out_file: Path | None, plan_file: Path | None, yes: bool
+) -> None:
+    spec = session.spec
+    try:
+        prepared = session.prepare()
+    except DriverError as exc:
+        fail(str(exc))
+    if prepared.gpus is not None:
+        for warning in prepared.gpus.warnings:
+            err.print(f"warning: {warning}", markup=False)
+    plan = prepared.plan
+    if plan_file is not None:
+        if dry_run:
+            fail("--plan applies a saved plan; it makes no sense with --dry-run")
+        plan = _load_saved_plan(plan_file, spec, prepared)
+    if dry_run or as_json:
+        _show(prepared, plan, as_json)
+        if out_file is not None:
+            atomic_write(out_file, plan.dumps())
+            err.print(f"plan saved to {out_file}", markup=False)
+        if dry_run:
+            raise typer.Exit(0 if plan.in_sync else 2)
+    else:
+        _show(prepared, plan, False)
+    if plan.empty:
+        return
+    if not yes:
+        if not sys.stdin.isatty():
+            fail("not applying without confirmation: run in a terminal or pass --yes")
+        if not typer.confirm("Apply this plan?", default=False):
+            fail("not applied")
+    progress = CopyProgress()
+    executor = session.executor(prepared, on_event=_print_event, on_progress=progress)
+    try:
+        with progress:
+            result = executor.apply(plan)
+    except LockHeld as exc:
+        fail(str(exc))
+    if not result.ok:
+        err.print(result.summary(), markup=False)
+        fail("apply stopped at the first failure; run `homelab reconcile --dry-run` to see what is left")
+    out.print(f"Apply complete: {len(plan.steps)} steps.", markup=False)
 
 
 def _ollama_json(o: OllamaNodeState | None) -> dict[str, Any] | None:

@@ -15,7 +15,7 @@ Conventions (docs: the homelab-cluster skill, and what LiteLLM 1.108.7 does):
   then to its fallback category (and that one's next-best, and so on);
 - the model `gateway.auto_model` (default `auto`) routes by content, with the
   classifier of `homelab route`: it is LiteLLM's complexity router with a custom
-  classifier plugin (`controller.classifier.LiteLLMClassifier`), one tier per
+  classifier plugin (`controller.core.classifier.LiteLLMClassifier`), one tier per
   category with a group, `tiers: {code: expert/code, ...}`; a category without a
   group goes to its fallback category's tier. The plugin is written next to the
   config as `homelab_router.py` (`GatewayState.files`) and the config names its
@@ -39,8 +39,8 @@ from typing import Any
 
 from ruamel.yaml import YAML
 
-from controller.classifier import PLUGIN_MODULE, PLUGIN_OBJECT, plugin_source
-from controller.state import GatewayState, NodeState, ServiceContainer
+from controller.core.classifier import PLUGIN_MODULE, PLUGIN_OBJECT, plugin_source
+from controller.core.state import GatewayState, NodeState, ServiceContainer
 from specs.enums import Category
 from specs.model import ClusterSpec
 
@@ -170,8 +170,8 @@ ONLY_TIER_TWIN = "same"
 
 def auto_router(spec: ClusterSpec, groups: Mapping[Category, list[str]]) -> tuple[dict[str, Any], str] | None:
     """The `auto` model's config entry and the text of its classifier plugin; None when no category has a model."""
-    from controller.routing import fallback_chain as category_chain
-    from controller.routing import routing_config
+    from controller.core.routing import fallback_chain as category_chain
+    from controller.core.routing import routing_config
 
     assert spec.gateway is not None
     placed = [cat for cat in Category if groups.get(cat)]

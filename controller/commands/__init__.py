@@ -1,0 +1,1 @@
+"""The `homelab` commands: parse options, call the effects, print. One module per command, no engine logic."""
