@@ -4,7 +4,7 @@
 
 A child process serves the endpoints (small asyncio HTTP servers on 127.0.0.1:
 most answer 200 at once, the hung ones accept and never answer); this process
-probes them all with `controller.health.probe_all`, as `homelab health` does.
+probes them all with `controller.effects.health.probe_all`, as `homelab health` does.
 Printed: sweep time against the longest timeout (target ≤ 1.2×) and the CPU
 time the prober spent per endpoint.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from controller.health import Endpoint, Status, probe_all
+from controller.effects.health import Endpoint, Status, probe_all
 
 
 def raise_fd_limit() -> None:

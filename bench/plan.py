@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from controller.diff import diff
-from controller.plan import make_plan
-from controller.state import (
+from controller.core.diff import diff
+from controller.core.plan import make_plan
+from controller.core.state import (
     LABEL_CONFIG,
     ClusterState,
     ContainerConfig,

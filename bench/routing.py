@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from controller.routing import Classifier
+from controller.core.routing import Classifier
 from specs.enums import Category
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data" / "routing.jsonl"

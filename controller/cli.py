@@ -17,6 +17,7 @@ import typer
 
 from controller.commands import discover, estimate, gateway, health, place, reconcile, recover, route, watch
 from controller.commands.common import SpecFileOption, err, fail, load_or_exit, out, spec_path
+from specs.errors import HomelabError
 from specs.files import atomic_write
 from specs.schema import json_schema_text
 from specs.units import format_size
@@ -99,7 +100,12 @@ for command in (estimate, place, reconcile, gateway, discover, health, route, re
 
 
 def main() -> None:
-    app()
+    """The console script: every user-facing error (`specs.errors.HomelabError`) a command did not report itself
+    is one `error:` line and exit status 1 here, never a traceback."""
+    try:
+        app()
+    except HomelabError as exc:
+        fail(str(exc) or type(exc).__name__)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,19 +1,20 @@
 """Errors raised by the solver.
 
-    Exception
+    specs.errors.HomelabError
      ├── GGUFError          a file is missing, not GGUF, or truncated (message names the file)
-     └── ValueError
-          └── EstimateError a bad estimator parameter (ngl out of range, context ≤ 0, …)
+     └── EstimateError      a bad estimator parameter (ngl out of range, context ≤ 0, …); also a ValueError
 
 Every message is one user-facing line.
 """
 
 from __future__ import annotations
 
+from specs.errors import HomelabError
 
-class GGUFError(Exception):
+
+class GGUFError(HomelabError):
     """A GGUF file could not be read; the message names the file."""
 
 
-class EstimateError(ValueError):
+class EstimateError(HomelabError, ValueError):
     """A parameter of a memory estimate is out of range or inconsistent."""

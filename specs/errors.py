@@ -49,7 +49,26 @@ class Diagnostic:
         return f"{where}: {prefix}{self.message}"
 
 
-class SpecError(Exception):
+class HomelabError(Exception):
+    """The base of every error a user can cause or meet: a spec, a GGUF file, a node, a plan.
+
+        HomelabError
+         ├── specs.SpecError                  the spec does not load (located diagnostics)
+         ├── solver.errors.GGUFError          a GGUF file is missing, not GGUF, or malformed
+         ├── solver.errors.EstimateError      an estimator parameter is out of range
+         ├── controller.drivers.base.DriverError   a node, engine, server or secret did not do what was asked
+         ├── controller.core.desired.RenderError   the placement cannot be rendered as containers
+         ├── controller.core.gateway_config.GatewayError
+         ├── controller.core.routing.RouteError
+         ├── controller.effects.apply.LockHeld     another apply holds the lock
+         └── controller.effects.watch.SourceError  the watched git source failed
+
+    Its message is one line fit for a user; the command line prints it as `error: MESSAGE` with exit
+    status 1 (`controller.cli.main`), never a traceback, and `homelab watch` reports it and goes on.
+    """
+
+
+class SpecError(HomelabError):
     """A spec could not be loaded: the file is missing, unreadable, not YAML or not valid.
 
     `diagnostics` holds every error found in one run, each located in the file.

@@ -30,6 +30,7 @@ from specs.errors import Diagnostic, PathPart, Severity, SpecError
 from specs.errors import Path as DocPath
 from specs.files import atomic_write
 from specs.model import PATTERN_MESSAGES, ClusterSpec
+from specs.validate import check_references
 
 SENSITIVE_KEYS = frozenset({"secrets", "master_key", "sudo_password", "password", "token", "api_key"})
 
@@ -218,8 +219,6 @@ def parse_spec(text: str, path: str | Path = "<string>") -> LoadedSpec:
 
 def validate_document(doc: SpecDocument) -> LoadedSpec:
     """Validate a parsed document: structure and types first, then cross-references."""
-    from specs.validate import check_references
-
     name = doc.display_name
     if doc.data is None:
         raise SpecError([Diagnostic(name, 1, 1, (), "the file is empty; a spec needs `cluster` and `nodes`")])

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from controller.commands.common import fail, load_or_exit, out, spec_path
 from solver.explain import gib
 from solver.gguf import read_header
 from solver.place import SolveParams, place
@@ -77,8 +78,6 @@ def register(app: typer.Typer) -> None:
         Exit 0 when every replica is placed, 2 when some are not (each with its
         reason), 1 on an error in the spec or the options.
         """
-        from controller.commands.common import fail, load_or_exit, out, spec_path
-
         if time_limit <= 0:
             fail("--time-limit: must be greater than 0")
         if workers < 1:

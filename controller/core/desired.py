@@ -12,8 +12,9 @@ import json
 import re
 from collections.abc import Mapping
 
-from controller.core.gateway_config import GATEWAY_CONTAINER, render_gateway
+from controller.core.gateway_config import render_gateway
 from controller.core.state import (
+    GATEWAY_CONTAINER,
     LABEL_CLUSTER,
     LABEL_CONFIG,
     LABEL_HASH,
@@ -35,10 +36,11 @@ from controller.core.state import (
 )
 from solver.problem import Assignment, PlacementResult
 from specs.enums import GpuAccess, Runtime
+from specs.errors import HomelabError
 from specs.model import ClusterSpec, Model, Node
 
 
-class RenderError(ValueError):
+class RenderError(HomelabError, ValueError):
     """The spec and placement cannot be turned into containers (one line, for the user)."""
 
 

@@ -33,23 +33,31 @@ from __future__ import annotations
 import difflib
 import hashlib
 import io
-import json
 from collections.abc import Mapping
 from typing import Any
 
 from ruamel.yaml import YAML
 
 from controller.core.classifier import PLUGIN_MODULE, PLUGIN_OBJECT, plugin_source
-from controller.core.state import GatewayState, NodeState, ServiceContainer
+from controller.core.routing import GROUP_PREFIX, category_models, fallback_chain, routing_config
+from controller.core.state import (
+    GATEWAY_CONFIG,
+    GATEWAY_MOUNT,
+    GATEWAY_VOLUME,
+    GatewayState,
+    NodeState,
+    container_run_hash,
+    url_host,
+)
 from specs.enums import Category
+from specs.errors import HomelabError
 from specs.model import ClusterSpec
 
-GROUP_PREFIX = "expert/"
 API_KEY_PLACEHOLDER = "not-needed"
 DEFAULT_KEY_ENV = "HOMELAB_LITELLM_MASTER_KEY"
 
 
-class GatewayError(ValueError):
+class GatewayError(HomelabError, ValueError):
     """The gateway section cannot be rendered (one line, for the user)."""
 
 
@@ -75,9 +83,7 @@ def gateway_url(spec: ClusterSpec) -> str:
     host = spec.node(gw.node).address if gw.node is not None else gw.host
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"http://{host}:{gw.port}"
+    return f"http://{url_host(host)}:{gw.port}"
 
 
 def _deployments(spec: ClusterSpec, nodes: Mapping[str, NodeState]) -> dict[str, list[dict[str, Any]]]:
@@ -91,11 +97,10 @@ def _deployments(spec: ClusterSpec, nodes: Mapping[str, NodeState]) -> dict[str,
         for c in state.containers:
             if c.config is None:
                 continue
-            host = f"[{node.address}]" if ":" in node.address else node.address
             out.setdefault(c.model, []).append(
                 {
                     "model": f"openai/{c.config.alias}",
-                    "api_base": f"http://{host}:{c.config.port}/v1",
+                    "api_base": f"http://{url_host(node.address)}:{c.config.port}/v1",
                     "api_key": API_KEY_PLACEHOLDER,
                 }
             )
@@ -113,43 +118,28 @@ def _deployments(spec: ClusterSpec, nodes: Mapping[str, NodeState]) -> dict[str,
     return out
 
 
-def category_models(spec: ClusterSpec, placed: set[str]) -> dict[Category, list[str]]:
-    """Each category's placed models, best first."""
-    out: dict[Category, list[str]] = {}
-    if spec.routing.categories:
-        for cat, route in spec.routing.categories.items():
-            out[cat] = [m for m in route.models if m in placed]
-        return out
-    for cat in Category:
-        models = [m for m in spec.models if cat in m.categories and m.name in placed]
-        out[cat] = [m.name for m in sorted(models, key=lambda m: (-m.priority, m.name))]
-    return out
+def placed_groups(spec: ClusterSpec, placed: set[str]) -> dict[Category, list[str]]:
+    """Each category's placed models, best first (`routing.category_models` less what is not placed)."""
+    cats = list(spec.routing.categories) if spec.routing.categories else list(Category)
+    return {cat: [m for m in category_models(spec, cat) if m in placed] for cat in cats}
 
 
-def fallback_chain(spec: ClusterSpec, cat: Category, groups: Mapping[Category, list[str]]) -> list[str]:
+def group_fallbacks(spec: ClusterSpec, cat: Category, groups: Mapping[Category, list[str]]) -> list[str]:
     """Where a request for `expert/<cat>` goes when its best model fails, in order.
 
     Its next-best models (their own groups), then its fallback category's group and that
-    category's next-best models, and so on down the fallback chain; a model already tried
-    is not tried again.
+    category's next-best models, and so on down the fallback chain (`routing.fallback_chain`);
+    a model already tried is not tried again.
     """
     models = groups.get(cat, [])
     chain: list[str] = list(models[1:])
     covered = set(models)
-    seen = {cat}
-    route = spec.routing.categories.get(cat)
-    nxt = route.fallback if route is not None else None
-    while nxt is not None and nxt not in seen:
-        seen.add(nxt)
+    for nxt in fallback_chain(spec, cat)[1:]:
         others = groups.get(nxt, [])
         if others and others[0] not in covered:
             chain.append(GROUP_PREFIX + nxt.value)
-        for m in others[1:]:
-            if m not in covered:
-                chain.append(m)
+        chain.extend(m for m in others[1:] if m not in covered)
         covered.update(others)
-        route = spec.routing.categories.get(nxt)
-        nxt = route.fallback if route is not None else None
     return chain
 
 
@@ -170,16 +160,13 @@ ONLY_TIER_TWIN = "same"
 
 def auto_router(spec: ClusterSpec, groups: Mapping[Category, list[str]]) -> tuple[dict[str, Any], str] | None:
     """The `auto` model's config entry and the text of its classifier plugin; None when no category has a model."""
-    from controller.core.routing import fallback_chain as category_chain
-    from controller.core.routing import routing_config
-
     assert spec.gateway is not None
     placed = [cat for cat in Category if groups.get(cat)]
     if not placed:
         return None
     tier_of: dict[str, str] = {}
     for cat in Category:
-        served = next((c for c in category_chain(spec, cat) if groups.get(c)), None)
+        served = next((c for c in fallback_chain(spec, cat) if groups.get(c)), None)
         if served is not None:
             tier_of[cat.value] = served.value
     default = spec.routing.default_category
@@ -212,7 +199,7 @@ def _render(spec: ClusterSpec, nodes: Mapping[str, NodeState]) -> tuple[str, tup
     """The config YAML and the files next to it."""
     assert spec.gateway is not None
     deployments = _deployments(spec, nodes)
-    groups = category_models(spec, set(deployments))
+    groups = placed_groups(spec, set(deployments))
     model_list: list[dict[str, Any]] = []
     for name in sorted(deployments):
         for params in deployments[name]:
@@ -226,7 +213,7 @@ def _render(spec: ClusterSpec, nodes: Mapping[str, NodeState]) -> tuple[str, tup
         for order, name in enumerate(models, start=1):
             for params in deployments[name]:
                 model_list.append({"model_name": group, "litellm_params": {**params, "order": order}})
-        chain = fallback_chain(spec, cat, groups)
+        chain = group_fallbacks(spec, cat, groups)
         if chain:
             fallbacks.append({group: chain})
     files: tuple[tuple[str, str], ...] = ()
@@ -292,46 +279,6 @@ def render_gateway(spec: ClusterSpec, nodes: Mapping[str, NodeState]) -> Gateway
         node=gw.node if gw.mode == "container" else None,
         image=(gw.image or "") if gw.mode == "container" else "",
         run_hash=run_hash,
-    )
-
-
-GATEWAY_CONTAINER = "homelab-gateway"
-"""mode container: the proxy's container on the gateway's node (labelled `homelab.role=gateway`)."""
-GATEWAY_VOLUME = "homelab-gateway"
-"""mode container: the Docker volume that holds its config (and the files next to it)."""
-GATEWAY_MOUNT = "/etc/homelab-litellm"
-"""Where that volume is mounted, read-only, in the proxy's container."""
-GATEWAY_CONFIG = "config.yaml"
-GATEWAY_ROLE = "gateway"
-
-
-def container_run_hash(image: str, command: tuple[str, ...], key_env: str) -> str:
-    """How the gateway's container runs, hashed (its `homelab.spec-hash`): a change means re-creating it.
-
-    The master key's value is not in it (only the variable's name): a new key is picked up at the next restart.
-    """
-    what = {
-        "image": image,
-        "command": list(command),
-        "env": sorted([key_env, "LITELLM_LOCAL_MODEL_COST_MAP"]),
-        "volume": GATEWAY_VOLUME,
-        "mount": GATEWAY_MOUNT,
-        "network_mode": "host",
-        "restart_policy": "unless-stopped",
-    }
-    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def gateway_container(desired: GatewayState) -> ServiceContainer:
-    """mode container: the proxy's container, from the desired gateway."""
-    return ServiceContainer(
-        name=GATEWAY_CONTAINER,
-        role=GATEWAY_ROLE,
-        image=desired.image,
-        command=desired.command,
-        volume=GATEWAY_VOLUME,
-        mount=GATEWAY_MOUNT,
-        config_hash=desired.run_hash,
     )
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from controller.core import classifier as core
 from controller.core.classifier import (
@@ -40,11 +40,10 @@ from controller.core.classifier import (
     parse_request,
 )
 from controller.core.classifier import Rule as _Rule
+from controller.core.state import ClusterState, url_host
 from specs.enums import Category, Runtime, Tier
+from specs.errors import HomelabError
 from specs.model import ClusterSpec, Routing
-
-if TYPE_CHECKING:
-    from controller.core.state import ClusterState
 
 __all__ = [
     "CONTEXT_WEIGHT",
@@ -72,7 +71,7 @@ GROUP_PREFIX = "expert/"
 """The gateway's model group of a category: `expert/<category>` (as `controller.core.gateway_config` renders it)."""
 
 
-class RouteError(ValueError):
+class RouteError(HomelabError, ValueError):
     """No model can serve the request (one line, for the user)."""
 
 
@@ -171,10 +170,6 @@ class Endpoint:
     """The name the server answers to: the llama.cpp alias, or the derived Ollama model `homelab/<model>:latest`."""
 
 
-def _host(address: str) -> str:
-    return f"[{address}]" if ":" in address and not address.startswith("[") else address
-
-
 def endpoints_from_state(spec: ClusterSpec, desired: ClusterState) -> dict[str, tuple[Endpoint, ...]]:
     """model → its endpoints, from the rendered desired state (`controller.core.desired.render`), in node order."""
     out: dict[str, list[Endpoint]] = {}
@@ -190,7 +185,7 @@ def endpoints_from_state(spec: ClusterSpec, desired: ClusterState) -> dict[str, 
                     node=name,
                     tier=node.tier,
                     runtime=Runtime.LLAMACPP,
-                    url=f"http://{_host(node.address)}:{c.config.port}/v1",
+                    url=f"http://{url_host(node.address)}:{c.config.port}/v1",
                     health_url=c.health_url,
                     served_model=c.config.alias,
                 )

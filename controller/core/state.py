@@ -29,10 +29,14 @@ MODELS_MOUNT = "/models"
 """Where the model volume is mounted (read-only) in a llama.cpp container."""
 
 
+def url_host(address: str) -> str:
+    """A node address as the host part of a URL: an IPv6 address in brackets."""
+    return f"[{address}]" if ":" in address and not address.startswith("[") else address
+
+
 def health_url(address: str, port: int) -> str:
-    """`http://ADDRESS:PORT/health` (an IPv6 address in brackets)."""
-    host = f"[{address}]" if ":" in address and not address.startswith("[") else address
-    return f"http://{host}:{port}/health"
+    """`http://ADDRESS:PORT/health`."""
+    return f"http://{url_host(address)}:{port}/health"
 
 
 @dataclass(frozen=True)
@@ -317,3 +321,45 @@ def gateway_from_json(data: Mapping[str, Any]) -> GatewayState:
     fields["command"] = tuple(fields.get("command", ()))
     fields["files"] = tuple((str(name), str(text)) for name, text in fields.get("files", ()))
     return GatewayState(**fields)
+
+
+# --------------------------------------------------------------------------- the gateway's container
+
+GATEWAY_CONTAINER = "homelab-gateway"
+"""mode container: the proxy's container on the gateway's node (labelled `homelab.role=gateway`)."""
+GATEWAY_VOLUME = "homelab-gateway"
+"""mode container: the Docker volume that holds its config (and the files next to it)."""
+GATEWAY_MOUNT = "/etc/homelab-litellm"
+"""Where that volume is mounted, read-only, in the proxy's container."""
+GATEWAY_CONFIG = "config.yaml"
+GATEWAY_ROLE = "gateway"
+
+
+def container_run_hash(image: str, command: tuple[str, ...], key_env: str) -> str:
+    """How the gateway's container runs, hashed (its `homelab.spec-hash`): a change means re-creating it.
+
+    The master key's value is not in it (only the variable's name): a new key is picked up at the next restart.
+    """
+    what = {
+        "image": image,
+        "command": list(command),
+        "env": sorted([key_env, "LITELLM_LOCAL_MODEL_COST_MAP"]),
+        "volume": GATEWAY_VOLUME,
+        "mount": GATEWAY_MOUNT,
+        "network_mode": "host",
+        "restart_policy": "unless-stopped",
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def gateway_container(desired: GatewayState) -> ServiceContainer:
+    """mode container: the proxy's container, from the desired gateway."""
+    return ServiceContainer(
+        name=GATEWAY_CONTAINER,
+        role=GATEWAY_ROLE,
+        image=desired.image,
+        command=desired.command,
+        volume=GATEWAY_VOLUME,
+        mount=GATEWAY_MOUNT,
+        config_hash=desired.run_hash,
+    )

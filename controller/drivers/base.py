@@ -23,9 +23,10 @@ from controller.core.state import (
     ServiceContainer,
     VolumeState,
 )
+from specs.errors import HomelabError
 
 
-class DriverError(Exception):
+class DriverError(HomelabError):
     """A driver could not do what was asked; the message is one line fit for a user."""
 
 

@@ -169,9 +169,10 @@ def container_create_kwargs(desired: ContainerState) -> dict[str, Any]:
     return kwargs
 
 
-def _check_file_name(name: str) -> None:
+def _check_file_name(name: str, what: str = "file") -> None:
+    """A plain file name in a volume: no directory part, not hidden (nor `.`/`..`), no NUL."""
     if not name or "/" in name or name.startswith(".") or "\0" in name:
-        raise DriverError(f"{name!r} is not a valid file name")
+        raise DriverError(f"{name!r} is not a valid {what} name")
 
 
 def ssh_host_port(endpoint: str) -> tuple[str, int]:
@@ -472,8 +473,7 @@ class DockerEngine:
         sha256: str | None = None,
         progress: ProgressFn | None = None,
     ) -> int:
-        if not name or "/" in name or name.startswith(".") or "\0" in name:
-            raise DriverError(f"{name!r} is not a valid model file name")
+        _check_file_name(name, "model file")
         if not posixpath.isabs(source):
             raise DriverError(f"source {source} must be an absolute path on node {self.node}")
         path = posixpath.normpath(source)
@@ -536,8 +536,7 @@ class DockerEngine:
 
     def remove_file(self, volume: str, name: str) -> None:
         """Delete `name` (and a stale partial copy of it) from a volume; a missing file is no error."""
-        if not name or "/" in name or name.startswith("."):
-            raise DriverError(f"{name!r} is not a valid model file name")
+        _check_file_name(name, "model file")
         code, _, err = self._helper(
             [_REMOVE_SCRIPT, "sh", name],
             mounts=[docker.types.Mount(target=MODELS_MOUNT, source=volume, type="volume", read_only=False)],

@@ -46,14 +46,17 @@ from pathlib import Path
 
 import httpx
 
-from controller.core.gateway_config import (
+from controller.core.state import (
     GATEWAY_CONFIG,
     GATEWAY_CONTAINER,
     GATEWAY_ROLE,
     GATEWAY_VOLUME,
+    LABEL_CLUSTER,
+    LABEL_NODE,
+    LABEL_ROLE,
+    GatewayState,
     gateway_container,
 )
-from controller.core.state import LABEL_CLUSTER, LABEL_NODE, LABEL_ROLE, GatewayState
 from controller.drivers.base import DockerNode, DriverError
 from controller.drivers.poll import poll_200
 from controller.drivers.secrets import Redactor, resolve_secret

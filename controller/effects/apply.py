@@ -25,12 +25,13 @@ from controller.core.plan import Plan, Step, StepKind
 from controller.core.state import LABEL_CLUSTER, LABEL_NODE
 from controller.drivers.base import DockerNode, DriverError, Gateway, OllamaNode, ProgressFn
 from controller.drivers.poll import poll_200
+from specs.errors import HomelabError
 
 EVENTS_FILE = "events.jsonl"
 LOCK_FILE = "apply.lock"
 
 
-class LockHeld(Exception):
+class LockHeld(HomelabError):
     """Another apply holds the lock."""
 
 

@@ -23,7 +23,9 @@ from typing import Any
 import httpx
 
 from controller.core.gateway_config import gateway_url
-from controller.core.state import ClusterState
+from controller.core.state import ClusterState, url_host
+from controller.drivers.base import DriverError
+from controller.drivers.docker import DockerEngine
 from specs.model import ClusterSpec, Node
 
 GATEWAY_TIER = "gateway"
@@ -195,8 +197,7 @@ def _gateway_url(spec: ClusterSpec, node_name: str | None, port: int) -> str | N
     node: Node | None = next((n for n in spec.nodes if n.name == node_name), None)
     if node is None:
         return None
-    host = f"[{node.address}]" if ":" in node.address else node.address
-    return f"http://{host}:{port}"
+    return f"http://{url_host(node.address)}:{port}"
 
 
 # --------------------------------------------------------------------------- probing
@@ -261,9 +262,6 @@ async def _probe_docker(e: Endpoint, slow: float) -> Probe:
 
 
 async def _probe_docker_sdk(e: Endpoint, slow: float) -> Probe:
-    from controller.drivers.base import DriverError
-    from controller.drivers.docker import DockerEngine
-
     def ping() -> None:
         node = Node.model_validate(
             {"name": e.node or "node", "tier": "cpu", "address": "localhost", "ram": 1,

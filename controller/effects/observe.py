@@ -10,8 +10,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
-from controller.core.gateway_config import GATEWAY_CONTAINER
 from controller.core.state import (
+    GATEWAY_CONTAINER,
     OLLAMA_PREFIX,
     ClusterState,
     FileState,

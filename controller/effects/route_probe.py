@@ -24,6 +24,7 @@ from pathlib import Path
 from controller.core.routing import Endpoint, EndpointHealth
 from controller.effects import health
 from specs.enums import Runtime
+from specs.files import atomic_write
 from specs.model import ClusterSpec
 
 
@@ -109,8 +110,6 @@ class HealthCache:
         self.results.update({url: replace(p, at=now) for url, p in results.items()})
         if self.path is None or not results:
             return
-        from specs.files import atomic_write
-
         keep = {u: p.to_json() for u, p in self.results.items() if self.clock() - p.at < self.ttl}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,6 @@ from watchfiles import awatch
 
 from controller.core.plan import render_text
 from controller.core.state import ClusterState
-from controller.drivers.base import DriverError
 from controller.drivers.secrets import Redactor
 from controller.effects.apply import EVENTS_FILE, EventLog, Executor, LockHeld
 from controller.effects.engine import Prepared, Session, Wiring, state_dir
@@ -52,6 +51,7 @@ from controller.effects.health import Status
 from controller.effects.recovery import STATE_FILE, AttemptStore, Outcome, due_nodes, run_all
 from solver.problem import Unplaced
 from specs import Diagnostic, LoadedSpec, SpecError, load_spec
+from specs.errors import HomelabError
 from specs.files import atomic_write
 from specs.model import ClusterSpec
 
@@ -116,7 +116,7 @@ def decide(now: float, state: LoopState, *, interval: float, git: bool = False, 
 # --------------------------------------------------------------------------- spec sources
 
 
-class SourceError(Exception):
+class SourceError(HomelabError):
     """The spec's source cannot give a spec now (a git failure, a force-push); the loop keeps the last good one."""
 
 
@@ -457,7 +457,7 @@ class Worker:
         except LockHeld as exc:
             result["error"] = f"{exc}; will retry at the next interval"
             self.say(result["error"], True)
-        except (DriverError, OSError, ValueError) as exc:  # ValueError: a rendering or gateway-config error
+        except (HomelabError, OSError) as exc:  # a node, a rendering, the gateway config: reported, retried
             result["error"] = f"{exc}; will retry at the next interval"
             self.say(f"reconcile failed: {result['error']}", True)
         finally:

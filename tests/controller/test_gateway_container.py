@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from controller.core.gateway_config import GATEWAY_CONTAINER, GATEWAY_MOUNT, GATEWAY_VOLUME
 from controller.core.plan import Plan, render_text
-from controller.core.state import LABEL_CLUSTER, LABEL_ROLE
+from controller.core.state import GATEWAY_CONTAINER, GATEWAY_MOUNT, GATEWAY_VOLUME, LABEL_CLUSTER, LABEL_ROLE
 from controller.drivers.base import DriverError
 from controller.drivers.fake import FakeDockerNode
 from controller.drivers.litellm import ContainerGateway

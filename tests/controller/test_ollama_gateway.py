@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from controller.core.diff import Action
-from controller.core.gateway_config import category_models, fallback_chain, master_key_ref, render_config
+from controller.core.gateway_config import group_fallbacks, master_key_ref, placed_groups, render_config
 from controller.core.plan import Plan, render_text
 from controller.core.state import GatewayState, OllamaModelState
 from controller.drivers.fake import FakeDockerNode
@@ -220,10 +220,10 @@ def test_master_key_is_an_environment_reference_never_the_key() -> None:
 
 def test_categories_come_from_the_models_when_routing_is_empty() -> None:
     spec = spec_of(SPEC.split("routing:")[0])
-    groups = category_models(spec, {"coder", "chat", "fast"})
+    groups = placed_groups(spec, {"coder", "chat", "fast"})
     assert groups[Category.CODE] == ["chat", "coder"]  # same priority: by name
     assert groups[Category.FAST] == ["fast"]
-    assert fallback_chain(spec, Category.CODE, groups) == ["coder"]
+    assert group_fallbacks(spec, Category.CODE, groups) == ["coder"]
 
 
 def test_only_placed_models_are_routed() -> None:

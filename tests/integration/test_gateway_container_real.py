@@ -20,8 +20,7 @@ import docker
 import httpx
 import pytest
 
-from controller.core.gateway_config import GATEWAY_CONTAINER, GATEWAY_VOLUME
-from controller.core.state import LABEL_CLUSTER, LABEL_ROLE
+from controller.core.state import GATEWAY_CONTAINER, GATEWAY_VOLUME, LABEL_CLUSTER, LABEL_ROLE
 from controller.drivers.docker import DockerEngine
 from controller.effects.apply import EVENTS_FILE
 from specs.model import Node
