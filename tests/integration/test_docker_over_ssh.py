@@ -7,8 +7,12 @@ it would reach the node's own engine on a real machine.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import shutil
+import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +20,7 @@ import pytest
 
 from controller.drivers.base import NodeUnreachable
 from controller.drivers.docker import DockerEngine
+from controller.effects.watch import FileSource, Metrics, WatchLoop, Worker
 from specs.model import Node
 from tests.support import dockerd as dockerd_support
 from tests.support import sshd as sshd_support
@@ -92,3 +97,55 @@ def test_a_key_the_node_does_not_accept_is_refused_in_one_line(
         eng.ping()
     message = str(err.value)
     assert "\n" not in message and "Permission denied" in message, message
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _proxy_dirs() -> int:
+    return len(list(Path(tempfile.gettempdir()).glob("hl-ssh-*")))
+
+
+def test_a_watch_over_ssh_keeps_threads_fds_and_temp_dirs_flat(
+    server: tuple[sshd_support.Sshd, Path], cluster: str, tmp_path: Path
+) -> None:
+    """200 watch intervals against an ssh:// engine: each reconcile's Session closes what it opened (the SSH
+    tunnel's accept thread, its socket and its temporary directory), so nothing grows with the intervals."""
+    s, key = server
+    far = node(s, key, s.known_hosts).model_dump(mode="json", exclude_none=True)
+    spec = tmp_path / "cluster.yaml"
+    spec.write_text(
+        json.dumps(
+            {
+                "cluster": {"name": cluster},
+                "nodes": [far],
+                "models": [
+                    {
+                        "name": "tiny",
+                        "runtime": "llamacpp",
+                        "source": {"gguf": "/models/tiny.gguf"},
+                        "context": 512,
+                        "memory": {"vram": "0", "ram": "64MiB"},
+                        "placement": {"cpu_only": True},
+                    }
+                ],
+            }
+        )
+    )
+    said: list[str] = []
+    worker = Worker(FileSource(spec), tmp_path / "state", True, Metrics(), lambda line, _: said.append(line))
+    loop = WatchLoop(worker, lambda: 0.0, write_status=False, settle=0.0)
+
+    async def intervals(n: int) -> None:
+        await loop.run(max_runs=loop.runs + n)
+
+    asyncio.run(intervals(10))  # warm up: imports, the first connections, thread pools
+    threads, fds, dirs = threading.active_count(), _open_fds(), _proxy_dirs()
+    asyncio.run(intervals(200))
+    assert loop.runs == 210, said
+    assert worker.good is not None, said
+    assert worker.last.get("ok"), worker.last
+    assert "+ container homelab-tiny" in worker.last["plan"]["text"]  # the engine was really asked each time
+    assert (threading.active_count(), _proxy_dirs()) == (threads, dirs)
+    assert _open_fds() <= fds + 2, f"open file descriptors grew from {fds} to {_open_fds()}"
