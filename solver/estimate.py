@@ -635,6 +635,15 @@ def _graph_bytes(shape: ModelShape, params: EstimateParams) -> tuple[int, int]:
     return masks + phase, inputs
 
 
+def llama_ngl(ngl: int, n_layer: int) -> int:
+    """`-ngl` as llama.cpp reads it: -1, or anything above L+1 (users write 99 or 999), is every layer."""
+    if ngl == -1 or ngl > n_layer + 1:
+        return n_layer + 1
+    if ngl < 0:
+        raise EstimateError(f"ngl must be between 0 and {n_layer + 1} (L+1), or -1 for all layers; got {ngl}")
+    return ngl
+
+
 def estimate(shape: ModelShape, ngl: int, params: EstimateParams) -> MemoryBreakdown:
     """Memory of `shape` with `ngl` layers offloaded (0 … L+1, as llama.cpp counts)."""
     params.check()
