@@ -8,7 +8,11 @@ package, or a synthetic llama from tests.support.synth) is loaded into
 a GPU is set against the buffers llama.cpp logs. Targets: weights and KV within
 1%, total within 5%.
 
-Measured here (CPU only): the CPU_Mapped and CPU_REPACK model buffers, the KV
+The CPU side depends on the CPU (solver/cpu.py): the estimate is for this
+machine's CPU kind, read from /proc/cpuinfo, and the table says which it is.
+
+Measured here (CPU only): the CPU_Mapped model buffer and the extra ones of this
+CPU (AMX on a Xeon with AMX, CPU_REPACK on other x86 CPUs with AVX2), the KV
 cache, the CPU compute buffer and the output buffer. NOT measured: every GPU
 term (GPU weights/KV/compute, CUDA overhead); with no GPU llama.cpp has nothing
 to report for them. llama.cpp prints MiB with two decimals, so terms under
@@ -27,6 +31,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for tests.support
 
+from controller.effects.hostcpu import local_cpu_flags, local_cpu_kind
 from tests.support.accuracy import CASES, GEMMA, Comparison, run_case
 from tests.support.synth import shape_by_name, write_synth_gguf
 
@@ -57,8 +62,12 @@ def main() -> int:
         for case in CASES:
             results.append(run_case(case, _model_path(case.model, Path(tmp))))
 
+    kind = local_cpu_kind()
+    flags = local_cpu_flags()
+    shown = sorted(f for f in flags if f.startswith(("avx", "amx", "asimd", "sve", "i8mm", "fma", "f16c")))
+    console.print(f"host CPU: {kind.value} (features: {' '.join(shown) or 'none read'})")
     table = Table(
-        title="Estimate vs llama.cpp (llama-server-vulkan 0.10434.0, CPU, ngl 0, -np 4): "
+        title=f"Estimate vs llama.cpp (llama-server-vulkan 0.10434.0, CPU {kind.value}, ngl 0, -np 4): "
         "estimated/reported MiB and error",
         padding=(0, 1),
     )
@@ -75,11 +84,11 @@ def main() -> int:
         )
     console.print(table)
     console.print(
-        "measured: CPU_Mapped (weights), CPU_REPACK (repack), llama_kv_cache size (KV), CPU compute buffer, "
+        "measured: CPU_Mapped (weights), AMX + CPU_REPACK (repack), llama_kv_cache size (KV), CPU compute buffer, "
         "CPU output buffer. Not measurable without a GPU: weights_gpu, kv_gpu, compute_gpu, overhead_gpu."
     )
-    worst = {n: max(abs(c.term(n).error) for c in results) for n in ("weights", "kv", "compute", "total")}
-    console.print("worst |error|: " + ", ".join(f"{n} {e:.2%}" for n, e in worst.items()))
+    worst = {n: max(abs(c.term(n).error) for c in results) for n in ("weights", "repack", "kv", "compute", "total")}
+    console.print(f"worst |error| on {kind.value}: " + ", ".join(f"{n} {e:.2%}" for n, e in worst.items()))
     misses = [m for c in results for m in c.misses()]
     for m in misses:
         console.print(f"[red]MISS[/red] {m}")

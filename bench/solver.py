@@ -11,8 +11,10 @@ objective; 0 when OPTIMAL), and `layers±`: the median change in priority-weight
 layers against greedy's plan (the objective's second part, hidden in it by placement's
 weight; it may fall where more replicas are placed). Then tight instances (total VRAM demand 90–110 % of
 the VRAM, half the models without CPU offload, small RAM): per size, on how many
-seeds CP-SAT beats greedy strictly. Then stability: in a placed 50-model
-cluster, change one model's context and count how many other replicas move.
+seeds CP-SAT beats greedy strictly. Then Falkenauer-style triplets (3K full-offload models, each
+between 1/4 and 1/2 of a GPU, filling K identical GPUs exactly; tests.support.clusters.triplet_spec):
+per K, models left out by CP-SAT and by greedy (the target: none by CP-SAT for K <= 20).
+Then stability: in a placed 50-model cluster, change one model's context and count how many other replicas move.
 """
 
 from __future__ import annotations
@@ -29,11 +31,41 @@ from solver.place import SolveParams, greedy_place, place
 from solver.problem import CurrentAssignment, PlacementResult
 from solver.profiles import profiles_for
 from specs.model import ClusterSpec
-from tests.support.clusters import random_spec
+from tests.support.clusters import random_spec, triplet_spec
 
 SIZES = ((10, 2, 2), (50, 10, 5), (100, 30, 10), (200, 50, 15), (500, 100, 30))
 """(models, GPUs, nodes)."""
 TIGHT_SIZES = ((10, 2, 2), (20, 4, 2), (50, 10, 5), (100, 30, 10))
+TRIPLET_KS = (5, 10, 20, 40)
+
+
+def run_triplets(k: int, seeds: int, params: SolveParams) -> str:
+    """CP-SAT and greedy on `seeds` triplet instances with k GPUs: models left out, statuses, time."""
+    left: list[int] = []
+    greedy_left: list[int] = []
+    times: list[float] = []
+    statuses: list[str] = []
+    for seed in range(seeds):
+        spec = triplet_spec(k, seed)
+        profiles = profiles_for(spec)
+        t = time.perf_counter()
+        res = place(spec, profiles, params=params)
+        times.append(time.perf_counter() - t)
+        statuses.append(res.status + {"greedy": "/greedy", "cp-sat-lns": "/lns"}.get(res.solver, ""))
+        left.append(len(res.unplaced))
+        greedy_left.append(len(greedy_place(spec, profiles).unplaced))
+    counts = ",".join(f"{statuses.count(x)} {x}" for x in sorted(set(statuses)))
+    perfect = sum(n == 0 for n in left)
+    return (
+        f"{k:>4} {3 * k:>6} {statistics.median(times):>9.2f} {max(times):>7.2f}  {counts:<22}"
+        f" {max(left):>10} {perfect:>4}/{seeds:<4} {statistics.median(greedy_left):>12.0f} {max(greedy_left):>10}"
+    )
+
+
+TRIPLET_HEADER = (
+    f"{'K':>4} {'models':>6} {'median s':>9} {'max s':>7}  {'status':<22}"
+    f" {'max left':>10} {'perfect':>9} {'greedy left':>12} {'max greedy':>10}"
+)
 
 
 def run_size(n_models: int, n_gpus: int, n_nodes: int, seeds: int, params: SolveParams, tight: bool = False) -> str:
@@ -129,6 +161,11 @@ def main() -> None:
     for size in TIGHT_SIZES:
         if size[0] <= args.max_models:
             print(run_size(*size, args.seeds, params, tight=True), flush=True)
+    print("triplets (3K models filling K GPUs exactly; left = models not placed)")
+    print(TRIPLET_HEADER)
+    for k in TRIPLET_KS:
+        if 3 * k <= args.max_models:
+            print(run_triplets(k, args.seeds, params), flush=True)
     print(stability(params))
 
 

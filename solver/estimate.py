@@ -20,8 +20,10 @@ bench/estimate_accuracy.py):
   T = min(n_ctx, n_ubatch) tokens (a fit of llama.cpp's CPU figures, see
   `_graph_bytes`); on partial offload the GPU buffer also holds a copy of the
   largest CPU-resident weight matrix;
-- host buffers: the logits output buffer (n_seq x n_vocab f32) and, on x86,
-  the repacked copies of Q4_0/Q4_K/IQ4_NL weights the CPU keeps;
+- host buffers: the logits output buffer (n_seq x n_vocab f32) and, with no GPU
+  in use, the CPU backend's extra weight buffers for the node's `CpuKind` (AMX,
+  CPU_REPACK; see `solver.cpu`), with `CPU_Mapped` then the file span of the
+  weights left in place;
 - a fixed per-GPU overhead (CUDA context, cuBLAS, pool), configurable per node.
 
 `estimate_split()` is the same model split by layers over several GPUs of one
@@ -38,13 +40,14 @@ from __future__ import annotations
 
 import bisect
 import re
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from solver.cpu import CpuKind, CpuWeights, Weight, cpu_weights_by_kind
 from solver.errors import EstimateError, GGUFError
 from solver.gguf import ArrayInfo, GGUFHeader, MetaValue, TensorInfo, tensor_nbytes
 from specs.enums import KVCacheType, LayerOrder
@@ -66,8 +69,8 @@ _KV_TYPE: dict[KVCacheType, GGMLQuantizationType] = {
     KVCacheType.Q8_0: GGMLQuantizationType.Q8_0,
     KVCacheType.Q4_0: GGMLQuantizationType.Q4_0,
 }
-_REPACKED_ON_CPU = frozenset({GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_K, GGMLQuantizationType.IQ4_NL})
-"""Types the x86 (AVX2/AVX-512) CPU backend keeps a second, interleaved copy of."""
+_NOT_MATMUL = ("token_embd.", "pos_embd.", "token_types.", "per_layer_token_embd.")
+"""Matrices read with get_rows, not multiplied: never in an extra CPU buffer."""
 
 # Interleaved sliding-window attention: layer il is SWA iff il % n < n - 1 (LC set_swa_pattern).
 _SWA_PATTERN: dict[str, int] = {"gemma2": 2, "gemma3": 6, "gemma3n": 5, "cohere2": 4, "gpt-oss": 2}
@@ -93,8 +96,6 @@ class LayerShape:
     swa: bool = False
     largest_matrix: int = 0
     """Largest single matmul weight of the block (copied to the GPU when the block is on the CPU)."""
-    repack: int = 0
-    """Bytes of the block's weights the x86 CPU backend repacks (a second copy in RAM)."""
 
 
 @dataclass(frozen=True)
@@ -117,11 +118,20 @@ class ModelShape:
     output_tied_copy: int = 0
     """The part of `output_weights` that is a GPU copy of `token_embd` (tied output)."""
     output_largest_matrix: int = 0
-    output_repack: int = 0
     n_swa: int = 0
     n_ctx_train: int = 0
     exact: bool = True
     """True when the weights are the sums of real tensor sizes (a GGUF header)."""
+    cpu: Mapping[CpuKind, CpuWeights] = field(default_factory=dict, compare=False)
+    """The weights on each kind of CPU with no GPU in use (`solver.cpu.cpu_weights_by_kind`)."""
+
+    def cpu_weights(self, kind: CpuKind) -> CpuWeights:
+        """The CPU buffers of the weights on a `kind` CPU with no GPU in use (all mapped when unknown)."""
+        found = self.cpu.get(kind)
+        if found is not None:
+            return found
+        mapped = self.input_weights + sum(lay.weights for lay in self.layers)
+        return CpuWeights(mapped + self.output_weights - self.output_tied_copy)
 
     @property
     def n_layer(self) -> int:
@@ -267,8 +277,14 @@ def shape_from_header(header: GGUFHeader, name: str = "") -> ModelShape:
     def is_matrix(t: TensorInfo) -> bool:
         return len(t.shape) >= 2 and t.shape[1] > 1
 
-    def repack(ts: Iterable[TensorInfo]) -> int:
-        return sum(t.n_bytes for t in ts if t.ggml_type in _REPACKED_ON_CPU and is_matrix(t))
+    def weight(t: TensorInfo) -> Weight:
+        matmul = is_matrix(t) and not t.name.startswith(_NOT_MATMUL) and "norm" not in t.name
+        return Weight(t.ggml_type, t.shape, t.n_bytes, matmul, header.data_offset + t.offset)
+
+    weights = [weight(t) for t in header.tensors]
+    if embd is not None and header.tensor("output.weight") is None:
+        # a tied output multiplies by token_embd: a matmul use of it, which an extra buffer may copy
+        weights.append(Weight(embd.ggml_type, embd.shape, embd.n_bytes, True, None, mapped=False))
 
     layers = tuple(
         LayerShape(
@@ -277,7 +293,6 @@ def shape_from_header(header: GGUFHeader, name: str = "") -> ModelShape:
             n_head_kv=g.n_head_kv[il],
             swa=g.swa[il],
             largest_matrix=max((t.n_bytes for t in ts if is_matrix(t)), default=0),
-            repack=repack(ts),
         )
         for il, ts in enumerate(blocks)
     )
@@ -298,10 +313,10 @@ def shape_from_header(header: GGUFHeader, name: str = "") -> ModelShape:
         output_tied=tied,
         output_tied_copy=tied_copy,
         output_largest_matrix=out_matrix,
-        output_repack=repack(outputs),
         n_swa=g.n_swa,
         n_ctx_train=g.n_ctx_train,
         exact=True,
+        cpu=cpu_weights_by_kind(weights),
     )
 
 
@@ -354,12 +369,14 @@ _FILE_TYPE_IDS: dict[int, str] = {
 }
 
 
-def _bytes_for(qtype: _T, n_in: int, n_out: int) -> int:
-    """Bytes of an n_in x n_out matrix of `qtype`, falling back to F16 when rows don't fit its blocks."""
+def _matrix(qtype: _T, n_in: int, n_out: int, n_expert: int = 0) -> Weight:
+    """An n_in x n_out matmul weight of `qtype` (x n_expert when given), falling back to Q8_0 or F16
+    when rows don't fit its blocks, as llama-quantize does."""
     block, _ = GGML_QUANT_SIZES[qtype]
     if n_in % block:
         qtype = _T.Q8_0 if n_in % 32 == 0 else _T.F16
-    return tensor_nbytes(qtype, (n_in, n_out))
+    shape = (n_in, n_out, n_expert) if n_expert else (n_in, n_out)
+    return Weight(qtype, shape, tensor_nbytes(qtype, shape), matmul=True)
 
 
 def shape_from_model_info(
@@ -386,41 +403,46 @@ def shape_from_model_info(
     base, more_bits, out_t, embd_t = _FILE_TYPES[key]
     e, n_layer = g.n_embd, g.n_layer
     layers: list[LayerShape] = []
+    weights: list[Weight] = []
     for il in range(n_layer):
         use_more = il < n_layer // 8 or il >= 7 * n_layer // 8 or (il - n_layer // 8) % 3 == 2
         vt = more_bits if use_more else base
         q = g.n_head[il] * g.head_dim_k
         kv_k = g.n_head_kv[il] * g.head_dim_k
         kv_v = g.n_head_kv[il] * g.head_dim_v
-        mats = [
-            _bytes_for(base, e, q),
-            _bytes_for(base, e, kv_k),
-            _bytes_for(vt, e, kv_v),
-            _bytes_for(base, g.n_head[il] * g.head_dim_v, e),
+        block = [
+            _matrix(base, e, q),
+            _matrix(base, e, kv_k),
+            _matrix(vt, e, kv_v),
+            _matrix(base, g.n_head[il] * g.head_dim_v, e),
         ]
         if g.n_expert > 0:
             ff = g.n_ff_expert or g.n_ff
-            mats += [
-                _bytes_for(base, e, ff) * g.n_expert,
-                _bytes_for(base, e, ff) * g.n_expert,
-                _bytes_for(vt, ff, e) * g.n_expert,
-                _bytes_for(_T.F32, e, g.n_expert),
+            block += [
+                _matrix(base, e, ff, g.n_expert),
+                _matrix(base, e, ff, g.n_expert),
+                _matrix(vt, ff, e, g.n_expert),
+                _matrix(_T.F32, e, g.n_expert),
             ]
         else:
-            mats += [_bytes_for(base, e, g.n_ff), _bytes_for(base, e, g.n_ff), _bytes_for(vt, g.n_ff, e)]
-        norms = 2 * e * 4
+            block += [_matrix(base, e, g.n_ff), _matrix(base, e, g.n_ff), _matrix(vt, g.n_ff, e)]
+        norms = Weight(_T.F32, (e, 2), 2 * e * 4, matmul=False)
+        weights += [*block, norms]
+        mats = [w.n_bytes for w in block]
         layers.append(
             LayerShape(
-                weights=sum(mats) + norms,
+                weights=sum(mats) + norms.n_bytes,
                 n_head=g.n_head[il],
                 n_head_kv=g.n_head_kv[il],
                 swa=g.swa[il],
                 largest_matrix=max(mats),
-                repack=sum(m for m in mats) if base in _REPACKED_ON_CPU else 0,
             )
         )
-    embd = _bytes_for(embd_t, e, g.n_vocab)
-    out = _bytes_for(out_t, e, g.n_vocab)
+    embd_w = _matrix(embd_t, e, g.n_vocab)
+    out_w = _matrix(out_t, e, g.n_vocab)
+    embd, out = embd_w.n_bytes, out_w.n_bytes
+    weights += [Weight(embd_w.ggml_type, embd_w.shape, embd, matmul=False), out_w]
+    weights.append(Weight(_T.F32, (e,), e * 4, matmul=False))
     return ModelShape(
         name=name or str(md.get("general.name") or "model"),
         arch=g.arch,
@@ -436,6 +458,7 @@ def shape_from_model_info(
         n_swa=g.n_swa,
         n_ctx_train=g.n_ctx_train,
         exact=False,
+        cpu=cpu_weights_by_kind(weights),
     )
 
 
@@ -460,7 +483,7 @@ class MemoryBreakdown:
     output_cpu: int = 0
     """Host logits buffer (n_seq x n_vocab f32)."""
     repack_cpu: int = 0
-    """Second copy of CPU-resident Q4_0/Q4_K/IQ4_NL weights the x86 CPU backend makes."""
+    """The CPU backend's extra, repacked copies of weights (AMX, CPU_REPACK buffers; no GPU in use)."""
     declared: bool = False
 
     @property
@@ -520,7 +543,9 @@ class EstimateParams:
     n_ubatch: int = DEFAULT_N_UBATCH
     gpu: bool = True
     """False for a node without a GPU: ngl must be 0 and there are no GPU terms."""
-    cpu_repack: bool = True
+    cpu: CpuKind = CpuKind.UNKNOWN
+    """The node's CPU, for the extra weight buffers of the CPU backend (used only with `gpu=False`);
+    UNKNOWN takes the kind that needs the most RAM for the model."""
 
     def check(self) -> None:
         if self.ctx <= 0:
@@ -610,6 +635,15 @@ def _graph_bytes(shape: ModelShape, params: EstimateParams) -> tuple[int, int]:
     return masks + phase, inputs
 
 
+def llama_ngl(ngl: int, n_layer: int) -> int:
+    """`-ngl` as llama.cpp reads it: -1, or anything above L+1 (users write 99 or 999), is every layer."""
+    if ngl == -1 or ngl > n_layer + 1:
+        return n_layer + 1
+    if ngl < 0:
+        raise EstimateError(f"ngl must be between 0 and {n_layer + 1} (L+1), or -1 for all layers; got {ngl}")
+    return ngl
+
+
 def estimate(shape: ModelShape, ngl: int, params: EstimateParams) -> MemoryBreakdown:
     """Memory of `shape` with `ngl` layers offloaded (0 … L+1, as llama.cpp counts)."""
     params.check()
@@ -624,12 +658,15 @@ def estimate(shape: ModelShape, ngl: int, params: EstimateParams) -> MemoryBreak
     w_gpu = sum(shape.layers[i].weights for i in place.gpu_blocks)
     kv_gpu = sum(kv[i] for i in place.gpu_blocks)
     w_cpu = shape.input_weights + sum(lay.weights for i, lay in enumerate(shape.layers) if i not in place.gpu_blocks)
-    repack = sum(lay.repack for i, lay in enumerate(shape.layers) if i not in place.gpu_blocks)
+    repack = 0
     if place.output_on_gpu:
         w_gpu += shape.output_weights
     else:
         w_cpu += shape.output_weights - shape.output_tied_copy
-        repack += shape.output_repack
+    if not params.gpu:
+        # No GPU in use: the CPU backend's extra buffers take the weights they have kernels for.
+        cw = shape.cpu_weights(params.cpu)
+        w_cpu, repack = cw.mapped, cw.extra_total
     kv_cpu = sum(kv) - kv_gpu
 
     graph, inputs = _graph_bytes(shape, params)
@@ -664,7 +701,7 @@ def estimate(shape: ModelShape, ngl: int, params: EstimateParams) -> MemoryBreak
         compute_cpu=compute_cpu,
         overhead_gpu=overhead,
         output_cpu=4 * params.n_seq * shape.n_vocab,
-        repack_cpu=repack if params.cpu_repack else 0,
+        repack_cpu=repack,
     )
 
 
@@ -735,9 +772,7 @@ def layer_curve(shape: ModelShape, params: EstimateParams) -> LayerCurve:
     kv = kv_layer_bytes(shape, params)
     order = list(range(n - 1, -1, -1))
     gpu_per = tuple(shape.layers[i].weights + kv[i] for i in order)
-    cpu_per = tuple(
-        shape.layers[i].weights + kv[i] + (shape.layers[i].repack if params.cpu_repack else 0) for i in order
-    )
+    cpu_per = tuple(shape.layers[i].weights + kv[i] for i in order)
     curve = LayerCurve(n, params.layer_order, gpu_per, cpu_per, (0, 0, 0), (0, 0, 0))
     gpu_fixed = [0, 0, 0]
     cpu_fixed = [0, 0, 0]
@@ -746,6 +781,9 @@ def layer_curve(shape: ModelShape, params: EstimateParams) -> LayerCurve:
         k = curve.blocks(b.gpu_layers)
         gpu_fixed[r] = max(gpu_fixed[r], b.total_gpu - sum(gpu_per[:k]))
         cpu_fixed[r] = max(cpu_fixed[r], b.total_cpu + sum(cpu_per[:k]))
+    # ngl = 0 is a replica started without GPU access: the whole CPU graph, and the extra
+    # weight buffers of the node's CPU (with a GPU in use the host buffer takes the weights).
+    cpu_fixed[0] = estimate(shape, 0, replace(params, gpu=False)).total_cpu
     return replace(
         curve,
         gpu_fixed=(gpu_fixed[0], gpu_fixed[1], gpu_fixed[2]),

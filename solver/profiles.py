@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from solver.cpu import CpuKind, cpu_kind
 from solver.errors import EstimateError, GGUFError
 from solver.estimate import (
     DEFAULT_GPU_OVERHEAD_BYTES,
@@ -139,6 +140,14 @@ def _split_nodes(spec: ClusterSpec, model: Model) -> list[Node]:
     return [n for n in _candidate_nodes(spec, model) if len(n.gpus) >= 2]
 
 
+def node_cpu_kind(node: Node | None) -> CpuKind:
+    """The node's CPU kind from the features its spec states; UNKNOWN (plan for the CPU that needs the most
+    RAM, so that a model placed on the CPU fits on any of them) when it states none."""
+    if node is None or node.cpu is None:
+        return CpuKind.UNKNOWN
+    return cpu_kind(node.cpu.features)
+
+
 def params_for(model: Model, node: Node | None) -> EstimateParams:
     """The estimator parameters of `model` when it runs on `node`."""
     order = node.llamacpp.layer_order if node is not None and node.llamacpp is not None else LayerOrder.OUTPUT_FIRST
@@ -149,7 +158,13 @@ def params_for(model: Model, node: Node | None) -> EstimateParams:
         flash_attn=model.flash_attn,
         layer_order=order,
         gpu_overhead=overhead,
+        cpu=node_cpu_kind(node),
     )
+
+
+def _runtime_nodes(spec: ClusterSpec, model: Model) -> list[Node]:
+    """Every node with the model's runtime, with or without a GPU (its CPU sets the RAM at ngl = 0)."""
+    return [n for n in spec.nodes if model.runtime in n.runtimes]
 
 
 def _candidate_nodes(spec: ClusterSpec, model: Model) -> list[Node]:
@@ -162,7 +177,7 @@ OllamaInfo = tuple[Mapping[str, Any], str | None]
 
 def _shape_profile(spec: ClusterSpec, model: Model, shape: ModelShape, source: str) -> MemoryProfile:
     default = params_for(model, None)
-    node_params = {n.name: params_for(model, n) for n in _candidate_nodes(spec, model)}
+    node_params = {n.name: params_for(model, n) for n in _runtime_nodes(spec, model)}
     return MemoryProfile(
         curve=layer_curve(shape, default),
         source=source,
@@ -202,7 +217,7 @@ def profile_for(
             shape = None
         if shape is not None:
             default = params_for(model, None)
-            node_params = {n.name: params_for(model, n) for n in _candidate_nodes(spec, model)}
+            node_params = {n.name: params_for(model, n) for n in _runtime_nodes(spec, model)}
             try:
                 return MemoryProfile(
                     curve=layer_curve(shape, default),

@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     Strict,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 
@@ -191,6 +192,25 @@ class Gpu(_Spec):
         return self
 
 
+class NodeCpu(_Spec):
+    """A node's CPU, as far as llama.cpp's memory depends on it."""
+
+    features: list[str] = Field(
+        min_length=1,
+        description="feature flags as /proc/cpuinfo spells them (x86 `flags`, ARM `Features`), e.g."
+        " [avx2, avx512f, avx512_vnni, amx_int8]: they decide which weights llama.cpp repacks into"
+        " a second copy in RAM (CPU_REPACK, AMX) when a model runs without a GPU",
+    )
+
+    @field_validator("features")
+    @classmethod
+    def _flags(cls, v: list[str]) -> list[str]:
+        for flag in v:
+            if not flag or flag != flag.strip() or " " in flag:
+                raise ValueError(f"features: {flag!r} is not a CPU flag (one word, as in /proc/cpuinfo)")
+        return [flag.lower() for flag in v]
+
+
 class PortRange(_Spec):
     """An inclusive range of TCP ports: `3000-3099` or {start, end}."""
 
@@ -335,6 +355,11 @@ class Node(_Spec):
         default=None, description="fixed memory per GPU (CUDA context …); default from the estimator"
     )
     ram: Size = Field(description="memory of the node")
+    cpu: NodeCpu | None = Field(
+        default=None,
+        description="the CPU's feature flags; without them a model running on the CPU is planned"
+        " for the CPU that needs the most RAM for it",
+    )
     ram_reserve: Size = Field(default=0, description="kept free for the OS and other programs")
     ollama: OllamaRuntime | None = None
     llamacpp: LlamaCppRuntime | None = None

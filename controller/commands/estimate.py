@@ -21,6 +21,7 @@ from solver.estimate import (
     MemoryBreakdown,
     estimate,
     estimate_all,
+    llama_ngl,
     shape_from_header,
 )
 from solver.gguf import read_header
@@ -84,7 +85,10 @@ def register(app: typer.Typer) -> None:
         ctx: Annotated[int, typer.Option("--ctx", help="Context length (tokens).")] = 4096,
         ngl: Annotated[
             int | None,
-            typer.Option("--ngl", help="GPU layers, 0 … L+1 as llama.cpp counts. Default: a table of all levels."),
+            typer.Option(
+                "--ngl",
+                help="GPU layers, 0 … L+1 as llama.cpp counts (-1, 99, 999: all). Default: a table of all levels.",
+            ),
         ] = None,
         cache_type: Annotated[KVCacheType, typer.Option("--cache-type", help="KV cache type.")] = KVCacheType.F16,
         flash_attn: Annotated[bool, typer.Option("--flash-attn/--no-flash-attn", help="Flash attention.")] = True,
@@ -114,7 +118,7 @@ def register(app: typer.Typer) -> None:
             params.check()
             shape = shape_from_header(read_header(file))
             if as_json or ngl is not None:
-                level = ngl if ngl is not None else (0 if cpu else shape.n_layer + 1)
+                level = llama_ngl(ngl, shape.n_layer) if ngl is not None else (0 if cpu else shape.n_layer + 1)
                 b = estimate(shape, level, params)
             else:
                 rows = estimate_all(shape, params)

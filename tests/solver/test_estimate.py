@@ -324,13 +324,29 @@ def test_cli_breakdown(cli: typer.Typer, gemma_file: Path) -> None:
     assert "KV cache" in result.stdout and "total" in result.stdout
 
 
+@pytest.mark.parametrize("ngl", ["-1", "8", "99", "999"])
+def test_cli_all_layers_as_llama_cpp_writes_it(
+    cli: typer.Typer, synth_files: dict[str, tuple[SynthShape, Path]], ngl: str
+) -> None:
+    """-ngl 99, 999 or -1 mean every layer (L+1 = 7 for the 6 blocks of gqa-f16), as in llama.cpp."""
+    _, path = synth_files["gqa-f16"]
+    full = CliRunner().invoke(cli, ["estimate", str(path), "--ngl", "7", "--json"])
+    result = CliRunner().invoke(cli, ["estimate", str(path), "--ngl", ngl, "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == json.loads(full.stdout)
+    assert json.loads(result.stdout)["gpu_layers"] == 7
+    table = CliRunner().invoke(cli, ["estimate", str(path), "--ngl", ngl])
+    assert table.exit_code == 0 and "ngl 7/7" in table.stdout
+
+
 @pytest.mark.parametrize(
     ("make", "args", "message"),
     [
         (None, [], "no such file"),
         (b"hello, not a model\n" * 3, [], "not a GGUF file"),
         ("truncate", [], "truncated"),
-        ("synth", ["--ngl", "8"], "ngl must be between 0 and 7"),
+        ("synth", ["--ngl", "-2"], "ngl must be between 0 and 7"),
+        ("synth", ["--ngl", "99", "--cpu"], "ngl must be 0 on a node without a GPU"),
         ("synth", ["--ctx", "-1"], "context length must be positive"),
     ],
 )

@@ -4,6 +4,11 @@ Each case loads a real GGUF (Gemma 3 270M, or a synthetic llama) into
 llama-server with `-lv 4`, stops it once loaded, and compares the estimate for a
 node without a GPU with the buffers llama.cpp reports: weights and KV within 1%,
 the total within 5%. The GPU terms cannot be measured on this machine.
+
+The extra weight buffers depend on the CPU the test runs on (an AMX buffer on a
+Xeon with AMX, CPU_REPACK on other x86 CPUs with AVX2, none on older ones): the
+expected buffers are the estimate for this machine's CPU, read from /proc/cpuinfo,
+and must be exactly the ones llama.cpp reports, each to the log's 0.01 MiB.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from controller.effects.hostcpu import local_cpu_flags, local_cpu_kind
+from solver.cpu import CpuKind
 from tests.support.accuracy import CASES, GEMMA, Case, run_case
 from tests.support.llama_server import DEFAULT_BINARY
 from tests.support.synth import SynthShape
@@ -26,6 +33,12 @@ def _llama_server_installed() -> None:
         )
 
 
+def test_this_cpu_is_known() -> None:
+    """The expectations follow this machine's CPU, so its flags must be readable."""
+    assert local_cpu_flags(), "no CPU flags in /proc/cpuinfo"
+    assert local_cpu_kind() is not CpuKind.UNKNOWN
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.model}-{c.ctx}-{c.cache_type.value}-fa{int(c.flash_attn)}")
 def test_estimate_matches_llama_cpp(
     case: Case, gemma_file: Path, synth_files: dict[str, tuple[SynthShape, Path]]
@@ -35,6 +48,21 @@ def test_estimate_matches_llama_cpp(
     weights, repack, kv, total = (result.term(n) for n in ("weights", "repack", "kv", "total"))
     assert abs(weights.error) <= 0.01, weights
     assert abs(kv.error) <= 0.01, kv
-    # Q4_K weights repacked by the x86 CPU backend: same bytes again (exact to the log's 0.01 MiB)
-    assert abs(repack.estimated - repack.reported) <= 8 * 1024, repack
+    # The extra buffers of this CPU (AMX, CPU_REPACK), each exact to the log's 0.01 MiB.
+    assert result.extra_estimated.keys() == result.extra_reported.keys(), (result.cpu, result.report.model)
+    for name, size in result.extra_estimated.items():
+        assert abs(size - result.extra_reported[name]) <= 8 * 1024, (result.cpu, name, size, result.report.model)
+    assert abs(repack.estimated - repack.reported) <= 16 * 1024, repack
     assert abs(total.error) <= 0.05, total
+
+
+@pytest.mark.parametrize("case", [CASES[0], Case("mqa-mixed", 512)], ids=lambda c: f"{c.model}-{c.ctx}")
+def test_without_repack_every_weight_stays_mapped(
+    case: Case, gemma_file: Path, synth_files: dict[str, tuple[SynthShape, Path]]
+) -> None:
+    """`--no-repack` turns the extra buffers off on any CPU: the estimate for a plain CPU holds."""
+    path = gemma_file if case.model == GEMMA else synth_files[case.model][1]
+    result = run_case(case, path, repack=False)
+    assert result.extra_reported == {} and result.extra_estimated == {}, result.report.model
+    assert abs(result.term("weights").error) <= 0.01, result.term("weights")
+    assert abs(result.term("total").error) <= 0.05, result.term("total")

@@ -1,8 +1,9 @@
 """Estimate vs llama.cpp: the cases and the comparison shared by the real-server test and the bench.
 
 On a CPU-only machine llama.cpp reports the CPU side of ngl=0: the model buffers
-(`CPU_Mapped`, and `CPU_REPACK` on x86), the KV cache, the compute buffer and the
-output buffer. Those are compared with an estimate for a node without a GPU.
+(`CPU_Mapped`, and the extra ones of the CPU it runs on: `CPU_REPACK`, `AMX`), the
+KV cache, the compute buffer and the output buffer. Those are compared with an
+estimate for a node without a GPU whose CPU is this machine's (`local_cpu_kind`).
 
 The GPU terms were measured once on a GPU machine (`bench/gpu_memory.py measure`,
 recorded in tests/data/gpu-memory/); `gpu_loads` sets the estimate against such a
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from controller.effects.hostcpu import local_cpu_kind
+from solver.cpu import CpuKind
 from solver.estimate import EstimateParams, MemoryBreakdown, estimate, shape_from_header
 from solver.gguf import read_header
 from specs.enums import KVCacheType, LayerOrder
@@ -62,12 +65,23 @@ class Term:
         return (self.estimated - self.reported) / self.reported
 
 
+EXTRA_BUFFERS = ("AMX", "CPU_REPACK")
+"""The CPU backend's extra weight buffers, by the names llama.cpp logs."""
+
+
 @dataclass(frozen=True)
 class Comparison:
     case: Case
     estimate: MemoryBreakdown
     report: ReportedMemory
     terms: tuple[Term, ...]
+    cpu: CpuKind
+    extra_estimated: dict[str, int]
+    """The estimate's extra weight buffers (AMX, CPU_REPACK) by name, bytes."""
+
+    @property
+    def extra_reported(self) -> dict[str, int]:
+        return {k: v for k, v in self.report.model.items() if k in EXTRA_BUFFERS}
 
     def term(self, name: str) -> Term:
         return next(t for t in self.terms if t.name == name)
@@ -81,29 +95,34 @@ class Comparison:
         return out
 
 
-def compare(case: Case, path: Path, report: ReportedMemory) -> Comparison:
+def compare(case: Case, path: Path, report: ReportedMemory, cpu: CpuKind | None = None) -> Comparison:
+    """The estimate for a node without a GPU and a `cpu` CPU (default: this machine's) against `report`."""
+    kind = local_cpu_kind() if cpu is None else cpu
     shape = shape_from_header(read_header(path))
-    params = EstimateParams(ctx=case.ctx, cache_type=case.cache_type, flash_attn=case.flash_attn, gpu=False)
+    params = EstimateParams(ctx=case.ctx, cache_type=case.cache_type, flash_attn=case.flash_attn, gpu=False, cpu=kind)
     b = estimate(shape, 0, params)
     mapped = report.model.get("CPU_Mapped", 0) + report.model.get("CPU", 0)
-    repack = report.model.get("CPU_REPACK", 0)
+    repack = sum(report.model.get(k, 0) for k in EXTRA_BUFFERS)
     compute = report.compute.get("CPU", 0)
     output = report.output.get("CPU", 0)
     reported_total = sum(report.model.values()) + report.kv + compute + output
     terms = (
         Term("weights", b.weights_cpu, mapped, "CPU_Mapped model buffer"),
-        Term("repack", b.repack_cpu, repack, "CPU_REPACK model buffer"),
+        Term("repack", b.repack_cpu, repack, "AMX + CPU_REPACK model buffers"),
         Term("kv", b.kv_cpu, report.kv, "llama_kv_cache: size (sum)"),
         Term("compute", b.compute_cpu, compute, "CPU compute buffer"),
         Term("output", b.output_cpu, output, "CPU output buffer"),
         Term("total", b.total_cpu, reported_total, "sum of the above"),
     )
-    return Comparison(case, b, report, terms)
+    return Comparison(case, b, report, terms, kind, dict(shape.cpu_weights(kind).extra))
 
 
-def run_case(case: Case, path: Path) -> Comparison:
-    report = measure(path, ctx=case.ctx, cache_type=case.cache_type.value, flash_attn=case.flash_attn)
-    return compare(case, path, report)
+def run_case(case: Case, path: Path, *, repack: bool = True) -> Comparison:
+    """Load `path` for `case` and compare; `repack=False` runs llama-server with `--no-repack` (no extra
+    weight buffers on any CPU: the estimate for a `CpuKind.PLAIN` CPU)."""
+    extra = () if repack else ("--no-repack",)
+    report = measure(path, ctx=case.ctx, cache_type=case.cache_type.value, flash_attn=case.flash_attn, extra_args=extra)
+    return compare(case, path, report, None if repack else CpuKind.PLAIN)
 
 
 # --------------------------------------------------------------------------- on a GPU

@@ -53,3 +53,59 @@ def random_spec(n_models: int, n_gpus: int, n_nodes: int, seed: int, tight: bool
             }
         )
     return ClusterSpec.model_validate({"cluster": {"name": "bench"}, "nodes": nodes, "models": models})
+
+
+TRIPLET_CAPACITY = 1000
+"""Falkenauer's triplet instances use bins of 1000; one unit is 1 MiB of VRAM here (a multiple of the
+solver's 64 KiB unit, so that rounding cannot spoil the perfect packing)."""
+
+
+def triplet_sizes(k: int, seed: int, capacity: int = TRIPLET_CAPACITY) -> list[int]:
+    """3k sizes strictly between capacity/4 and capacity/2 that fill k bins exactly, three to a bin (shuffled).
+
+    Falkenauer's construction: per bin a first item in [0.38, 0.49]·C, a second between C/4 and
+    what leaves the third above C/4, the third the rest; so the optimum is exactly k bins.
+    """
+    rng = random.Random(seed)
+    quarter = capacity // 4
+    sizes: list[int] = []
+    for _ in range(k):
+        while True:
+            a = rng.randint(int(0.38 * capacity), int(0.49 * capacity))
+            b = rng.randint(quarter + 1, capacity - a - quarter - 1)
+            c = capacity - a - b
+            if all(quarter < x < capacity // 2 for x in (a, b, c)):
+                break
+        sizes += [a, b, c]
+    rng.shuffle(sizes)
+    return sizes
+
+
+def triplet_spec(k: int, seed: int, n_nodes: int = 4) -> ClusterSpec:
+    """k identical GPUs of TRIPLET_CAPACITY MiB over `n_nodes` nodes, and 3k full-offload models whose
+    declared VRAM are `triplet_sizes`: every model fits only in the perfect packing of k full GPUs."""
+    unit = 1 << 20
+    per_node = [k // n_nodes + (1 if i < k % n_nodes else 0) for i in range(n_nodes)]
+    nodes = [
+        {
+            "name": f"n{i}",
+            "tier": "local",
+            "address": f"10.0.0.{i + 1}",
+            "ram": 1024 * GIB,
+            "gpus": [{"index": j, "name": "gpu", "vram": TRIPLET_CAPACITY * unit} for j in range(g)],
+            "ollama": {"url": f"http://10.0.0.{i + 1}:11434"},
+        }
+        for i, g in enumerate(per_node)
+        if g
+    ]
+    models = [
+        {
+            "name": f"t{i}",
+            "runtime": "ollama",
+            "source": {"ollama": f"t{i}"},
+            "memory": {"vram": size * unit},
+            "placement": {"cpu_offload": False},
+        }
+        for i, size in enumerate(triplet_sizes(k, seed))
+    ]
+    return ClusterSpec.model_validate({"cluster": {"name": "triplets"}, "nodes": nodes, "models": models})
