@@ -179,6 +179,15 @@ _REASON_KEYWORDS = (
     "maximize", "minimise", "minimize", "optimal", "calculate", "calculation", "compute", "reasoning",
     "deduce", "infer", "injective", "surjective", "bijective", "converge", "converges", "divergent",
     "polynomial", "quadratic", "inequality", "sequence", "series", "sum of", "average speed", "odds",
+    # reasoning asked for in words, not symbols
+    "walk me through", "work it out", "work out", "work through this", "think it through", "think it over",
+    "reason it out", "reason it", "reason through it", "reason carefully", "think step by step", "take it slowly",
+    "show the working", "show the calculation", "show your reasoning", "each assumption", "with each assumption",
+    "plan it out", "weigh up", "decide which", "which is better", "which is cheaper", "which is bigger",
+    "which is faster", "is cheaper", "better deal", "cheaper overall", "better overall", "fair split",
+    "what's the chance", "the chance", "chance of", "chance that", "how likely", "likelihood", "percent",
+    "per cent", "interest", "compounded", "discount", "angle", "divisible", "dimensions", "estimate",
+    "tells the truth", "always lies", "finishing order", "what order", "is it possible", "argument",
 )  # fmt: skip
 
 _REASON_PATTERNS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
@@ -201,6 +210,10 @@ _CHAT_WORDS = (
     "why", "explain", "describe", "tell me", "write", "rewrite", "draft", "summarise", "summarize",
     "translate", "recommend", "suggest", "advice", "opinion", "what do you think", "compare", "story",
     "poem", "email", "letter", "help me", "feel", "feeling",
+    # asking for advice or a discussion, not a fact
+    "should i", "should we", "how do i", "how can i", "how should", "tips", "ideas", "difference between",
+    "meaning", "history", "like to", "want to", "what happened", "how does", "how did", "pros and cons",
+    "differences",
 )  # fmt: skip
 
 
@@ -391,20 +404,60 @@ def parse_request(request: object) -> ParsedRequest:
 # --------------------------------------------------------------------------- classifier
 
 
+RULES = "rules"
+EMBEDDING = "embedding"
+"""The stages that can decide (`Classification.stage`)."""
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """A labelled example near the request (the embedding stage), and how near (cosine similarity)."""
+
+    category: str
+    similarity: float
+    text: str
+    source: str = "built-in"
+    """built-in, or spec (`routing.examples`)."""
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "category": self.category,
+            "similarity": round(self.similarity, 4),
+            "text": self.text[:80],
+            "source": self.source,
+        }
+
+
 @dataclass(frozen=True)
 class Classification:
-    """A category, the signals that decided it (best first), and every category's score."""
+    """A category, the signals that decided it (best first), and every category's score.
+
+    `confident` says whether the rules are sure (a strong, clear signal, or the request's shape);
+    `stage` which stage decided (`rules` or `embedding`); `neighbours` the nearest labelled examples
+    when the embedding stage was asked; `note` why it did not decide, when it was asked and the rules did.
+    """
 
     category: str
     signals: tuple[str, ...]
     scores: Mapping[str, float] = field(default_factory=dict)
+    confident: bool = True
+    stage: str = RULES
+    neighbours: tuple[Neighbour, ...] = ()
+    note: str = ""
 
     def to_json(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "category": str(self.category),
+            "stage": self.stage,
+            "rules_confident": self.confident,
             "signals": list(self.signals),
             "scores": {str(c): round(s, 3) for c, s in self.scores.items() if s},
         }
+        if self.neighbours:
+            out["neighbours"] = [n.to_json() for n in self.neighbours]
+        if self.note:
+            out["embedding_note"] = self.note
+        return out
 
 
 _TOKEN_RE = re.compile(r"[a-z0-9_#+$]+(?:['.\-/][a-z0-9_#+]+)*")
@@ -415,14 +468,26 @@ _NUMBER_WORDS = frozenset((
     "twenty", "thirty", "forty", "fifty", "hundred", "thousand", "million", "half", "twice", "double",
 ))  # fmt: skip
 _QUANTITY_QUESTION = re.compile(
-    r"\b(?:how (?:long|many|much|far|fast|old|often|tall|big|heavy)|what time|at what|which day"
-    r"|what day|when (?:will|does|do|did|is))\b"
+    r"\b(?:how (?:long|many|much|far|fast|old|often|tall|big|heavy|thick)|what time|at what|which day"
+    r"|what day|which month|which year|what (?:was|is) the (?:original|total|final)|when (?:will|does|do|did|is))\b"
 )
+_FACT_QUESTION = re.compile(
+    r"^\W*(?:quick (?:question|one)\W*)?(?:what(?:'s|s)?(?! are)|who|whom|when|where|which|in what"
+    r"|how (?:many|much|far|tall|old|long|big|heavy|deep|hot|cold|fast)"
+    r"|is|are|was|were|does|do|did|can|yes or no|true or false)\b"
+)
+"""A question that asks for a fact: what, who, when, where, which, how many …, is/are/does …, yes or no."""
+FACT_MAX_WORDS = 12
+"""A factual question this short, with no other signal, is `fast` (but not for sure: the embedding stage may differ)."""
+CONFIDENT_SCORE = 2.0
+"""The rules are sure of a category that scores at least this …"""
+CONFIDENT_MARGIN = 1.0
+"""… and leads the next category by at least this; anything else is unsure (the embedding stage asks examples)."""
 SCAN_HEAD = 1500
 SCAN_TAIL = 500
 """A long request is read at its start and its end (a pasted file with the question after it):
 classification stays microseconds whatever the size."""
-WORD_PROBLEM_NUMBERS = 3
+WORD_PROBLEM_NUMBERS = 2
 """A word problem has at least this many numbers (digits or words) and a quantity question."""
 
 
@@ -593,12 +658,24 @@ class Classifier:
             if score >= THRESHOLD and (best is None or score > scores[best] + 1e-9):
                 best = category
         if best is not None:
-            return Classification(best, _explain(best, votes), scores)
-        if short and scores.get(CHAT, 0.0) <= 0.0:
+            top = scores[best]
+            second = max((v for c, v in scores.items() if c != best), default=0.0)
+            sure = top >= CONFIDENT_SCORE and top - second >= CONFIDENT_MARGIN
+            return Classification(best, _explain(best, votes), scores, confident=sure)
+        chatty = scores.get(CHAT, 0.0) > 0.0
+        if short and not chatty:
             s = "s" if words != 1 else ""
-            return Classification(FAST, (f"short prompt: {words} word{s} ≤ {self.fast_max_words}",), scores)
-        why = _explain(self.default_category, votes)
-        return Classification(self.default_category, (*why, "no stronger signal: default category"), scores)
+            why = f"short prompt: {words} word{s} ≤ {self.fast_max_words}"
+            return Classification(FAST, (why,), scores, confident=False)
+        lowered = parsed.text.lower()
+        limit = FACT_MAX_WORDS * 2 if lowered.lstrip().startswith(("yes or no", "true or false")) else FACT_MAX_WORDS
+        if words <= limit and not chatty and _FACT_QUESTION.match(lowered):
+            why = f"short factual question: {words} words ≤ {limit}"
+            return Classification(FAST, (why,), scores, confident=False)
+        why_default = _explain(self.default_category, votes)
+        return Classification(
+            self.default_category, (*why_default, "no stronger signal: default category"), scores, confident=False
+        )
 
 
 def _explain(category: str, votes: Mapping[Signal, float]) -> tuple[str, ...]:
