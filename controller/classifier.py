@@ -479,7 +479,7 @@ _FACT_QUESTION = re.compile(
 """A question that asks for a fact: what, who, when, where, which, how many …, is/are/does …, yes or no."""
 FACT_MAX_WORDS = 12
 """A factual question this short, with no other signal, is `fast` (but not for sure: the embedding stage may differ)."""
-CONFIDENT_SCORE = 2.0
+CONFIDENT_SCORE = 1.5
 """The rules are sure of a category that scores at least this …"""
 CONFIDENT_MARGIN = 1.0
 """… and leads the next category by at least this; anything else is unsure (the embedding stage asks examples)."""
@@ -684,6 +684,317 @@ def _explain(category: str, votes: Mapping[Signal, float]) -> tuple[str, ...]:
     return tuple(
         s.label if w >= s.weight else f"{s.label} (in the system prompt or an earlier turn)" for s, w in ranked
     )
+
+
+# --------------------------------------------------------------------------- the embedding stage
+
+TEXT_CATEGORIES = (CODE, REASON, CHAT, FAST)
+"""The categories examples teach: `vision` and `embed` are decided by the request's shape."""
+EMBEDDING_BUDGET = 0.05
+"""Seconds per request for the embedding stage (`routing.embedding_budget`); past it the rules decide."""
+KNN_K = 11
+"""How many nearest examples vote (tuned on the built-in examples, leave-one-out)."""
+KNN_MIN_SHARE = 0.6
+"""The winner needs this share of the similarity-weighted votes …"""
+KNN_MIN_SIMILARITY = 0.4
+"""… and the nearest example at least this cosine similarity; else the rules decide."""
+RETRY_AFTER = 10.0
+"""After the embed model failed (down, slow, bad answer), this many seconds of rules only, then try again."""
+PREPARE_TIMEOUT = 60.0
+"""How long embedding the examples may take (once per embed model and example set)."""
+EMBED_CHARS = 2000
+"""A request is embedded by its first this many characters of the last user message."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """A labelled request: built in (`routing_examples.jsonl`) or from the spec (`routing.examples`)."""
+
+    text: str
+    category: str
+    source: str = "built-in"
+
+
+EXAMPLES_FILE = "routing_examples.jsonl"
+"""The built-in examples (`controller/core/`), one `{"request": ..., "category": ...}` a line."""
+
+
+def examples_from_rows(rows: Sequence[Mapping[str, Any]], source: str = "built-in") -> list[Example]:
+    """The text examples of labelled rows (`request` or `text`, and `category`); vision and embed rows are left out."""
+    out: list[Example] = []
+    for row in rows:
+        category = str(row.get("category"))
+        if category not in TEXT_CATEGORIES:
+            continue
+        text = row["text"] if "text" in row else parse_request(row.get("request")).text
+        if str(text).strip():
+            out.append(Example(str(text), category, source))
+    return out
+
+
+def examples_hash(examples: Sequence[Example]) -> str:
+    """What identifies an example set's embeddings (with the embed model): its texts, in order."""
+    import hashlib
+
+    doc = json.dumps([e.text for e in examples], ensure_ascii=True)
+    return hashlib.sha256(doc.encode()).hexdigest()[:16]
+
+
+class EmbedError(RuntimeError):
+    """The embed model did not give vectors (down, slow, a bad answer): one line."""
+
+
+Embedder = Any
+"""A callable `(texts, timeout_s) -> list of vectors` (`openai_embedder`, or a test's)."""
+
+
+def openai_embedder(base_url: str, model: str, api_key: str | None = None) -> Embedder:
+    """Embeddings from an OpenAI-compatible `POST {base_url}/embeddings` (llama-server, Ollama's `/v1`, LiteLLM)."""
+    import urllib.error
+    import urllib.request
+
+    url = base_url.rstrip("/") + "/embeddings"
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+
+    def embed(texts: Sequence[str], timeout: float) -> list[list[float]]:
+        data = json.dumps({"model": model, "input": list(texts)}).encode()
+        request = urllib.request.Request(url, data=data, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=max(timeout, 0.001)) as answer:
+                body = json.loads(answer.read())
+        except urllib.error.HTTPError as exc:
+            raise EmbedError(f"{url}: HTTP {exc.code}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise EmbedError(f"{url}: {reason}") from None
+        except ValueError:
+            raise EmbedError(f"{url}: the answer is not JSON") from None
+        try:
+            items = sorted(body["data"], key=lambda d: int(d.get("index", 0)))
+            vectors = [[float(x) for x in item["embedding"]] for item in items]
+        except (KeyError, TypeError, ValueError):
+            raise EmbedError(f"{url}: the answer has no `data[].embedding`") from None
+        if len(vectors) != len(texts):
+            raise EmbedError(f"{url}: {len(vectors)} vectors for {len(texts)} inputs")
+        return vectors
+
+    return embed
+
+
+def _unit(vector: Sequence[float]) -> list[float]:
+    import math
+
+    norm = math.sqrt(sum(x * x for x in vector))
+    return [x / norm for x in vector] if norm > 0 else list(vector)
+
+
+def _cosine(a: Sequence[float], b: Sequence[float]) -> float:
+    import operator
+
+    return float(sum(map(operator.mul, a, b)))
+
+
+def knn_vote(
+    neighbours: Sequence[Neighbour], min_share: float = KNN_MIN_SHARE, min_similarity: float = KNN_MIN_SIMILARITY
+) -> str | None:
+    """The category of the nearest examples (each votes its similarity), or None when too far or split."""
+    if not neighbours or neighbours[0].similarity < min_similarity:
+        return None
+    votes: dict[str, float] = {}
+    for n in neighbours:
+        votes[n.category] = votes.get(n.category, 0.0) + max(n.similarity, 0.0)
+    total = sum(votes.values())
+    if total <= 0:
+        return None
+    best = max(votes, key=lambda c: (votes[c], -TIE_ORDER.index(c) if c in TIE_ORDER else 0))
+    return best if votes[best] / total >= min_share else None
+
+
+_VECTORS: dict[tuple[str, str], list[list[float]]] = {}
+"""Example embeddings by (embed model key, example-set hash), shared by every stage in this process."""
+
+
+class EmbeddingStage:
+    """The second stage: the nearest labelled examples by embedding, for requests the rules are unsure of.
+
+    `embed` turns texts into vectors (the cluster's `embed` model through `openai_embedder`); `key`
+    names the embed model (its URL and name), so that example embeddings are computed once per
+    model and example set (in memory, and in `cache_path` when given). A request gets `budget`
+    seconds for its own embedding and the vote; when the embed model is down, slow or not ready, the
+    stage answers nothing and says why, and the rules decide.
+    """
+
+    def __init__(
+        self,
+        examples: Sequence[Example],
+        embed: Embedder,
+        key: str,
+        budget: float = EMBEDDING_BUDGET,
+        k: int = KNN_K,
+        cache_path: str | None = None,
+        clock: Any = None,
+    ) -> None:
+        import time
+
+        self.examples = list(examples)
+        self.embed = embed
+        self.key = key
+        self.budget = budget
+        self.k = k
+        self.cache_path = cache_path
+        self.hash = examples_hash(self.examples)
+        self.clock = clock or time.monotonic
+        self._pool: Any = None
+        self._preparing: Any = None
+        self._paused_until = 0.0
+        self.last_error = ""
+
+    # -- example embeddings
+
+    @property
+    def ready(self) -> bool:
+        return (self.key, self.hash) in _VECTORS
+
+    def _load_cache(self) -> bool:
+        if not self.cache_path:
+            return False
+        try:
+            with open(self.cache_path, encoding="utf-8") as f:
+                doc = json.load(f)
+            if doc.get("key") != self.key or doc.get("hash") != self.hash:
+                return False
+            vectors = [[float(x) for x in v] for v in doc["vectors"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        if len(vectors) != len(self.examples):
+            return False
+        _VECTORS[self.key, self.hash] = vectors
+        return True
+
+    def _save_cache(self, vectors: list[list[float]]) -> None:
+        if not self.cache_path:
+            return
+        import os
+        import tempfile
+
+        directory = os.path.dirname(self.cache_path) or "."
+        try:
+            os.makedirs(directory, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=".routing-embeddings.")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump({"key": self.key, "hash": self.hash, "vectors": vectors}, f)
+            os.replace(tmp, self.cache_path)
+        except OSError:
+            pass  # a cache that cannot be written only costs embedding the examples again
+
+    def prepare(self, timeout: float = PREPARE_TIMEOUT) -> str:
+        """Embed the examples now (or load them from the cache); '' when ready, else why not."""
+        if self.ready or self._load_cache():
+            return ""
+        if not self.examples:
+            return "no examples"
+        import time
+
+        deadline = time.monotonic() + timeout
+        vectors: list[list[float]] = []
+        try:
+            for i in range(0, len(self.examples), 32):
+                batch = [e.text[:EMBED_CHARS] for e in self.examples[i : i + 32]]
+                vectors.extend(_unit(v) for v in self.embed(batch, max(deadline - time.monotonic(), 0.001)))
+        except EmbedError as exc:
+            self.last_error = str(exc)
+            return f"embedding the examples failed: {exc}"
+        _VECTORS[self.key, self.hash] = vectors
+        self._save_cache(vectors)
+        return ""
+
+    def _executor(self) -> Any:
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="homelab-embed")
+        return self._pool
+
+    def start(self) -> None:
+        """Embed the examples in the background (at most one job at a time)."""
+        if self.ready or (self._preparing is not None and not self._preparing.done()):
+            return
+        self._preparing = self._executor().submit(self.prepare)
+
+    # -- one request
+
+    def nearest(self, text: str) -> tuple[tuple[Neighbour, ...], str]:
+        """The k nearest examples of `text` within the budget, or () and why not."""
+        from concurrent.futures import TimeoutError as FutureTimeout
+
+        start = self.clock()
+        if start < self._paused_until:
+            return (), f"embed model failed {self.last_error and '(' + self.last_error + ') '}recently: rules decide"
+        vectors = _VECTORS.get((self.key, self.hash))
+        if vectors is None:
+            if not self._load_cache():
+                self.start()
+                return (), "example embeddings not ready yet (being computed): rules decide"
+            vectors = _VECTORS[self.key, self.hash]
+        future = self._executor().submit(self.embed, [text[:EMBED_CHARS]], self.budget)
+        try:
+            query = _unit(future.result(timeout=max(self.budget - (self.clock() - start), 0.0))[0])
+        except FutureTimeout:
+            self._fail(f"no answer within {self.budget * 1000:.0f} ms")
+            return (), f"embed model gave no answer within {self.budget * 1000:.0f} ms: rules decide"
+        except EmbedError as exc:
+            self._fail(str(exc))
+            return (), f"embed model failed ({exc}): rules decide"
+        if len(query) != len(vectors[0]):
+            self._fail("vector size changed")
+            return (), "the embed model's vectors changed size: rules decide"
+        scored = sorted(((_cosine(query, v), i) for i, v in enumerate(vectors)), key=lambda si: (-si[0], si[1]))[
+            : self.k
+        ]
+        if self.clock() - start > self.budget:
+            return (), f"embedding stage took over {self.budget * 1000:.0f} ms: rules decide"
+        examples = self.examples
+        return tuple(Neighbour(examples[i].category, s, examples[i].text, examples[i].source) for s, i in scored), ""
+
+    def _fail(self, why: str) -> None:
+        self.last_error = why
+        self._paused_until = self.clock() + RETRY_AFTER
+
+
+class TwoStageClassifier:
+    """The rules first; for a request they are unsure of, the nearest labelled examples (`EmbeddingStage`)."""
+
+    def __init__(self, rules: Classifier, stage: EmbeddingStage | None = None) -> None:
+        self.rules = rules
+        self.stage = stage
+
+    def classify(self, request: object) -> Classification:
+        parsed = parse_request(request)
+        first = self.rules.classify(parsed)
+        if first.confident or self.stage is None or not parsed.text.strip():
+            return first
+        return self.second(parsed, first)
+
+    def second(self, parsed: ParsedRequest, first: Classification) -> Classification:
+        """Ask the embedding stage about a request the rules were unsure of (`first`)."""
+        assert self.stage is not None
+        neighbours, note = self.stage.nearest(parsed.text)
+        if not neighbours:
+            return _with(first, note=note)
+        category = knn_vote(neighbours)
+        if category is None:
+            return _with(first, neighbours=neighbours, note="the nearest examples disagree: rules decide")
+        near = ", ".join(f"{n.category} {n.similarity:.2f}" for n in neighbours[:3])
+        why = (f"nearest examples: {near}", *(f"rules (unsure): {s}" for s in first.signals[:2]))
+        return Classification(category, why, first.scores, False, EMBEDDING, neighbours)
+
+
+def _with(c: Classification, **changes: Any) -> Classification:
+    import dataclasses
+
+    return dataclasses.replace(c, **changes)
 
 
 # --------------------------------------------------------------------------- the LiteLLM plugin
