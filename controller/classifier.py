@@ -1027,16 +1027,25 @@ class LiteLLMClassifier:
     """
 
     def __init__(self, config: Mapping[str, Any]) -> None:
-        self.classifier = Classifier.from_config(config.get("routing") or {})
+        routing = config.get("routing") or {}
+        self.classifier = Classifier.from_config(routing)
         self.tiers: dict[str, str] = {str(k): str(v) for k, v in (config.get("tiers") or {}).items()}
         self.fallback_tier = str(config["fallback_tier"])
         self.last: Classification | None = None
         """The latest classification (for tests and debugging)."""
+        stage: EmbeddingStage | None = None
+        embedding = config.get("embedding")
+        if embedding and routing.get("embedding", True):
+            examples = [Example(str(t), str(c), str(src)) for t, c, src in embedding.get("examples") or ()]
+            url, model = str(embedding["url"]), str(embedding["model"])
+            budget = float(routing.get("embedding_budget", EMBEDDING_BUDGET))
+            stage = EmbeddingStage(examples, openai_embedder(url, model), f"{url}#{model}", budget)
+        self.two = TwoStageClassifier(self.classifier, stage)
 
     def tier_for(self, body: object) -> str:
-        """The tier (model group) of a request body: its category's, else the fallback tier."""
+        """The tier (model group) of a request body: its category's, else the fallback tier (both stages)."""
         try:
-            self.last = self.classifier.classify(body)
+            self.last = self.two.classify(body)
         except RequestError:
             return self.fallback_tier
         return self.tiers.get(self.last.category, self.fallback_tier)
@@ -1045,7 +1054,19 @@ class LiteLLMClassifier:
         messages = getattr(context, "raw_messages", None) or getattr(context, "structured_messages", None)
         if not messages:
             return self.fallback_tier
-        return self.tier_for({"messages": [dict(m) for m in messages if isinstance(m, Mapping)]})
+        body = {"messages": [dict(m) for m in messages if isinstance(m, Mapping)]}
+        try:
+            parsed = parse_request(body)
+            first = self.classifier.classify(parsed)
+        except RequestError:
+            return self.fallback_tier
+        self.last = first
+        if not first.confident and self.two.stage is not None and parsed.text.strip():
+            import asyncio
+
+            # the embed model is asked off the event loop, within the stage's budget
+            self.last = await asyncio.to_thread(self.two.second, parsed, first)
+        return self.tiers.get(self.last.category, self.fallback_tier)
 
 
 def plugin_source(config: Mapping[str, Any]) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -23,6 +24,7 @@ import typer
 
 from controller.cliutil import SpecFileOption, fail, load_or_exit, out, spec_path
 from controller.routing import Classifier, Endpoint, RequestError, Route, RouteError, candidates, choose, parse_json
+from specs.enums import Category
 from specs.model import ClusterSpec
 
 if TYPE_CHECKING:
@@ -108,7 +110,11 @@ def _print(route: Route) -> None:
     out.print(f"  url:      {e.url}  (model: {e.served_model})", markup=False)
     out.print(f"  gateway:  {route.gateway_model}  (or {e.model})", markup=False)
     if route.classification is not None:
-        out.print(f"  signals:  {', '.join(route.classification.signals)}", markup=False)
+        c = route.classification
+        out.print(f"  signals:  {', '.join(c.signals)}", markup=False)
+        out.print(f"  stage:    {c.stage}{'' if c.confident else ' (rules unsure)'}", markup=False)
+        if c.note:
+            out.print(f"  embedding: {c.note}", markup=False)
     out.print(f"  reason:   {route.reason}", markup=False)
 
 
@@ -147,12 +153,22 @@ def register(app: typer.Typer) -> None:
         endpoints = endpoints_for(spec, None if no_health else running_llamacpp(spec))
         health = None
         if not no_health:
-            from controller.route_probe import HealthCache, probe
+            from controller.route_probe import HealthCache, embedding_stage_for, probe
 
-            wanted = [e for _, model in candidates(spec, classification.category) for e in endpoints.get(model, ())]
             env = os.environ.get(STATE_ENV)
             state = Path(env) if env else Path(spec.watch.state_dir).expanduser()
             cache = HealthCache(state / CACHE_FILE, ttl=spec.health.interval)
+            if not classification.confident:  # the rules are unsure: ask the nearest labelled examples
+                embedders = [e for _, m in candidates(spec, Category.EMBED) for e in endpoints.get(m, ())]
+                if spec.routing.embedding_model is not None:
+                    embedders += endpoints.get(spec.routing.embedding_model, ())
+                embed_health = probe(spec, embedders, cache).get
+                stage, why = embedding_stage_for(spec, endpoints, embed_health, state)
+                if stage is not None:
+                    classification = Classifier.from_spec(spec.routing, stage).classify(body)
+                else:
+                    classification = replace(classification, note=why)
+            wanted = [e for _, model in candidates(spec, classification.category) for e in endpoints.get(model, ())]
             found = probe(spec, wanted, cache)
             health = found.get
         try:
