@@ -109,14 +109,18 @@ def write_minilm_gguf(path: Path) -> Path:
 
 
 @contextmanager
-def embedding_server(model: Path, binary: str = DEFAULT_BINARY, timeout: float = 120.0) -> Iterator[str]:
+def embedding_server(
+    model: Path, binary: str = DEFAULT_BINARY, timeout: float = 120.0, pooling: str | None = None
+) -> Iterator[str]:
     """A real llama-server with `--embedding` on `model` at 127.0.0.1; yields its base URL (`…/v1`)."""
     port = free_port()
     log = model.parent / f"{model.stem}-server.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [find_binary(binary), "-m", str(model), "--embedding", "--host", "127.0.0.1", "--port", str(port), "-t", "1",
-             "-c", "512", "-b", "512", "-ub", "512", "--alias", MODEL_NAME],
+            [find_binary(binary), "-m", str(model), "--embedding", "--host", "127.0.0.1", "--port", str(port),
+             "-t", "1",
+             "-c", "512", "-b", "512", "-ub", "512", "--alias", MODEL_NAME,
+             *(("--pooling", pooling) if pooling else ())],
             stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
