@@ -544,6 +544,29 @@ class ClassifierRule(_Spec):
         return self
 
 
+EXAMPLE_CATEGORIES = (Category.CODE, Category.REASON, Category.CHAT, Category.FAST)
+"""The categories a labelled example can teach: `vision` and `embed` are decided by the request's shape."""
+
+
+class RoutingExample(_Spec):
+    """A labelled request for the classifier's embedding stage, next to the built-in examples."""
+
+    text: Annotated[str, Field(min_length=1)]
+    category: Category
+
+    @model_validator(mode="after")
+    def _text_category(self) -> Self:
+        if not self.text.strip():
+            raise ValueError("text: must not be blank")
+        if self.category not in EXAMPLE_CATEGORIES:
+            allowed = ", ".join(c.value for c in EXAMPLE_CATEGORIES)
+            raise ValueError(
+                f"category: '{self.category.value}' is decided by the request's shape (an image, an embeddings body),"
+                f" not by examples; use one of {allowed}"
+            )
+        return self
+
+
 class Routing(_Spec):
     """Expert routing: which models serve each category, and how requests are classified."""
 
@@ -551,6 +574,20 @@ class Routing(_Spec):
     rules: dict[Category, ClassifierRule] = Field(default_factory=dict)
     default_category: Category = Category.CHAT
     fast_max_words: NonNegativeInt = Field(default=6, description="a prompt this short with no other signal is `fast`")
+    examples: list[RoutingExample] = Field(
+        default_factory=list,
+        description="labelled requests that take part in the embedding stage like the built-in ones",
+    )
+    embedding: bool = Field(
+        default=True,
+        description="ask the cluster's embed model about requests the rules are unsure of (nearest labelled examples)",
+    )
+    embedding_model: str | None = Field(
+        default=None, description="the model that embeds for routing (default: the first model of category embed)"
+    )
+    embedding_budget: Duration = Field(
+        default=0.05, description="time per request for the embedding stage; past it the rules decide"
+    )
 
 
 # --------------------------------------------------------------------------- health, recovery, watch

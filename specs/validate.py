@@ -233,6 +233,13 @@ def _routing(spec: ClusterSpec) -> Iterator[Problem]:
                 ("routing", "rules", category.value, "replace_defaults"),
                 "replaces the built-in rules with nothing: add keywords, patterns or file_extensions",
             )
+    em = spec.routing.embedding_model
+    if em is not None:
+        if em not in models:
+            yield Problem(("routing", "embedding_model"), f"unknown model '{em}' (models: {_names(list(models))})")
+        elif Category.EMBED not in models[em].categories:
+            why = f"model '{em}' does not list 'embed' in its categories"
+            yield Problem(("routing", "embedding_model"), why, Severity.WARNING)
 
 
 def _secret_refs(spec: ClusterSpec) -> Iterator[tuple[Path, str]]:

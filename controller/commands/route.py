@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -37,7 +38,8 @@ from controller.core.routing import (
 from controller.core.state import ClusterState
 from controller.effects.engine import Session, Wiring, desired_state, state_dir
 from controller.effects.observe import observe
-from controller.effects.route_probe import HealthCache, probe
+from controller.effects.route_probe import HealthCache, embedding_stage_for, probe
+from specs.enums import Category
 from specs.model import ClusterSpec
 
 CACHE_FILE = "route-health.json"
@@ -100,7 +102,11 @@ def _print(route: Route) -> None:
     out.print(f"  url:      {e.url}  (model: {e.served_model})", markup=False)
     out.print(f"  gateway:  {route.gateway_model}  (or {e.model})", markup=False)
     if route.classification is not None:
-        out.print(f"  signals:  {', '.join(route.classification.signals)}", markup=False)
+        c = route.classification
+        out.print(f"  signals:  {', '.join(c.signals)}", markup=False)
+        out.print(f"  stage:    {c.stage}{'' if c.confident else ' (rules unsure)'}", markup=False)
+        if c.note:
+            out.print(f"  embedding: {c.note}", markup=False)
     out.print(f"  reason:   {route.reason}", markup=False)
 
 
@@ -141,8 +147,18 @@ def register(app: typer.Typer) -> None:
         endpoints = endpoints_for(spec, None if no_health else running_llamacpp(spec, wiring), wiring)
         health = None
         if not no_health:
-            wanted = [e for _, model in candidates(spec, classification.category) for e in endpoints.get(model, ())]
             cache = HealthCache(state_dir(spec, None) / CACHE_FILE, ttl=spec.health.interval)
+            if not classification.confident:  # the rules are unsure: ask the nearest labelled examples
+                embedders = [e for _, m in candidates(spec, Category.EMBED) for e in endpoints.get(m, ())]
+                if spec.routing.embedding_model is not None:
+                    embedders += endpoints.get(spec.routing.embedding_model, ())
+                embed_health = probe(spec, embedders, cache).get
+                stage, why = embedding_stage_for(spec, endpoints, embed_health, state_dir(spec, None))
+                if stage is not None:
+                    classification = Classifier.from_spec(spec.routing, stage).classify(body)
+                else:
+                    classification = replace(classification, note=why)
+            wanted = [e for _, model in candidates(spec, classification.category) for e in endpoints.get(model, ())]
             found = probe(spec, wanted, cache)
             health = found.get
         try:

@@ -3,13 +3,13 @@
 This module is the classifier's whole core, and it imports nothing but the standard library,
 so that the same code runs in two places:
 
-- in homelab, behind `controller.routing.Classifier` (`homelab route`, `homelab health`);
-- inside the LiteLLM proxy, whose virtualenv has no homelab: `controller.gateway` writes this
+- in homelab, behind `controller.core.routing.Classifier` (`homelab route`, `homelab health`);
+- inside the LiteLLM proxy, whose virtualenv has no homelab: `controller.core.gateway_config` writes this
   file's source, followed by the spec's routing rules as JSON and one `LiteLLMClassifier`
   instance, next to the proxy's config (`homelab_router.py`), and the config names that
   instance as the `classifier_plugin` of its `auto` model (see `LiteLLMClassifier`).
 
-Categories are plain strings here (`controller.routing` turns them into `specs.enums.Category`);
+Categories are plain strings here (`controller.core.routing` turns them into `specs.enums.Category`);
 the rules from the spec arrive as a JSON-able mapping (`Classifier.from_config`), the same one
 homelab and the plugin build their classifier from.
 
@@ -179,6 +179,15 @@ _REASON_KEYWORDS = (
     "maximize", "minimise", "minimize", "optimal", "calculate", "calculation", "compute", "reasoning",
     "deduce", "infer", "injective", "surjective", "bijective", "converge", "converges", "divergent",
     "polynomial", "quadratic", "inequality", "sequence", "series", "sum of", "average speed", "odds",
+    # reasoning asked for in words, not symbols
+    "walk me through", "work it out", "work out", "work through this", "think it through", "think it over",
+    "reason it out", "reason it", "reason through it", "reason carefully", "think step by step", "take it slowly",
+    "show the working", "show the calculation", "show your reasoning", "each assumption", "with each assumption",
+    "plan it out", "weigh up", "decide which", "which is better", "which is cheaper", "which is bigger",
+    "which is faster", "is cheaper", "better deal", "cheaper overall", "better overall", "fair split",
+    "what's the chance", "the chance", "chance of", "chance that", "how likely", "likelihood", "percent",
+    "per cent", "interest", "compounded", "discount", "angle", "divisible", "dimensions", "estimate",
+    "tells the truth", "always lies", "finishing order", "what order", "is it possible", "argument",
 )  # fmt: skip
 
 _REASON_PATTERNS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
@@ -201,6 +210,10 @@ _CHAT_WORDS = (
     "why", "explain", "describe", "tell me", "write", "rewrite", "draft", "summarise", "summarize",
     "translate", "recommend", "suggest", "advice", "opinion", "what do you think", "compare", "story",
     "poem", "email", "letter", "help me", "feel", "feeling",
+    # asking for advice or a discussion, not a fact
+    "should i", "should we", "how do i", "how can i", "how should", "tips", "ideas", "difference between",
+    "meaning", "history", "like to", "want to", "what happened", "how does", "how did", "pros and cons",
+    "differences",
 )  # fmt: skip
 
 
@@ -391,20 +404,60 @@ def parse_request(request: object) -> ParsedRequest:
 # --------------------------------------------------------------------------- classifier
 
 
+RULES = "rules"
+EMBEDDING = "embedding"
+"""The stages that can decide (`Classification.stage`)."""
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """A labelled example near the request (the embedding stage), and how near (cosine similarity)."""
+
+    category: str
+    similarity: float
+    text: str
+    source: str = "built-in"
+    """built-in, or spec (`routing.examples`)."""
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "category": self.category,
+            "similarity": round(self.similarity, 4),
+            "text": self.text[:80],
+            "source": self.source,
+        }
+
+
 @dataclass(frozen=True)
 class Classification:
-    """A category, the signals that decided it (best first), and every category's score."""
+    """A category, the signals that decided it (best first), and every category's score.
+
+    `confident` says whether the rules are sure (a strong, clear signal, or the request's shape);
+    `stage` which stage decided (`rules` or `embedding`); `neighbours` the nearest labelled examples
+    when the embedding stage was asked; `note` why it did not decide, when it was asked and the rules did.
+    """
 
     category: str
     signals: tuple[str, ...]
     scores: Mapping[str, float] = field(default_factory=dict)
+    confident: bool = True
+    stage: str = RULES
+    neighbours: tuple[Neighbour, ...] = ()
+    note: str = ""
 
     def to_json(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "category": str(self.category),
+            "stage": self.stage,
+            "rules_confident": self.confident,
             "signals": list(self.signals),
             "scores": {str(c): round(s, 3) for c, s in self.scores.items() if s},
         }
+        if self.neighbours:
+            out["neighbours"] = [n.to_json() for n in self.neighbours]
+        if self.note:
+            out["embedding_note"] = self.note
+        return out
 
 
 _TOKEN_RE = re.compile(r"[a-z0-9_#+$]+(?:['.\-/][a-z0-9_#+]+)*")
@@ -415,14 +468,26 @@ _NUMBER_WORDS = frozenset((
     "twenty", "thirty", "forty", "fifty", "hundred", "thousand", "million", "half", "twice", "double",
 ))  # fmt: skip
 _QUANTITY_QUESTION = re.compile(
-    r"\b(?:how (?:long|many|much|far|fast|old|often|tall|big|heavy)|what time|at what|which day"
-    r"|what day|when (?:will|does|do|did|is))\b"
+    r"\b(?:how (?:long|many|much|far|fast|old|often|tall|big|heavy|thick)|what time|at what|which day"
+    r"|what day|which month|which year|what (?:was|is) the (?:original|total|final)|when (?:will|does|do|did|is))\b"
 )
+_FACT_QUESTION = re.compile(
+    r"^\W*(?:quick (?:question|one)\W*)?(?:what(?:'s|s)?(?! are)|who|whom|when|where|which|in what"
+    r"|how (?:many|much|far|tall|old|long|big|heavy|deep|hot|cold|fast)"
+    r"|is|are|was|were|does|do|did|can|yes or no|true or false)\b"
+)
+"""A question that asks for a fact: what, who, when, where, which, how many …, is/are/does …, yes or no."""
+FACT_MAX_WORDS = 12
+"""A factual question this short, with no other signal, is `fast` (but not for sure: the embedding stage may differ)."""
+CONFIDENT_SCORE = 1.5
+"""The rules are sure of a category that scores at least this …"""
+CONFIDENT_MARGIN = 1.0
+"""… and leads the next category by at least this; anything else is unsure (the embedding stage asks examples)."""
 SCAN_HEAD = 1500
 SCAN_TAIL = 500
 """A long request is read at its start and its end (a pasted file with the question after it):
 classification stays microseconds whatever the size."""
-WORD_PROBLEM_NUMBERS = 3
+WORD_PROBLEM_NUMBERS = 2
 """A word problem has at least this many numbers (digits or words) and a quantity question."""
 
 
@@ -503,7 +568,7 @@ class Classifier:
     def from_config(cls, config: Mapping[str, Any] | None = None) -> Classifier:
         """The defaults merged with the config's `rules`, and its default category and fast limit.
 
-        `config` is the JSON-able form of the spec's `routing` section (`controller.routing.routing_config`)::
+        `config` is the JSON-able form of the spec's `routing` section (`controller.core.routing.routing_config`)::
 
             {"rules": {CATEGORY: {"keywords": [...], "patterns": [...], "file_extensions": [...],
                                   "weight": 1.0, "replace_defaults": false}},
@@ -593,12 +658,24 @@ class Classifier:
             if score >= THRESHOLD and (best is None or score > scores[best] + 1e-9):
                 best = category
         if best is not None:
-            return Classification(best, _explain(best, votes), scores)
-        if short and scores.get(CHAT, 0.0) <= 0.0:
+            top = scores[best]
+            second = max((v for c, v in scores.items() if c != best), default=0.0)
+            sure = top >= CONFIDENT_SCORE and top - second >= CONFIDENT_MARGIN
+            return Classification(best, _explain(best, votes), scores, confident=sure)
+        chatty = scores.get(CHAT, 0.0) > 0.0
+        if short and not chatty:
             s = "s" if words != 1 else ""
-            return Classification(FAST, (f"short prompt: {words} word{s} ≤ {self.fast_max_words}",), scores)
-        why = _explain(self.default_category, votes)
-        return Classification(self.default_category, (*why, "no stronger signal: default category"), scores)
+            why = f"short prompt: {words} word{s} ≤ {self.fast_max_words}"
+            return Classification(FAST, (why,), scores, confident=False)
+        lowered = parsed.text.lower()
+        limit = FACT_MAX_WORDS * 2 if lowered.lstrip().startswith(("yes or no", "true or false")) else FACT_MAX_WORDS
+        if words <= limit and not chatty and _FACT_QUESTION.match(lowered):
+            why = f"short factual question: {words} words ≤ {limit}"
+            return Classification(FAST, (why,), scores, confident=False)
+        why_default = _explain(self.default_category, votes)
+        return Classification(
+            self.default_category, (*why_default, "no stronger signal: default category"), scores, confident=False
+        )
 
 
 def _explain(category: str, votes: Mapping[Signal, float]) -> tuple[str, ...]:
@@ -607,6 +684,317 @@ def _explain(category: str, votes: Mapping[Signal, float]) -> tuple[str, ...]:
     return tuple(
         s.label if w >= s.weight else f"{s.label} (in the system prompt or an earlier turn)" for s, w in ranked
     )
+
+
+# --------------------------------------------------------------------------- the embedding stage
+
+TEXT_CATEGORIES = (CODE, REASON, CHAT, FAST)
+"""The categories examples teach: `vision` and `embed` are decided by the request's shape."""
+EMBEDDING_BUDGET = 0.05
+"""Seconds per request for the embedding stage (`routing.embedding_budget`); past it the rules decide."""
+KNN_K = 11
+"""How many nearest examples vote (tuned on the built-in examples, leave-one-out)."""
+KNN_MIN_SHARE = 0.6
+"""The winner needs this share of the similarity-weighted votes …"""
+KNN_MIN_SIMILARITY = 0.4
+"""… and the nearest example at least this cosine similarity; else the rules decide."""
+RETRY_AFTER = 10.0
+"""After the embed model failed (down, slow, bad answer), this many seconds of rules only, then try again."""
+PREPARE_TIMEOUT = 60.0
+"""How long embedding the examples may take (once per embed model and example set)."""
+EMBED_CHARS = 2000
+"""A request is embedded by its first this many characters of the last user message."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """A labelled request: built in (`routing_examples.jsonl`) or from the spec (`routing.examples`)."""
+
+    text: str
+    category: str
+    source: str = "built-in"
+
+
+EXAMPLES_FILE = "routing_examples.jsonl"
+"""The built-in examples (`controller/core/`), one `{"request": ..., "category": ...}` a line."""
+
+
+def examples_from_rows(rows: Sequence[Mapping[str, Any]], source: str = "built-in") -> list[Example]:
+    """The text examples of labelled rows (`request` or `text`, and `category`); vision and embed rows are left out."""
+    out: list[Example] = []
+    for row in rows:
+        category = str(row.get("category"))
+        if category not in TEXT_CATEGORIES:
+            continue
+        text = row["text"] if "text" in row else parse_request(row.get("request")).text
+        if str(text).strip():
+            out.append(Example(str(text), category, source))
+    return out
+
+
+def examples_hash(examples: Sequence[Example]) -> str:
+    """What identifies an example set's embeddings (with the embed model): its texts, in order."""
+    import hashlib
+
+    doc = json.dumps([e.text for e in examples], ensure_ascii=True)
+    return hashlib.sha256(doc.encode()).hexdigest()[:16]
+
+
+class EmbedError(RuntimeError):
+    """The embed model did not give vectors (down, slow, a bad answer): one line."""
+
+
+Embedder = Any
+"""A callable `(texts, timeout_s) -> list of vectors` (`openai_embedder`, or a test's)."""
+
+
+def openai_embedder(base_url: str, model: str, api_key: str | None = None) -> Embedder:
+    """Embeddings from an OpenAI-compatible `POST {base_url}/embeddings` (llama-server, Ollama's `/v1`, LiteLLM)."""
+    import urllib.error
+    import urllib.request
+
+    url = base_url.rstrip("/") + "/embeddings"
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+
+    def embed(texts: Sequence[str], timeout: float) -> list[list[float]]:
+        data = json.dumps({"model": model, "input": list(texts)}).encode()
+        request = urllib.request.Request(url, data=data, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=max(timeout, 0.001)) as answer:
+                body = json.loads(answer.read())
+        except urllib.error.HTTPError as exc:
+            raise EmbedError(f"{url}: HTTP {exc.code}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise EmbedError(f"{url}: {reason}") from None
+        except ValueError:
+            raise EmbedError(f"{url}: the answer is not JSON") from None
+        try:
+            items = sorted(body["data"], key=lambda d: int(d.get("index", 0)))
+            vectors = [[float(x) for x in item["embedding"]] for item in items]
+        except (KeyError, TypeError, ValueError):
+            raise EmbedError(f"{url}: the answer has no `data[].embedding`") from None
+        if len(vectors) != len(texts):
+            raise EmbedError(f"{url}: {len(vectors)} vectors for {len(texts)} inputs")
+        return vectors
+
+    return embed
+
+
+def _unit(vector: Sequence[float]) -> list[float]:
+    import math
+
+    norm = math.sqrt(sum(x * x for x in vector))
+    return [x / norm for x in vector] if norm > 0 else list(vector)
+
+
+def _cosine(a: Sequence[float], b: Sequence[float]) -> float:
+    import operator
+
+    return float(sum(map(operator.mul, a, b)))
+
+
+def knn_vote(
+    neighbours: Sequence[Neighbour], min_share: float = KNN_MIN_SHARE, min_similarity: float = KNN_MIN_SIMILARITY
+) -> str | None:
+    """The category of the nearest examples (each votes its similarity), or None when too far or split."""
+    if not neighbours or neighbours[0].similarity < min_similarity:
+        return None
+    votes: dict[str, float] = {}
+    for n in neighbours:
+        votes[n.category] = votes.get(n.category, 0.0) + max(n.similarity, 0.0)
+    total = sum(votes.values())
+    if total <= 0:
+        return None
+    best = max(votes, key=lambda c: (votes[c], -TIE_ORDER.index(c) if c in TIE_ORDER else 0))
+    return best if votes[best] / total >= min_share else None
+
+
+_VECTORS: dict[tuple[str, str], list[list[float]]] = {}
+"""Example embeddings by (embed model key, example-set hash), shared by every stage in this process."""
+
+
+class EmbeddingStage:
+    """The second stage: the nearest labelled examples by embedding, for requests the rules are unsure of.
+
+    `embed` turns texts into vectors (the cluster's `embed` model through `openai_embedder`); `key`
+    names the embed model (its URL and name), so that example embeddings are computed once per
+    model and example set (in memory, and in `cache_path` when given). A request gets `budget`
+    seconds for its own embedding and the vote; when the embed model is down, slow or not ready, the
+    stage answers nothing and says why, and the rules decide.
+    """
+
+    def __init__(
+        self,
+        examples: Sequence[Example],
+        embed: Embedder,
+        key: str,
+        budget: float = EMBEDDING_BUDGET,
+        k: int = KNN_K,
+        cache_path: str | None = None,
+        clock: Any = None,
+    ) -> None:
+        import time
+
+        self.examples = list(examples)
+        self.embed = embed
+        self.key = key
+        self.budget = budget
+        self.k = k
+        self.cache_path = cache_path
+        self.hash = examples_hash(self.examples)
+        self.clock = clock or time.monotonic
+        self._pool: Any = None
+        self._preparing: Any = None
+        self._paused_until = 0.0
+        self.last_error = ""
+
+    # -- example embeddings
+
+    @property
+    def ready(self) -> bool:
+        return (self.key, self.hash) in _VECTORS
+
+    def _load_cache(self) -> bool:
+        if not self.cache_path:
+            return False
+        try:
+            with open(self.cache_path, encoding="utf-8") as f:
+                doc = json.load(f)
+            if doc.get("key") != self.key or doc.get("hash") != self.hash:
+                return False
+            vectors = [[float(x) for x in v] for v in doc["vectors"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        if len(vectors) != len(self.examples):
+            return False
+        _VECTORS[self.key, self.hash] = vectors
+        return True
+
+    def _save_cache(self, vectors: list[list[float]]) -> None:
+        if not self.cache_path:
+            return
+        import os
+        import tempfile
+
+        directory = os.path.dirname(self.cache_path) or "."
+        try:
+            os.makedirs(directory, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=".routing-embeddings.")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump({"key": self.key, "hash": self.hash, "vectors": vectors}, f)
+            os.replace(tmp, self.cache_path)
+        except OSError:
+            pass  # a cache that cannot be written only costs embedding the examples again
+
+    def prepare(self, timeout: float = PREPARE_TIMEOUT) -> str:
+        """Embed the examples now (or load them from the cache); '' when ready, else why not."""
+        if self.ready or self._load_cache():
+            return ""
+        if not self.examples:
+            return "no examples"
+        import time
+
+        deadline = time.monotonic() + timeout
+        vectors: list[list[float]] = []
+        try:
+            for i in range(0, len(self.examples), 32):
+                batch = [e.text[:EMBED_CHARS] for e in self.examples[i : i + 32]]
+                vectors.extend(_unit(v) for v in self.embed(batch, max(deadline - time.monotonic(), 0.001)))
+        except EmbedError as exc:
+            self.last_error = str(exc)
+            return f"embedding the examples failed: {exc}"
+        _VECTORS[self.key, self.hash] = vectors
+        self._save_cache(vectors)
+        return ""
+
+    def _executor(self) -> Any:
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="homelab-embed")
+        return self._pool
+
+    def start(self) -> None:
+        """Embed the examples in the background (at most one job at a time)."""
+        if self.ready or (self._preparing is not None and not self._preparing.done()):
+            return
+        self._preparing = self._executor().submit(self.prepare)
+
+    # -- one request
+
+    def nearest(self, text: str) -> tuple[tuple[Neighbour, ...], str]:
+        """The k nearest examples of `text` within the budget, or () and why not."""
+        from concurrent.futures import TimeoutError as FutureTimeout
+
+        start = self.clock()
+        if start < self._paused_until:
+            return (), f"embed model failed {self.last_error and '(' + self.last_error + ') '}recently: rules decide"
+        vectors = _VECTORS.get((self.key, self.hash))
+        if vectors is None:
+            if not self._load_cache():
+                self.start()
+                return (), "example embeddings not ready yet (being computed): rules decide"
+            vectors = _VECTORS[self.key, self.hash]
+        future = self._executor().submit(self.embed, [text[:EMBED_CHARS]], self.budget)
+        try:
+            query = _unit(future.result(timeout=max(self.budget - (self.clock() - start), 0.0))[0])
+        except FutureTimeout:
+            self._fail(f"no answer within {self.budget * 1000:.0f} ms")
+            return (), f"embed model gave no answer within {self.budget * 1000:.0f} ms: rules decide"
+        except EmbedError as exc:
+            self._fail(str(exc))
+            return (), f"embed model failed ({exc}): rules decide"
+        if len(query) != len(vectors[0]):
+            self._fail("vector size changed")
+            return (), "the embed model's vectors changed size: rules decide"
+        scored = sorted(((_cosine(query, v), i) for i, v in enumerate(vectors)), key=lambda si: (-si[0], si[1]))[
+            : self.k
+        ]
+        if self.clock() - start > self.budget:
+            return (), f"embedding stage took over {self.budget * 1000:.0f} ms: rules decide"
+        examples = self.examples
+        return tuple(Neighbour(examples[i].category, s, examples[i].text, examples[i].source) for s, i in scored), ""
+
+    def _fail(self, why: str) -> None:
+        self.last_error = why
+        self._paused_until = self.clock() + RETRY_AFTER
+
+
+class TwoStageClassifier:
+    """The rules first; for a request they are unsure of, the nearest labelled examples (`EmbeddingStage`)."""
+
+    def __init__(self, rules: Classifier, stage: EmbeddingStage | None = None) -> None:
+        self.rules = rules
+        self.stage = stage
+
+    def classify(self, request: object) -> Classification:
+        parsed = parse_request(request)
+        first = self.rules.classify(parsed)
+        if first.confident or self.stage is None or not parsed.text.strip():
+            return first
+        return self.second(parsed, first)
+
+    def second(self, parsed: ParsedRequest, first: Classification) -> Classification:
+        """Ask the embedding stage about a request the rules were unsure of (`first`)."""
+        assert self.stage is not None
+        neighbours, note = self.stage.nearest(parsed.text)
+        if not neighbours:
+            return _with(first, note=note)
+        category = knn_vote(neighbours)
+        if category is None:
+            return _with(first, neighbours=neighbours, note="the nearest examples disagree: rules decide")
+        near = ", ".join(f"{n.category} {n.similarity:.2f}" for n in neighbours[:3])
+        why = (f"nearest examples: {near}", *(f"rules (unsure): {s}" for s in first.signals[:2]))
+        return Classification(category, why, first.scores, False, EMBEDDING, neighbours)
+
+
+def _with(c: Classification, **changes: Any) -> Classification:
+    import dataclasses
+
+    return dataclasses.replace(c, **changes)
 
 
 # --------------------------------------------------------------------------- the LiteLLM plugin
@@ -639,16 +1027,25 @@ class LiteLLMClassifier:
     """
 
     def __init__(self, config: Mapping[str, Any]) -> None:
-        self.classifier = Classifier.from_config(config.get("routing") or {})
+        routing = config.get("routing") or {}
+        self.classifier = Classifier.from_config(routing)
         self.tiers: dict[str, str] = {str(k): str(v) for k, v in (config.get("tiers") or {}).items()}
         self.fallback_tier = str(config["fallback_tier"])
         self.last: Classification | None = None
         """The latest classification (for tests and debugging)."""
+        stage: EmbeddingStage | None = None
+        embedding = config.get("embedding")
+        if embedding and routing.get("embedding", True):
+            examples = [Example(str(t), str(c), str(src)) for t, c, src in embedding.get("examples") or ()]
+            url, model = str(embedding["url"]), str(embedding["model"])
+            budget = float(routing.get("embedding_budget", EMBEDDING_BUDGET))
+            stage = EmbeddingStage(examples, openai_embedder(url, model), f"{url}#{model}", budget)
+        self.two = TwoStageClassifier(self.classifier, stage)
 
     def tier_for(self, body: object) -> str:
-        """The tier (model group) of a request body: its category's, else the fallback tier."""
+        """The tier (model group) of a request body: its category's, else the fallback tier (both stages)."""
         try:
-            self.last = self.classifier.classify(body)
+            self.last = self.two.classify(body)
         except RequestError:
             return self.fallback_tier
         return self.tiers.get(self.last.category, self.fallback_tier)
@@ -657,7 +1054,19 @@ class LiteLLMClassifier:
         messages = getattr(context, "raw_messages", None) or getattr(context, "structured_messages", None)
         if not messages:
             return self.fallback_tier
-        return self.tier_for({"messages": [dict(m) for m in messages if isinstance(m, Mapping)]})
+        body = {"messages": [dict(m) for m in messages if isinstance(m, Mapping)]}
+        try:
+            parsed = parse_request(body)
+            first = self.classifier.classify(parsed)
+        except RequestError:
+            return self.fallback_tier
+        self.last = first
+        if not first.confident and self.two.stage is not None and parsed.text.strip():
+            import asyncio
+
+            # the embed model is asked off the event loop, within the stage's budget
+            self.last = await asyncio.to_thread(self.two.second, parsed, first)
+        return self.tiers.get(self.last.category, self.fallback_tier)
 
 
 def plugin_source(config: Mapping[str, Any]) -> str:
@@ -668,7 +1077,7 @@ def plugin_source(config: Mapping[str, Any]) -> str:
     future = "from __future__ import annotations\n"
     head, _, body = source.partition(future)
     return (
-        "# Written by homelab (controller/classifier.py and the spec's routing rules): the classifier\n"
+        "# Written by homelab (controller/core/classifier.py and the spec's routing rules): the classifier\n"
         "# plugin of the LiteLLM config next to it. Edits here are replaced on the next `homelab reconcile`.\n"
         + head
         + future

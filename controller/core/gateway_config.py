@@ -39,7 +39,7 @@ from typing import Any
 from ruamel.yaml import YAML
 
 from controller.core.classifier import PLUGIN_MODULE, PLUGIN_OBJECT, plugin_source
-from controller.core.routing import GROUP_PREFIX, category_models, fallback_chain, routing_config
+from controller.core.routing import GROUP_PREFIX, all_examples, category_models, fallback_chain, routing_config
 from controller.core.state import (
     GATEWAY_CONFIG,
     GATEWAY_MOUNT,
@@ -158,7 +158,28 @@ ONLY_TIER_TWIN = "same"
 """The second tier name when one category alone has models."""
 
 
-def auto_router(spec: ClusterSpec, groups: Mapping[Category, list[str]]) -> tuple[dict[str, Any], str] | None:
+def embedding_endpoint(
+    spec: ClusterSpec, groups: Mapping[Category, list[str]], deployments: Mapping[str, list[dict[str, Any]]]
+) -> dict[str, str] | None:
+    """Where the plugin's embedding stage asks for embeddings: the first replica of `routing.embedding_model`,
+    else of the embed category's best model, as an OpenAI-compatible base URL and model name."""
+    if not spec.routing.embedding:
+        return None
+    name = spec.routing.embedding_model or next(iter(groups.get(Category.EMBED, [])), None)
+    replicas = deployments.get(name or "", [])
+    if not replicas:
+        return None
+    params = replicas[0]
+    provider, _, model = str(params["model"]).partition("/")
+    base = str(params["api_base"]).rstrip("/")
+    if provider != "openai":  # Ollama: its OpenAI-compatible API is under /v1
+        base += "/v1"
+    return {"url": base, "model": model}
+
+
+def auto_router(
+    spec: ClusterSpec, groups: Mapping[Category, list[str]], embedder: Mapping[str, str] | None = None
+) -> tuple[dict[str, Any], str] | None:
     """The `auto` model's config entry and the text of its classifier plugin; None when no category has a model."""
     assert spec.gateway is not None
     placed = [cat for cat in Category if groups.get(cat)]
@@ -171,7 +192,12 @@ def auto_router(spec: ClusterSpec, groups: Mapping[Category, list[str]]) -> tupl
             tier_of[cat.value] = served.value
     default = spec.routing.default_category
     fallback = tier_of.get(default.value, placed[0].value)
-    plugin = plugin_source({"routing": routing_config(spec.routing), "tiers": tier_of, "fallback_tier": fallback})
+    config: dict[str, Any] = {"routing": routing_config(spec.routing), "tiers": tier_of, "fallback_tier": fallback}
+    if embedder is not None:
+        # the examples travel inside the plugin: LiteLLM's environment has no homelab package data
+        examples = [[e.text, e.category, e.source] for e in all_examples(spec.routing)]
+        config["embedding"] = {**embedder, "examples": examples}
+    plugin = plugin_source(config)
     definitions = [{"name": c.value, "description": TIER_DESCRIPTIONS[c]} for c in placed]
     tiers = {c.value: GROUP_PREFIX + c.value for c in placed}
     if len(placed) == 1:
@@ -218,7 +244,7 @@ def _render(spec: ClusterSpec, nodes: Mapping[str, NodeState]) -> tuple[str, tup
             fallbacks.append({group: chain})
     files: tuple[tuple[str, str], ...] = ()
     header = ""
-    auto = auto_router(spec, groups)
+    auto = auto_router(spec, groups, embedding_endpoint(spec, groups, deployments))
     if auto is not None:
         entry, plugin = auto
         model_list.append(entry)

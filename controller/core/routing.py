@@ -95,7 +95,38 @@ def routing_config(routing: Routing | None = None) -> dict[str, Any]:
         },
         "default_category": routing.default_category.value,
         "fast_max_words": routing.fast_max_words,
+        "examples": [{"text": e.text, "category": e.category.value} for e in routing.examples],
+        "embedding": routing.embedding,
+        "embedding_budget": routing.embedding_budget,
     }
+
+
+def builtin_examples() -> list[core.Example]:
+    """The built-in labelled examples (package data `controller/core/routing_examples.jsonl`), text categories only."""
+    import json
+    from importlib import resources
+
+    text = resources.files("controller.core").joinpath(core.EXAMPLES_FILE).read_text(encoding="utf-8")
+    return core.examples_from_rows([json.loads(line) for line in text.splitlines() if line.strip()])
+
+
+def all_examples(routing: Routing | None = None) -> list[core.Example]:
+    """The built-in examples, then the spec's `routing.examples` (which take part like the built-in ones)."""
+    spec = [core.Example(e.text, e.category.value, "spec") for e in (routing or Routing()).examples]
+    return [*builtin_examples(), *spec]
+
+
+def embedding_stage(
+    routing: Routing, base_url: str, model: str, cache_path: str | None = None, embed: core.Embedder | None = None
+) -> core.EmbeddingStage:
+    """The embedding stage for `routing`, asking the embed model `model` at `base_url` (OpenAI-compatible)."""
+    return core.EmbeddingStage(
+        all_examples(routing),
+        embed or core.openai_embedder(base_url, model),
+        key=f"{base_url.rstrip('/')}#{model}",
+        budget=routing.embedding_budget,
+        cache_path=cache_path,
+    )
 
 
 @dataclass(frozen=True)
@@ -105,13 +136,26 @@ class Classification:
     category: Category
     signals: tuple[str, ...]
     scores: Mapping[Category, float] = field(default_factory=dict)
+    confident: bool = True
+    stage: str = core.RULES
+    """Which stage decided: `rules`, or `embedding` (the nearest labelled examples)."""
+    neighbours: tuple[core.Neighbour, ...] = ()
+    note: str = ""
+    """Why the embedding stage did not decide, when it was asked."""
 
     def to_json(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "category": self.category.value,
+            "stage": self.stage,
+            "rules_confident": self.confident,
             "signals": list(self.signals),
             "scores": {c.value: round(s, 3) for c, s in self.scores.items() if s},
         }
+        if self.neighbours:
+            out["neighbours"] = [n.to_json() for n in self.neighbours]
+        if self.note:
+            out["embedding_note"] = self.note
+        return out
 
 
 class Classifier:
@@ -124,18 +168,29 @@ class Classifier:
         fast_max_words: int = 6,
     ) -> None:
         self.core = core.Classifier(rules, default_category.value, fast_max_words)
+        self.two = core.TwoStageClassifier(self.core)
 
     @classmethod
-    def from_spec(cls, routing: Routing | None = None) -> Classifier:
-        """The defaults merged with `routing.rules`, and the spec's default category and fast limit."""
+    def from_spec(cls, routing: Routing | None = None, stage: core.EmbeddingStage | None = None) -> Classifier:
+        """The defaults merged with `routing.rules`, and the spec's default category and fast limit;
+        with `stage`, requests the rules are unsure of go to the embedding stage (`embedding_stage`)."""
         made = cls.__new__(cls)
         made.core = core.Classifier.from_config(routing_config(routing))
+        made.two = core.TwoStageClassifier(made.core, stage)
         return made
 
     def classify(self, request: object) -> Classification:
         """The category of a prompt, a request body (dict) or a `ParsedRequest`."""
-        got = self.core.classify(request)
-        return Classification(Category(got.category), got.signals, {Category(c): s for c, s in got.scores.items()})
+        got = self.two.classify(request)
+        return Classification(
+            Category(got.category),
+            got.signals,
+            {Category(c): s for c, s in got.scores.items()},
+            got.confident,
+            got.stage,
+            got.neighbours,
+            got.note,
+        )
 
 
 _DEFAULT: Classifier | None = None
@@ -296,6 +351,7 @@ class Route:
         }
         if self.classification is not None:
             out["signals"] = list(self.classification.signals)
+            out["classification"] = self.classification.to_json()
         return out
 
 

@@ -17,13 +17,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from controller.core.routing import Endpoint, EndpointHealth
+from controller.core.classifier import EmbeddingStage
+from controller.core.routing import Endpoint, EndpointHealth, HealthView, RouteError, choose, embedding_stage
 from controller.effects import health
-from specs.enums import Runtime
+from specs.enums import Category, Runtime
 from specs.files import atomic_write
 from specs.model import ClusterSpec
 
@@ -140,3 +141,38 @@ def probe(
         cache.update(fresh)
     known.update(fresh)
     return {e: endpoint_health(e, known[e.health_url]) for e in wanted}
+
+
+EMBED_CACHE_FILE = "routing-embeddings.json"
+"""The example embeddings of the routing classifier's embedding stage, in the state directory."""
+
+
+def embedding_stage_for(
+    spec: ClusterSpec,
+    endpoints: Mapping[str, Sequence[Endpoint]],
+    health: HealthView | None,
+    state_dir: Path | None,
+) -> tuple[EmbeddingStage | None, str]:
+    """The embedding stage through the cluster's embed model (`routing.embedding_model`, else the embed
+    category's first healthy model), with its example embeddings ready; or None and why not."""
+    if not spec.routing.embedding:
+        return None, "routing.embedding is off"
+    try:
+        if spec.routing.embedding_model is not None:
+            replicas = [e for e in endpoints.get(spec.routing.embedding_model, ()) if health is None or _up(health(e))]
+            if not replicas:
+                return None, f"embed model '{spec.routing.embedding_model}' is not placed or not up: rules only"
+            endpoint = replicas[0]
+        else:
+            endpoint = choose(spec, Category.EMBED, endpoints, health).endpoint
+    except RouteError as exc:
+        return None, f"no embed model: {exc}: rules only"
+    base = endpoint.url if endpoint.runtime is Runtime.LLAMACPP else endpoint.url.rstrip("/") + "/v1"
+    cache = str(state_dir / EMBED_CACHE_FILE) if state_dir is not None else None
+    stage = embedding_stage(spec.routing, base, endpoint.served_model, cache)
+    why = stage.prepare()
+    return (stage, "") if not why else (None, f"{why}: rules only")
+
+
+def _up(answer: EndpointHealth | bool | None) -> bool:
+    return answer is None or (answer if isinstance(answer, bool) else answer.healthy)

@@ -10,7 +10,7 @@ from pathlib import Path
 from controller.core.classifier import LiteLLMClassifier, plugin_source
 from controller.core.routing import Classifier, routing_config
 from specs.enums import Category
-from specs.model import ClassifierRule, Routing
+from specs.model import ClassifierRule, Routing, RoutingExample
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "routing.jsonl"
 
@@ -76,3 +76,46 @@ gateway: {mode: external, port: 4000, master_key: "env:LT_KEY"}
     config = rendered[0]["litellm_params"]["complexity_router_config"]
     assert config["tiers"] == {"chat": "expert/chat", ONLY_TIER_TWIN: "expert/chat"}
     assert [t["name"] for t in config["tier_definitions"]] == ["chat", ONLY_TIER_TWIN]
+
+
+def test_plugin_with_embedding_stage_asks_the_embed_endpoint_stdlib_only(tmp_path: Path) -> None:
+    """The plugin's second stage, in a Python with no site-packages, against an OpenAI-compatible endpoint."""
+    from controller.core.routing import all_examples
+    from tests.controller.test_routing_embedding import UNSURE, _server
+
+    routing = Routing(examples=[RoutingExample(text=UNSURE, category=Category.REASON)])
+    tiers = {"code": "code", "chat": "chat", "fast": "fast", "reason": "reason", "vision": "chat", "embed": "chat"}
+    examples = [[e.text, e.category, e.source] for e in all_examples(routing)]
+    assert examples[-1] == [UNSURE, "reason", "spec"]
+    examples = [examples[-1], ["prime segfault hello", "code", "built-in"]]  # the toy embedding knows few words
+    with _server(delay=0.0) as url:
+        config = {
+            "routing": {**routing_config(routing), "embedding_budget": 5.0},
+            "tiers": tiers,
+            "fallback_tier": "chat",
+            "embedding": {"url": url, "model": "e", "examples": examples},
+        }
+        plugin = tmp_path / "homelab_router.py"
+        plugin.write_text(plugin_source(config))
+        script = LOAD.replace(
+            "bodies = json.loads",
+            "assert module.classifier.two.stage.prepare(30) == '', module.classifier.two.stage.last_error\n"
+            "bodies = json.loads",
+        )
+        bodies = [
+            {"messages": [{"role": "user", "content": UNSURE}]},
+            {"messages": [{"role": "user", "content": "hi"}]},
+        ]
+        done = subprocess.run(
+            [sys.executable, "-I", "-S", "-c", script, str(plugin)],
+            input=json.dumps(bodies),
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            check=True,
+        )
+    got, imported = (json.loads(line) for line in done.stdout.splitlines())
+    assert imported == []
+    # the toy embedding puts the spec example (reason) nearest; the rules alone say chat
+    assert Classifier.from_spec(routing).classify(UNSURE).category is Category.CHAT
+    assert got[0] == "reason"
