@@ -104,6 +104,7 @@ def _register_commands() -> None:
         reconcile_cmd,
         recover_cmd,
         route_cmd,
+        ui_cmd,
         watch_cmd,
     )
 
@@ -116,6 +117,7 @@ def _register_commands() -> None:
     route_cmd.register(app)
     recover_cmd.register(app)
     watch_cmd.register(app)
+    ui_cmd.register(app)
 
 
 _register_commands()

@@ -22,7 +22,6 @@ from controller.cliutil import SpecFileOption, err, fail, load_or_exit, out, spe
 from controller.drivers.base import DockerNode, DriverError, OllamaNode
 from controller.drivers.gpu import GpuProbe, discover_gpus
 from controller.engine import CachingConnect, CachingOllama, GatewayFactory, Prepared, gateways, prepare
-from controller.gpuuse import ModelVram
 from controller.plan import Plan, render_text
 from controller.state import OllamaNodeState
 from specs.files import atomic_write
@@ -163,6 +162,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """What runs where: managed containers per node and GPU, and Ollama models, as observed now, with
         planned vs actual VRAM."""
+        from controller.effects.status_api import nodes_json
         from controller.observe import observe
         from controller.vram_status import describe, planned_vs_actual
         from controller.watch import describe_watch, read_status
@@ -175,26 +175,7 @@ def register(app: typer.Typer) -> None:
         for warning in reality.warnings:
             err.print(f"warning: {warning}", markup=False)
         if as_json:
-            data: dict[str, Any] = {"cluster": spec.cluster.name, "nodes": {}}
-            for name, node in observed.nodes.items():
-                data["nodes"][name] = {
-                    "reachable": node.reachable,
-                    "error": node.error,
-                    "containers": [
-                        {
-                            "name": c.name,
-                            "model": c.model,
-                            "status": c.status,
-                            "gpus": list(c.config.gpus) if c.config else [],
-                            "port": c.config.port if c.config else None,
-                            "gpu_layers": c.config.gpu_layers if c.config else None,
-                            **_vram_json(vram.get((name, c.name))),
-                        }
-                        for c in node.containers
-                    ],
-                    "foreign_containers": list(node.foreign_containers),
-                    "ollama": _ollama_json(node.ollama),
-                }
+            data: dict[str, Any] = {"cluster": spec.cluster.name, "nodes": nodes_json(observed, vram)}
             if watching is not None:
                 data["watch"] = watching
             out.print(json.dumps(data, indent=2), markup=False)
@@ -220,21 +201,6 @@ def register(app: typer.Typer) -> None:
                 out.print(f"  {c.name}  {c.status}  {where}  {detail}{usage}", markup=False)
 
 
-def _ollama_json(o: OllamaNodeState | None) -> dict[str, Any] | None:
-    if o is None:
-        return None
-    return {
-        "url": o.url,
-        "reachable": o.reachable,
-        "error": o.error,
-        "models": [
-            {"name": m.name, "base": m.base, "num_gpu": m.num_gpu, "num_ctx": m.num_ctx, "loaded": m.preload}
-            for m in o.models
-        ],
-        "other_tags": list(o.tags),
-    }
-
-
 def _ollama_lines(o: OllamaNodeState | None) -> list[str]:
     """A node's Ollama server: homelab's derived models (parameters, loaded or not) and the other tags."""
     if o is None:
@@ -246,14 +212,6 @@ def _ollama_lines(o: OllamaNodeState | None) -> list[str]:
         params = f"num_gpu {m.num_gpu if m.num_gpu is not None else 'default'}, num_ctx {m.num_ctx or 'default'}"
         lines.append(f"  {m.name}  from {m.base or '?'}  {params}  {'loaded' if m.preload else 'not loaded'}")
     return lines
-
-
-def _vram_json(v: ModelVram | None) -> dict[str, Any]:
-    return {
-        "vram_planned_bytes": v.planned_bytes if v is not None else None,
-        "vram_actual_bytes": v.actual_bytes if v is not None else None,
-        "vram_over_plan": v.over_plan if v is not None else False,
-    }
 
 
 def _show(prepared: Prepared, plan: Plan, as_json: bool) -> None:
