@@ -21,8 +21,8 @@ from controller.core.state import OllamaNodeState
 from controller.drivers.base import DriverError
 from controller.effects.apply import LockHeld
 from controller.effects.engine import STATE_ENV, Prepared, Session, state_dir
-from controller.effects.gpu_use import ModelVram
 from controller.effects.observe import observe
+from controller.effects.status_api import nodes_json
 from controller.effects.vram_status import describe, planned_vs_actual
 from controller.effects.watch import describe_watch, read_status
 from specs.files import atomic_write
@@ -91,26 +91,7 @@ def register(app: typer.Typer) -> None:
         for warning in reality.warnings:
             err.print(f"warning: {warning}", markup=False)
         if as_json:
-            data: dict[str, Any] = {"cluster": spec.cluster.name, "nodes": {}}
-            for name, node in observed.nodes.items():
-                data["nodes"][name] = {
-                    "reachable": node.reachable,
-                    "error": node.error,
-                    "containers": [
-                        {
-                            "name": c.name,
-                            "model": c.model,
-                            "status": c.status,
-                            "gpus": list(c.config.gpus) if c.config else [],
-                            "port": c.config.port if c.config else None,
-                            "gpu_layers": c.config.gpu_layers if c.config else None,
-                            **_vram_json(vram.get((name, c.name))),
-                        }
-                        for c in node.containers
-                    ],
-                    "foreign_containers": list(node.foreign_containers),
-                    "ollama": _ollama_json(node.ollama),
-                }
+            data: dict[str, Any] = {"cluster": spec.cluster.name, "nodes": nodes_json(observed, vram)}
             if watching is not None:
                 data["watch"] = watching
             out.print(json.dumps(data, indent=2), markup=False)
@@ -181,21 +162,6 @@ def _reconcile(
     out.print(f"Apply complete: {len(plan.steps)} steps.", markup=False)
 
 
-def _ollama_json(o: OllamaNodeState | None) -> dict[str, Any] | None:
-    if o is None:
-        return None
-    return {
-        "url": o.url,
-        "reachable": o.reachable,
-        "error": o.error,
-        "models": [
-            {"name": m.name, "base": m.base, "num_gpu": m.num_gpu, "num_ctx": m.num_ctx, "loaded": m.preload}
-            for m in o.models
-        ],
-        "other_tags": list(o.tags),
-    }
-
-
 def _ollama_lines(o: OllamaNodeState | None) -> list[str]:
     """A node's Ollama server: homelab's derived models (parameters, loaded or not) and the other tags."""
     if o is None:
@@ -207,14 +173,6 @@ def _ollama_lines(o: OllamaNodeState | None) -> list[str]:
         params = f"num_gpu {m.num_gpu if m.num_gpu is not None else 'default'}, num_ctx {m.num_ctx or 'default'}"
         lines.append(f"  {m.name}  from {m.base or '?'}  {params}  {'loaded' if m.preload else 'not loaded'}")
     return lines
-
-
-def _vram_json(v: ModelVram | None) -> dict[str, Any]:
-    return {
-        "vram_planned_bytes": v.planned_bytes if v is not None else None,
-        "vram_actual_bytes": v.actual_bytes if v is not None else None,
-        "vram_over_plan": v.over_plan if v is not None else False,
-    }
 
 
 def _show(prepared: Prepared, plan: Plan, as_json: bool) -> None:

@@ -10,13 +10,16 @@ SIGTERM or SIGINT: the step in progress finishes, the lock is released, exit 0.
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from controller.commands.common import SpecFileOption, err, fail, out, spec_path, wiring_of
 from controller.effects.engine import STATE_ENV, state_dir
+from controller.effects.status_api import collect
 from controller.effects.watch import (
     FileSource,
     GitSource,
@@ -58,7 +61,9 @@ def register(app: typer.Typer) -> None:
             int | None,
             typer.Option("--metrics-port", help="Serve Prometheus /metrics here [default: watch.metrics_port]"),
         ] = None,
-        metrics_host: Annotated[str, typer.Option("--metrics-host", help="Address /metrics listens on.")] = "127.0.0.1",
+        metrics_host: Annotated[
+            str, typer.Option("--metrics-host", help="Address /metrics and the status page (/) listen on.")
+        ] = "127.0.0.1",
         state: Annotated[
             Path | None,
             typer.Option("--state-dir", help=f"Events, status, lock, clone [default: ${STATE_ENV} or watch.state_dir]"),
@@ -101,12 +106,21 @@ def register(app: typer.Typer) -> None:
         if port is None:
             first = worker.refresh_spec()
             port = first.loaded.spec.watch.metrics_port if first is not None else None
+
+        def page() -> Mapping[str, Any]:
+            good = worker.good
+            if good is None:
+                return {"cluster": "?", "generated": time.time(), "warnings": ["no valid spec yet"]}
+            spec = good.loaded.spec
+            return collect(spec, source.spec_path, worker.state_dir(spec), worker.wiring)
+
         if port is not None:
             try:
-                bound = metrics.serve(port, metrics_host)
+                bound = metrics.serve(port, metrics_host, status=page)
             except OSError as exc:
                 fail(f"--metrics-port {port}: cannot listen on {metrics_host}: {exc.strerror}")
             out.print(f"metrics on http://{metrics_host}:{bound}/metrics", markup=False)
+            out.print(f"status page on http://{metrics_host}:{bound}/", markup=False)
         try:
             asyncio.run(
                 serve(loop, watch_path=source.path if isinstance(source, FileSource) else None, handle_signals=True)

@@ -20,6 +20,7 @@ from controller.effects.engine import current_placement
 from controller.effects.gpu_use import GpuReality, ModelVram, actual_vram, gib, managed_pids, observe_gpus
 from solver.gguf import read_header
 from solver.place import SolveParams, place
+from solver.problem import PlacementResult
 from solver.profiles import profiles_for
 from specs.model import ClusterSpec, Node
 
@@ -35,6 +36,18 @@ def planned_vs_actual(
     params: SolveParams | None = None,
 ) -> tuple[dict[StatusKey, ModelVram], GpuReality]:
     """Per running managed container: planned and actual VRAM; and what discovery found."""
+    vram, reality, _ = placed_vs_actual(spec, observed, connect, probe, params)
+    return vram, reality
+
+
+def placed_vs_actual(
+    spec: ClusterSpec,
+    observed: ClusterState,
+    connect: Callable[[Node], DockerNode],
+    probe: GpuProbe,
+    params: SolveParams | None = None,
+) -> tuple[dict[StatusKey, ModelVram], GpuReality, PlacementResult]:
+    """`planned_vs_actual`, and the placement it compared with (the status page draws it)."""
     reality = observe_gpus(spec, observed, connect, probe)
     pids = managed_pids(spec, observed, connect)
     placement = place(
@@ -55,7 +68,7 @@ def planned_vs_actual(
             out[node.node, c.name] = ModelVram(
                 c.name, planned.get((node.node, c.model, c.replica)), actual_vram(report, container_pids)
             )
-    return out, reality
+    return out, reality, placement
 
 
 def describe(v: ModelVram) -> str:

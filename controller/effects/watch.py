@@ -39,7 +39,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from watchfiles import awatch
 
 from controller.core.plan import render_text
@@ -49,6 +49,7 @@ from controller.effects.apply import EVENTS_FILE, EventLog, Executor, LockHeld
 from controller.effects.engine import Prepared, Session, Wiring, state_dir
 from controller.effects.health import Status
 from controller.effects.recovery import STATE_FILE, AttemptStore, Outcome, due_nodes, run_all
+from controller.effects.status_http import StatusFn, StatusServer
 from solver.problem import Unplaced
 from specs import Diagnostic, LoadedSpec, SpecError, load_spec
 from specs.errors import HomelabError
@@ -270,21 +271,21 @@ class Metrics:
         self.last_success = Gauge(
             "homelab_last_successful_reconcile_timestamp_seconds", "when a reconcile last succeeded", registry=r
         )
-        self._server: Any = None
-        self._thread: threading.Thread | None = None
+        self.gpu_used = Gauge(
+            "homelab_gpu_used_bytes", "VRAM in use per GPU as nvidia-smi reports it (all processes)", ["node", "gpu"],
+            registry=r,
+        )  # fmt: skip
+        self._server: StatusServer | None = None
 
-    def serve(self, port: int, host: str = "127.0.0.1") -> int:
-        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
-        return int(self._server.server_port)
+    def serve(self, port: int, host: str = "127.0.0.1", status: StatusFn | None = None) -> int:
+        """/metrics, and with `status` the status page at / and /api/status (`controller.effects.status_http`)."""
+        self._server = StatusServer(status, self.registry)
+        return self._server.serve(port, host)
 
     def close(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.close()
             self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
 
 
 # --------------------------------------------------------------------------- the work of one run
@@ -485,6 +486,13 @@ class Worker:
         for g in prepared.placement.gpus:
             self.metrics.planned_vram.labels(node=g.node, gpu=str(g.index)).set(g.used_bytes)
             self.metrics.gpu_capacity.labels(node=g.node, gpu=str(g.index)).set(g.capacity_bytes)
+        self.metrics.gpu_used.clear()
+        reality = prepared.gpus
+        for f in reality.findings if reality is not None else ():
+            if f.found is not None and f.found.used_bytes is not None:
+                self.metrics.gpu_used.labels(node=f.node, gpu=str(f.index)).set(f.found.used_bytes)
+        for node in prepared.observed.nodes:  # every node has a series from the start, 0 until recovered
+            self.metrics.recovery_attempts.labels(node=node)
 
     def _finish(self, result: dict[str, Any], t0: float) -> dict[str, Any]:
         result["duration_s"] = round(time.perf_counter() - t0, 3)

@@ -526,3 +526,28 @@ def test_watch_command_line_mistakes(engines: dict[str, FakeDockerNode], wired: 
     assert result.exit_code == 1 and "--git and -f: choose one" in result.stderr
     result = wired.invoke(["watch", "--git", "/nowhere.git"])
     assert result.exit_code == 1 and result.stderr.startswith("error: git: git clone failed:")
+
+
+def test_gpu_used_and_recovery_series_are_exported() -> None:
+    """`homelab_gpu_used_bytes` is nvidia-smi's figure per GPU where it was found, absent where it was not;
+    every observed node has a recovery-attempts series from the first run (0 until recovery starts)."""
+    from types import SimpleNamespace
+
+    from controller.drivers.gpu import GpuInfo
+    from controller.effects.gpu_use import GpuFinding, GpuReality
+    from solver.problem import GpuUse
+
+    metrics = Metrics()
+    worker = Worker(FileSource(Path("cluster.yaml")), None, False, metrics, lambda line, error: None)
+    found = GpuInfo(0, "H100", "GPU-1", 80 * 2**30, 5 * 2**30, 75 * 2**30, "550")
+    prepared = SimpleNamespace(
+        placement=SimpleNamespace(gpus=(GpuUse("a", 0, "H100", 70 * 2**30, 3 * 2**30),)),
+        gpus=GpuReality((GpuFinding("a", 0, found, 0, 0), GpuFinding("b", 0, None, 0, 2**30))),
+        observed=SimpleNamespace(nodes={"a": None, "b": None}),
+    )
+    worker._placement_metrics(prepared)  # type: ignore[arg-type]  # only the fields it reads
+    r = metrics.registry
+    assert r.get_sample_value("homelab_gpu_used_bytes", {"node": "a", "gpu": "0"}) == 5 * 2**30
+    assert r.get_sample_value("homelab_gpu_used_bytes", {"node": "b", "gpu": "0"}) is None
+    assert r.get_sample_value("homelab_planned_vram_bytes", {"node": "a", "gpu": "0"}) == 3 * 2**30
+    assert r.get_sample_value("homelab_recovery_attempts_total", {"node": "b"}) == 0.0

@@ -1,0 +1,422 @@
+"""The status page: one plain status dict in, server-rendered HTML out. Pure: no I/O, no clock.
+
+The dict is what `/api/status` serves (built by `controller.effects.status_api.collect`):
+
+    cluster      the cluster's name
+    generated    when the dict was built (epoch seconds)
+    spec         {path, hash}
+    nodes        name → the node as `homelab status --json` shows it (reachable, error, containers with planned
+                 and actual VRAM, foreign_containers, ollama), plus tier, state (HEALTHY / DEGRADED / DOWN /
+                 NOT OBSERVED), reasons (one line each), ram_bytes, gpus and cpu_models (below)
+      gpus       [{index, name, vram_bytes, reserve_bytes, foreign_bytes, shortfall_bytes, capacity_bytes,
+                   planned_bytes, used_bytes, models: [{model, replica, container, gpu_layers, layers,
+                   planned_bytes, actual_bytes, over_plan}]}]
+      cpu_models [{model, replica, runtime, ram_bytes, status}]
+    health       `HealthReport.to_json()` (verdict, reason, tiers → verdict and endpoints), or None
+    placement    {status, unplaced: [{model, replica, reason}], notes}
+    routing      [{category, chain: [{category, models: [{model, state, why}]}], answer, reason}]
+    watch        STATE_DIR/watch.json as a running `homelab watch` wrote it, or None
+    events       the last lines of STATE_DIR/events.jsonl
+    warnings     [str]
+
+A GPU is drawn as a bar of its whole VRAM: the reserve, memory held by other processes, each model's
+planned share (a colour per model, labelled with its GPU layers), the free rest; below it a thin bar of
+the measured use of each model when nvidia-smi reported it. Every piece of text from the dict is
+HTML-escaped (model, node and container names, errors and events come from specs and from the cluster).
+
+The page refreshes itself with a few lines of inline JavaScript from `/api/status?view=html`, which adds
+`html` (this module's `render_main`) to the same dict: one renderer, on the server. Without JavaScript the
+page is the last render. Nothing is loaded from anywhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from html import escape
+from typing import Any
+
+REFRESH_S = 5
+"""How often the page asks /api/status again."""
+EVENTS_SHOWN = 15
+
+STATE_CLASS = {
+    "HEALTHY": "ok",
+    "DEGRADED": "warn",
+    "DOWN": "bad",
+    "NOT OBSERVED": "bad",
+    "UNKNOWN": "muted",
+}
+
+
+def e(value: object) -> str:
+    """HTML-escape anything (quotes too: values also go into attributes)."""
+    return escape("" if value is None else str(value), quote=True)
+
+
+def size(n: object) -> str:
+    """Bytes as people read them: 1.2 GiB, 410 MiB; '?' when unknown."""
+    if not isinstance(n, int | float) or isinstance(n, bool):
+        return "?"
+    if abs(n) >= 2**30:
+        return f"{n / 2**30:.1f} GiB"
+    if abs(n) >= 2**20:
+        return f"{n / 2**20:.0f} MiB"
+    return f"{n / 2**10:.0f} KiB"
+
+
+def model_colour(model: str) -> str:
+    """A stable colour per model name (the same on every GPU and every render)."""
+    hue = zlib.crc32(model.encode()) % 360
+    return f"hsl({hue} 62% 48%)"
+
+
+def when(t: object) -> str:
+    if not isinstance(t, int | float) or isinstance(t, bool) or t <= 0:
+        return "?"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def badge(state: object) -> str:
+    s = str(state or "UNKNOWN")
+    return f'<span class="badge {STATE_CLASS.get(s.upper(), "muted")}">{e(s)}</span>'
+
+
+def _pct(part: int | float, whole: int | float) -> float:
+    return max(0.0, min(100.0, 100.0 * part / whole)) if whole > 0 else 0.0
+
+
+def _int(v: object) -> int:
+    return int(v) if isinstance(v, int | float) and not isinstance(v, bool) else 0
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def gpu_bar(node: str, gpu: Mapping[str, Any]) -> str:
+    """One GPU: planned shares on its whole VRAM, and the measured use below when known."""
+    total = _int(gpu.get("vram_bytes")) or _int(gpu.get("capacity_bytes")) or 1
+    reserve = _int(gpu.get("reserve_bytes"))
+    foreign = _int(gpu.get("foreign_bytes")) + _int(gpu.get("shortfall_bytes"))
+    models: Sequence[Mapping[str, Any]] = gpu.get("models") or []
+    segs: list[str] = []
+
+    def seg(cls: str, nbytes: int, label: str, title: str, style: str = "") -> None:
+        if nbytes <= 0:
+            return
+        w = _pct(nbytes, total)
+        segs.append(
+            f'<div class="seg {cls}" style="width:{w:.3f}%;{style}" title="{e(title)}">'
+            f'<span class="seglabel">{e(label)}</span></div>'
+        )
+
+    seg("reserve", reserve, "reserve", f"reserve {size(reserve)}")
+    seg("foreign", foreign, "other", f"held by other processes {size(foreign)}")
+    for m in models:
+        name = str(m.get("model"))
+        layers = f"{m.get('gpu_layers')}/{m.get('layers')}"
+        planned = _int(m.get("planned_bytes"))
+        seg(
+            "model",
+            planned,
+            f"{name} {layers}",
+            f"{name}: planned {size(planned)}, GPU layers {layers}",
+            f"background:{model_colour(name)}",
+        )
+    used = reserve + foreign + sum(_int(m.get("planned_bytes")) for m in models)
+    seg("free", total - used, "free", f"free {size(total - used)}")
+
+    actual = [m for m in models if isinstance(m.get("actual_bytes"), int)]
+    actual_bar = ""
+    if actual:
+        parts = "".join(
+            f'<div class="seg model{" over" if m.get("over_plan") else ""}"'
+            f' style="width:{_pct(_int(m["actual_bytes"]), total):.3f}%;background:{model_colour(str(m.get("model")))}"'
+            f' title="{e(m.get("model"))}: measured {size(m["actual_bytes"])}"></div>'
+            for m in actual
+        )
+        actual_bar = f'<div class="bar actual" aria-label="measured use">{parts}</div>'
+
+    legend = []
+    for m in models:
+        name = str(m.get("model"))
+        planned = _int(m.get("planned_bytes"))
+        measured = m.get("actual_bytes")
+        beside = f", measured {size(measured)}" if isinstance(measured, int) else ""
+        over = ' <span class="badge bad">OVER PLAN</span>' if m.get("over_plan") else ""
+        legend.append(
+            f'<li><span class="swatch" style="background:{model_colour(name)}"></span>'
+            f'<span class="model-name">{e(name)}</span> {e(m.get("gpu_layers"))}/{e(m.get("layers"))} GPU layers,'
+            f" planned {size(planned)}{e(beside)}{over}</li>"
+        )
+    head = (
+        f"GPU {e(gpu.get('index'))} {e(gpu.get('name'))}: planned {size(_int(gpu.get('planned_bytes')))}"
+        f" of {size(_int(gpu.get('capacity_bytes')))} usable ({size(total)} VRAM)"
+    )
+    if isinstance(gpu.get("used_bytes"), int):
+        head += f", nvidia-smi: {size(gpu['used_bytes'])} in use"
+    return (
+        f'<div class="gpu" data-node="{e(node)}" data-gpu="{e(gpu.get("index"))}">'
+        f'<div class="gpuhead">{head}</div>'
+        f'<div class="bar planned" aria-label="planned">{"".join(segs)}</div>{actual_bar}'
+        f'<ul class="legend">{"".join(legend) or "<li>nothing planned</li>"}</ul></div>'
+    )
+
+
+def node_card(name: str, n: Mapping[str, Any]) -> str:
+    state = n.get("state") or "UNKNOWN"
+    reasons = "".join(f"<li>{e(r)}</li>" for r in n.get("reasons") or [])
+    gpus = "".join(gpu_bar(name, g) for g in n.get("gpus") or [])
+    cpu_rows = "".join(
+        f'<li><span class="model-name">{e(m.get("model"))}</span> ({e(m.get("runtime"))}) CPU only,'
+        f" RAM {size(m.get('ram_bytes'))}{' — ' + e(m.get('status')) if m.get('status') else ''}</li>"
+        for m in n.get("cpu_models") or []
+    )
+    containers = n.get("containers") or []
+    rows = "".join(
+        f"<tr><td>{e(c.get('name'))}</td><td>{e(c.get('model'))}</td>"
+        f'<td class="{"ok" if c.get("status") == "running" else "bad"}">{e(c.get("status"))}</td>'
+        f"<td>{e(','.join(map(str, c.get('gpus') or [])) or 'CPU')}</td><td>{e(c.get('port'))}</td>"
+        f"<td>{e(c.get('gpu_layers'))}</td><td>{size(c.get('vram_planned_bytes'))}</td>"
+        f"<td>{size(c.get('vram_actual_bytes'))}</td></tr>"
+        for c in containers
+    )
+    table = (
+        '<table class="containers"><thead><tr><th>container</th><th>model</th><th>status</th><th>GPUs</th>'
+        f"<th>port</th><th>ngl</th><th>VRAM planned</th><th>measured</th></tr></thead><tbody>{rows}</tbody></table>"
+        if containers
+        else ""
+    )
+    ollama = n.get("ollama")
+    olines = ""
+    if isinstance(ollama, Mapping):
+        if not ollama.get("reachable"):
+            olines = f'<p class="bad">Ollama {e(ollama.get("url"))}: not observed ({e(ollama.get("error"))})</p>'
+        else:
+            models = ", ".join(
+                f"{e(m.get('name'))}{' (loaded)' if m.get('loaded') else ''}" for m in ollama.get("models") or []
+            )
+            olines = f"<p>Ollama {e(ollama.get('url'))}: {models or 'no homelab models'}</p>"
+    ram = f" · RAM {size(n.get('ram_bytes'))}" if n.get("ram_bytes") else ""
+    return (
+        f'<section class="node" id="node-{e(name)}" data-node="{e(name)}" data-state="{e(state)}">'
+        f'<h3>{e(name)} <span class="muted">tier {e(n.get("tier"))}{ram}</span> {badge(state)}</h3>'
+        f"{f'<ul class=reasons>{reasons}</ul>' if reasons else ''}{gpus}"
+        f"{f'<ul class=cpu>{cpu_rows}</ul>' if cpu_rows else ''}{olines}{table}</section>"
+    )
+
+
+def tiers_section(status: Mapping[str, Any]) -> str:
+    health = status.get("health") or {}
+    nodes: Mapping[str, Mapping[str, Any]] = status.get("nodes") or {}
+    tiers: Mapping[str, Mapping[str, Any]] = health.get("tiers") or {}
+    order = list(tiers) + sorted({str(n.get("tier")) for n in nodes.values()} - set(tiers))
+    parts = []
+    for tier in order:
+        t = tiers.get(tier) or {}
+        members = [name for name, n in nodes.items() if n.get("tier") == tier]
+        bad = [p for p in t.get("endpoints") or [] if p.get("status") != "up"]
+        why = "".join(f"<li>{e(p.get('name'))}: {e(p.get('error') or p.get('status'))}</li>" for p in bad[:8])
+        more = f"<li>… {len(bad) - 8} more</li>" if len(bad) > 8 else ""
+        parts.append(
+            f'<div class="tier" data-tier="{e(tier)}" data-state="{e(t.get("verdict") or "UNKNOWN")}">'
+            f"<h3>{e(tier)} {badge(t.get('verdict'))}</h3>"
+            f'<p class="muted">{e(", ".join(members)) or "no nodes"}</p>'
+            f"{f'<ul class=reasons>{why}{more}</ul>' if why else ''}</div>"
+        )
+    verdict = health.get("verdict")
+    head = f"<p>Cluster {badge(verdict)} {e(health.get('reason'))}</p>" if health else "<p>health not probed</p>"
+    return f'<section id="tiers"><h2>Tiers</h2>{head}<div class="tiers">{"".join(parts)}</div></section>'
+
+
+def reconcile_section(status: Mapping[str, Any]) -> str:
+    w = status.get("watch")
+    spec = status.get("spec") or {}
+    spec_line = f"<p>spec {e(spec.get('path'))} (hash {e(spec.get('hash'))})</p>" if spec else ""
+    if not isinstance(w, Mapping):
+        return (
+            f'<section id="reconcile"><h2>Last reconcile</h2>{spec_line}'
+            "<p class=muted>no <code>homelab watch</code> has written a status in this state directory</p></section>"
+        )
+    last = w.get("last_run") or {}
+    applied = w.get("applied") or {}
+    plan = last.get("plan") or {}
+    result = '<span class="badge ok">ok</span>' if last.get("ok") else '<span class="badge bad">FAILED</span>'
+    if not last:
+        result = "not yet"
+    rev = applied.get("commit") or applied.get("spec_hash")
+    rows = [
+        ("when", when(last.get("time"))),
+        ("trigger", e(last.get("trigger"))),
+        ("plan", _summary(plan.get("summary")) + (f" ({e(plan.get('steps'))} steps)" if plan else "")),
+        ("result", result + (f" {e(last.get('error'))}" if last.get("error") else "")),
+        ("duration", f"{e(last.get('duration_s'))} s"),
+        (
+            "applied",
+            f"{'commit' if applied.get('commit') else 'spec hash'} {e(rev)} at {when(applied.get('time'))}"
+            if rev
+            else "nothing applied yet",
+        ),
+        ("next run", when(w.get("next_run"))),
+    ]
+    if w.get("dry_run"):
+        rows.append(("mode", "dry run: nothing is applied"))
+    body = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
+    errors = "".join(f"<li>{e(x)}</li>" for x in w.get("spec_errors") or [])
+    if w.get("fetch_error"):
+        errors += f"<li>git: {e(w['fetch_error'])}</li>"
+    errs = f'<h3>Spec errors</h3><ul class="bad" id="spec-errors">{errors}</ul>' if errors else ""
+    text = plan.get("text")
+    plan_text = f"<details><summary>plan</summary><pre>{e(text)}</pre></details>" if text else ""
+    return (
+        f'<section id="reconcile"><h2>Last reconcile</h2>{spec_line}'
+        f'<table class="kv">{body}</table>{errs}{plan_text}</section>'
+    )
+
+
+def _summary(summary: object) -> str:
+    """A plan's counts as `1 to add, 0 to change, 2 to destroy`."""
+    if isinstance(summary, Mapping):
+        return e(", ".join(f"{summary.get(k, 0)} to {k}" for k in ("add", "change", "destroy")))
+    return e(summary)
+
+
+def events_section(events: Iterable[Mapping[str, Any]]) -> str:
+    rows = []
+    for ev in list(events)[-EVENTS_SHOWN:][::-1]:
+        detail = " ".join(
+            f"{k}={ev[k]}" for k in ("node", "step", "name", "error", "message") if ev.get(k) not in (None, "")
+        )
+        rows.append(f"<tr><td>{when(ev.get('time'))}</td><td>{e(ev.get('event'))}</td><td>{e(detail)}</td></tr>")
+    body = "".join(rows) or '<tr><td colspan="3" class="muted">no events</td></tr>'
+    return f'<section id="events"><h2>Last events</h2><table class="events"><tbody>{body}</tbody></table></section>'
+
+
+def routing_section(routes: Iterable[Mapping[str, Any]]) -> str:
+    rows = []
+    for r in routes:
+        chain = []
+        for link in r.get("chain") or []:
+            models = " ".join(
+                f'<span class="rm {e(m.get("state"))}" title="{e(m.get("why"))}">{e(m.get("model"))}</span>'
+                for m in link.get("models") or []
+            )
+            chain.append(f'<span class="cat">{e(link.get("category"))}:</span> {models}')
+        answer = r.get("answer")
+        now = (
+            f'<span class="rm up">{e(answer.get("model"))}</span> on {e(answer.get("node"))}'
+            + (" (fallback)" if answer.get("fallback_used") else "")
+            if isinstance(answer, Mapping)
+            else '<span class="badge bad">none</span>'
+        )
+        rows.append(
+            f'<tr data-category="{e(r.get("category"))}"><th>{e(r.get("category"))}</th>'
+            f'<td>{" → ".join(chain)}</td><td>{now}</td><td class="muted">{e(r.get("reason"))}</td></tr>'
+        )
+    body = "".join(rows) or '<tr><td colspan="4" class="muted">no routing</td></tr>'
+    return (
+        '<section id="routing"><h2>Routing</h2><table class="routing"><thead><tr><th>category</th>'
+        "<th>preferred → fallbacks</th><th>answers now</th><th>why</th></tr></thead>"
+        f"<tbody>{body}</tbody></table></section>"
+    )
+
+
+def placement_notes(status: Mapping[str, Any]) -> str:
+    p = status.get("placement") or {}
+    items = [
+        f"<li>not placed: {e(u.get('model'))}#{e(u.get('replica'))}: {e(u.get('reason'))}</li>"
+        for u in p.get("unplaced") or []
+    ]
+    items += [f"<li>{e(n)}</li>" for n in p.get("notes") or []]
+    items += [f'<li class="warn">{e(w)}</li>' for w in status.get("warnings") or []]
+    return f'<ul id="notes">{"".join(items)}</ul>' if items else ""
+
+
+# --------------------------------------------------------------------------- the page
+
+
+def render_main(status: Mapping[str, Any]) -> str:
+    """Everything below the title: what the JavaScript swaps in on a refresh."""
+    nodes: Mapping[str, Mapping[str, Any]] = status.get("nodes") or {}
+    cards = "".join(node_card(name, n) for name, n in nodes.items())
+    verdict = (status.get("health") or {}).get("verdict")
+    return (
+        f'<p class="muted">cluster {badge(verdict)} · generated {when(status.get("generated"))} · placement'
+        f" {e((status.get('placement') or {}).get('status'))}</p>"
+        f"{tiers_section(status)}{placement_notes(status)}"
+        f'<section id="nodes"><h2>Nodes</h2>{cards}</section>'
+        f"{routing_section(status.get('routing') or [])}{reconcile_section(status)}"
+        f"{events_section(status.get('events') or [])}"
+    )
+
+
+CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:0;background:#f6f7f9;color:#1d2330}
+header{background:#1d2330;color:#fff;padding:10px 20px;display:flex;gap:16px;align-items:baseline}
+header h1{font-size:18px;margin:0}#stamp{color:#aab}
+main{padding:8px 20px 40px}h2{font-size:16px;margin:18px 0 6px}h3{font-size:14px;margin:4px 0}
+.badge{display:inline-block;padding:0 6px;border-radius:3px;font-size:12px;font-weight:600;color:#fff;background:#889}
+.ok{color:#2e7d32}.bad{color:#c62828}.warn{color:#a06000}.muted{color:#667}
+.badge.ok{background:#2e7d32;color:#fff}.badge.warn{background:#d08700;color:#fff}.badge.bad{background:#c62828;color:#fff}
+.tiers{display:flex;gap:10px;flex-wrap:wrap}
+.tier,.node{background:#fff;border:1px solid #dde;border-radius:6px;padding:8px 12px}
+.tier{min-width:180px}.node{margin:8px 0}.reasons{margin:4px 0;padding-left:18px;color:#a33}
+.gpu{margin:6px 0}.gpuhead{font-size:12px;color:#334}
+.bar{display:flex;height:22px;border:1px solid #99a;border-radius:3px;overflow:hidden;background:#fff}
+.bar.actual{height:8px;margin-top:2px;border-color:#ccd}
+.seg{height:100%;overflow:hidden;white-space:nowrap;color:#fff;font-size:11px;line-height:22px;
+box-sizing:border-box;border-right:1px solid #fff}
+.seglabel{padding:0 3px}.seg.reserve{background:repeating-linear-gradient(45deg,#778,#778 4px,#99a 4px,#99a 8px)}
+.seg.foreign{background:#445}.seg.free{background:#eef;color:#889}.seg.over{outline:2px solid #c62828}
+.legend{list-style:none;margin:2px 0;padding:0;font-size:12px;display:flex;flex-wrap:wrap;gap:2px 14px}
+.swatch{display:inline-block;width:10px;height:10px;border-radius:2px;margin-right:4px}
+.model-name{font-weight:600}.cpu{margin:4px 0;padding-left:18px;font-size:12px}
+table{border-collapse:collapse;font-size:12px;background:#fff}
+td,th{padding:2px 8px;text-align:left;border-bottom:1px solid #eef}
+.rm{padding:0 4px;border-radius:3px;background:#eee}.rm.up{background:#c8e6c9}.rm.down{background:#ffcdd2}
+.rm.not-placed{background:#eee;color:#889;text-decoration:line-through}.cat{color:#667}
+pre{background:#fff;border:1px solid #dde;padding:6px;font-size:12px;overflow:auto}
+"""
+
+SCRIPT = """
+(function(){
+  var every = %d * 1000, stamp = document.getElementById('stamp');
+  function tick(){
+    fetch('api/status?view=html', {cache: 'no-store'}).then(function(r){
+      if (!r.ok) throw new Error('HTTP ' + r.status);
+      return r.json();
+    }).then(function(d){
+      document.getElementById('main').innerHTML = d.html;
+      document.body.setAttribute('data-refreshed', String(d.generated));
+      stamp.textContent = 'refreshed ' + new Date().toLocaleTimeString();
+    }).catch(function(err){
+      stamp.textContent = 'refresh failed (' + err.message + '): showing the last render';
+    }).then(function(){ setTimeout(tick, every); });
+  }
+  setTimeout(tick, every);
+})();
+"""
+
+
+def render_page(status: Mapping[str, Any], refresh_s: int = REFRESH_S) -> str:
+    """The whole page, complete without JavaScript."""
+    name = e(status.get("cluster"))
+    return (
+        "<!doctype html>\n<html lang=en><head><meta charset=utf-8>"
+        '<meta name=viewport content="width=device-width,initial-scale=1">'
+        f"<title>homelab {name}</title><style>{CSS}</style></head>"
+        f'<body data-refreshed="{e(status.get("generated"))}"><header><h1>homelab · {name}</h1>'
+        f'<span id="stamp">rendered {when(status.get("generated"))}</span></header>'
+        f'<main id="main">{render_main(status)}</main>'
+        f"<script>{SCRIPT % int(refresh_s)}</script></body></html>\n"
+    )
+
+
+def api_json(status: Mapping[str, Any], with_html: bool = False) -> str:
+    """`/api/status`: the dict; with `with_html`, plus `html` (the page's main part) for the refresh."""
+    data = dict(status)
+    if with_html:
+        data["html"] = render_main(status)
+    return json.dumps(data, default=str)

@@ -1,0 +1,367 @@
+"""The status page's data: the state directory and the cluster as they are now, in one plain dict.
+
+`collect()` does the I/O — observe every node through its Docker engine and Ollama server (as
+`homelab status`), ask nvidia-smi where the spec has GPUs it can see, place as a reconcile would
+(`controller.effects.vram_status.placed_vs_actual`), probe every endpoint (`controller.effects.health.check`), read
+STATE_DIR/watch.json and the tail of STATE_DIR/events.jsonl — and `build()` turns what it found into
+the dict `controller.core.status_page` renders and `/api/status` serves (its keys are listed there).
+The `nodes` part is exactly `homelab status --json`'s (`nodes_json`, which that command uses too).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from controller.core.desired import RenderError, container_name, render
+from controller.core.gateway_config import GatewayError
+from controller.core.routing import (
+    Endpoint,
+    EndpointHealth,
+    RouteError,
+    candidates,
+    category_models,
+    choose,
+    endpoints_from_state,
+    fallback_chain,
+)
+from controller.core.state import ClusterState, OllamaNodeState
+from controller.drivers.base import DriverError
+from controller.effects.apply import EVENTS_FILE
+from controller.effects.engine import Session, Wiring, current_ports
+from controller.effects.gpu_use import GpuReality, ModelVram, match_gpu
+from controller.effects.health import HealthReport, Probe, Status, tier_verdict
+from controller.effects.observe import observe
+from controller.effects.route_probe import Probed, endpoint_health
+from controller.effects.vram_status import StatusKey, placed_vs_actual
+from controller.effects.watch import read_status
+from solver.problem import PlacementResult
+from specs.enums import Category
+from specs.model import ClusterSpec, Node
+
+EVENTS_KEPT = 30
+EVENTS_TAIL_BYTES = 64 * 1024
+
+
+# --------------------------------------------------------------------------- `homelab status --json`
+
+
+def ollama_json(o: OllamaNodeState | None) -> dict[str, Any] | None:
+    if o is None:
+        return None
+    return {
+        "url": o.url,
+        "reachable": o.reachable,
+        "error": o.error,
+        "models": [
+            {"name": m.name, "base": m.base, "num_gpu": m.num_gpu, "num_ctx": m.num_ctx, "loaded": m.preload}
+            for m in o.models
+        ],
+        "other_tags": list(o.tags),
+    }
+
+
+def vram_json(v: ModelVram | None) -> dict[str, Any]:
+    return {
+        "vram_planned_bytes": v.planned_bytes if v is not None else None,
+        "vram_actual_bytes": v.actual_bytes if v is not None else None,
+        "vram_over_plan": v.over_plan if v is not None else False,
+    }
+
+
+def nodes_json(observed: ClusterState, vram: Mapping[StatusKey, ModelVram]) -> dict[str, dict[str, Any]]:
+    """The nodes as `homelab status --json` prints them."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, node in observed.nodes.items():
+        out[name] = {
+            "reachable": node.reachable,
+            "error": node.error,
+            "containers": [
+                {
+                    "name": c.name,
+                    "model": c.model,
+                    "status": c.status,
+                    "gpus": list(c.config.gpus) if c.config else [],
+                    "port": c.config.port if c.config else None,
+                    "gpu_layers": c.config.gpu_layers if c.config else None,
+                    **vram_json(vram.get((name, c.name))),
+                }
+                for c in node.containers
+            ],
+            "foreign_containers": list(node.foreign_containers),
+            "ollama": ollama_json(node.ollama),
+        }
+    return out
+
+
+# --------------------------------------------------------------------------- the state directory
+
+
+def read_events(state_dir: Path, keep: int = EVENTS_KEPT) -> list[dict[str, Any]]:
+    """The last `keep` events of STATE_DIR/events.jsonl (only its tail is read; a torn line is skipped)."""
+    path = state_dir / EVENTS_FILE
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, 2)
+            end = fh.tell()
+            fh.seek(max(0, end - EVENTS_TAIL_BYTES))
+            tail = fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return []
+    out: list[dict[str, Any]] = []
+    for line in tail.splitlines()[-keep:]:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            out.append(record)
+    return out
+
+
+# --------------------------------------------------------------------------- what was found → the dict
+
+
+@dataclass(frozen=True)
+class Found:
+    """Everything `collect` learnt from the cluster in one pass."""
+
+    observed: ClusterState
+    vram: Mapping[StatusKey, ModelVram]
+    reality: GpuReality
+    placement: PlacementResult
+    desired: ClusterState | None
+    report: HealthReport | None
+    warnings: tuple[str, ...] = ()
+
+
+def _node_state(name: str, node: Mapping[str, Any], probes: Sequence[Probe], report: bool) -> tuple[str, list[str]]:
+    """HEALTHY / DEGRADED / DOWN from the node's own endpoints (as its tier is judged), and why."""
+    reasons: list[str] = []
+    if not node.get("reachable", True):
+        reasons.append(f"Docker engine not observed: {node.get('error')}")
+    ollama = node.get("ollama")
+    if isinstance(ollama, Mapping) and not ollama.get("reachable"):
+        reasons.append(f"Ollama not observed: {ollama.get('error')}")
+    for c in node.get("containers") or []:
+        if c.get("status") != "running":
+            reasons.append(f"{c.get('name')}: {c.get('status')}")
+    for p in probes:
+        if p.status is not Status.UP:
+            reasons.append(f"{p.endpoint.name}: {p.error or p.status.value}")
+    if not report:
+        return ("NOT OBSERVED" if reasons else "UNKNOWN"), reasons
+    return tier_verdict(probes).value, reasons
+
+
+def _health_view(report: HealthReport | None) -> Callable[[Endpoint], EndpointHealth | None]:
+    probed = {p.endpoint.target: Probed.of(p) for p in report.probes} if report is not None else {}
+
+    def view(ep: Endpoint) -> EndpointHealth | None:
+        answer = probed.get(ep.health_url)
+        return endpoint_health(ep, answer) if answer is not None else None
+
+    return view
+
+
+def routing_json(spec: ClusterSpec, desired: ClusterState | None, report: HealthReport | None) -> list[dict[str, Any]]:
+    """Per category: its preferred models and fallbacks, each up / down / not placed, and who answers now."""
+    eps = endpoints_from_state(spec, desired) if desired is not None else {}
+    view = _health_view(report)
+    out: list[dict[str, Any]] = []
+    for cat in Category:
+        if not candidates(spec, cat):
+            continue
+        chain = []
+        for link in fallback_chain(spec, cat):
+            models = []
+            for model in category_models(spec, link):
+                replicas = eps.get(model, ())
+                if not replicas:
+                    models.append({"model": model, "state": "not-placed", "why": "not placed"})
+                    continue
+                states = [view(r) for r in replicas]
+                up = any(s is None or s.healthy for s in states)
+                why = "; ".join(
+                    f"{r.node}: {s.reason}" for r, s in zip(replicas, states, strict=True) if s and not s.healthy
+                )
+                models.append({"model": model, "state": "up" if up else "down", "why": why or "answers"})
+            chain.append({"category": link.value, "models": models})
+        answer: dict[str, Any] | None = None
+        try:
+            chosen = choose(spec, cat, eps, view)
+        except RouteError as exc:
+            reason = str(exc)
+        else:
+            reason = chosen.reason
+            answer = {
+                "model": chosen.model,
+                "node": chosen.endpoint.node,
+                "category": chosen.category.value,
+                "fallback_used": chosen.fallback_used,
+            }
+        out.append({"category": cat.value, "chain": chain, "answer": answer, "reason": reason})
+    return out
+
+
+def _gpus_json(spec_node: Node, found: Found, vram_status: Mapping[str, Any]) -> list[dict[str, Any]]:
+    placement, reality = found.placement, found.reality
+    containers = {c["name"] for c in vram_status.get("containers") or []}
+    uses = {(g.node, g.index): g for g in placement.gpus}
+    findings = {(f.node, f.index): f for f in reality.findings}
+    report = reality.reports.get(spec_node.name)
+    out = []
+    for gpu in spec_node.gpus:
+        use = uses.get((spec_node.name, gpu.index))
+        finding = findings.get((spec_node.name, gpu.index))
+        info = match_gpu(report, gpu) if report is not None else None
+        models = []
+        for a in placement.assignments:
+            if a.node != spec_node.name or gpu.index not in a.gpus:
+                continue
+            cname = container_name(a.model)
+            v = found.vram.get((spec_node.name, cname)) if cname in containers else None
+            models.append(
+                {
+                    "model": a.model,
+                    "replica": a.replica,
+                    "container": cname if cname in containers else None,
+                    "gpu_layers": a.layers_per_gpu.get(gpu.index, a.gpu_layers),
+                    "layers": a.layers,
+                    "planned_bytes": a.vram_bytes.get(gpu.index, 0),
+                    "actual_bytes": v.actual_bytes if v is not None else None,
+                    "over_plan": v.over_plan if v is not None else False,
+                }
+            )
+        out.append(
+            {
+                "index": gpu.index,
+                "name": gpu.name,
+                "vram_bytes": gpu.vram,
+                "reserve_bytes": gpu.reserve,
+                "foreign_bytes": finding.foreign_bytes if finding is not None else 0,
+                "shortfall_bytes": finding.shortfall_bytes if finding is not None else 0,
+                "capacity_bytes": use.capacity_bytes if use is not None else gpu.vram - gpu.reserve,
+                "planned_bytes": use.used_bytes if use is not None else 0,
+                "used_bytes": info.used_bytes if info is not None else None,
+                "models": models,
+            }
+        )
+    return out
+
+
+def build(
+    spec: ClusterSpec,
+    found: Found,
+    *,
+    spec_path: str,
+    spec_hash: str,
+    watch: Mapping[str, Any] | None,
+    events: Sequence[Mapping[str, Any]],
+    now: float,
+) -> dict[str, Any]:
+    """The `/api/status` dict (keys in `controller.core.status_page`). No I/O."""
+    nodes = nodes_json(found.observed, found.vram)
+    probes_by_node: dict[str, list[Probe]] = {}
+    if found.report is not None:
+        for p in found.report.probes:
+            if p.endpoint.node is not None and p.endpoint.tier != "gateway":
+                probes_by_node.setdefault(p.endpoint.node, []).append(p)
+    runtimes = {m.name: m.runtime.value for m in spec.models}
+    for spec_node in spec.nodes:
+        n = nodes.setdefault(
+            spec_node.name,
+            {"reachable": True, "error": None, "containers": [], "foreign_containers": [], "ollama": None},
+        )
+        by_model = {c["model"]: c for c in n["containers"]}
+        n["tier"] = spec_node.tier.value
+        n["ram_bytes"] = spec_node.ram
+        n["state"], n["reasons"] = _node_state(
+            spec_node.name, n, probes_by_node.get(spec_node.name, []), found.report is not None
+        )
+        n["gpus"] = _gpus_json(spec_node, found, n)
+        n["cpu_models"] = [
+            {
+                "model": a.model,
+                "replica": a.replica,
+                "runtime": runtimes.get(a.model),
+                "ram_bytes": a.ram_bytes,
+                "status": (by_model.get(a.model) or {}).get("status"),
+            }
+            for a in found.placement.assignments
+            if a.node == spec_node.name and not a.gpus
+        ]
+    order = {n.name: i for i, n in enumerate(spec.nodes)}
+    return {
+        "cluster": spec.cluster.name,
+        "generated": now,
+        "spec": {"path": spec_path, "hash": spec_hash},
+        "nodes": dict(sorted(nodes.items(), key=lambda kv: order.get(kv[0], len(order)))),
+        "health": found.report.to_json() if found.report is not None else None,
+        "placement": {
+            "status": found.placement.status,
+            "unplaced": [u.to_json() for u in found.placement.unplaced],
+            "notes": list(found.placement.notes),
+        },
+        "routing": routing_json(spec, found.desired, found.report),
+        "watch": dict(watch) if watch is not None else None,
+        "events": list(events),
+        "warnings": list(found.warnings),
+    }
+
+
+# --------------------------------------------------------------------------- the I/O
+
+
+def spec_digest(path: Path) -> str:
+    """The spec's hash as `homelab watch` records it (sha256 of the text, 16 hex digits)."""
+    try:
+        return hashlib.sha256(path.read_text(encoding="utf-8").encode()).hexdigest()[:16]
+    except OSError:
+        return "unreadable"
+
+
+def find(spec: ClusterSpec, wiring: Wiring) -> Found:
+    """Observe, place (as a reconcile places: the wiring's solver settings), render and probe: the cluster now.
+    Never raises for a node that does not answer."""
+    warnings: list[str] = []
+    with Session(spec, wiring) as session:
+        observed = observe(spec, session.connect, session.ollama)
+        vram, reality, placement = placed_vs_actual(spec, observed, session.connect, wiring.gpu_probe, wiring.solve)
+    warnings.extend(reality.warnings)
+    desired: ClusterState | None
+    try:
+        desired = render(spec, placement, current_ports(observed))
+    except (RenderError, GatewayError) as exc:
+        desired = None
+        warnings.append(f"cannot render the desired state: {exc}")
+    try:
+        report: HealthReport | None = wiring.health(spec, desired)
+    except (DriverError, OSError) as exc:
+        report = None
+        warnings.append(f"health not probed: {exc}")
+    return Found(observed, vram, reality, placement, desired, report, tuple(warnings))
+
+
+def collect(
+    spec: ClusterSpec,
+    spec_path: Path,
+    state_dir: Path,
+    wiring: Wiring,
+) -> dict[str, Any]:
+    """The `/api/status` dict for `spec`, as the cluster and the state directory are now."""
+    found = find(spec, wiring)
+    return build(
+        spec,
+        found,
+        spec_path=str(spec_path),
+        spec_hash=spec_digest(spec_path),
+        watch=read_status(state_dir),
+        events=read_events(state_dir),
+        now=time.time(),
+    )
