@@ -9,7 +9,6 @@ tag with the placement's GPU layers (`num_gpu`) and the model's context (`num_ct
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 
 from controller.gateway import GATEWAY_CONTAINER, render_gateway
@@ -35,7 +34,7 @@ from controller.state import (
 )
 from solver.problem import Assignment, PlacementResult
 from specs.enums import GpuAccess, Runtime
-from specs.model import ClusterSpec, Model, Node
+from specs.model import ClusterSpec, Model, Node, gguf_file_name
 
 
 class RenderError(ValueError):
@@ -67,7 +66,7 @@ def container_name(model: str) -> str:
 
 def file_name(source: str) -> str:
     """The file's name inside the volume: the source's base name (POSIX or Windows path)."""
-    return re.split(r"[\\/]", source.rstrip("/\\"))[-1]
+    return gguf_file_name(source)
 
 
 def llama_server_args(model: Model, node: Node, assignment: Assignment, port: int) -> tuple[str, ...]:
