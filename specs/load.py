@@ -29,6 +29,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.composer import Composer, ComposerError
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.events import AliasEvent
 
 from specs.errors import Diagnostic, PathPart, Severity, SpecError
 from specs.errors import Path as DocPath
@@ -37,14 +38,15 @@ from specs.model import PATTERN_MESSAGES, ClusterSpec
 
 SENSITIVE_KEYS = frozenset({"secrets", "master_key", "sudo_password", "password", "token", "api_key", "stdin"})
 
-MAX_SPEC_BYTES = 256 * 1024
-"""The largest spec file read. A homelab spec is a few KiB (examples/homelab.yaml: 7 KiB); 256 KiB
-holds some 2,000 models. ruamel.yaml's round-trip parser is pure Python (about 5 µs a byte here), so
-this also keeps the slowest file it will parse near a second; a larger file is refused unread."""
-MAX_YAML_NODES = 50_000
+MAX_SPEC_BYTES = 128 * 1024
+"""The largest spec file read. A homelab spec is a few KiB (examples/homelab.yaml: 7 KiB); 128 KiB
+holds some 1,000 models. ruamel.yaml's round-trip parser is pure Python (about 5 µs a byte, 40 µs a
+node on the CI machine), so this also keeps the slowest file it will parse well under a second; a
+larger file is refused unread."""
+MAX_YAML_NODES = 25_000
 """The most YAML nodes a spec may expand to, an alias counted as a copy of what it names: a
-2,000-model spec has about 35,000. Bounds what a small file with nested aliases (a "billion laughs")
-can make the loader build."""
+1,000-model spec has about 17,000. Bounds the work of a small file with nested aliases (a "billion
+laughs") or of a long flow list of tiny values to about a second."""
 MAX_YAML_DEPTH = 32
 """The deepest nesting of mappings and lists; the spec itself goes 6 deep."""
 
@@ -108,7 +110,7 @@ class _BoundedComposer(Composer):
             raise ComposerError(None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", event.start_mark)
         start = self._expanded
         node = super().compose_node(parent, index)
-        if event.__class__.__name__ == "AliasEvent":
+        if isinstance(event, AliasEvent):
             size = self._sizes.get(id(node))
             if size is None:
                 raise ComposerError(
@@ -194,7 +196,7 @@ def parse_document(text: str, path: str | Path = "<string>") -> SpecDocument:
     name = str(path)
     if text.startswith("\ufeff"):
         text = text[1:]
-    if len(text) > MAX_SPEC_BYTES:
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_SPEC_BYTES:
         raise SpecError(
             [Diagnostic(name, 0, 0, (), f"is larger than {MAX_SPEC_BYTES // 1024} KiB; a spec is a few KiB")]
         )
@@ -386,6 +388,10 @@ def to_plain(node: Any) -> Any:
         return float(node)
     if isinstance(node, str):
         return str(node)
+    if isinstance(node, bytes):  # !!binary: validated as the text it would become
+        return node.decode("utf-8", "replace")
+    if isinstance(node, (set, frozenset)):  # !!set
+        return [to_plain(v) for v in node]
     return node
 
 

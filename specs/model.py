@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterator, Mapping
-from typing import Annotated, ClassVar, Literal, Self
+from typing import Annotated, ClassVar, Literal, Self, get_origin
 
 from pydantic import (
     AfterValidator,
@@ -169,15 +169,16 @@ _MULTILINE_CONTROL_RE = re.compile("[\x00-\x08" + _OTHER_CONTROL + "]")
 """Commands may be written over several lines (a YAML `|` or `>` block) and hold tabs."""
 
 
-def _strings(key: str, value: object) -> Iterator[tuple[str, str]]:
-    """The strings of one field's raw value (`key`, `key[i]`), with the label to report them by."""
+def _strings(key: str, value: object, *, mapping: bool) -> Iterator[tuple[str, str]]:
+    """The strings of one field's raw value (`key`, `key[i]`), with the label to report them by;
+    with `mapping`, the keys and values of a dict field too (a section is checked by its own model)."""
     if isinstance(value, str):
         yield key, value
     elif isinstance(value, list):
         for i, item in enumerate(value):
             if isinstance(item, str):
                 yield f"{key}[{i}]", item
-    elif isinstance(value, Mapping):
+    elif mapping and isinstance(value, Mapping):
         for k, v in value.items():
             for item in (k, v):
                 if isinstance(item, str):
@@ -199,10 +200,11 @@ class _Spec(BaseModel):
     def _no_control_characters(cls, data: object) -> object:
         if isinstance(data, Mapping):
             for key, value in data.items():
-                if not isinstance(key, str):
-                    continue
+                field = cls.model_fields.get(key) if isinstance(key, str) else None
+                if field is None:
+                    continue  # an unknown key: reported as such
                 bad = _MULTILINE_CONTROL_RE if key in cls.MULTILINE else _NO_CONTROL_RE
-                for label, text in _strings(key, value):
+                for label, text in _strings(key, value, mapping=get_origin(field.annotation) is dict):
                     if bad.search(text):
                         allowed = "" if key not in cls.MULTILINE else " other than newline and tab"
                         raise ValueError(f"{label}: must not contain control characters{allowed}")
