@@ -51,6 +51,7 @@ from solver.cpu import CpuKind, CpuWeights, Weight, cpu_weights_by_kind
 from solver.errors import EstimateError, GGUFError
 from solver.gguf import ArrayInfo, GGUFHeader, MetaValue, TensorInfo, tensor_nbytes
 from specs.enums import KVCacheType, LayerOrder
+from specs.model import MAX_LAYERS
 
 MIB = 1 << 20
 DEFAULT_GPU_OVERHEAD_BYTES = 768 * MIB
@@ -150,18 +151,59 @@ def _meta(md: Mapping[str, Any], key: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
-def _per_layer(value: Any, n_layer: int, what: str, source: str) -> tuple[int, ...]:
+# Sane bounds on what a header may claim, well above every published model (llama.cpp's own limits
+# where it has them): a header beyond them is corrupt or hostile, and would otherwise make the
+# estimate allocate per layer (MemoryError), loop for minutes, or overflow the solver's integers.
+_LIMITS: dict[str, int] = {
+    "block_count": MAX_LAYERS,  # LLAMA_MAX_LAYERS
+    "embedding_length": 1 << 17,
+    "attention.head_count": 1 << 12,
+    "attention.head_count_kv": 1 << 12,
+    "attention.key_length": 1 << 14,
+    "attention.value_length": 1 << 14,
+    "feed_forward_length": 1 << 20,
+    "expert_feed_forward_length": 1 << 20,
+    "expert_count": 1 << 12,
+    "expert_used_count": 1 << 12,
+    "vocab_size": 1 << 24,
+    "context_length": 1 << 32,
+    "attention.sliding_window": 1 << 32,
+    "attention.sliding_window_pattern": MAX_LAYERS + 1,
+}
+
+
+def _shown(value: Any) -> str:
+    """A header value in an error message: repr (control characters escaped), at most 40 characters."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _whole(value: Any, key: str, source: str, lo: int = 0) -> int:
+    """A count from the metadata: a whole number within its bound, else one GGUFError naming the key."""
+    hi = _LIMITS.get(key.split(".", 1)[1] if "." in key else key, 1 << 40)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise GGUFError(f"{source}: {key} must be a whole number, got {_shown(value)}")
+    if not lo <= value <= hi:
+        raise GGUFError(f"{source}: {key} is {value}, outside {lo} … {hi}; corrupt header")
+    return value
+
+
+def _per_layer(value: Any, n_layer: int, key: str, source: str) -> tuple[int, ...]:
+    what = key.rsplit(".", 1)[-1]
     if isinstance(value, ArrayInfo):
         raise GGUFError(f"{source}: {what} array of {value.length} is too long to read")
     if isinstance(value, (list, tuple)):
         if len(value) != n_layer:
             raise GGUFError(f"{source}: {what} has {len(value)} entries for {n_layer} layers")
-        return tuple(int(v) for v in value)
-    return (int(value),) * n_layer
+        return tuple(_whole(v, key, source) for v in value)
+    return (_whole(value, key, source),) * n_layer
 
 
 def _swa_flags(md: Mapping[str, Any], arch: str, n_layer: int, source: str) -> tuple[bool, ...]:
-    window = int(_meta(md, f"{arch}.attention.sliding_window", _SWA_DEFAULT_WINDOW.get(arch, 0)))
+    key = f"{arch}.attention.sliding_window"
+    window = _whole(_meta(md, key, _SWA_DEFAULT_WINDOW.get(arch, 0)), key, source)
     if window <= 0:
         return (False,) * n_layer
     pattern = md.get(f"{arch}.attention.sliding_window_pattern")
@@ -169,7 +211,11 @@ def _swa_flags(md: Mapping[str, Any], arch: str, n_layer: int, source: str) -> t
         if len(pattern) != n_layer:
             raise GGUFError(f"{source}: sliding_window_pattern has {len(pattern)} entries for {n_layer} layers")
         return tuple(bool(p) for p in pattern)
-    n = int(pattern) if isinstance(pattern, int) and not isinstance(pattern, bool) else _SWA_PATTERN.get(arch, 0)
+    n = (
+        _whole(pattern, f"{arch}.attention.sliding_window_pattern", source)
+        if isinstance(pattern, int) and not isinstance(pattern, bool)
+        else _SWA_PATTERN.get(arch, 0)
+    )
     if n == 1:
         return (True,) * n_layer
     if n <= 0:
@@ -203,28 +249,36 @@ def _geometry(md: Mapping[str, Any], source: str, n_vocab_hint: int | None = Non
     if not isinstance(arch, str):
         raise GGUFError(f"{source}: no general.architecture in the model metadata")
 
+    if len(arch) > 64:
+        raise GGUFError(f"{source}: general.architecture {_shown(arch)} is not an architecture name")
+
     def need(key: str) -> Any:
         value = md.get(f"{arch}.{key}")
         if value is None:
             raise GGUFError(f"{source}: missing {arch}.{key} in the model metadata")
         return value
 
-    n_layer = int(need("block_count"))
-    n_embd = int(need("embedding_length"))
-    if n_layer <= 0 or n_embd <= 0:
-        raise GGUFError(f"{source}: block_count and embedding_length must be positive")
-    n_head = _per_layer(need("attention.head_count"), n_layer, "head_count", source)
-    n_head_kv = _per_layer(_meta(md, f"{arch}.attention.head_count_kv", n_head), n_layer, "head_count_kv", source)
+    def count(key: str, default: Any, lo: int = 0) -> int:
+        return _whole(_meta(md, f"{arch}.{key}", default), f"{arch}.{key}", source, lo)
+
+    n_layer = _whole(need("block_count"), f"{arch}.block_count", source, lo=1)
+    n_embd = _whole(need("embedding_length"), f"{arch}.embedding_length", source, lo=1)
+    n_head = _per_layer(need("attention.head_count"), n_layer, f"{arch}.attention.head_count", source)
+    n_head_kv = _per_layer(
+        _meta(md, f"{arch}.attention.head_count_kv", n_head), n_layer, f"{arch}.attention.head_count_kv", source
+    )
     h0 = max(n_head) or 1
-    d_k = int(_meta(md, f"{arch}.attention.key_length", n_embd // h0))
-    d_v = int(_meta(md, f"{arch}.attention.value_length", n_embd // h0))
-    ff = _meta(md, f"{arch}.feed_forward_length", 4 * n_embd)
-    n_ff = max(_per_layer(ff, n_layer, "feed_forward_length", source))
+    d_k = count("attention.key_length", min(n_embd // h0, _LIMITS["attention.key_length"]))
+    d_v = count("attention.value_length", min(n_embd // h0, _LIMITS["attention.value_length"]))
+    ff = _meta(md, f"{arch}.feed_forward_length", min(4 * n_embd, _LIMITS["feed_forward_length"]))
+    n_ff = max(_per_layer(ff, n_layer, f"{arch}.feed_forward_length", source))
     tokens = md.get("tokenizer.ggml.tokens")
-    n_vocab = n_vocab_hint or int(_meta(md, f"{arch}.vocab_size", 0)) or (len(tokens) if tokens is not None else 0)
+    n_vocab = n_vocab_hint or count("vocab_size", 0) or (len(tokens) if isinstance(tokens, (tuple, ArrayInfo)) else 0)
     if n_vocab <= 0:
         raise GGUFError(f"{source}: cannot tell the vocabulary size ({arch}.vocab_size or tokenizer.ggml.tokens)")
-    n_swa = int(_meta(md, f"{arch}.attention.sliding_window", _SWA_DEFAULT_WINDOW.get(arch, 0)))
+    if n_vocab > _LIMITS["vocab_size"]:
+        raise GGUFError(f"{source}: a vocabulary of {n_vocab} tokens, over {_LIMITS['vocab_size']}; corrupt header")
+    n_swa = count("attention.sliding_window", _SWA_DEFAULT_WINDOW.get(arch, 0))
     return _Geometry(
         arch=arch,
         n_layer=n_layer,
@@ -237,10 +291,10 @@ def _geometry(md: Mapping[str, Any], source: str, n_vocab_hint: int | None = Non
         head_dim_v=d_v,
         swa=_swa_flags(md, arch, n_layer, source),
         n_swa=n_swa,
-        n_ctx_train=int(_meta(md, f"{arch}.context_length", 0)),
-        n_expert=int(_meta(md, f"{arch}.expert_count", 0)),
-        n_expert_used=int(_meta(md, f"{arch}.expert_used_count", 0)),
-        n_ff_expert=int(_meta(md, f"{arch}.expert_feed_forward_length", 0)),
+        n_ctx_train=count("context_length", 0),
+        n_expert=count("expert_count", 0),
+        n_expert_used=count("expert_used_count", 0),
+        n_ff_expert=count("expert_feed_forward_length", 0),
     )
 
 
@@ -265,7 +319,7 @@ def shape_from_header(header: GGUFHeader, name: str = "") -> ModelShape:
     for t in header.tensors:
         m = _BLOCK_RE.match(t.name)
         if m:
-            il = int(m.group(1))
+            il = int(m.group(1)) if len(m.group(1)) <= 6 else g.n_layer
             if il >= g.n_layer:
                 raise GGUFError(f"{source}: tensor {t.name} is beyond block_count {g.n_layer}")
             blocks[il].append(t)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import stat
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -162,6 +163,7 @@ class _Cursor:
         return raw.decode("utf-8", errors="replace")
 
     def skip_strings(self, count: int) -> None:
+        self._need(8 * count)  # each string takes 8 bytes at least: a count the file cannot hold fails now
         buf, pos, size = self.buf, self.pos, self.size
         unpack_from = struct.unpack_from
         for _ in range(count):
@@ -200,12 +202,17 @@ def read_header(path: str | os.PathLike[str]) -> GGUFHeader:
     """Read the header of the GGUF file at `path`.
 
     Raises GGUFError (naming the file) when the file is missing, unreadable, not
-    GGUF, of an unsupported version, or shorter than its header says.
+    a regular file, not GGUF, of an unsupported version, or shorter than its header says.
+    A FIFO or a device is refused after a stat, before it is opened, and the file is
+    opened without blocking: nothing here waits for a writer.
     """
     p = Path(path)
     name = str(p)
     try:
-        with open(p, "rb") as f:
+        _check_regular(os.stat(p), name)
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+        with open(fd, "rb") as f:
+            _check_regular(os.fstat(f.fileno()), name)
             size = os.fstat(f.fileno()).st_size
             if size < 24:
                 head = f.read(4)
@@ -220,8 +227,18 @@ def read_header(path: str | os.PathLike[str]) -> GGUFHeader:
         raise GGUFError(f"{name}: is a directory, not a GGUF file") from None
     except PermissionError:
         raise GGUFError(f"{name}: permission denied") from None
+    except ValueError:  # a NUL byte in the path
+        raise GGUFError(f"{name!r}: not a valid file name") from None
     except OSError as exc:
         raise GGUFError(f"{name}: cannot read ({exc.strerror or exc})") from None
+
+
+def _check_regular(st: os.stat_result, name: str) -> None:
+    if stat.S_ISDIR(st.st_mode):
+        raise GGUFError(f"{name}: is a directory, not a GGUF file")
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode) else "special"
+        raise GGUFError(f"{name}: is {kind}, not a regular file")
 
 
 def _parse(buf: mmap.mmap, name: str, size: int) -> GGUFHeader:

@@ -251,6 +251,8 @@ def node_allows(node: Node, model: Model) -> str | None:
         return f"pinned to node {p.node}"
     if p.tier is not None and node.tier is not p.tier:
         return f"pinned to tier {p.tier.value}"
+    if model.runtime is Runtime.LLAMACPP and model.source.node is not None and node.name != model.source.node:
+        return f"its file is on node {model.source.node} (source.node)"
     if model.runtime is Runtime.LLAMACPP and model.port is not None:
         assert node.llamacpp is not None
         if model.port not in node.llamacpp.ports:

@@ -12,9 +12,12 @@ from __future__ import annotations
 import difflib
 import io
 import itertools
+import os
 import re
+import stat
 import types
 import typing
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +27,9 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.composer import Composer, ComposerError
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.events import AliasEvent
 
 from specs.errors import Diagnostic, PathPart, Severity, SpecError
 from specs.errors import Path as DocPath
@@ -32,7 +37,19 @@ from specs.files import atomic_write
 from specs.model import PATTERN_MESSAGES, ClusterSpec
 from specs.validate import check_references
 
-SENSITIVE_KEYS = frozenset({"secrets", "master_key", "sudo_password", "password", "token", "api_key"})
+SENSITIVE_KEYS = frozenset({"secrets", "master_key", "sudo_password", "password", "token", "api_key", "stdin"})
+
+MAX_SPEC_BYTES = 128 * 1024
+"""The largest spec file read. A homelab spec is a few KiB (examples/homelab.yaml: 7 KiB); 128 KiB
+holds some 1,000 models. ruamel.yaml's round-trip parser is pure Python (about 5 µs a byte, 40 µs a
+node on the CI machine), so this also keeps the slowest file it will parse well under a second; a
+larger file is refused unread."""
+MAX_YAML_NODES = 25_000
+"""The most YAML nodes a spec may expand to, an alias counted as a copy of what it names: a
+1,000-model spec has about 17,000. Bounds the work of a small file with nested aliases (a "billion
+laughs") or of a long flow list of tiny values to about a second."""
+MAX_YAML_DEPTH = 32
+"""The deepest nesting of mappings and lists; the spec itself goes 6 deep."""
 
 
 @dataclass
@@ -73,25 +90,88 @@ class LoadedSpec:
 # --------------------------------------------------------------------------- reading
 
 
+class _BoundedComposer(Composer):
+    """ruamel.yaml's composer with limits: nesting depth, and the number of nodes the document
+    expands to (each alias counted as a copy of the subtree it names). A recursive alias (a node
+    that contains an alias of itself) is refused too: nothing downstream could expand it."""
+
+    def __init__(self, loader: Any = None) -> None:
+        super().__init__(loader)
+        self._expanded = 0
+        self._sizes: dict[int, int] = {}
+
+    def compose_document(self) -> Any:
+        self._expanded = 0
+        self._sizes = {}
+        return super().compose_document()
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.parser.peek_event()
+        if self.depth >= MAX_YAML_DEPTH:
+            raise ComposerError(None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", event.start_mark)
+        start = self._expanded
+        node = super().compose_node(parent, index)
+        if isinstance(event, AliasEvent):
+            size = self._sizes.get(id(node))
+            if size is None:
+                raise ComposerError(
+                    None, None, f"alias *{event.anchor} is used inside the node it names", event.start_mark
+                )
+            self._expanded += size
+        else:
+            self._expanded += 1
+            if getattr(node, "anchor", None) is not None:
+                self._sizes[id(node)] = self._expanded - start
+        if self._expanded > MAX_YAML_NODES:
+            raise ComposerError(
+                None,
+                None,
+                f"the document expands to more than {MAX_YAML_NODES} values (aliases counted as copies)",
+                event.start_mark,
+            )
+        return node
+
+
 def _yaml() -> YAML:
     yaml = YAML(typ="rt")
     yaml.preserve_quotes = True
     yaml.width = 4096
+    yaml.Composer = _BoundedComposer
     return yaml
 
 
 def read_document(path: str | Path) -> SpecDocument:
-    """Read and parse a YAML file, keeping comments; raise SpecError on I/O or syntax errors."""
+    """Read and parse a YAML file, keeping comments; raise SpecError on I/O or syntax errors.
+
+    Only a regular file of at most MAX_SPEC_BYTES is read: a FIFO, a device (/dev/zero), a socket
+    or a directory is refused after a stat, before it is opened, and the file is opened without
+    blocking, so that a FIFO swapped in between cannot hang the reader either.
+    """
     path = Path(path)
     name = str(path)
+
+    def fail(message: str) -> SpecError:
+        return SpecError([Diagnostic(name, 0, 0, (), message)])
+
     try:
-        raw = path.read_bytes()
+        _check_regular(os.stat(path), fail)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+        try:
+            _check_regular(os.fstat(fd), fail)
+            with os.fdopen(fd, "rb", closefd=False) as handle:
+                raw = handle.read(MAX_SPEC_BYTES + 1)
+        finally:
+            os.close(fd)
     except FileNotFoundError:
-        raise SpecError([Diagnostic(name, 0, 0, (), "no such file")]) from None
+        raise fail("no such file") from None
     except IsADirectoryError:
-        raise SpecError([Diagnostic(name, 0, 0, (), "is a directory, not a spec file")]) from None
+        raise fail("is a directory, not a spec file") from None
+    except ValueError:  # a NUL byte in the path
+        raise fail("not a valid file name") from None
     except OSError as exc:
-        raise SpecError([Diagnostic(name, 0, 0, (), f"cannot read: {exc.strerror}")]) from None
+        raise fail(f"cannot read: {exc.strerror or exc}") from None
+    if len(raw) > MAX_SPEC_BYTES:
+        raise fail(f"is larger than {MAX_SPEC_BYTES // 1024} KiB; a spec is a few KiB")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -100,14 +180,31 @@ def read_document(path: str | Path) -> SpecDocument:
     return parse_document(text, path)
 
 
+def _check_regular(st: os.stat_result, fail: typing.Callable[[str], SpecError]) -> None:
+    mode = st.st_mode
+    if stat.S_ISDIR(mode):
+        raise fail("is a directory, not a spec file")
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else None
+        raise fail(f"is {kind or 'not a regular file'}, not a spec file" if kind else "is not a regular file")
+    if st.st_size > MAX_SPEC_BYTES:
+        raise fail(f"is larger than {MAX_SPEC_BYTES // 1024} KiB ({st.st_size} bytes); a spec is a few KiB")
+
+
 def parse_document(text: str, path: str | Path = "<string>") -> SpecDocument:
     """Parse YAML text into a round-trip document; raise SpecError on syntax errors."""
     path = Path(path)
     name = str(path)
     if text.startswith("\ufeff"):
         text = text[1:]
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_SPEC_BYTES:
+        raise SpecError(
+            [Diagnostic(name, 0, 0, (), f"is larger than {MAX_SPEC_BYTES // 1024} KiB; a spec is a few KiB")]
+        )
     try:
-        data = _yaml().load(text)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ruamel warns on stderr of a reused anchor
+            data = _yaml().load(text)
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else 0
@@ -117,7 +214,17 @@ def parse_document(text: str, path: str | Path = "<string>") -> SpecDocument:
             problem = _duplicate_key_message(exc)
         raise SpecError([Diagnostic(name, line, col, (), f"YAML syntax error: {problem}")]) from None
     except YAMLError as exc:
-        raise SpecError([Diagnostic(name, 0, 0, (), f"YAML error: {exc}")]) from None
+        raise SpecError([Diagnostic(name, 0, 0, (), f"YAML error: {_one_line(str(exc))}")]) from None
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError, RecursionError) as exc:
+        # ruamel.yaml lets some odd input through as plain Python errors (e.g. an integer literal of
+        # more than 4,300 digits): still one line, never a traceback.
+        raise SpecError(
+            [Diagnostic(name, 0, 0, (), f"YAML error: {_one_line(str(exc)) or type(exc).__name__}")]
+        ) from None
+    bad_key = _first_complex_key(data)
+    if bad_key is not None:
+        line, col = bad_key
+        raise SpecError([Diagnostic(name, line, col, (), "a mapping key must be a plain value, not a list or mapping")])
     mapping, sequence, offset = guess_indent(text)
     return SpecDocument(
         path=path,
@@ -128,6 +235,29 @@ def parse_document(text: str, path: str | Path = "<string>") -> SpecDocument:
         sequence_offset=offset,
         explicit_start=_has_document_start(text),
     )
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:300]
+
+
+def _first_complex_key(root: Any) -> tuple[int, int] | None:
+    """Where the first mapping key that is a list or a mapping (`? [a, b]: x`) is, if any."""
+    stack = [root]
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, CommentedMap):
+            for key, value in node.items():
+                if isinstance(key, (tuple, list, Mapping, set, frozenset)):
+                    return _pos(node.lc.key(key))
+                stack.append(value)
+        elif isinstance(node, CommentedSeq):
+            stack.extend(node)
+    return None
 
 
 _KEY_ONLY = re.compile(r"^(?P<indent> *)(?:- +)*[^\s#][^#]*:\s*(#.*)?$")
@@ -257,6 +387,10 @@ def to_plain(node: Any) -> Any:
         return float(node)
     if isinstance(node, str):
         return str(node)
+    if isinstance(node, bytes):  # !!binary: validated as the text it would become
+        return node.decode("utf-8", "replace")
+    if isinstance(node, (set, frozenset)):  # !!set
+        return [to_plain(v) for v in node]
     return node
 
 
@@ -391,7 +525,9 @@ def _describe(value: Any, path: Sequence[PathPart]) -> str:
     if isinstance(value, list):
         return "a list"
     if isinstance(value, (int, float)):
-        return repr(value)
+        if _sensitive(path):
+            return "a number"
+        return repr(value) if abs(value) < 10**15 or isinstance(value, float) else f"a {len(str(value))}-digit number"
     if isinstance(value, str):
         if _sensitive(path):
             return "a string"
@@ -412,6 +548,7 @@ _TYPE_MESSAGES = {
     "dict_type": "must be a mapping (key: value)",
     "model_type": "must be a mapping (key: value)",
     "model_attributes_type": "must be a mapping (key: value)",
+    "finite_number": "must be a finite number",
 }
 
 

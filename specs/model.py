@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Annotated, Literal, Self
+from collections.abc import Iterator, Mapping
+from typing import Annotated, ClassVar, Literal, Self, get_origin
 
 from pydantic import (
     AfterValidator,
@@ -87,8 +88,16 @@ PATTERN_MESSAGES = {
 Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=63)]
 """A name that can be part of a container name: letters, digits, `.`, `_`, `-`."""
 
-PositiveInt = Annotated[int, Strict(), Field(gt=0)]
-NonNegativeInt = Annotated[int, Strict(), Field(ge=0)]
+MAX_INT = 2**31 - 1
+"""No count in a spec is larger (llama.cpp and Docker take 32-bit numbers); a larger one is a mistake
+that would overflow later (OR-Tools, float conversions)."""
+MAX_LAYERS = 512
+"""llama.cpp's LLAMA_MAX_LAYERS: no model it can load has more blocks (the GGUF reader uses it too)."""
+MAX_CONTEXT = 1 << 24
+"""16M tokens: above any model's trained context (10M is the largest published)."""
+
+PositiveInt = Annotated[int, Strict(), Field(gt=0, le=MAX_INT)]
+NonNegativeInt = Annotated[int, Strict(), Field(ge=0, le=MAX_INT)]
 Port = Annotated[int, Strict(), Field(ge=1, le=65535)]
 
 SECRET_PROVIDERS = ("env:", "file:", "cmd:")
@@ -154,10 +163,91 @@ SecretRef = Annotated[
 ]
 
 
-class _Spec(BaseModel):
-    """Base of every spec section: frozen, unknown keys are errors."""
+_OTHER_CONTROL = "\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+"""Control characters but NUL … BS, TAB and LF, plus the Unicode line separators and bidi overrides."""
+_NO_CONTROL_RE = re.compile("[\x00-\x0a" + _OTHER_CONTROL + "]")
+_MULTILINE_CONTROL_RE = re.compile("[\x00-\x08" + _OTHER_CONTROL + "]")
+"""Commands may be written over several lines (a YAML `|` or `>` block) and hold tabs."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+
+def _strings(key: str, value: object, *, mapping: bool) -> Iterator[tuple[str, str]]:
+    """The strings of one field's raw value (`key`, `key[i]`), with the label to report them by;
+    with `mapping`, the keys and values of a dict field too (a section is checked by its own model)."""
+    if isinstance(value, str):
+        yield key, value
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            if isinstance(item, str):
+                yield f"{key}[{i}]", item
+    elif mapping and isinstance(value, Mapping):
+        for k, v in value.items():
+            for item in (k, v):
+                if isinstance(item, str):
+                    yield key, item
+
+
+class _Spec(BaseModel):
+    """Base of every spec section: frozen, unknown keys are errors, numbers finite, and no string
+    holds a control character (a newline in a name would forge lines of a plan; an escape sequence
+    would drive the terminal that shows it)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False, allow_inf_nan=False)
+
+    MULTILINE: ClassVar[frozenset[str]] = frozenset()
+    """Fields that may hold newlines and tabs (shell commands)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_control_characters(cls, data: object) -> object:
+        if isinstance(data, Mapping):
+            for key, value in data.items():
+                field = cls.model_fields.get(key) if isinstance(key, str) else None
+                if field is None:
+                    continue  # an unknown key: reported as such
+                bad = _MULTILINE_CONTROL_RE if key in cls.MULTILINE else _NO_CONTROL_RE
+                for label, text in _strings(key, value, mapping=get_origin(field.annotation) is dict):
+                    if bad.search(text):
+                        allowed = "" if key not in cls.MULTILINE else " other than newline and tab"
+                        raise ValueError(f"{label}: must not contain control characters{allowed}")
+        return data
+
+
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOSTNAME_RE = re.compile(rf"^(?=.{{1,253}}\.?$){_LABEL}(?:\.{_LABEL})*\.?$")
+
+
+def check_host(value: str) -> str:
+    """A host name, an IPv4 or an IPv6 address (without brackets): nothing that could add a port,
+    a path or a fragment to the URLs built from it."""
+    try:
+        ip = ipaddress.ip_address(value)
+    except ValueError:
+        if _HOSTNAME_RE.match(value) is None:
+            raise ValueError("must be a host name, an IPv4 address or an IPv6 address") from None
+        return value
+    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
+        raise ValueError("must be an IPv6 address without a %zone")
+    return value
+
+
+Host = Annotated[str, AfterValidator(check_host)]
+
+
+def gguf_file_name(source: str) -> str:
+    """The name a GGUF file has inside a node's model volume: the base name of its path, POSIX or
+    Windows (`/srv/m.gguf`, `D:/models/m.gguf`, `D:\\models\\m.gguf` → `m.gguf`)."""
+    return re.split(r"[\\/]", source.rstrip("/\\"))[-1]
+
+
+_ABSOLUTE_RE = re.compile(r"^(/|[A-Za-z]:[\\/]|\\\\)")
+
+
+def _check_gguf_path(value: str) -> str:
+    if _ABSOLUTE_RE.match(value) is None:
+        raise ValueError("must be an absolute path (/models/m.gguf or D:/models/m.gguf)")
+    if value.endswith(("/", "\\")) or gguf_file_name(value) in ("", ".", ".."):
+        raise ValueError("must be the path of a file, not of a directory")
+    return value
 
 
 # --------------------------------------------------------------------------- nodes
@@ -168,6 +258,7 @@ class SshAccess(_Spec):
 
     user: str = Field(min_length=1)
     port: Port = 22
+    MULTILINE = frozenset({"sudo_password"})
     key_file: str | None = Field(default=None, description="private key; default: the SSH agent")
     known_hosts: str = Field(default="~/.ssh/known_hosts", description="host keys are checked, never auto-accepted")
     sudo_password: SecretRef | None = Field(default=None, description="for `sudo -S`; passed through stdin only")
@@ -276,7 +367,7 @@ class LlamaCppRuntime(_Spec):
         ),
     ]
     volume: Name = Field(default="homelab-models", description="Docker volume for model files")
-    bind_address: str = Field(default="0.0.0.0", description="address llama-server listens on")
+    bind_address: Host = Field(default="0.0.0.0", description="address llama-server listens on")
     layer_order: LayerOrder = Field(
         default=LayerOrder.OUTPUT_FIRST,
         description="how this node's llama.cpp build assigns -ngl layers",
@@ -290,7 +381,7 @@ class LlamaCppRuntime(_Spec):
     health_timeout: Duration = Field(
         default=300.0, description="how long a starting container may take to answer /health"
     )
-    threads: PositiveInt | None = None
+    threads: Annotated[int, Strict(), Field(gt=0, le=4096)] | None = None
 
 
 class DockerEndpoint(_Spec):
@@ -303,6 +394,7 @@ class DockerEndpoint(_Spec):
     gpu_access: GpuAccess = Field(default=GpuAccess.NVIDIA, description="how containers get GPUs: nvidia, dri, none")
     restart_command: str | None = Field(default=None, description="overrides recovery.docker_restart for this node")
     timeout: Duration = 10.0
+    MULTILINE = frozenset({"restart_command"})
 
 
 class WakeOnLan(_Spec):
@@ -331,6 +423,7 @@ class Wake(_Spec):
         description="a secret written to the wake command's standard input (an IPMI or smart-plug password);"
         " never on its command line",
     )
+    MULTILINE = frozenset({"command", "stdin"})
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Self:
@@ -346,7 +439,7 @@ class Node(_Spec):
 
     name: Name
     tier: Tier
-    address: str = Field(min_length=1, description="IP address or host name")
+    address: Host = Field(description="IP address or host name")
     os: OsFamily = OsFamily.LINUX
     docker: DockerEndpoint | None = None
     ssh: SshAccess | None = None
@@ -393,7 +486,9 @@ class Node(_Spec):
 class ModelSource(_Spec):
     """Where a model's weights come from: a GGUF file on a node, or an Ollama tag."""
 
-    gguf: str | None = Field(default=None, description="path of the .gguf file")
+    gguf: Annotated[str, AfterValidator(_check_gguf_path)] | None = Field(
+        default=None, description="absolute path of the .gguf file"
+    )
     node: Name | None = Field(default=None, description="node that holds the file (default: the node it runs on)")
     sha256: str | None = Field(default=None, pattern=SHA256_PATTERN)
     ollama: str | None = Field(default=None, description="Ollama tag, e.g. qwen2.5:14b")
@@ -418,7 +513,9 @@ class Placement(_Spec):
         default=None, description="pin to these GPU indices of the node (needs `node`)"
     )
     cpu_offload: bool = Field(default=True, description="allow some layers on the CPU when the GPU is too small")
-    min_gpu_layers: NonNegativeInt = Field(default=0, description="at least this many on a GPU")
+    min_gpu_layers: Annotated[int, Strict(), Field(ge=0, le=MAX_LAYERS + 1)] = Field(
+        default=0, description="at least this many on a GPU"
+    )
     split: bool = Field(default=False, description="allow splitting across several GPUs of one node")
     cpu_only: bool = Field(default=False, description="run with 0 GPU layers")
 
@@ -442,7 +539,9 @@ class DeclaredMemory(_Spec):
 
     vram: Size = Field(description="GPU memory at full offload, all included")
     ram: Size = Field(default=0, description="host memory at full offload")
-    layers: PositiveInt | None = Field(default=None, description="number of blocks, so partial offload can be planned")
+    layers: Annotated[int, Strict(), Field(gt=0, le=MAX_LAYERS)] | None = Field(
+        default=None, description="number of blocks, so partial offload can be planned"
+    )
 
 
 class Model(_Spec):
@@ -451,17 +550,21 @@ class Model(_Spec):
     name: Name
     runtime: Runtime
     source: ModelSource
-    context: PositiveInt = Field(default=4096, description="context length in tokens")
+    context: Annotated[int, Strict(), Field(gt=0, le=MAX_CONTEXT)] = Field(
+        default=4096, description="context length in tokens"
+    )
     kv_cache: KVCacheType = KVCacheType.F16
     flash_attn: bool = True
     categories: list[Category] = Field(default_factory=list)
     priority: Annotated[int, Strict(), Field(ge=0, le=1000)] = Field(default=50, description="higher is placed first")
-    replicas: PositiveInt = 1
+    replicas: Annotated[int, Strict(), Field(gt=0, le=1000)] = 1
     placement: Placement = Field(default_factory=Placement)
     memory: DeclaredMemory | None = None
     port: Port | None = Field(default=None, description="fixed port (llamacpp); default: any free")
     alias: str | None = Field(default=None, description="name the server answers to (default: name)")
-    parallel: PositiveInt | None = Field(default=None, description="llama-server -np slots")
+    parallel: Annotated[int, Strict(), Field(gt=0, le=1024)] | None = Field(
+        default=None, description="llama-server -np slots"
+    )
     preload: bool = Field(default=False, description="keep loaded (Ollama keep-alive)")
     args: list[str] = Field(default_factory=list, description="extra server arguments")
 
@@ -496,7 +599,7 @@ class Gateway(_Spec):
         description="container: homelab runs it on `node`; process: a local process; external: you run it",
     )
     image: str | None = Field(default=None, description="LiteLLM image, for mode: container")
-    host: str = "0.0.0.0"
+    host: Host = "0.0.0.0"
     port: Port = 4000
     url: str | None = Field(default=None, pattern=HTTP_URL_PATTERN, description="default http://NODE:PORT")
     config_path: str = Field(default="litellm/config.yaml", description="where the config is written")
@@ -506,6 +609,7 @@ class Gateway(_Spec):
         description="mode: process: the LiteLLM executable homelab starts (with --config, --host, --port)",
     )
     master_key: SecretRef = Field(description="secret:NAME or env:NAME, never the key itself")
+    MULTILINE = frozenset({"master_key"})
     auto_model: str = Field(default="auto", min_length=1, description="model name routed by content")
 
     @model_validator(mode="after")
@@ -639,6 +743,7 @@ class Recovery(_Spec):
     attempts: PositiveInt = 5
     backoff: Backoff = Field(default_factory=Backoff)
     docker_restart: dict[OsFamily, str] = Field(default_factory=_default_restart)
+    MULTILINE = frozenset({"docker_restart"})
     wait_ssh: Duration = Field(default=300.0, description="how long to wait for a woken node")
     wait_docker: Duration = Field(default=120.0, description="how long to wait for Docker")
 
@@ -669,6 +774,7 @@ class ClusterSpec(_Spec):
     recovery: Recovery = Field(default_factory=Recovery)
     watch: Watch = Field(default_factory=Watch)
     secrets: dict[Name, ProviderRef] = Field(default_factory=dict, description="named references to secret providers")
+    MULTILINE = frozenset({"secrets"})
 
     def node(self, name: str) -> Node:
         for node in self.nodes:

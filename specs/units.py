@@ -42,9 +42,21 @@ _DURATION_UNITS: dict[str, float] = {
     "h": 3600.0,
     "d": 86400.0,
 }
+_PLAIN_NUMBER_RE = re.compile(r"^(\d+(\.\d*)?|\.\d+)$")
 _DURATION_PART_RE = re.compile(r"(?P<num>\d+(?:\.\d+)?)(?P<unit>ms|s|m|h|d)")
 
 SIZE_HINT = "use e.g. 24GiB, 9.0 GB or 512MiB"
+
+MAX_SIZE = 1 << 50
+"""1 PiB: more than any GPU, node or model of a homelab has, and small enough that sums of sizes
+(in the solver's 64 KiB units) stay far inside the 64-bit integers OR-Tools works with."""
+MAX_DURATION = 365 * 86400.0
+"""A year: longer timeouts and intervals are mistakes, and far longer ones overflow `asyncio` and
+`threading` timeouts."""
+_TOO_BIG = "must be at most 1 PiB"
+_TOO_LONG = "must be at most a year (8760h)"
+_MAX_DIGITS = 30
+"""More digits than any size or duration has; a longer number is refused before it is converted."""
 DURATION_HINT = "use e.g. 30s, 2m, 1h30m or 250ms"
 
 
@@ -58,11 +70,11 @@ def parse_size(value: object) -> int:
     if isinstance(value, int):
         if value < 0:
             raise ValueError("must not be negative")
-        return value
+        return _bounded_size(value)
     if isinstance(value, float):
         if not math.isfinite(value) or value < 0:
             raise ValueError("must be a finite size that is not negative")
-        return int(value)
+        return _bounded_size(value)
     if not isinstance(value, str):
         raise ValueError(f"must be a size ({SIZE_HINT})")
     text = value.strip()
@@ -74,7 +86,15 @@ def parse_size(value: object) -> int:
     unit = match["unit"].lower()
     if unit not in _SIZE_UNITS:
         raise ValueError(f"unknown size unit {match['unit']!r} in {value!r} ({SIZE_HINT})")
-    return round(float(match["num"]) * _SIZE_UNITS[unit])
+    if len(match["num"]) > _MAX_DIGITS:
+        raise ValueError(f"{_TOO_BIG} (got a {len(match['num'])}-digit number)")
+    return _bounded_size(round(float(match["num"]) * _SIZE_UNITS[unit]))
+
+
+def _bounded_size(value: int | float) -> int:
+    if value > MAX_SIZE:
+        raise ValueError(_TOO_BIG)
+    return int(value)
 
 
 def parse_duration(value: object) -> float:
@@ -85,9 +105,11 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError(f"must be a duration, not a boolean ({DURATION_HINT})")
     if isinstance(value, (int, float)):
+        if isinstance(value, int) and value > MAX_DURATION:
+            raise ValueError(_TOO_LONG)
         if not math.isfinite(value) or value < 0:
             raise ValueError("must be a finite duration that is not negative")
-        return float(value)
+        return _bounded_duration(float(value))
     if not isinstance(value, str):
         raise ValueError(f"must be a duration ({DURATION_HINT})")
     text = value.strip().lower().replace(" ", "")
@@ -95,10 +117,11 @@ def parse_duration(value: object) -> float:
         raise ValueError(f"must not be negative (got {value!r})")
     if not text:
         raise ValueError(f"must be a duration ({DURATION_HINT})")
-    try:
-        return float(text)
-    except ValueError:
-        pass
+    if len(text) > 64:
+        raise ValueError(f"is not a duration ({DURATION_HINT})")
+    if _PLAIN_NUMBER_RE.match(text):
+        # Only digits: float() alone would also take "nan", "inf" and "1e400".
+        return _bounded_duration(float(text))
     total = 0.0
     pos = 0
     for match in _DURATION_PART_RE.finditer(text):
@@ -108,7 +131,13 @@ def parse_duration(value: object) -> float:
         pos = match.end()
     if pos != len(text):
         raise ValueError(f"is not a duration: {value!r} ({DURATION_HINT})")
-    return total
+    return _bounded_duration(total)
+
+
+def _bounded_duration(seconds: float) -> float:
+    if not seconds <= MAX_DURATION:
+        raise ValueError(_TOO_LONG)
+    return seconds
 
 
 def format_size(n_bytes: int) -> str:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from specs.enums import Category, Runtime
 from specs.errors import Path, Severity
-from specs.model import ClusterSpec, Model, Node
+from specs.model import ClusterSpec, Model, Node, gguf_file_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +29,10 @@ def check_references(spec: ClusterSpec) -> list[Problem]:
         *_unique_names(spec),
         *_gpus(spec),
         *_models(spec),
+        *_source_nodes(spec),
+        *_file_names(spec),
         *_ports(spec),
+        *_owned_args(spec),
         *_routing(spec),
         *_gateway(spec),
         *_secrets(spec),
@@ -84,6 +87,28 @@ def _eligible_nodes(spec: ClusterSpec, model: Model) -> list[Node]:
             continue
         if (p.min_gpu_layers > 0 or p.gpus or not p.cpu_offload) and not node.gpus and model.memory is None:
             continue
+        out.append(node)
+    return out
+
+
+def possible_nodes(spec: ClusterSpec, model: Model) -> list[Node]:
+    """Every node the placement may put `model` on: the nodes `solver.problem.node_allows` accepts
+    (runtime, pins, a fixed port inside the node's range) and, for a GGUF that lives on one node
+    (`source.node`), that node only."""
+    p = model.placement
+    out = []
+    for node in spec.nodes:
+        if model.runtime not in node.runtimes:
+            continue
+        if p.node is not None and node.name != p.node:
+            continue
+        if p.tier is not None and node.tier is not p.tier:
+            continue
+        if model.runtime is Runtime.LLAMACPP:
+            if model.source.node is not None and node.name != model.source.node:
+                continue
+            if model.port is not None and node.llamacpp is not None and model.port not in node.llamacpp.ports:
+                continue
         out.append(node)
     return out
 
@@ -161,6 +186,64 @@ def _models(spec: ClusterSpec) -> Iterator[Problem]:
                 f"{model.replicas} replicas need {model.replicas} different nodes offering"
                 f" {model.runtime.value}; there are {len(eligible)}",
             )
+
+
+def _source_nodes(spec: ClusterSpec) -> Iterator[Problem]:
+    """A GGUF on one node (`source.node`) can only be served there: files are not copied between nodes."""
+    nodes = _first_by_name(spec.nodes)
+    for m, model in enumerate(spec.models):
+        where = model.source.node
+        if where is None or where not in nodes or model.runtime is not Runtime.LLAMACPP:
+            continue
+        path = ("models", m, "source", "node")
+        node = nodes[where]
+        p = model.placement
+        if node.llamacpp is None:
+            yield Problem(path, f"node '{where}' holds the file but does not offer the llamacpp runtime")
+        elif p.node is not None and p.node != where:
+            yield Problem(
+                ("models", m, "placement", "node"),
+                f"the model's file is on node '{where}' (source.node): it can only run there",
+            )
+        elif p.tier is not None and node.tier is not p.tier:
+            yield Problem(
+                ("models", m, "placement", "tier"),
+                f"the model's file is on node '{where}' (source.node), which is tier '{node.tier.value}'",
+            )
+        elif model.replicas > 1:
+            yield Problem(
+                ("models", m, "replicas"),
+                f"{model.replicas} replicas need {model.replicas} nodes, but the file is on node '{where}' only",
+            )
+
+
+def _could_share_a_node(spec: ClusterSpec, a: Model, b: Model) -> list[str]:
+    names_a = {n.name for n in possible_nodes(spec, a)}
+    return [n.name for n in possible_nodes(spec, b) if n.name in names_a]
+
+
+def _file_names(spec: ClusterSpec) -> Iterator[Problem]:
+    """Files are copied into a node's model volume under their base name (controller.core.desired):
+    two different paths with one base name cannot both be on a node."""
+    seen: list[tuple[int, Model]] = []
+    for m, model in enumerate(spec.models):
+        if model.runtime is not Runtime.LLAMACPP or model.source.gguf is None:
+            continue
+        name = gguf_file_name(model.source.gguf)
+        for o, other in seen:
+            assert other.source.gguf is not None
+            if gguf_file_name(other.source.gguf) != name or other.source.gguf == model.source.gguf:
+                continue
+            shared = _could_share_a_node(spec, model, other)
+            if shared:
+                yield Problem(
+                    ("models", m, "source", "gguf"),
+                    f"has the file name '{name}' of models[{o}] ('{other.name}'), a different file;"
+                    f" both could be placed on node '{shared[0]}', whose model volume holds one file of a name:"
+                    " rename one file or pin the models to different nodes",
+                )
+                break
+        seen.append((m, model))
 
 
 def _ports(spec: ClusterSpec) -> Iterator[Problem]:
@@ -282,3 +365,51 @@ def _health(spec: ClusterSpec) -> Iterator[Problem]:
                 f"'{key}' is not a node, a model or `gateway`",
                 at_key=True,
             )
+
+
+# Flags of llama-server that homelab writes itself (controller.core.desired.llama_server_args), each with
+# its short and long spellings, and the spec key that sets it.
+OWNED_FLAGS: dict[str, str] = {
+    **dict.fromkeys(("-m", "--model", "-mu", "--model-url", "-hf", "-hfr", "--hf-repo", "-hff", "--hf-file"), "source"),
+    **dict.fromkeys(("--host",), "llamacpp.bind_address"),
+    **dict.fromkeys(("--port",), "port (or the node's llamacpp.ports)"),
+    **dict.fromkeys(("-c", "--ctx-size"), "context"),
+    **dict.fromkeys(("-ngl", "--gpu-layers", "--n-gpu-layers"), "placement (the solver sets the GPU layers)"),
+    **dict.fromkeys(("-a", "--alias"), "alias"),
+    **dict.fromkeys(("-ctk", "--cache-type-k", "-ctv", "--cache-type-v"), "kv_cache"),
+    **dict.fromkeys(("-fa", "--flash-attn", "--no-flash-attn"), "flash_attn"),
+    **dict.fromkeys(("-np", "--parallel"), "parallel"),
+    **dict.fromkeys(("-t", "--threads"), "llamacpp.threads"),
+    **dict.fromkeys(
+        ("-sm", "--split-mode", "-ts", "--tensor-split", "-mg", "--main-gpu", "-dev", "--device"),
+        "placement (the solver chooses the GPUs and the split)",
+    ),
+}
+
+
+def owned_flag(arg: str) -> str | None:
+    """The flag of `arg` if homelab sets it itself (`-ngl`, `--port=8080`, `-c8192` …), else None."""
+    flag = arg.split("=", 1)[0]
+    if flag in OWNED_FLAGS:
+        return flag
+    for short in ("-c", "-t", "-ngl", "-np", "-ts", "-sm", "-mg"):
+        if flag.startswith(short) and flag[len(short) :].isdigit():
+            return short
+    return None
+
+
+def _owned_args(spec: ClusterSpec) -> Iterator[Problem]:
+    def check(args: list[str], base: Path) -> Iterator[Problem]:
+        for i, arg in enumerate(args):
+            flag = owned_flag(arg)
+            if flag is not None:
+                yield Problem(
+                    (*base, i), f"'{flag}' is set by homelab from the spec's {OWNED_FLAGS[flag]}; remove it here"
+                )
+
+    for n, node in enumerate(spec.nodes):
+        if node.llamacpp is not None:
+            yield from check(node.llamacpp.server_args, ("nodes", n, "llamacpp", "server_args"))
+    for m, model in enumerate(spec.models):
+        if model.runtime is Runtime.LLAMACPP:
+            yield from check(model.args, ("models", m, "args"))

@@ -9,7 +9,6 @@ tag with the placement's GPU layers (`num_gpu`) and the model's context (`num_ct
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 
 from controller.core.gateway_config import render_gateway
@@ -37,7 +36,7 @@ from controller.core.state import (
 from solver.problem import Assignment, PlacementResult
 from specs.enums import GpuAccess, Runtime
 from specs.errors import HomelabError
-from specs.model import ClusterSpec, Model, Node
+from specs.model import ClusterSpec, Model, Node, gguf_file_name
 
 
 class RenderError(HomelabError, ValueError):
@@ -69,7 +68,7 @@ def container_name(model: str) -> str:
 
 def file_name(source: str) -> str:
     """The file's name inside the volume: the source's base name (POSIX or Windows path)."""
-    return re.split(r"[\\/]", source.rstrip("/\\"))[-1]
+    return gguf_file_name(source)
 
 
 def llama_server_args(model: Model, node: Node, assignment: Assignment, port: int) -> tuple[str, ...]:

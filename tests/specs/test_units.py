@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from specs.units import format_duration, format_size, parse_duration, parse_size
+from specs.units import MAX_SIZE, format_duration, format_size, parse_duration, parse_size
 
 
 @pytest.mark.parametrize(
@@ -98,5 +98,8 @@ def test_format_duration_round_trips(seconds: int) -> None:
 @given(st.integers(min_value=0, max_value=2**50), st.sampled_from(["B", "KiB", "MiB", "GiB", "TiB"]))
 def test_binary_units_are_exact(n: int, unit: str) -> None:
     factor = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "TiB": 1024**4}[unit]
-    if n * factor < 2**53:  # exact in a float
+    if n * factor > MAX_SIZE:
+        with pytest.raises(ValueError, match="at most 1 PiB"):
+            parse_size(f"{n}{unit}")
+    elif n * factor < 2**53:  # exact in a float
         assert parse_size(f"{n}{unit}") == n * factor
