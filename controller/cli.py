@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
+from rich.markup import escape
 
 from controller.commands import discover, estimate, gateway, health, place, reconcile, recover, route, ui, watch
 from controller.commands.common import SpecFileOption, err, fail, load_or_exit, out, spec_path
@@ -99,13 +100,36 @@ for command in (estimate, place, reconcile, gateway, discover, health, route, re
     command.register(app)
 
 
+def _die(message: str) -> NoReturn:
+    err.print(f"[red]error:[/red] {escape(message)}", markup=True, highlight=False)
+    raise SystemExit(1)
+
+
 def main() -> None:
-    """The console script: every user-facing error (`specs.errors.HomelabError`) a command did not report itself
-    is one `error:` line and exit status 1 here, never a traceback."""
+    """The console script. Exit status: 0 done (for `reconcile --dry-run`: no changes), 2 changes pending (dry run)
+    or a DOWN verdict (`health`), 1 any error — a user-facing error (`specs.errors.HomelabError`) a command did not
+    report itself, and a usage error (an unknown option, a bad value) too, so that a script never mistakes a
+    typo for "changes pending". Each is one `error:` line, never a traceback."""
     try:
-        app()
+        code = app(standalone_mode=False)
     except HomelabError as exc:
-        fail(str(exc) or type(exc).__name__)
+        _die(str(exc) or type(exc).__name__)
+    except KeyboardInterrupt:
+        err.print("interrupted", markup=False)
+        raise SystemExit(130) from None
+    except Exception as exc:
+        message = getattr(exc, "format_message", None)
+        if not callable(message):  # not a command-line (click) error: a bug, shown as one
+            raise
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            out.print(ctx.get_help(), markup=False)
+            raise SystemExit(0) from None
+        if type(exc).__name__ == "Abort":
+            _die("aborted")
+        usage = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        _die(f"{message()}{usage}")
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover
