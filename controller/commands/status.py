@@ -1,0 +1,73 @@
+"""`homelab status`: what runs where, per node and GPU, as observed now, with planned vs actual VRAM, and what a
+running `homelab watch` last did."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+
+from controller.commands.common import SpecFileOption, err, load_or_exit, out, spec_path, wiring_of
+from controller.core.state import OllamaNodeState
+from controller.effects.engine import Session, state_dir
+from controller.effects.observe import observe
+from controller.effects.status_api import nodes_json
+from controller.effects.vram_status import describe, planned_vs_actual
+from controller.effects.watch import describe_watch, read_status
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def status(
+        ctx: typer.Context,
+        file: SpecFileOption = None,
+        as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+    ) -> None:
+        """What runs where: managed containers per node and GPU, and Ollama models, as observed now, with
+        planned vs actual VRAM."""
+        spec = load_or_exit(spec_path(file)).spec
+        watching = read_status(state_dir(spec, None))  # what a running `homelab watch` last did, if any
+        with Session(spec, wiring_of(ctx)) as session:
+            observed = observe(spec, session.connect, session.ollama)
+            vram, reality = planned_vs_actual(spec, observed, session.connect, session.wiring.gpu_probe)
+        for warning in reality.warnings:
+            err.print(f"warning: {warning}", markup=False)
+        if as_json:
+            data: dict[str, Any] = {"cluster": spec.cluster.name, "nodes": nodes_json(observed, vram)}
+            if watching is not None:
+                data["watch"] = watching
+            out.print(json.dumps(data, indent=2), markup=False)
+            return
+        if watching is not None:
+            for line in describe_watch(watching):
+                out.print(line, markup=False)
+        for name, node in observed.nodes.items():
+            for line in _ollama_lines(node.ollama):
+                out.print(f"{name}: {line}" if not line.startswith(" ") else line, markup=False)
+            if spec.node(name).docker is None:
+                continue
+            if not node.reachable:
+                out.print(f"{name}: NOT OBSERVED ({node.error})", markup=False)
+                continue
+            out.print(f"{name}: {len(node.containers)} managed, {len(node.foreign_containers)} other", markup=False)
+            for c in node.containers:
+                cfg = c.config
+                where = f"GPU {','.join(map(str, cfg.gpus))}" if cfg and cfg.gpus else "CPU"
+                detail = f"port {cfg.port}, ngl {cfg.gpu_layers}, ctx {cfg.context}" if cfg else "no config label"
+                v = vram.get((name, c.name))
+                usage = f"  {describe(v)}" if v is not None and (v.planned_bytes or v.actual_bytes) else ""
+                out.print(f"  {c.name}  {c.status}  {where}  {detail}{usage}", markup=False)
+
+
+def _ollama_lines(o: OllamaNodeState | None) -> list[str]:
+    """A node's Ollama server: homelab's derived models (parameters, loaded or not) and the other tags."""
+    if o is None:
+        return []
+    if not o.reachable:
+        return [f"Ollama {o.url}: NOT OBSERVED ({o.error})"]
+    lines = [f"Ollama {o.url}: {len(o.models)} homelab models, {len(o.tags)} other tags"]
+    for m in o.models:
+        params = f"num_gpu {m.num_gpu if m.num_gpu is not None else 'default'}, num_ctx {m.num_ctx or 'default'}"
+        lines.append(f"  {m.name}  from {m.base or '?'}  {params}  {'loaded' if m.preload else 'not loaded'}")
+    return lines
