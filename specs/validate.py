@@ -74,16 +74,22 @@ def _gpus(spec: ClusterSpec) -> Iterator[Problem]:
                 first[gpu.index] = g
 
 
+def _pins_allow(model: Model, node: Node) -> bool:
+    """The node offers the model's runtime and matches its `placement.node` and `placement.tier` pins."""
+    p = model.placement
+    return (
+        model.runtime in node.runtimes
+        and (p.node is None or node.name == p.node)
+        and (p.tier is None or node.tier is p.tier)
+    )
+
+
 def _eligible_nodes(spec: ClusterSpec, model: Model) -> list[Node]:
     """Nodes the model could run on, from its runtime and pins alone."""
     p = model.placement
     out = []
     for node in spec.nodes:
-        if model.runtime not in node.runtimes:
-            continue
-        if p.node is not None and node.name != p.node:
-            continue
-        if p.tier is not None and node.tier is not p.tier:
+        if not _pins_allow(model, node):
             continue
         if (p.min_gpu_layers > 0 or p.gpus or not p.cpu_offload) and not node.gpus and model.memory is None:
             continue
@@ -95,14 +101,9 @@ def possible_nodes(spec: ClusterSpec, model: Model) -> list[Node]:
     """Every node the placement may put `model` on: the nodes `solver.problem.node_allows` accepts
     (runtime, pins, a fixed port inside the node's range) and, for a GGUF that lives on one node
     (`source.node`), that node only."""
-    p = model.placement
     out = []
     for node in spec.nodes:
-        if model.runtime not in node.runtimes:
-            continue
-        if p.node is not None and node.name != p.node:
-            continue
-        if p.tier is not None and node.tier is not p.tier:
+        if not _pins_allow(model, node):
             continue
         if model.runtime is Runtime.LLAMACPP:
             if model.source.node is not None and node.name != model.source.node:
