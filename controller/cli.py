@@ -114,6 +114,9 @@ def main() -> None:
         code = app(standalone_mode=False)
     except HomelabError as exc:
         _die(str(exc) or type(exc).__name__)
+    except OSError as exc:  # a file or directory the user named: missing, not writable, not a directory
+        where = f"{exc.filename}: " if exc.filename else ""
+        _die(f"{where}{exc.strerror or exc}")
     except KeyboardInterrupt:
         err.print("interrupted", markup=False)
         raise SystemExit(130) from None

@@ -7,8 +7,9 @@ and exit status 1 — never a traceback.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -20,8 +21,25 @@ from specs import Diagnostic, LoadedSpec, SpecError, load_spec
 DEFAULT_SPEC = "cluster.yaml"
 SPEC_ENV = "HOMELAB_SPEC"
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+"""Control characters but newline and tab: in a GGUF's metadata or a path they could retitle or clear a terminal."""
+
+
+def printable(text: str) -> str:
+    """`text` with control characters shown as `\\xNN`: safe to print whatever its source."""
+    return CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+class _Console(Console):
+    """A console that prints text as text: no markup, no `:emoji:` codes, no control characters. The few messages
+    that style themselves pass `markup=True` and escape what they interpolate."""
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        super().print(*(printable(o) if isinstance(o, str) else o for o in objects), **kwargs)
+
+
+out = _Console(highlight=False, soft_wrap=True, markup=False, emoji=False)
+err = _Console(stderr=True, highlight=False, soft_wrap=True, markup=False, emoji=False)
 
 SpecFileOption = Annotated[
     Path | None,

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from controller.commands.common import out, printable
 from solver.errors import EstimateError, GGUFError
 from solver.estimate import (
     DEFAULT_GPU_OVERHEAD_BYTES,
@@ -35,7 +35,7 @@ def _mib(n: int) -> str:
 
 
 def _fail(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {printable(message)}", err=True)
     return typer.Exit(1)
 
 
@@ -128,8 +128,8 @@ def register(app: typer.Typer) -> None:
         if as_json:
             typer.echo(json.dumps(b.to_json()))
             return
-        console = Console()
+        name = printable(shape.name)  # the file's own metadata: no markup, no control characters
         if ngl is not None:
-            console.print(_breakdown_table(shape.name, b, params))
+            out.print(_breakdown_table(name, b, params))
         else:
-            console.print(_levels_table(shape.name, rows, params))
+            out.print(_levels_table(name, rows, params))

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from controller.commands.common import SpecFileOption, fail, load_or_exit, out, spec_path, wiring_of
 from controller.core.state import ClusterState
@@ -31,7 +32,7 @@ def render_report(report: HealthReport) -> None:
             latency = f"{p.latency * 1000:.0f} ms" if p.latency is not None else ""
             table.add_row(
                 p.endpoint.name,
-                f"[{STATUS_STYLE[p.status]}]{p.status.value}[/]",
+                Text(p.status.value, style=STATUS_STYLE[p.status]),
                 str(p.code) if p.code is not None else "",
                 latency,
                 p.error or "",

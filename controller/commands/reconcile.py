@@ -89,7 +89,10 @@ def _reconcile(
     if dry_run or as_json:
         _show(prepared, plan, as_json)
         if out_file is not None:
-            atomic_write(out_file, plan.dumps())
+            try:
+                atomic_write(out_file, plan.dumps())
+            except OSError as exc:
+                fail(f"--out {out_file}: cannot write: {exc.strerror}")
             err.print(f"plan saved to {out_file}", markup=False)
         if dry_run:
             raise typer.Exit(0 if plan.in_sync else 2)
@@ -109,6 +112,8 @@ def _reconcile(
             result = executor.apply(plan)
     except LockHeld as exc:
         fail(str(exc))
+    except OSError as exc:  # the state directory: a file, not writable, a full disk
+        fail(f"state directory {session.state_dir}: {exc.strerror or exc}")
     if not result.ok:
         err.print(result.summary(), markup=False)
         fail("apply stopped at the first failure; run `homelab reconcile --dry-run` to see what is left")
