@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from specs.enums import Category, Runtime
 from specs.errors import Path, Severity
-from specs.model import ClusterSpec, Model, Node, gguf_file_name
+from specs.model import ClusterSpec, Model, Node, Recovery, gguf_file_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -414,3 +414,23 @@ def _owned_args(spec: ClusterSpec) -> Iterator[Problem]:
     for m, model in enumerate(spec.models):
         if model.runtime is Runtime.LLAMACPP:
             yield from check(model.args, ("models", m, "args"))
+
+
+def command_keys(spec: ClusterSpec) -> list[tuple[Path, str]]:
+    """Every key of the spec that makes homelab run a command through a shell on the machine it runs on or on a
+    node: `cmd:` secrets, wake commands, Docker restart commands (the defaults of `recovery.docker_restart`
+    excepted). A spec is code: whoever can change the spec can run these. (path, what) each."""
+    found: list[tuple[Path, str]] = []
+    for name, ref in spec.secrets.items():
+        if ref.startswith("cmd:"):
+            found.append((("secrets", name), "a `cmd:` secret runs a command here"))
+    for i, node in enumerate(spec.nodes):
+        if node.wake is not None and node.wake.command is not None:
+            found.append((("nodes", i, "wake", "command"), "a wake command runs here"))
+        if node.docker is not None and node.docker.restart_command is not None:
+            found.append((("nodes", i, "docker", "restart_command"), "runs on the node over SSH"))
+    defaults = Recovery().docker_restart
+    for os_family, command in spec.recovery.docker_restart.items():
+        if defaults.get(os_family) != command:
+            found.append((("recovery", "docker_restart", os_family.value), "runs on a node over SSH"))
+    return found

@@ -57,6 +57,13 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
         dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plans; apply nothing.")] = False,
+        allow_spec_commands: Annotated[
+            bool,
+            typer.Option(
+                "--allow-spec-commands",
+                help="Git mode: accept `cmd:` secrets, wake and restart commands from the repository's spec.",
+            ),
+        ] = False,
         metrics_port: Annotated[
             int | None,
             typer.Option("--metrics-port", help="Serve Prometheus /metrics here [default: watch.metrics_port]"),
@@ -94,7 +101,7 @@ def register(app: typer.Typer) -> None:
             source = FileSource(spec_path(file))
             out.print(f"watching {source.path}", markup=False)
         metrics = Metrics()
-        worker = Worker(source, state, dry_run, metrics, _say, wiring_of(ctx))
+        worker = Worker(source, state, dry_run, metrics, _say, wiring_of(ctx), allow_spec_commands)
 
         def current_interval() -> float:
             if fixed_interval is not None:

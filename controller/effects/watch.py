@@ -55,6 +55,7 @@ from specs import Diagnostic, LoadedSpec, SpecError, load_spec
 from specs.errors import HomelabError
 from specs.files import atomic_write
 from specs.model import ClusterSpec
+from specs.validate import command_keys
 
 STATUS_FILE = "watch.json"
 SETTLE_S = 0.2
@@ -323,6 +324,9 @@ class Worker:
     metrics: Metrics
     say: Print
     wiring: Wiring = field(default_factory=Wiring)
+    allow_spec_commands: bool = False
+    """Git mode: accept a spec with keys that run commands (`specs.validate.command_keys`). Off by default there:
+    whoever can push to the repository would otherwise run commands on this machine."""
     good: Good | None = None
     bad_hash: str | None = None
     spec_errors: list[str] = field(default_factory=list)
@@ -357,12 +361,27 @@ class Worker:
         except SpecError as exc:
             self._reject(h, list(exc.diagnostics))
             return self.good
+        refused = self._refused_commands(loaded)
+        if refused:
+            self._reject(h, refused)
+            return self.good
         for w in loaded.warnings:
             self.say(str(w), True)
         candidate = Good(loaded, h, self.source.revision)
         if self.good is None or candidate.spec_hash != self.good.spec_hash:
             return candidate  # checked for placement by `run`, adopted when it places
         return self.good
+
+    def _refused_commands(self, loaded: LoadedSpec) -> list[Diagnostic]:
+        if not isinstance(self.source, GitSource) or self.allow_spec_commands:
+            return []
+        doc = loaded.document
+        out = []
+        for path, what in command_keys(loaded.spec):
+            line, col, _ = doc.locate(list(path), at_key=True)
+            why = f"{what}; a spec from git may not run commands (homelab watch --allow-spec-commands allows it)"
+            out.append(Diagnostic(doc.display_name, line, col, path, why))
+        return out
 
     def _reject(self, h: str, diagnostics: Sequence[Diagnostic | str]) -> None:
         self.bad_hash = h

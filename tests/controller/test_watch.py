@@ -551,3 +551,32 @@ def test_gpu_used_and_recovery_series_are_exported() -> None:
     assert r.get_sample_value("homelab_gpu_used_bytes", {"node": "b", "gpu": "0"}) is None
     assert r.get_sample_value("homelab_planned_vram_bytes", {"node": "a", "gpu": "0"}) == 3 * 2**30
     assert r.get_sample_value("homelab_recovery_attempts_total", {"node": "b"}) == 0.0
+
+
+def test_a_spec_from_git_may_not_run_commands_unless_allowed(tmp_path: Path) -> None:
+    """Spec is code: a `cmd:` secret or a wake command pushed to the watched repository would run on this
+    machine; git mode refuses such a spec (located errors) unless --allow-spec-commands."""
+    bare, work = tmp_path / "repo.git", tmp_path / "work"
+    git(tmp_path, "init", "--quiet", "--bare", "--initial-branch=main", str(bare))
+    git(tmp_path, "clone", "--quiet", str(bare), str(work))
+    git(work, "checkout", "--quiet", "-b", "main")
+    (work / "cluster.yaml").write_text(SPEC + "secrets:\n  key: cmd:touch /tmp/pwned\n")
+    git(work, "add", "cluster.yaml")
+    git(work, "commit", "--quiet", "-m", "first")
+    git(work, "push", "--quiet", "origin", "main")
+    for allowed in (False, True):
+        clone = watch.clone_dir(tmp_path / f"state-{allowed}", str(bare), "main")
+        source = GitSource(str(bare), "main", "cluster.yaml", clone)
+        source.open()
+        said = Said()
+        worker = Worker(source, tmp_path / "state", True, Metrics(), said, Wiring(), allow_spec_commands=allowed)
+        chosen = worker.refresh_spec()
+        if allowed:
+            assert chosen is not None and worker.spec_errors == []
+        else:
+            assert chosen is None
+            assert len(worker.spec_errors) == 1
+            assert worker.spec_errors[0].startswith(f"{source.spec_path}:")
+            assert "secrets.key: a `cmd:` secret runs a command here" in worker.spec_errors[0]
+    file_worker = Worker(FileSource(work / "cluster.yaml"), tmp_path / "state", True, Metrics(), Said())
+    assert file_worker.refresh_spec() is not None  # a local file is the operator's own: allowed
