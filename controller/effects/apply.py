@@ -10,6 +10,7 @@ refuse objects without homelab labels.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import threading
@@ -33,6 +34,10 @@ LOCK_FILE = "apply.lock"
 
 class LockHeld(HomelabError):
     """Another apply holds the lock."""
+
+
+class StalePlan(LockHeld):
+    """The cluster is no longer what the plan was made from (found once the apply lock was held)."""
 
 
 class StepFailed(DriverError):
@@ -112,19 +117,43 @@ class EventLog:
 
 
 @contextmanager
-def apply_lock(state_dir: Path) -> Iterator[None]:
-    """One writer: an exclusive, non-blocking lock on STATE_DIR/apply.lock."""
+def apply_lock(state_dir: Path, cluster: str | None = None) -> Iterator[None]:
+    """One writer: an exclusive, non-blocking lock on STATE_DIR/apply.lock and, with `cluster`, on this machine's
+    lock for that cluster (`cluster_lock_path`), so two state directories — the service's and a shell user's —
+    cannot apply to one cluster at once."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    path = state_dir / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    with _flock(state_dir / LOCK_FILE, "another homelab apply is running (pid {holder}); lock file {path}"):
+        if cluster is None:
+            yield
+            return
+        message = "another homelab apply to cluster '" + cluster + "' is running (pid {holder}); lock file {path}"
+        with _flock(cluster_lock_path(cluster), message):
+            yield
+
+
+def cluster_lock_path(cluster: str) -> Path:
+    """This machine's lock for a cluster, the same for every user and state directory: /run/lock (else /tmp)."""
+    base = Path("/run/lock") if os.access("/run/lock", os.W_OK) else Path("/tmp")
+    return base / f"homelab-{hashlib.sha256(cluster.encode()).hexdigest()[:16]}.lock"
+
+
+@contextmanager
+def _flock(path: Path, message: str) -> Iterator[None]:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:  # another user's lock file: locking needs no write access
+        fd = os.open(path, os.O_RDONLY)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            raise LockHeld(f"another homelab apply is running (pid {holder}); lock file {path}") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            raise LockHeld(message.format(holder=holder, path=path)) from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass  # opened read-only: the lock holds all the same, only the pid is not written
         yield
     finally:
         os.close(fd)
@@ -146,11 +175,15 @@ class Executor:
         ollama: Mapping[str, OllamaNode] | None = None,
         gateway: Gateway | None = None,
         gateway_timeout: float = 120.0,
+        recheck: Callable[[], str] | None = None,
     ) -> None:
         self.cluster = cluster
         self.ollama = dict(ollama or {})
         self.gateway = gateway
         self.gateway_timeout = gateway_timeout
+        self.recheck = recheck
+        """The cluster's observed fingerprint now: checked once the locks are held, so a plan made before another
+        apply changed the cluster is never run."""
         self.drivers = drivers
         self.state_dir = state_dir
         self.health_timeout = dict(health_timeout or {})
@@ -164,7 +197,11 @@ class Executor:
         self._stop.set()
 
     def apply(self, plan: Plan) -> ApplyResult:
-        with apply_lock(self.state_dir):
+        with apply_lock(self.state_dir, self.cluster):
+            if self.recheck is not None and self.recheck() != plan.observed_fingerprint:
+                raise StalePlan(
+                    "the cluster changed since this plan was made (another apply?); nothing was applied: plan again"
+                )
             log = EventLog(self.state_dir / EVENTS_FILE)
             try:
                 self._emit(log, "apply-started", cluster=plan.cluster, steps=len(plan.steps))

@@ -305,6 +305,7 @@ class Session:
             on_progress=on_progress,
             ollama=dict(self.ollama.opened) if nodes is None else {},
             gateway=self.gateway(desired_gateway) if desired_gateway is not None else None,
+            recheck=lambda: self.prepare(gateway=nodes is None).observed.fingerprint(),
         )
 
     def close(self) -> None:

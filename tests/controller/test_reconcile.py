@@ -12,8 +12,8 @@ from controller.core.diff import Action, describe_config_change
 from controller.core.plan import Plan, StepKind, render_text
 from controller.core.state import ContainerConfig
 from controller.drivers.fake import FakeDockerNode
-from controller.effects.apply import EVENTS_FILE, Executor, LockHeld, StepFailed, apply_lock
-from controller.effects.engine import CachingConnect, Prepared, prepare
+from controller.effects.apply import EVENTS_FILE, Executor, LockHeld, StalePlan, StepFailed, apply_lock
+from controller.effects.engine import CachingConnect, Prepared, Session, Wiring, prepare
 from solver.place import SolveParams
 from specs import parse_spec
 from specs.model import ClusterSpec, Node
@@ -315,3 +315,31 @@ def test_files_are_pruned_only_from_the_model_volumes_of_the_spec(tmp_path: Path
     lab.engines["box"].volumes["homelab-gateway"] = {"config.yaml": 900, "config.yaml.bak": 880}
     lab.engines["box"].volumes["old-models"] = {"retired.gguf": 5_000}
     assert lab.prepare(spec_of()).plan.empty
+
+
+def test_two_state_directories_cannot_apply_to_one_cluster_at_once(tmp_path: Path) -> None:
+    """The service's /var/lib/homelab and a shell user's ~/.local/state/homelab: one apply at a time per cluster."""
+    cluster = f"lock-{tmp_path.name}"
+    with apply_lock(tmp_path / "service", cluster):
+        with pytest.raises(LockHeld, match=f"another homelab apply to cluster '{cluster}' is running"):
+            Executor(cluster, {}, tmp_path / "shell").apply(Plan(cluster, "x", (), ()))
+        Executor("another-cluster", {}, tmp_path / "shell").apply(Plan("another-cluster", "x", (), ()))
+    Executor(cluster, {}, tmp_path / "shell").apply(Plan(cluster, "x", (), ()))  # released
+
+
+def test_a_plan_made_before_another_apply_is_refused_once_the_lock_is_held(tmp_path: Path) -> None:
+    """Two applies planned at the same time: the second finds the cluster changed when it holds the lock, and
+    runs nothing of its out-of-date plan."""
+    lab = Lab()
+    spec = spec_of()
+    with Session(spec, Wiring(connect=lambda s: lab.connect, health_check=lab._healthy), tmp_path / "a") as first:
+        with Session(spec, Wiring(connect=lambda s: lab.connect, health_check=lab._healthy), tmp_path / "b") as late:
+            plan_a, plan_b = first.prepare(), late.prepare()
+            assert plan_a.plan.steps and plan_a.plan == plan_b.plan
+            assert first.executor(plan_a).apply(plan_a.plan).ok
+            containers = dict(lab.engines["box"].containers)
+            with pytest.raises(StalePlan, match="the cluster changed since this plan was made"):
+                late.executor(plan_b).apply(plan_b.plan)
+            assert lab.engines["box"].containers == containers  # nothing of the stale plan ran
+            fresh = late.prepare()
+            assert fresh.plan.empty and late.executor(fresh).apply(fresh.plan).ok
