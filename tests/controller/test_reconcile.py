@@ -332,14 +332,14 @@ def test_a_plan_made_before_another_apply_is_refused_once_the_lock_is_held(tmp_p
     runs nothing of its out-of-date plan."""
     lab = Lab()
     spec = spec_of()
-    with Session(spec, Wiring(connect=lambda s: lab.connect, health_check=lab._healthy), tmp_path / "a") as first:
-        with Session(spec, Wiring(connect=lambda s: lab.connect, health_check=lab._healthy), tmp_path / "b") as late:
-            plan_a, plan_b = first.prepare(), late.prepare()
-            assert plan_a.plan.steps and plan_a.plan == plan_b.plan
-            assert first.executor(plan_a).apply(plan_a.plan).ok
-            containers = dict(lab.engines["box"].containers)
-            with pytest.raises(StalePlan, match="the cluster changed since this plan was made"):
-                late.executor(plan_b).apply(plan_b.plan)
-            assert lab.engines["box"].containers == containers  # nothing of the stale plan ran
-            fresh = late.prepare()
-            assert fresh.plan.empty and late.executor(fresh).apply(fresh.plan).ok
+    wiring = Wiring(connect=lambda s: lab.connect, health_check=lab._healthy)
+    with Session(spec, wiring, tmp_path / "a") as first, Session(spec, wiring, tmp_path / "b") as late:
+        plan_a, plan_b = first.prepare(), late.prepare()
+        assert plan_a.plan.steps and plan_a.plan == plan_b.plan
+        assert first.executor(plan_a).apply(plan_a.plan).ok
+        containers = dict(lab.engines["box"].containers)
+        with pytest.raises(StalePlan, match="the cluster changed since this plan was made"):
+            late.executor(plan_b).apply(plan_b.plan)
+        assert lab.engines["box"].containers == containers  # nothing of the stale plan ran
+        fresh = late.prepare()
+        assert fresh.plan.empty and late.executor(fresh).apply(fresh.plan).ok
