@@ -213,7 +213,7 @@ class OllamaFacts:
     """(tag, its `num_ctx` parameter from `/api/show`) of every model on the server."""
 
 
-def _argv(inspect: Mapping[str, Any]) -> list[str]:
+def container_argv(inspect: Mapping[str, Any]) -> list[str]:
     path = inspect.get("Path")
     args = inspect.get("Args") or []
     out = [str(path)] if isinstance(path, str) and path else []
@@ -240,7 +240,7 @@ def container_ports(inspect: Mapping[str, Any]) -> list[int]:
             if p:
                 ports.add(p)
     if host_config.get("NetworkMode") == "host":
-        parsed = parse_server_args(_argv(inspect))
+        parsed = parse_server_args(container_argv(inspect))
         if parsed.model is not None:
             ports.add(parsed.port or DEFAULT_LLAMA_PORT)
     return sorted(ports)
@@ -283,7 +283,7 @@ def llama_container(node: str, inspect: Mapping[str, Any]) -> Found | None:
     labels = (inspect.get("Config") or {}).get("Labels") or {}
     if LABEL_CLUSTER in labels:
         return None
-    parsed = parse_server_args(_argv(inspect))
+    parsed = parse_server_args(container_argv(inspect))
     if parsed.model is None:
         return None
     cname = str(inspect.get("Name", "")).lstrip("/")
@@ -347,7 +347,7 @@ def _kv_cache(parsed: ServerArgs) -> str | None:
 def image_of(facts: DockerFacts) -> str | None:
     for c in facts.containers:
         labels = (c.get("Config") or {}).get("Labels") or {}
-        if LABEL_CLUSTER not in labels and parse_server_args(_argv(c)).model is not None:
+        if LABEL_CLUSTER not in labels and parse_server_args(container_argv(c)).model is not None:
             return str((c.get("Config") or {}).get("Image", "")) or None
     return None
 
