@@ -16,7 +16,20 @@ from typing import Annotated, NoReturn
 import typer
 from rich.markup import escape
 
-from controller.commands import discover, estimate, gateway, health, place, reconcile, recover, route, status, ui, watch
+from controller.commands import (
+    discover,
+    estimate,
+    gateway,
+    health,
+    import_,
+    place,
+    reconcile,
+    recover,
+    route,
+    status,
+    ui,
+    watch,
+)
 from controller.commands.common import SpecFileOption, err, fail, load_or_exit, out, spec_path
 from specs.errors import HomelabError
 from specs.files import atomic_write
@@ -96,7 +109,7 @@ def schema(
     err.print(f"wrote {output}", markup=False)
 
 
-for command in (estimate, place, reconcile, status, gateway, discover, health, route, recover, watch, ui):
+for command in (estimate, place, reconcile, status, gateway, discover, health, route, recover, watch, ui, import_):
     command.register(app)
 
 

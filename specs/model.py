@@ -567,9 +567,16 @@ class Model(_Spec):
     )
     preload: bool = Field(default=False, description="keep loaded (Ollama keep-alive)")
     args: list[str] = Field(default_factory=list, description="extra server arguments")
+    adopt: Name | None = Field(
+        default=None,
+        description="an existing container started by hand (no homelab labels) that serves this model now:"
+        " the first apply replaces it with a managed one on the same port",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Self:
+        if self.adopt is not None and self.runtime is not Runtime.LLAMACPP:
+            raise ValueError("adopt: is for llamacpp models (a container started by hand)")
         if self.runtime is Runtime.LLAMACPP and self.source.gguf is None:
             raise ValueError("source: a llamacpp model needs a `gguf` source")
         if self.runtime is Runtime.OLLAMA and self.source.ollama is None:

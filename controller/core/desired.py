@@ -238,6 +238,9 @@ def render(
             ollama=render_ollama(spec, n, placement),
             model_volume=n.llamacpp.volume if n.llamacpp is not None else None,
             services=(GATEWAY_CONTAINER,) if gateway_here(spec, n.name) else (),
+            adopts=tuple(
+                (c.name, spec.model(c.model).adopt or "") for c in containers[n.name] if spec.model(c.model).adopt
+            ),
             spec_files=spec_files,
         )
         for n in spec.nodes

@@ -25,6 +25,20 @@ from controller.core.state import (
     OllamaNodeState,
     VolumeState,
 )
+from specs.errors import HomelabError
+
+
+class PortConflict(HomelabError):
+    """A managed container would take the port of a container homelab does not manage (and does not adopt)."""
+
+
+ADOPT = "adopt"
+"""The kind of the change that replaces a container started by hand (`adopt:`) with a managed one."""
+
+BIND_MOUNT_WARNING = (
+    "its model is read through a bind mount of {dir} (slow and fragile on Windows Docker hosts):"
+    " copied into the model volume"
+)
 
 
 class Action(StrEnum):
@@ -209,6 +223,37 @@ def _gateway_changes(want: GatewayState | None, have: GatewayState | None) -> li
     return []
 
 
+def _adoptions(want: NodeState, have: NodeState) -> list[Change]:
+    """`~ adopt container mark-i → homelab-m (same port 3009)` for each adopted container still there; a managed
+    container on the port of an unlabelled one that is not adopted is a PortConflict naming it."""
+    out: list[Change] = []
+    foreign = {f.name: f for f in have.foreign}
+    adopted = {old: new for new, old in want.adopts}
+    by_name = {c.name: c for c in want.containers}
+    for old, new in sorted(adopted.items()):
+        f = foreign.get(old)
+        c = by_name.get(new)
+        if f is None or c is None or c.config is None:
+            continue  # adopted already (or never there): the managed container is planned as usual
+        port = c.config.port
+        same = f"same port {port}" if port in f.ports else f"port {', '.join(map(str, f.ports)) or 'none'} → {port}"
+        reason = f"{new} ({same})"
+        if f.bind_model is not None:
+            reason += "; " + BIND_MOUNT_WARNING.format(dir=f.bind_model)
+        out.append(Change(Action.UPDATE, ADOPT, want.node, old, reason, after=c))
+    for c in want.containers:
+        if c.config is None or c.name in {h.name for h in have.containers}:
+            continue
+        for f in have.foreign:
+            if c.config.port in f.ports and adopted.get(f.name) != c.name:
+                raise PortConflict(
+                    f"node {want.node}: container {c.name} would listen on port {c.config.port}, which container"
+                    f" {f.name} (not managed by homelab) holds; adopt it (`adopt: {f.name}` on model {c.model})"
+                    " or give the model another port"
+                )
+    return out
+
+
 def _node_changes(want: NodeState, have: NodeState) -> list[Change]:
     out: list[Change] = []
     node = want.node
@@ -244,6 +289,7 @@ def _node_changes(want: NodeState, have: NodeState) -> list[Change]:
             reason = "no model in the spec uses it"
             out.append(Change(Action.DELETE, "file", node, f"{got.volume}/{got.name}", reason, before=got))
     have_containers = {c.name: c for c in have.containers}
+    out.extend(_adoptions(want, have))
     for c in want.containers:
         current = have_containers.get(c.name)
         assert c.config is not None

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from controller.core.diff import GATEWAY_NODE, GLYPH, Action, Change, DiffResult
+from controller.core.diff import ADOPT, GATEWAY_NODE, GLYPH, Action, Change, DiffResult
 from controller.core.state import (
     ContainerState,
     FileState,
@@ -43,6 +43,8 @@ PLAN_FORMAT = 1
 
 class StepKind(StrEnum):
     REMOVE_CONTAINER = "remove-container"
+    ADOPT_CONTAINER = "adopt-container"
+    """Stop and remove a container started by hand that a managed one replaces (`adopt:`)."""
     REMOVE_FILE = "remove-file"
     REMOVE_SERVICE = "remove-service"
     CREATE_VOLUME = "create-volume"
@@ -210,7 +212,16 @@ class Plan:
         return json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n"
 
 
-_KIND_ORDER = {"volume": 0, "file": 1, "container": 2, "ollama-tag": 3, "ollama-model": 4, "service": 5, "gateway": 6}
+_KIND_ORDER = {
+    "adopt": -1,
+    "volume": 0,
+    "file": 1,
+    "container": 2,
+    "ollama-tag": 3,
+    "ollama-model": 4,
+    "service": 5,
+    "gateway": 6,
+}
 
 
 def make_plan(cluster: str, result: DiffResult, observed_fingerprint: str) -> Plan:
@@ -251,6 +262,9 @@ def _node_steps(node: str, changes: list[Change]) -> list[Step]:
         if ch.kind == "container" and ch.action in (Action.DELETE, Action.REPLACE):
             before = ch.before if isinstance(ch.before, ContainerState) else None
             steps.append(Step(node, StepKind.REMOVE_CONTAINER, ch.name, container=before))
+    for ch in sorted(changes, key=lambda c: c.name):
+        if ch.kind == ADOPT:
+            steps.append(Step(node, StepKind.ADOPT_CONTAINER, ch.name))
     # A gateway container where the spec no longer runs it (before the gateway starts anywhere else).
     for ch in sorted(changes, key=lambda c: c.name):
         if ch.kind == "service" and ch.action is Action.DELETE:
@@ -325,7 +339,10 @@ def render_text(plan: Plan) -> str:
         if c.node != current:
             current = c.node
             lines.append(f"node {c.node}:" if c.node != GATEWAY_NODE else "gateway:")
-        lines.append(f"  {GLYPH[c.action]:>3} {c.kind} {c.name}  ({c.reason})")
+        if c.kind == ADOPT:
+            lines.append(f"  {GLYPH[c.action]:>3} adopt container {c.name} → {c.reason}")
+        else:
+            lines.append(f"  {GLYPH[c.action]:>3} {c.kind} {c.name}  ({c.reason})")
         lines.extend(f"        {line}" for line in c.detail.splitlines())
     if not plan.changes and not plan.unreachable:
         lines.append("No changes. The cluster matches the spec.")

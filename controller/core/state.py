@@ -238,6 +238,10 @@ class NodeState:
     """Names of containers without homelab labels (observed only; never touched)."""
     ollama: OllamaNodeState | None = None
     """The node's Ollama server, when the spec gives it one."""
+    foreign: tuple[ForeignContainer, ...] = ()
+    """Observed only: the unlabelled containers, with their ports and where their model comes from."""
+    adopts: tuple[tuple[str, str], ...] = ()
+    """Desired only: (managed container, the unlabelled container it replaces) for each `adopt:` placed here."""
     services: tuple[str, ...] = ()
     """homelab's service containers on the node (the gateway's): desired, where the spec runs one;
     observed, those that exist. One that exists where the spec no longer runs it is removed."""
@@ -247,6 +251,17 @@ class NodeState:
     """Desired state only: every model file name the spec mentions, placed here or not. A file in a managed
     volume that is neither wanted here nor named in the spec is pruned; one of a model placed elsewhere
     for now is kept (copying it back would cost gigabytes)."""
+
+
+@dataclass(frozen=True)
+class ForeignContainer:
+    """A container without homelab labels (observed): never touched unless the spec adopts it."""
+
+    name: str
+    ports: tuple[int, ...] = ()
+    """Host ports it holds (its -p mappings; llama-server's --port on the host network)."""
+    bind_model: str | None = None
+    """The host directory it reads its model through, when that is a bind mount."""
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ DriverError                    anything a driver could not do (one line, for the
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from controller.core.state import (
     ContainerState,
@@ -76,6 +76,10 @@ class DockerNode(Protocol):
         """(managed containers of `cluster`, names of containers without homelab labels)."""
         ...
 
+    def inspect_all(self) -> list[dict[str, Any]]:
+        """`docker inspect` of every container on the node, labelled or not (import, adoption)."""
+        ...
+
     def list_volumes(self, cluster: str) -> list[VolumeState]: ...
 
     def list_files(self, volume: str) -> list[FileState]:
@@ -110,8 +114,9 @@ class DockerNode(Protocol):
     def start_container(self, name: str) -> None:
         """Start an existing managed container (raises NotManaged for an unlabelled one)."""
 
-    def remove_container(self, name: str, *, timeout: float = 5.0) -> None:
-        """Stop (SIGTERM, then SIGKILL after `timeout`) and remove a managed container."""
+    def remove_container(self, name: str, *, timeout: float = 5.0, adopt: bool = False) -> None:
+        """Stop (SIGTERM, then SIGKILL after `timeout`) and remove a managed container; with `adopt`, an
+        unlabelled one the spec adopts (its replacement is started right after)."""
 
     def container_logs(self, name: str, tail: int = 20) -> str: ...
 

@@ -403,6 +403,19 @@ class DockerEngine:
                 managed.append(self._container_state(name, labels, state))
         return sorted(managed, key=lambda c: c.name), sorted(foreign)
 
+    def inspect_all(self) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = []
+        with self._errors("inspect containers"):
+            for summary in self.client.api.containers(all=True):
+                labels = summary.get("Labels") or {}
+                if labels.get(LABEL_ROLE) == HELPER_ROLE:
+                    continue
+                try:
+                    found.append(dict(self.client.api.inspect_container(summary["Id"])))
+                except docker.errors.NotFound:
+                    continue  # removed since the listing
+        return found
+
     def _container_state(self, name: str, labels: Mapping[str, str], state: Mapping[str, Any]) -> ContainerState:
         config: ContainerConfig | None
         try:
@@ -577,9 +590,17 @@ class DockerEngine:
                 raise DriverError(f"no container {name} on node {self.node}")
             container.start()
 
-    def remove_container(self, name: str, *, timeout: float = 5.0) -> None:
+    def remove_container(self, name: str, *, timeout: float = 5.0, adopt: bool = False) -> None:
         with self._errors(f"remove container {name}"):
-            container = self._managed(name)
+            if adopt:
+                try:
+                    container = self.client.containers.get(name)
+                except docker.errors.NotFound:
+                    return
+                if LABEL_CLUSTER in (container.labels or {}):
+                    raise NotManaged(f"container {name} on node {self.node} is homelab's already; not adopting it")
+            else:
+                container = self._managed(name)
             if container is None:
                 return
             try:

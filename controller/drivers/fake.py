@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from controller.core.state import LABEL_CLUSTER, ContainerState, FileState, ServiceContainer, VolumeState
 from controller.drivers.base import DriverError, NodeUnreachable, NotManaged, ProgressFn, VerifyFailed
@@ -24,6 +25,8 @@ class FakeDockerNode:
     reachable: bool = True
     containers: dict[str, ContainerState] = field(default_factory=dict)
     foreign: set[str] = field(default_factory=set)
+    inspected: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """`docker inspect` of unlabelled containers (name → dict); each is foreign too."""
     volumes: dict[str, dict[str, int]] = field(default_factory=dict)
     """volume → {file name: size}."""
     calls: list[tuple[str, str]] = field(default_factory=list)
@@ -51,7 +54,15 @@ class FakeDockerNode:
 
     def list_containers(self, cluster: str) -> tuple[list[ContainerState], list[str]]:
         self._check("list_containers", cluster)
-        return list(self.containers.values()), sorted(self.foreign)
+        return list(self.containers.values()), sorted(self.foreign | set(self.inspected))
+
+    def inspect_all(self) -> list[dict[str, Any]]:
+        self._check("inspect_all", "")
+        managed = [
+            {"Name": "/" + c.name, "Config": {"Labels": dict(c.labels)}, "HostConfig": {"NetworkMode": "host"}}
+            for c in self.containers.values()
+        ]
+        return managed + [dict(v) for v in self.inspected.values()]
 
     def list_volumes(self, cluster: str) -> list[VolumeState]:
         self._check("list_volumes", cluster)
@@ -90,7 +101,7 @@ class FakeDockerNode:
         assert desired.config is not None
         if desired.config.image not in self.images:
             raise DriverError(f"image {desired.config.image} is not on node {self.node}")
-        if desired.name in self.containers or desired.name in self.foreign:
+        if desired.name in self.containers or desired.name in self.foreign or desired.name in self.inspected:
             raise DriverError(f"container {desired.name} already exists")
         self.containers[desired.name] = replace(desired, status="running", exit_code=None)
 
@@ -100,9 +111,13 @@ class FakeDockerNode:
             raise NotManaged(f"container {name} has no {LABEL_CLUSTER} label: not homelab's")
         self.containers[name] = replace(self.containers[name], status="running", exit_code=None)
 
-    def remove_container(self, name: str, *, timeout: float = 5.0) -> None:
+    def remove_container(self, name: str, *, timeout: float = 5.0, adopt: bool = False) -> None:
         self._check("remove_container", name)
-        if name in self.foreign:
+        if adopt and name in self.inspected:
+            del self.inspected[name]
+            self.foreign.discard(name)
+            return
+        if name in self.foreign or name in self.inspected:
             raise NotManaged(f"container {name} has no {LABEL_CLUSTER} label: not homelab's")
         self.containers.pop(name, None)
         self.services.pop(name, None)

@@ -286,6 +286,8 @@ class Executor:
         driver = self.drivers[step.node]
         if step.kind in (StepKind.REMOVE_CONTAINER, StepKind.REMOVE_SERVICE):
             driver.remove_container(step.name)
+        elif step.kind is StepKind.ADOPT_CONTAINER:
+            driver.remove_container(step.name, adopt=True)
         elif step.kind is StepKind.REMOVE_FILE:
             assert step.file is not None
             driver.remove_file(step.file.volume, step.file.name)

@@ -6,15 +6,19 @@ empty — so the plan does not try to recreate everything on it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from typing import Any
 
+from controller.core.importer import container_argv, container_ports, model_mount, parse_server_args
 from controller.core.state import (
     GATEWAY_CONTAINER,
+    LABEL_CLUSTER,
     OLLAMA_PREFIX,
     ClusterState,
     FileState,
+    ForeignContainer,
     GatewayState,
     NodeState,
     OllamaNodeState,
@@ -104,6 +108,19 @@ def observe_node(node: Node, cluster: str, connect: Connect, ollama: OllamaConne
     return state
 
 
+def _unlabelled(inspect: Mapping[str, Any]) -> bool:
+    return LABEL_CLUSTER not in ((inspect.get("Config") or {}).get("Labels") or {})
+
+
+def foreign_container(inspect: Mapping[str, Any]) -> ForeignContainer:
+    """An unlabelled container's name, host ports and (when it reads its model through a bind mount) that mount."""
+    name = str(inspect.get("Name", "")).lstrip("/")
+    model = parse_server_args(container_argv(inspect)).model
+    mount = model_mount(inspect, model) if model is not None else None
+    bind = mount.name if mount is not None and mount.kind == "bind" else None
+    return ForeignContainer(name, tuple(container_ports(inspect)), bind)
+
+
 def _observe_docker(node: Node, cluster: str, connect: Connect) -> NodeState:
     if node.docker is None:
         return NodeState(node=node.name)
@@ -116,6 +133,7 @@ def _observe_docker(node: Node, cluster: str, connect: Connect) -> NodeState:
         for v in volumes:
             files.extend(engine.list_files(v.name))
         services = [name for name in SERVICE_CONTAINERS if engine.service_status(name) is not None]
+        unlabelled = [foreign_container(c) for c in engine.inspect_all() if _unlabelled(c)]
     except DriverError as exc:
         return NodeState(node=node.name, reachable=False, error=str(exc))
     return NodeState(
@@ -124,6 +142,7 @@ def _observe_docker(node: Node, cluster: str, connect: Connect) -> NodeState:
         files=tuple(sorted(files, key=lambda f: (f.volume, f.name))),
         containers=tuple(sorted(containers, key=lambda c: c.name)),
         foreign_containers=tuple(sorted(foreign)),
+        foreign=tuple(sorted(unlabelled, key=lambda f: f.name)),
         services=tuple(services),
     )
 

@@ -387,6 +387,7 @@ def test_dry_run_prints_plans_and_applies_nothing(
         "ping",
         "image_exists",
         "list_containers",
+        "inspect_all",
         "list_volumes",
         "service_status",
     }

@@ -1,0 +1,197 @@
+"""`homelab import`'s pure part: docker inspect, Ollama, LiteLLM and llama-swap facts → a spec that validates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controller.core.importer import (
+    DockerFacts,
+    ImportError_,
+    OllamaFacts,
+    build_spec,
+    container_ports,
+    model_mount,
+    parse_server_args,
+)
+from specs.load import parse_spec
+from tests.support.wiring import Wired
+
+
+def inspect(
+    name: str,
+    argv: list[str],
+    *,
+    mounts: list[dict[str, Any]],
+    network: str = "host",
+    ports: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    return {
+        "Name": "/" + name,
+        "Path": argv[0],
+        "Args": argv[1:],
+        "Config": {"Image": "ghcr.io/ggml-org/llama.cpp:server", "Labels": {}},
+        "State": {"Status": "running"},
+        "HostConfig": {"NetworkMode": network, "PortBindings": ports or {}},
+        "Mounts": mounts,
+    }
+
+
+BIND = {"Type": "bind", "Source": "/srv/models", "Destination": "/models", "RW": False}
+VOLUME = {"Type": "volume", "Name": "llm", "Source": "/var/lib/docker/volumes/llm/_data", "Destination": "/data"}
+
+MARK_I = inspect(
+    "mark-i",
+    ["/app/llama-server", "-m", "/models/Qwen2.5-14B-Instruct-Q4_K_M.gguf", "--port", "3009", "--host", "0.0.0.0",
+     "-c", "16384", "-ngl", "99", "-ctk", "q8_0", "-ctv", "q8_0", "-fa", "on", "-a", "qwen2.5-14b-instruct",
+     "--jinja", "-t", "8"],
+    mounts=[BIND],
+)  # fmt: skip
+MARK_II = inspect(
+    "mark-ii",
+    ["llama-server", "--model=/data/coder/qwen2.5-coder-7b.gguf", "-c8192", "-ngl", "0", "--port", "8080"],
+    mounts=[VOLUME],
+    network="bridge",
+    ports={"8080/tcp": [{"HostIp": "", "HostPort": "3010"}]},
+)
+MANAGED = {**MARK_I, "Name": "/homelab-x", "Config": {"Image": "i", "Labels": {"homelab.cluster": "lab"}}}
+NOT_LLAMA = inspect("postgres", ["postgres"], mounts=[])
+
+LITELLM = {
+    "model_list": [
+        {
+            "model_name": "chat",
+            "litellm_params": {"model": "openai/qwen2.5-14b-instruct", "api_base": "http://h:3009/v1"},
+        },
+        {"model_name": "coder", "litellm_params": {"model": "openai/x", "api_base": "http://h:3010/v1"}},
+    ],
+    "router_settings": {"fallbacks": [{"coder": ["chat"]}]},
+}
+SWAP = {
+    "models": {
+        "llama-8b": {"cmd": "llama-server --port ${PORT} -m /srv/models/llama-3.1-8b.gguf --ctx-size 8192 --jinja",
+                     "aliases": ["gpt-4o-mini"], "ttl": 300},
+        "qwen-14b": {"cmd": "llama-server --port ${PORT} -m /srv/models/Qwen2.5-14B-Instruct-Q4_K_M.gguf"},
+        "vllm": {"cmd": "docker run --rm vllm/vllm-openai", "proxy": "http://127.0.0.1:9000"},
+    },
+    "groups": {"fast": {"swap": True, "exclusive": False, "members": ["llama-8b"]}},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("argv", "field", "value"),
+    [
+        (["llama-server", "-m", "/m.gguf"], "model", "/m.gguf"),
+        (["-m", "/m.gguf", "--ctx-size", "4096"], "context", 4096),
+        (["-m", "/m.gguf", "-c8192"], "context", 8192),
+        (["-m", "/m.gguf", "--n-gpu-layers", "33"], "gpu_layers", 33),
+        (["-m", "/m.gguf", "--port=3009"], "port", 3009),
+        (["-m", "/m.gguf", "-fa"], "flash_attn", True),
+        (["-m", "/m.gguf", "-fa", "off"], "flash_attn", False),
+        (["-m", "/m.gguf", "-fa", "on", "--jinja"], "args", ("--jinja",)),
+        (["-m", "/m.gguf", "-a", "x", "--temp", "0.7"], "args", ("--temp", "0.7")),
+        (["-m", "/m.gguf", "-t", "8", "-ts", "1,1"], "dropped", ("-t 8", "-ts 1,1")),
+        (["-m", "/m.gguf", "-ctk", "q4_0"], "cache_k", "q4_0"),
+    ],
+)
+def test_server_args(argv: list[str], field: str, value: object) -> None:
+    assert getattr(parse_server_args(argv), field) == value
+
+
+def test_mounts_map_the_model_back_to_its_source() -> None:
+    bind = model_mount(MARK_I, "/models/Qwen2.5-14B-Instruct-Q4_K_M.gguf")
+    assert bind is not None and (bind.kind, bind.host_path) == ("bind", "/srv/models/Qwen2.5-14B-Instruct-Q4_K_M.gguf")
+    vol = model_mount(MARK_II, "/data/coder/qwen2.5-coder-7b.gguf")
+    assert vol is not None and (vol.kind, vol.name, vol.inner) == ("volume", "llm", "coder/qwen2.5-coder-7b.gguf")
+    assert model_mount(MARK_I, "/elsewhere/m.gguf") is None
+    assert container_ports(MARK_I) == [3009] and container_ports(MARK_II) == [3010]
+
+
+def _spec(**kwargs: Any) -> Any:
+    text = build_spec("lab", **kwargs)
+    return text, parse_spec(text).spec
+
+
+def test_docker_containers_become_adopting_models() -> None:
+    facts = DockerFacts("gpu1", "127.0.0.1", "unix:///var/run/docker.sock", [MARK_II, MARK_I, MANAGED, NOT_LLAMA])
+    text, spec = _spec(docker=[facts])
+    assert [m.name for m in spec.models] == ["qwen2.5-14b-instruct", "qwen2.5-coder-7b"]
+    qwen, coder = spec.models
+    assert (qwen.adopt, qwen.port, qwen.context, qwen.kv_cache.value, qwen.args) == (
+        "mark-i",
+        3009,
+        16384,
+        "q8_0",
+        ["--jinja"],
+    )
+    assert qwen.source.gguf == "/srv/models/Qwen2.5-14B-Instruct-Q4_K_M.gguf" and qwen.source.node == "gpu1"
+    assert (coder.adopt, coder.port, coder.context, coder.placement.cpu_only) == ("mark-ii", 3010, 8192, True)
+    assert coder.source.gguf == "/var/lib/docker/volumes/llm/_data/coder/qwen2.5-coder-7b.gguf"
+    assert "# from container mark-i on gpu1 (running, image ghcr.io/ggml-org/llama.cpp:server)" in text
+    assert "bind mount of /srv/models: it is copied into the model volume" in text
+    assert "model coder/qwen2.5-coder-7b.gguf in Docker volume llm" in text
+    assert "-t 8" in text and "categories: [code]  # guessed from its names" in text
+    node = spec.node("gpu1")
+    assert node.llamacpp is not None and 3009 in node.llamacpp.ports and 3010 in node.llamacpp.ports
+
+
+def test_ollama_litellm_and_llama_swap() -> None:
+    facts = DockerFacts("gpu1", "127.0.0.1", "unix:///var/run/docker.sock", [MARK_I, MARK_II])
+    ollama = OllamaFacts(
+        "gpu1", "127.0.0.1", "http://127.0.0.1:11434", [("qwen2.5:14b", 8192), ("homelab/x:latest", 1)]
+    )
+    text, spec = _spec(docker=[facts], ollama=[ollama], litellm=LITELLM, llama_swap=SWAP)
+    names = [m.name for m in spec.models]
+    # qwen-14b of llama-swap is the file mark-i serves: not served twice; vllm is not a llama-server.
+    assert names == ["qwen2.5-14b-instruct", "qwen2.5-coder-7b", "llama-8b", "qwen2.5-14b"]
+    llama8 = spec.model("llama-8b")
+    assert llama8.adopt is None and llama8.context == 8192 and llama8.args == ["--jinja"]
+    assert spec.model("qwen2.5-14b").source.ollama == "qwen2.5:14b" and spec.model("qwen2.5-14b").context == 8192
+    assert "# from llama-swap model llama-8b (group fast)" in text
+    assert "LiteLLM serves it as coder" in text
+    routing = spec.routing.categories
+    assert routing["code"].models == ["qwen2.5-coder-7b"]
+    assert routing["code"].fallback is not None and routing["code"].fallback.value == "chat"
+    assert "fallback: chat  # guessed from LiteLLM's fallback coder → chat" in text
+    assert spec.node("gpu1").ollama is not None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({}, "nothing to import"),
+        ({"litellm": {"model_list": "x"}, "ollama": [OllamaFacts("n", "127.0.0.1", "http://127.0.0.1:1", [])]},
+         "`model_list` must be a list"),
+        ({"llama_swap": {"models": {"a": {"proxy": "x"}}},
+          "docker": [DockerFacts("n", "127.0.0.1", "unix:///x", [])]}, "models.a: needs `cmd`"),
+        ({"llama_swap": {"models": {}}}, "needs a --from-docker node"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_one_line(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ImportError_, match=message):
+        build_spec("lab", **kwargs)
+
+
+def test_cli_writes_a_valid_spec_and_never_overwrites(wired: Wired, tmp_path: Path) -> None:
+    from controller.drivers.fake import FakeDockerNode
+
+    fake = FakeDockerNode("gpu1", inspected={"mark-i": MARK_I, "mark-ii": MARK_II})
+    wired.set(connect=lambda spec: lambda node: fake)
+    out = tmp_path / "cluster.yaml"
+    swap = tmp_path / "swap.yaml"
+    swap.write_text("models:\n  a: {cmd: 'llama-server -m /srv/a.gguf --port ${PORT}'}\n")
+    code, _, stderr = wired.run("import", "--from-docker", "gpu1=unix:///var/run/docker.sock", "--llama-swap",
+                                str(swap), "-o", str(out))  # fmt: skip
+    assert code == 0, stderr
+    spec = parse_spec(out.read_text()).spec
+    assert [m.adopt for m in spec.models] == ["mark-i", "mark-ii", None]
+    code, _, stderr = wired.run("import", "--from-docker", "gpu1=unix:///x", "-o", str(out))
+    assert code == 1 and "exists; give --force" in stderr
+    code, _, stderr = wired.run("import", "--from-docker", "gpu1=unix:///x", "-o", str(out), "--force")
+    assert code == 0 and (tmp_path / "cluster.yaml.bak").exists()
+    swap.write_text("models:\n  a: [unclosed\n")
+    code, _, stderr = wired.run("import", "--from-docker", "gpu1=unix:///x", "--llama-swap", str(swap), "-o",
+                                str(out), "--force")  # fmt: skip
+    assert code == 1 and stderr.count("\n") == 1 and f"{swap}:3:1:" in stderr, stderr
