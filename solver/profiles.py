@@ -129,7 +129,8 @@ class Calibration:
 
 
 def _gib(n: int) -> str:
-    return f"{n / (1 << 30):.2f} GiB"
+    """GiB with two decimals; MiB below 1 GiB, where two decimals of a GiB say little."""
+    return f"{n / (1 << 30):.2f} GiB" if abs(n) >= 1 << 30 else f"{n / (1 << 20):.1f} MiB"
 
 
 def with_measured_margin(n: int) -> int:

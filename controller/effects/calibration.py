@@ -320,11 +320,12 @@ def _diff(a: int | None, b: int | None) -> int | None:
 
 
 def _gib(n: int) -> str:
-    return f"{n / (1 << 30):.2f} GiB"
+    """GiB with two decimals; MiB below 1 GiB, where two decimals of a GiB say little."""
+    return f"{n / (1 << 30):.2f} GiB" if abs(n) >= 1 << 30 else f"{n / (1 << 20):.1f} MiB"
 
 
 def _signed_gib(n: int) -> str:
-    return f"{'+' if n >= 0 else '-'}{abs(n) / (1 << 30):.2f} GiB"
+    return f"{'+' if n >= 0 else '-'}{_gib(abs(n))}"
 
 
 def estimate_vs_measured(

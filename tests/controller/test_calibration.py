@@ -167,7 +167,7 @@ def test_calibrate_curve_raises_vram_and_ram_at_the_measured_offload_only() -> N
     assert (note.vram_estimate, note.ram_estimate) == (80, 120)  # full offload: 60 + 2 blocks; RAM 140 - 2 blocks
     assert raised.vram(3) == 210 and raised.ram(3) == 120  # 200 · 1.05; the RAM measured below its estimate
     assert raised.vram(2) == curve.vram(2) and raised.ram(0) == curve.ram(0)  # other regimes unchanged
-    assert "measured 0.00 GiB VRAM on n:0" in note.text("m")
+    assert "measured 0.0 MiB VRAM on n:0" in note.text("m")
     # A split replica's VRAM is not one GPU's: left alone.
     _, split = calibrate_curve(curve, Measured("n", 3, (0, 1), vram_bytes=200))
     assert not split.raised
