@@ -11,9 +11,21 @@ and at fewer GPU layers.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-from solver.problem import Assignment, GpuSlot, GpuUse, Problem, Replica, Unplaced, ram_at, vram_at
+from solver.problem import (
+    Assignment,
+    CurrentAssignment,
+    GpuSlot,
+    GpuUse,
+    PlacementResult,
+    Problem,
+    Replica,
+    Unplaced,
+    ram_at,
+    vram_at,
+)
+from solver.profiles import MemoryProfile, Profile
 
 GIB = 1 << 30
 
@@ -189,3 +201,43 @@ def explain(
         if k not in seen:
             unplaced.append(Unplaced(k[0], k[1], reason))
     return tuple(unplaced), tuple(notes)
+
+
+def calibration_lines(
+    profiles: Mapping[str, Profile],
+    placement: PlacementResult,
+    current: Mapping[tuple[str, int], CurrentAssignment] | None = None,
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(one line per model and node whose reservation a measurement raised, warnings).
+
+    A line: "chat: measured 9.80 GiB VRAM on workstation:0, estimate 9.40 GiB (reserved 10.29 GiB)". A warning
+    for a replica that runs (`current`) where it was measured above its estimate and that the placement, with the
+    raised reservation, can no longer leave as it is: moved, given fewer GPU layers, or not placed at all — before
+    it runs out of memory there.
+    """
+    lines: list[str] = []
+    warnings: list[str] = []
+    placed = {(a.model, a.replica): a for a in placement.assignments}
+    for model, profile in sorted(profiles.items()):
+        if not isinstance(profile, MemoryProfile):
+            continue
+        for node, note in sorted(profile.calibrated.items()):
+            text = note.text(model)
+            lines.append(text)
+            for (name, replica), now in sorted((current or {}).items()):
+                if now.node != node:
+                    continue
+                got = placed.get((name, replica))
+                label = name if replica == 0 else f"{name}#{replica}"
+                subject = "it" if name == model else f"{label} (running beside it)"
+                if got is None:
+                    fate = f"{subject} fits nowhere now and is not placed"
+                elif got.node != now.node or got.gpus != now.gpus:
+                    where = f"{got.node}:{','.join(map(str, got.gpus))}" if got.gpus else f"{got.node} (CPU)"
+                    fate = f"{subject} no longer fits there; the plan moves {label} to {where}"
+                elif now.gpu_layers is not None and got.gpu_layers < now.gpu_layers:
+                    fate = f"{subject} no longer fits there fully; the plan lowers its GPU layers to {got.gpu_layers}"
+                else:
+                    continue
+                warnings.append(f"{text}: {fate}")
+    return tuple(lines), tuple(warnings)

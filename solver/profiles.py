@@ -13,7 +13,7 @@ RAM only (`curve.ram(0)`) and no VRAM.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -61,6 +61,9 @@ class MemoryProfile:
     node_splits: Mapping[str, SplitCurve] = field(default_factory=dict)
     """Per node, the model's memory split over several GPUs (only for llama.cpp models with
     `placement.split: true` on nodes with two GPUs or more)."""
+    calibrated: Mapping[str, Calibration] = field(default_factory=dict)
+    """Per node where a replica of the model was measured above its estimate: what was measured, and the
+    estimate it raised (the node's curve here is already raised)."""
 
     def for_node(self, node: str) -> LayerCurve:
         return self.node_curves.get(node, self.curve)
@@ -71,6 +74,105 @@ class MemoryProfile:
         if self.shape is None or params is None:
             return None
         return layer_curve(self.shape, replace(params, ctx=ctx))
+
+
+MEASURED_MARGIN = 0.05
+"""A measured figure is reserved with this share on top (`measured · 1.05`), for what it may still grow."""
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What a running replica of a model really held on a node (`controller.effects.calibration` reads it):
+    host memory from Docker's stats, VRAM from nvidia-smi (None where not measured)."""
+
+    node: str
+    gpu_layers: int
+    gpus: tuple[int, ...] = ()
+    ram_bytes: int | None = None
+    vram_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A node curve raised by a measurement, at the offload the replica ran with."""
+
+    measured: Measured
+    ram_estimate: int
+    vram_estimate: int
+    ram_reserved: int
+    """What the raised curve reserves at that offload: max(estimate, measured + margin)."""
+    vram_reserved: int
+
+    @property
+    def raised(self) -> bool:
+        return self.ram_reserved > self.ram_estimate or self.vram_reserved > self.vram_estimate
+
+    def where(self) -> str:
+        m = self.measured
+        return f"{m.node}:{','.join(map(str, m.gpus))}" if m.gpus else m.node
+
+    def text(self, model: str) -> str:
+        """`chat: measured 9.8 GiB VRAM on workstation:0, estimate 9.4 GiB (reserved 10.3 GiB)`."""
+        parts = []
+        m = self.measured
+        if m.vram_bytes is not None and self.vram_reserved > self.vram_estimate:
+            parts.append(
+                f"measured {_gib(m.vram_bytes)} VRAM on {self.where()}, estimate {_gib(self.vram_estimate)}"
+                f" (reserved {_gib(self.vram_reserved)})"
+            )
+        if m.ram_bytes is not None and self.ram_reserved > self.ram_estimate:
+            parts.append(
+                f"measured {_gib(m.ram_bytes)} RAM on {self.where()}, estimate {_gib(self.ram_estimate)}"
+                f" (reserved {_gib(self.ram_reserved)})"
+            )
+        return f"{model}: " + "; ".join(parts)
+
+
+def _gib(n: int) -> str:
+    """GiB with two decimals; MiB below 1 GiB, where two decimals of a GiB say little."""
+    return f"{n / (1 << 30):.2f} GiB" if abs(n) >= 1 << 30 else f"{n / (1 << 20):.1f} MiB"
+
+
+def with_measured_margin(n: int) -> int:
+    return math.ceil(n * (1 + MEASURED_MARGIN))
+
+
+def calibrate_curve(curve: LayerCurve, m: Measured) -> tuple[LayerCurve, Calibration]:
+    """`curve` with the fixed parts of the measured offload's regime raised so that it reserves at least the
+    measured figures plus the margin there; never lowered. VRAM is raised only for a replica on one GPU (a
+    split replica's per-GPU share is not measured)."""
+    ngl = min(max(m.gpu_layers, 0), curve.layers + 1)
+    regime = curve.regime(ngl)
+    ram_est, vram_est = curve.ram(ngl), curve.vram(ngl)
+    cpu_fixed = list(curve.cpu_fixed)
+    gpu_fixed = list(curve.gpu_fixed)
+    if m.ram_bytes is not None:
+        cpu_fixed[regime] += max(0, with_measured_margin(m.ram_bytes) - ram_est)
+    if m.vram_bytes is not None and len(m.gpus) == 1 and ngl > 0:
+        gpu_fixed[regime] += max(0, with_measured_margin(m.vram_bytes) - vram_est)
+    raised = replace(
+        curve,
+        cpu_fixed=(cpu_fixed[0], cpu_fixed[1], cpu_fixed[2]),
+        gpu_fixed=(gpu_fixed[0], gpu_fixed[1], gpu_fixed[2]),
+    )
+    return raised, Calibration(m, ram_est, vram_est, raised.ram(ngl), raised.vram(ngl))
+
+
+def calibrated(profile: MemoryProfile, measured: Sequence[Measured]) -> MemoryProfile:
+    """The profile with each measured node's curve raised (`calibrate_curve`); unchanged where every measurement
+    is within the estimate and margin."""
+    curves = dict(profile.node_curves)
+    notes = dict(profile.calibrated)
+    for m in sorted(measured, key=lambda m: (m.node, m.gpu_layers)):
+        curve, note = calibrate_curve(curves.get(m.node, profile.curve), m)
+        if note.raised:
+            curves[m.node] = curve
+            notes[m.node] = note
+    if not notes:
+        return profile
+    # A curve recomputed at another context (explanations) would drop the measurement: keep the raised one.
+    params = {k: v for k, v in profile.node_params.items() if k not in notes}
+    return replace(profile, node_curves=curves, calibrated=notes, node_params=params)
 
 
 Profile = MemoryProfile | LayerCurve | NoEstimate
@@ -255,11 +357,19 @@ def profiles_for(
     spec: ClusterSpec,
     read_header: Callable[[str], GGUFHeader] | None = None,
     ollama_info: Mapping[str, OllamaInfo] | None = None,
+    measured: Mapping[str, Sequence[Measured]] | None = None,
 ) -> dict[str, Profile]:
     """A profile for every model of the spec (pass `solver.gguf.read_header` to read local GGUFs, and
-    `ollama_info` — model name → what /api/show says of its tag — for Ollama models)."""
+    `ollama_info` — model name → what /api/show says of its tag — for Ollama models). `measured` (model name →
+    what its replicas really held, for an unchanged configuration) raises the curves of the nodes measured:
+    the placement reserves max(estimate, measured + margin) there."""
     info = ollama_info or {}
-    return {m.name: profile_for(spec, m, read_header, info.get(m.name)) for m in spec.models}
+    out: dict[str, Profile] = {}
+    for m in spec.models:
+        profile = profile_for(spec, m, read_header, info.get(m.name))
+        seen = (measured or {}).get(m.name)
+        out[m.name] = calibrated(profile, seen) if seen and isinstance(profile, MemoryProfile) else profile
+    return out
 
 
 def as_profile(profile: Profile) -> MemoryProfile | NoEstimate:

@@ -6,6 +6,7 @@ The lead's `controller/cli.py` calls `register(app)`.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -14,15 +15,17 @@ from rich.console import Console
 from rich.table import Table
 
 from controller.commands.common import fail, load_or_exit, out, spec_path
-from solver.explain import gib
+from controller.effects import calibration
+from controller.effects.engine import state_dir
+from solver.explain import calibration_lines, gib
 from solver.gguf import read_header
 from solver.place import SolveParams, place
 from solver.problem import PlacementResult
-from solver.profiles import profiles_for
 
 
-def render(result: PlacementResult, console: Console) -> None:
-    """The planning table per GPU, then CPU-only replicas, then unplaced replicas with their reasons.
+def render(result: PlacementResult, console: Console, measured: Sequence[str] = ()) -> None:
+    """The planning table per GPU, then CPU-only replicas, the reservations raised by measurements (`measured`),
+    then unplaced replicas with their reasons.
 
     A replica split over several GPUs has a row in each of their tables, with the layers on that GPU.
     """
@@ -50,6 +53,10 @@ def render(result: PlacementResult, console: Console) -> None:
         console.print("CPU only:", markup=False)
         for a in cpu:
             console.print(f"  {a.model} on {a.node}: {gib(a.ram_bytes)} RAM", markup=False)
+    if measured:
+        console.print("Measured:", markup=False)
+        for line in measured:
+            console.print(f"  {line}", markup=False)
     if result.notes:
         console.print("Partly offloaded:", markup=False)
         for note in result.notes:
@@ -83,15 +90,23 @@ def register(app: typer.Typer) -> None:
         if workers < 1:
             fail("--workers: must be at least 1")
         spec = load_or_exit(spec_path(file)).spec
-        result = place(
+        solve = SolveParams(time_limit=time_limit, workers=workers)
+        # What the running containers were measured holding (kept by reconcile, watch and status), for
+        # configurations the spec has not changed since.
+        result, profiles, _ = calibration.place_calibrated(
             spec,
-            profiles_for(spec, read_header=read_header),
-            params=SolveParams(time_limit=time_limit, workers=workers),
+            calibration.read(state_dir(spec, None)),
+            lambda profiles: place(spec, profiles, params=solve),
+            calibration.default_profiles(spec, read_header),
         )
+        measured, _ = calibration_lines(profiles, result)
         if as_json:
-            out.print(json.dumps(result.to_json(), indent=2), markup=False)
+            data = result.to_json()
+            if measured:
+                data["measured"] = list(measured)
+            out.print(json.dumps(data, indent=2), markup=False)
         else:
-            render(result, out)
+            render(result, out, measured)
         if result.unplaced:
             raise typer.Exit(2)
 

@@ -40,6 +40,7 @@ def placement_summary(prepared: Prepared) -> list[str]:
         lines.append(f"  not placed: {u.reason}")
     if prepared.gpus is not None:
         lines.extend(f"  {note}" for note in prepared.gpus.notes)
+    lines.extend(f"  {line}" for line in prepared.calibration)
     return lines
 
 
@@ -81,6 +82,8 @@ def _reconcile(
     if prepared.gpus is not None:
         for warning in prepared.gpus.warnings:
             err.print(f"warning: {warning}", markup=False)
+    for warning in prepared.calibration_warnings:
+        err.print(f"warning: {warning}", markup=False)
     plan = prepared.plan
     if plan_file is not None:
         if dry_run:
@@ -118,6 +121,10 @@ def _reconcile(
         err.print(result.summary(), markup=False)
         fail("apply stopped at the first failure; run `homelab reconcile --dry-run` to see what is left")
     out.print(f"Apply complete: {len(plan.steps)} steps.", markup=False)
+    try:
+        session.calibrate()  # what the new containers really hold: the next plan reserves it
+    except DriverError as exc:
+        err.print(f"warning: not measured after the apply: {exc}", markup=False)
 
 
 def _show(prepared: Prepared, plan: Plan, as_json: bool) -> None:
@@ -126,6 +133,11 @@ def _show(prepared: Prepared, plan: Plan, as_json: bool) -> None:
         data["placement"] = prepared.placement.to_json()
         if prepared.gpus is not None:
             data["gpus"] = prepared.gpus.to_json()
+        if prepared.calibration or prepared.calibration_warnings:
+            data["calibration"] = {
+                "measured": list(prepared.calibration),
+                "warnings": list(prepared.calibration_warnings),
+            }
         out.print(json.dumps(data, indent=2, sort_keys=True), markup=False)
         return
     for line in placement_summary(prepared):

@@ -10,11 +10,14 @@ import typer
 
 from controller.commands.common import SpecFileOption, err, load_or_exit, out, spec_path, wiring_of
 from controller.core.state import OllamaNodeState
+from controller.effects import calibration
 from controller.effects.engine import Session, state_dir
 from controller.effects.observe import observe
 from controller.effects.status_api import nodes_json
 from controller.effects.vram_status import describe, planned_vs_actual
 from controller.effects.watch import describe_watch, read_status
+from solver.gguf import read_header
+from solver.profiles import profiles_for
 
 
 def register(app: typer.Typer) -> None:
@@ -27,14 +30,20 @@ def register(app: typer.Typer) -> None:
         """What runs where: managed containers per node and GPU, and Ollama models, as observed now, with
         planned vs actual VRAM."""
         spec = load_or_exit(spec_path(file)).spec
-        watching = read_status(state_dir(spec, None))  # what a running `homelab watch` last did, if any
+        state = state_dir(spec, None)
+        watching = read_status(state)  # what a running `homelab watch` last did, if any
         with Session(spec, wiring_of(ctx)) as session:
             observed = observe(spec, session.connect, session.ollama)
             vram, reality = planned_vs_actual(spec, observed, session.connect, session.wiring.gpu_probe)
+            # What each container really holds, kept for the next placement; estimate vs measured per container.
+            measured = calibration.record(state, spec, observed, session.connect, reality)
+        calibrated = calibration.estimate_vs_measured(
+            spec, observed, measured, profiles_for(spec, read_header=read_header)
+        )
         for warning in reality.warnings:
             err.print(f"warning: {warning}", markup=False)
         if as_json:
-            data: dict[str, Any] = {"cluster": spec.cluster.name, "nodes": nodes_json(observed, vram)}
+            data: dict[str, Any] = {"cluster": spec.cluster.name, "nodes": nodes_json(observed, vram, calibrated)}
             if watching is not None:
                 data["watch"] = watching
             out.print(json.dumps(data, indent=2), markup=False)
@@ -58,6 +67,9 @@ def register(app: typer.Typer) -> None:
                 v = vram.get((name, c.name))
                 usage = f"  {describe(v)}" if v is not None and (v.planned_bytes or v.actual_bytes) else ""
                 out.print(f"  {c.name}  {c.status}  {where}  {detail}{usage}", markup=False)
+                got = calibrated.get((name, c.name))
+                for line in got.lines() if got is not None else []:
+                    out.print(f"    {line}", markup=False)
 
 
 def _ollama_lines(o: OllamaNodeState | None) -> list[str]:

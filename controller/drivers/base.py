@@ -124,6 +124,11 @@ class DockerNode(Protocol):
         """Process IDs (as the node's kernel numbers them) of a running managed container; empty if not running."""
         ...
 
+    def container_memory(self, name: str) -> int | None:
+        """Bytes of host memory a running managed container holds now, as `docker stats` counts it (the cgroup's
+        usage less its inactive file cache); None when it is not running or the engine reports no figure."""
+        ...
+
     def read_volume_files(self, volume: str, names: Sequence[str]) -> dict[str, str | None]:
         """The text of each named file in a managed volume (None: missing; every one None when the volume is)."""
         ...

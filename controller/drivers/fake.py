@@ -34,6 +34,8 @@ class FakeDockerNode:
     """(method, name) pairs that raise DriverError."""
     pids: dict[str, set[int]] = field(default_factory=dict)
     """container name → its host PIDs (for matching nvidia-smi's processes)."""
+    memory: dict[str, int] = field(default_factory=dict)
+    """container name → the host memory `docker stats` would report for it (bytes; absent: no figure)."""
     text_volumes: dict[str, dict[str, str]] = field(default_factory=dict)
     """Volumes of text files (the gateway's config): volume → {file name: text}; not model volumes."""
     services: dict[str, tuple[ServiceContainer, str, dict[str, str]]] = field(default_factory=dict)
@@ -159,3 +161,11 @@ class FakeDockerNode:
         if not self.reachable:
             raise NodeUnreachable(f"{self.node}: connection refused")
         return set(self.pids.get(name, ()))  # not recorded in `calls`: observing, not acting
+
+    def container_memory(self, name: str) -> int | None:
+        if not self.reachable:
+            raise NodeUnreachable(f"{self.node}: connection refused")
+        c = self.containers.get(name)
+        if c is None or c.status != "running":
+            return None
+        return self.memory.get(name)  # not recorded in `calls`: observing, not acting

@@ -35,10 +35,12 @@ from controller.drivers.docker import DockerEngine
 from controller.drivers.gpu import GpuProbe, discover_gpus
 from controller.drivers.litellm import ContainerGateway, LocalGateway
 from controller.drivers.ollama import OllamaHttp
+from controller.effects import calibration
 from controller.effects.apply import Executor, HealthCheck, wait_healthy
 from controller.effects.gpu_use import GpuReality, observe_gpus
 from controller.effects.health import HealthReport, check
 from controller.effects.observe import observe, observe_gateway, ollama_model_info
+from solver.explain import calibration_lines
 from solver.gguf import read_header
 from solver.place import SolveParams, place
 from solver.problem import CurrentAssignment, PlacementResult
@@ -58,6 +60,10 @@ class Prepared:
     plan: Plan
     gpus: GpuReality | None = None
     """What the GPUs really hold (None when not discovered): foreign use, smaller or missing GPUs."""
+    calibration: tuple[str, ...] = ()
+    """One line per model whose reservation a measurement raised ("measured … on node:0, estimate …")."""
+    calibration_warnings: tuple[str, ...] = ()
+    """Running replicas measured above their estimate that no longer fit where they run."""
 
 
 class CachingConnect:
@@ -145,21 +151,34 @@ def prepare(
     *,
     ollama: Callable[[Node], OllamaNode] | None = None,
     gateway: GatewayFactory | None = None,
+    state: Path | None = None,
 ) -> Prepared:
     """`gpu_probe` (e.g. `controller.drivers.gpu.discover_gpus`) makes the placement leave memory held by
-    other processes alone and plan smaller or missing GPUs as they are (`controller.effects.gpu_use`)."""
+    other processes alone and plan smaller or missing GPUs as they are (`controller.effects.gpu_use`).
+    `state` (the state directory) keeps what the running containers really hold (`controller.effects.calibration`):
+    they are measured, and the placement reserves max(estimate, measured + margin) for them."""
     # Ollama servers are observed through `ollama` (default: HTTP); the gateway through `gateway`
     # when given (without it, the gateway is neither observed nor planned).
     ollama = ollama if ollama is not None else CachingOllama()
     observed = observe(spec, connect, ollama)
     gpus = observe_gpus(spec, observed, connect, gpu_probe) if gpu_probe is not None else None
-    placement = place(
+    measured = calibration.current(calibration.record(state, spec, observed, connect, gpus), observed) if state else []
+    info = ollama_model_info(spec, observed, ollama)
+    running = current_placement(observed)
+    placement, profiles, _ = calibration.place_calibrated(
         spec,
-        profiles_for(spec, read_header=read_header, ollama_info=ollama_model_info(spec, observed, ollama)),
-        current=current_placement(observed),
-        foreign_vram=gpus.foreign_vram if gpus is not None else None,
-        params=params or DEFAULT_SOLVE,
+        measured,
+        lambda profiles: place(
+            spec,
+            profiles,
+            current=running,
+            foreign_vram=gpus.foreign_vram if gpus is not None else None,
+            params=params or DEFAULT_SOLVE,
+        ),
+        lambda seen: profiles_for(spec, read_header=read_header, ollama_info=info, measured=seen),
+        current_ports(observed),
     )
+    lines, warnings = calibration_lines(profiles, placement, running)
     desired = render(spec, placement, current_ports(observed))
     planned = desired
     if gateway is not None and desired.gateway is not None:
@@ -168,7 +187,7 @@ def prepare(
         planned = replace(desired, gateway=None)
     result = diff(planned, observed)
     plan = make_plan(spec.cluster.name, result, observed.fingerprint())
-    return Prepared(placement, desired, observed, result, plan, gpus)
+    return Prepared(placement, desired, observed, result, plan, gpus, lines, warnings)
 
 
 def desired_state(
@@ -281,7 +300,16 @@ class Session:
             self.wiring.gpu_probe if gpus else None,
             ollama=self.ollama,
             gateway=self.gateway if gateway else None,
+            state=self.state_dir,
         )
+
+    def calibrate(self) -> list[calibration.Measurement]:
+        """Measure what the running managed containers hold now and keep it in the state directory (after an
+        apply: the next plan reserves it)."""
+        assert self.state_dir is not None
+        observed = observe(self.spec, self.connect, self.ollama)
+        gpus = observe_gpus(self.spec, observed, self.connect, self.wiring.gpu_probe)
+        return calibration.record(self.state_dir, self.spec, observed, self.connect, gpus)
 
     def executor(
         self,

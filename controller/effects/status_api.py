@@ -33,6 +33,7 @@ from controller.core.routing import (
 from controller.core.state import ClusterState, OllamaNodeState
 from controller.drivers.base import DriverError
 from controller.effects.apply import EVENTS_FILE
+from controller.effects.calibration import ContainerCalibration
 from controller.effects.engine import Session, Wiring, current_ports
 from controller.effects.gpu_use import GpuReality, ModelVram, match_gpu
 from controller.effects.health import HealthReport, Probe, Status, tier_verdict
@@ -74,8 +75,14 @@ def vram_json(v: ModelVram | None) -> dict[str, Any]:
     }
 
 
-def nodes_json(observed: ClusterState, vram: Mapping[StatusKey, ModelVram]) -> dict[str, dict[str, Any]]:
-    """The nodes as `homelab status --json` prints them."""
+def nodes_json(
+    observed: ClusterState,
+    vram: Mapping[StatusKey, ModelVram],
+    calibrated: Mapping[StatusKey, ContainerCalibration] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """The nodes as `homelab status --json` prints them (a measured container also has its estimate, measured
+    figures and their difference: `calibrated`, from `calibration.estimate_vs_measured`)."""
+    calibrated = calibrated or {}
     out: dict[str, dict[str, Any]] = {}
     for name, node in observed.nodes.items():
         out[name] = {
@@ -90,6 +97,7 @@ def nodes_json(observed: ClusterState, vram: Mapping[StatusKey, ModelVram]) -> d
                     "port": c.config.port if c.config else None,
                     "gpu_layers": c.config.gpu_layers if c.config else None,
                     **vram_json(vram.get((name, c.name))),
+                    **_calibration_json(calibrated.get((name, c.name))),
                 }
                 for c in node.containers
             ],
@@ -97,6 +105,10 @@ def nodes_json(observed: ClusterState, vram: Mapping[StatusKey, ModelVram]) -> d
             "ollama": ollama_json(node.ollama),
         }
     return out
+
+
+def _calibration_json(c: ContainerCalibration | None) -> dict[str, Any]:
+    return {"measured": c.to_json()} if c is not None else {}
 
 
 # --------------------------------------------------------------------------- the state directory

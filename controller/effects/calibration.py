@@ -1,0 +1,350 @@
+"""Calibration from what ran: what each managed model server really holds, kept in the state directory.
+
+After an apply, and whenever a reconcile, `homelab watch` or `homelab status` observes the cluster, every
+running managed llama.cpp container is measured: its host memory through Docker's stats API
+(`DockerNode.container_memory`, what `docker stats` shows) and, on a node whose GPUs were probed, the VRAM
+nvidia-smi reports for its processes (`gpu_use.actual_vram`). The peak per container is kept in
+`STATE_DIR/measured.json` (written atomically), keyed by node, model, replica and the container's config hash:
+
+- a measurement counts only while the container it was taken from still runs with that config hash, and the
+  spec still renders the same configuration for the model on that node (`spec_digest`: the config less what
+  the placement chooses — GPUs, GPU layers, port): a changed config discards it;
+- the next placement reserves max(estimate, measured + margin) for it (`solver.profiles.calibrated`), which only
+  raises a reservation: a model that still fits where it runs stays there, so an unchanged cluster still plans
+  nothing; one that no longer fits is moved, with a warning (`solver.explain.calibration_lines`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from controller.core.desired import render
+from controller.core.state import ClusterState, ContainerConfig
+from controller.drivers.base import DockerNode, DriverError
+from controller.effects.gpu_use import GpuReality, actual_vram, managed_pids
+from solver.gguf import GGUFHeader
+from solver.problem import PlacementResult
+from solver.profiles import Measured, MemoryProfile, Profile, as_profile, profiles_for
+from specs.errors import HomelabError
+from specs.files import atomic_write
+from specs.model import ClusterSpec, Node
+
+MEASURED_FILE = "measured.json"
+
+PLACEMENT_ARGS = {"--port", "-ngl", "--split-mode", "--tensor-split"}
+"""llama-server options whose value the placement chooses (each followed by its value)."""
+
+
+def spec_digest(config: ContainerConfig) -> str:
+    """The digest of a container config less what the placement chooses (GPUs, GPU layers, port, restart
+    policy): it changes only when the spec changes the model's configuration on that node."""
+    command: list[str] = []
+    skip = False
+    for arg in config.command:
+        if skip:
+            skip = False
+            continue
+        if arg in PLACEMENT_ARGS:
+            skip = True
+            continue
+        command.append(arg)
+    fixed = replace(config, command=tuple(command), gpu_layers=0, gpus=(), gpu_access="", port=0, restart_policy="")
+    return fixed.digest()
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """The most a managed container was seen holding while it ran with `config_hash`."""
+
+    node: str
+    model: str
+    replica: int
+    container: str
+    config_hash: str
+    spec_digest: str
+    gpu_layers: int
+    gpus: tuple[int, ...]
+    ram_bytes: int | None
+    vram_bytes: int | None
+
+    @property
+    def key(self) -> tuple[str, str, int, str]:
+        return (self.node, self.model, self.replica, self.config_hash)
+
+    def measured(self) -> Measured:
+        return Measured(self.node, self.gpu_layers, self.gpus, self.ram_bytes, self.vram_bytes)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "node": self.node,
+            "model": self.model,
+            "replica": self.replica,
+            "container": self.container,
+            "config_hash": self.config_hash,
+            "spec_digest": self.spec_digest,
+            "gpu_layers": self.gpu_layers,
+            "gpus": list(self.gpus),
+            "ram_bytes": self.ram_bytes,
+            "vram_bytes": self.vram_bytes,
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Measurement:
+        def size(v: object) -> int | None:
+            return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+        return cls(
+            node=str(d["node"]),
+            model=str(d["model"]),
+            replica=int(d["replica"]),
+            container=str(d["container"]),
+            config_hash=str(d["config_hash"]),
+            spec_digest=str(d["spec_digest"]),
+            gpu_layers=int(d["gpu_layers"]),
+            gpus=tuple(int(g) for g in d.get("gpus", ())),
+            ram_bytes=size(d.get("ram_bytes")),
+            vram_bytes=size(d.get("vram_bytes")),
+        )
+
+
+def _peak(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else max(a, b)
+
+
+def path_in(state_dir: Path) -> Path:
+    return state_dir / MEASURED_FILE
+
+
+def read(state_dir: Path) -> list[Measurement]:
+    """The measurements kept in the state directory; none when the file is missing or unreadable (they are
+    taken again at the next observation)."""
+    try:
+        data = json.loads(path_in(state_dir).read_text())
+        return [Measurement.from_json(d) for d in data["measurements"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def write(state_dir: Path, measurements: Sequence[Measurement]) -> None:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    data = {"version": 1, "measurements": [m.to_json() for m in sorted(measurements, key=lambda m: m.key)]}
+    atomic_write(path_in(state_dir), json.dumps(data, indent=2) + "\n", keep_previous=False)
+
+
+def measure(
+    spec: ClusterSpec, observed: ClusterState, connect: Callable[[Node], DockerNode], gpus: GpuReality | None
+) -> list[Measurement]:
+    """Measure every running managed container of the reachable Docker nodes (a node that fails gives none)."""
+    pids = managed_pids(spec, observed, connect) if gpus is not None else {}
+    out: list[Measurement] = []
+    for node in spec.nodes:
+        state = observed.nodes.get(node.name)
+        if state is None or not state.reachable or node.docker is None:
+            continue
+        report = gpus.reports.get(node.name) if gpus is not None else None
+        try:
+            engine = connect(node)
+            for c in state.containers:
+                if c.status != "running" or c.config is None:
+                    continue
+                ram = engine.container_memory(c.name)
+                vram = actual_vram(report, pids.get(node.name, {}).get(c.name, frozenset())) if c.on_gpu else None
+                if ram is None and vram is None:
+                    continue
+                out.append(
+                    Measurement(
+                        node.name,
+                        c.model,
+                        c.replica,
+                        c.name,
+                        c.config_hash,
+                        spec_digest(c.config),
+                        c.config.gpu_layers,
+                        c.config.gpus,
+                        ram,
+                        vram,
+                    )
+                )
+        except DriverError:
+            continue
+    return out
+
+
+def merge(kept: Iterable[Measurement], new: Iterable[Measurement], observed: ClusterState) -> list[Measurement]:
+    """The peak per container and config hash; a kept measurement of a container that an observed node no longer
+    runs with that config hash is dropped (a node not observed keeps its own)."""
+    out: dict[tuple[str, str, int, str], Measurement] = {}
+    for m in kept:
+        state = observed.nodes.get(m.node)
+        if (
+            state is not None
+            and state.reachable
+            and not any(
+                (c.model, c.replica, c.config_hash) == (m.model, m.replica, m.config_hash) for c in state.containers
+            )
+        ):
+            continue
+        out[m.key] = m
+    for m in new:
+        old = out.get(m.key)
+        out[m.key] = (
+            m
+            if old is None
+            else replace(m, ram_bytes=_peak(old.ram_bytes, m.ram_bytes), vram_bytes=_peak(old.vram_bytes, m.vram_bytes))
+        )
+    return sorted(out.values(), key=lambda m: m.key)
+
+
+def record(
+    state_dir: Path,
+    spec: ClusterSpec,
+    observed: ClusterState,
+    connect: Callable[[Node], DockerNode],
+    gpus: GpuReality | None,
+) -> list[Measurement]:
+    """Measure, merge with what the state directory keeps, write it back when it changed; return the result.
+
+    The file is advisory: a state directory that cannot be written leaves the measurements in memory only."""
+    kept = read(state_dir)
+    merged = merge(kept, measure(spec, observed, connect, gpus), observed)
+    if merged != sorted(kept, key=lambda m: m.key):
+        with contextlib.suppress(OSError):
+            write(state_dir, merged)
+    return merged
+
+
+def current(measurements: Iterable[Measurement], observed: ClusterState) -> list[Measurement]:
+    """The measurements of containers that still run with the config hash they were measured with."""
+    running = {
+        (node.node, c.model, c.replica, c.config_hash)
+        for node in observed.nodes.values()
+        for c in node.containers
+        if c.status == "running"
+    }
+    return [m for m in measurements if m.key in running]
+
+
+def by_model(measurements: Iterable[Measurement]) -> dict[str, list[Measured]]:
+    out: dict[str, list[Measured]] = {}
+    for m in measurements:
+        out.setdefault(m.model, []).append(m.measured())
+    return out
+
+
+Placer = Callable[[Mapping[str, Profile]], PlacementResult]
+
+
+def place_calibrated(
+    spec: ClusterSpec,
+    measurements: Sequence[Measurement],
+    placer: Placer,
+    profiles: Callable[[Mapping[str, Sequence[Measured]]], dict[str, Profile]],
+    ports: Mapping[tuple[str, str], int] | None = None,
+) -> tuple[PlacementResult, dict[str, Profile], list[Measurement]]:
+    """Place with the measurements; a measurement whose model the spec now configures differently on its node
+    (its `spec_digest` differs from the rendered container's) is discarded and the placement made again.
+    Returns (placement, the profiles it used, the measurements it used)."""
+    used = list(measurements)
+    while True:
+        profs = profiles(by_model(used))
+        placement = placer(profs)
+        if not used:
+            return placement, profs, used
+        try:
+            desired = render(spec, placement, ports)
+        except HomelabError:
+            return placement, profs, used  # the caller renders again and reports it
+        rendered = {
+            (n.node, c.model): spec_digest(c.config)
+            for n in desired.nodes.values()
+            for c in n.containers
+            if c.config is not None
+        }
+        keep = [m for m in used if rendered.get((m.node, m.model), m.spec_digest) == m.spec_digest]
+        if len(keep) == len(used):
+            return placement, profs, used
+        used = keep
+
+
+def default_profiles(
+    spec: ClusterSpec, read_header: Callable[[str], GGUFHeader] | None
+) -> Callable[[Mapping[str, Sequence[Measured]]], dict[str, Profile]]:
+    """`profiles_for` with the measurements given to it (for `place_calibrated`)."""
+    return lambda measured: profiles_for(spec, read_header=read_header, measured=measured)
+
+
+# --------------------------------------------------------------------------- homelab status
+
+
+@dataclass(frozen=True)
+class ContainerCalibration:
+    """Estimate and measured figures of one running container (at its offload on its node)."""
+
+    ram_estimate: int | None
+    ram_measured: int | None
+    vram_estimate: int | None
+    vram_measured: int | None
+
+    def lines(self) -> list[str]:
+        out = []
+        for what, est, got in (
+            ("RAM", self.ram_estimate, self.ram_measured),
+            ("VRAM", self.vram_estimate, self.vram_measured),
+        ):
+            if got is None:
+                continue
+            text = f"{what} estimate {_gib(est) if est is not None else 'unknown'}, measured {_gib(got)}"
+            if est:
+                text += f" ({_signed_gib(got - est)}, {got / est - 1:+.0%})"
+            out.append(text)
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ram_estimate_bytes": self.ram_estimate,
+            "ram_measured_bytes": self.ram_measured,
+            "ram_measured_minus_estimate_bytes": _diff(self.ram_measured, self.ram_estimate),
+            "vram_estimate_bytes": self.vram_estimate,
+            "vram_measured_bytes": self.vram_measured,
+            "vram_measured_minus_estimate_bytes": _diff(self.vram_measured, self.vram_estimate),
+        }
+
+
+def _diff(a: int | None, b: int | None) -> int | None:
+    return a - b if a is not None and b is not None else None
+
+
+def _gib(n: int) -> str:
+    """GiB with two decimals; MiB below 1 GiB, where two decimals of a GiB say little."""
+    return f"{n / (1 << 30):.2f} GiB" if abs(n) >= 1 << 30 else f"{n / (1 << 20):.1f} MiB"
+
+
+def _signed_gib(n: int) -> str:
+    return f"{'+' if n >= 0 else '-'}{_gib(abs(n))}"
+
+
+def estimate_vs_measured(
+    spec: ClusterSpec,
+    observed: ClusterState,
+    measurements: Iterable[Measurement],
+    profiles: Mapping[str, Profile],
+) -> dict[tuple[str, str], ContainerCalibration]:
+    """(node, container) → estimate and measured figures, for every container measured with its current config
+    (`profiles`: the uncalibrated estimates, `profiles_for` without `measured`)."""
+    out: dict[tuple[str, str], ContainerCalibration] = {}
+    for m in current(measurements, observed):
+        profile = profiles.get(m.model)
+        ram_est: int | None = None
+        vram_est: int | None = None
+        known = as_profile(profile) if profile is not None else None
+        if isinstance(known, MemoryProfile):
+            curve = known.for_node(m.node)
+            ngl = min(max(m.gpu_layers, 0), curve.layers + 1)
+            ram_est, vram_est = curve.ram(ngl), (curve.vram(ngl) if ngl > 0 else None)
+        out[m.node, m.container] = ContainerCalibration(ram_est, m.ram_bytes, vram_est, m.vram_bytes)
+    return out

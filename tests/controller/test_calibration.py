@@ -1,0 +1,173 @@
+"""Calibration from what ran, with the fake Docker driver: measured host memory above the estimate is kept in the
+state directory, reserved by the next plan, shown by `place`, the plan and `status`; a changed config discards it;
+an unchanged cluster still plans nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from controller.core.state import ClusterState, NodeState
+from controller.drivers.docker import stats_memory
+from controller.drivers.fake import FakeDockerNode
+from controller.effects import calibration
+from solver.estimate import LayerCurve
+from solver.profiles import MEASURED_MARGIN, Measured, calibrate_curve
+from specs.enums import LayerOrder
+from specs.model import ClusterSpec
+from tests.controller.test_reconcile import SOURCES, SPEC
+from tests.support.wiring import Wired
+
+GIB = 1 << 30
+
+
+@pytest.fixture
+def engines(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, wired: Wired) -> dict[str, FakeDockerNode]:
+    fakes = {n: FakeDockerNode(n, images={"llama:test"}, source_files=dict(SOURCES)) for n in ("box", "spare")}
+
+    def factory(spec: ClusterSpec) -> object:
+        return lambda node: fakes.setdefault(node.name, FakeDockerNode(node.name, reachable=False))
+
+    wired.set(connect=factory)
+    wired.set(gpu_probe=lambda nodes: {})
+    wired.set(health_check=lambda url, timeout, cancelled: None)
+    monkeypatch.setenv("HOMELAB_STATE_DIR", str(tmp_path / "state"))
+    (tmp_path / "cluster.yaml").write_text(SPEC)
+    monkeypatch.chdir(tmp_path)
+    return fakes
+
+
+def _measured(tmp_path: Path) -> list[dict[str, object]]:
+    data = json.loads((tmp_path / "state" / calibration.MEASURED_FILE).read_text())
+    return list(data["measurements"])
+
+
+def test_measured_above_estimate_is_reserved_shown_and_causes_no_churn(
+    engines: dict[str, FakeDockerNode], tmp_path: Path, wired: Wired
+) -> None:
+    code, _, err = wired.run("reconcile", "--yes")
+    assert code == 0, err
+    assert not (tmp_path / "state" / calibration.MEASURED_FILE).exists()  # the fake reported no memory yet
+    engines["spare"].memory["homelab-tiny"] = 3 * GIB  # declared 1 GiB: the estimate at ngl 0 is 1 GiB
+    code, out, err = wired.run("status")
+    assert code == 0, err
+    assert "    RAM estimate 1.00 GiB, measured 3.00 GiB (+2.00 GiB, +200%)" in out
+    [kept] = _measured(tmp_path)
+    hash_now = engines["spare"].containers["homelab-tiny"].config_hash
+    assert kept["node"] == "spare" and kept["model"] == "tiny" and kept["config_hash"] == hash_now
+    assert kept["ram_bytes"] == 3 * GIB
+    code, out, _ = wired.run("status", "--json")
+    [tiny] = json.loads(out)["nodes"]["spare"]["containers"]
+    assert tiny["measured"]["ram_estimate_bytes"] == GIB and tiny["measured"]["ram_measured_bytes"] == 3 * GIB
+    assert tiny["measured"]["ram_measured_minus_estimate_bytes"] == 2 * GIB
+    reserved = 3 * GIB * (1 + MEASURED_MARGIN)
+    line = f"tiny: measured 3.00 GiB RAM on spare, estimate 1.00 GiB (reserved {reserved / GIB:.2f} GiB)"
+    # The next plan reserves it, and plans nothing: the model still fits where it runs.
+    code, out, _ = wired.run("reconcile", "--dry-run")
+    assert code == 0, out
+    assert f"  spare CPU: tiny ({reserved / GIB:.1f} GiB RAM)" in out
+    assert f"  {line}" in out
+    assert "No changes. The cluster matches the spec." in out
+    code, out, _ = wired.run("place")
+    assert code == 0
+    assert f"Measured:\n  {line}\n" in out
+    assert f"tiny on spare: {reserved / GIB:.1f} GiB RAM" in out
+    # A smaller figure later does not lower the peak kept.
+    engines["spare"].memory["homelab-tiny"] = 2 * GIB
+    wired.run("status")
+    assert _measured(tmp_path)[0]["ram_bytes"] == 3 * GIB
+
+
+def test_a_changed_config_discards_the_measurement(
+    engines: dict[str, FakeDockerNode], tmp_path: Path, wired: Wired
+) -> None:
+    assert wired.run("reconcile", "--yes")[0] == 0
+    engines["spare"].memory["homelab-tiny"] = 3 * GIB
+    wired.run("status")
+    assert len(_measured(tmp_path)) == 1
+    (tmp_path / "cluster.yaml").write_text(
+        SPEC.replace(
+            "placement: {node: spare, cpu_only: true}", "context: 2048\n    placement: {node: spare, cpu_only: true}"
+        )
+    )
+    code, out, _ = wired.run("reconcile", "--dry-run")
+    assert code == 2
+    assert "measured" not in out and "  spare CPU: tiny (1.0 GiB RAM)" in out
+    code, out, _ = wired.run("place")
+    assert "Measured:" not in out and "tiny on spare: 1.0 GiB RAM" in out
+    del engines["spare"].memory["homelab-tiny"]  # the new container has not been measured yet
+    assert wired.run("reconcile", "--yes")[0] == 0
+    assert _measured(tmp_path) == []  # the old container is gone: its measurement with it
+
+
+TWO_CPU = """\
+cluster: {name: lab}
+nodes:
+  - name: spare
+    tier: cpu
+    address: 127.0.0.2
+    docker: {endpoint: "unix:///tmp/none2.sock"}
+    ram: 16GiB
+    llamacpp: {image: "llama:test", ports: 3100-3109}
+models:
+  - name: tiny
+    runtime: llamacpp
+    source: {gguf: /srv/models/tiny.gguf}
+    placement: {node: spare, cpu_only: true}
+    memory: {vram: 4GiB, layers: 12}
+  - name: coder
+    runtime: llamacpp
+    priority: 10
+    source: {gguf: /srv/models/coder.gguf}
+    placement: {node: spare, cpu_only: true}
+    memory: {vram: 4GiB, layers: 28}
+"""
+
+
+def test_a_model_measured_over_what_its_node_has_left_is_a_plan_warning(
+    engines: dict[str, FakeDockerNode], tmp_path: Path, wired: Wired
+) -> None:
+    (tmp_path / "cluster.yaml").write_text(TWO_CPU)
+    assert wired.run("reconcile", "--yes")[0] == 0
+    assert set(engines["spare"].containers) == {"homelab-tiny", "homelab-coder"}
+    engines["spare"].memory["homelab-tiny"] = 13 * GIB  # 13 + 4 GiB > 16 GiB: it endangers the node's RAM
+    code, out, err = wired.run("reconcile", "--dry-run")
+    assert code == 2
+    assert (
+        "warning: tiny: measured 13.00 GiB RAM on spare, estimate 4.00 GiB (reserved 13.65 GiB):"
+        " coder (running beside it) fits nowhere now and is not placed"
+    ) in err
+    assert "  - container homelab-coder  (not in spec)" in out
+    # Measured beyond the whole node: the measured model itself no longer fits.
+    engines["spare"].memory["homelab-tiny"] = 17 * GIB
+    code, out, err = wired.run("reconcile", "--dry-run")
+    assert "tiny: measured 17.00 GiB RAM on spare, estimate 4.00 GiB (reserved 17.85 GiB): it fits nowhere now" in err
+
+
+def test_merge_keeps_peaks_and_drops_replaced_containers() -> None:
+    m = calibration.Measurement("n", "a", 0, "homelab-a", "h1", "s", 0, (), 100, None)
+    observed = ClusterState("lab", {"n": NodeState("n")})
+    assert calibration.merge([m], [], observed) == []  # n answered and runs no such container
+    assert calibration.merge([m], [], ClusterState("lab", {})) == [m]  # n not observed: kept
+    later = calibration.Measurement("n", "a", 0, "homelab-a", "h1", "s", 0, (), 80, None)
+    assert calibration.merge([], [m, later], observed)[0].ram_bytes == 100
+
+
+def test_stats_memory_subtracts_inactive_file_cache() -> None:
+    assert stats_memory({"memory_stats": {"usage": 1000, "stats": {"inactive_file": 300}}}) == 700
+    assert stats_memory({"memory_stats": {"usage": 1000, "stats": {"total_inactive_file": 100}}}) == 900
+    assert stats_memory({"memory_stats": {}}) is None
+
+
+def test_calibrate_curve_raises_vram_and_ram_at_the_measured_offload_only() -> None:
+    curve = LayerCurve(2, LayerOrder.OUTPUT_FIRST, (10, 10), (10, 10), (0, 50, 60), (200, 150, 140))
+    raised, note = calibrate_curve(curve, Measured("n", 3, (0,), ram_bytes=100, vram_bytes=200))
+    assert (note.vram_estimate, note.ram_estimate) == (80, 120)  # full offload: 60 + 2 blocks; RAM 140 - 2 blocks
+    assert raised.vram(3) == 210 and raised.ram(3) == 120  # 200 · 1.05; the RAM measured below its estimate
+    assert raised.vram(2) == curve.vram(2) and raised.ram(0) == curve.ram(0)  # other regimes unchanged
+    assert "measured 0.0 MiB VRAM on n:0" in note.text("m")
+    # A split replica's VRAM is not one GPU's: left alone.
+    _, split = calibrate_curve(curve, Measured("n", 3, (0, 1), vram_bytes=200))
+    assert not split.raised
