@@ -335,6 +335,7 @@ def test_the_whole_mission(mission: Mission, timings: Timings) -> None:
         watch = m.watch(
             "watch-git.log", "--git", str(bare), "--branch", "main", "--path", "cluster.yaml", "--interval", "2s",
             "--state-dir", str(m.state),
+            "--allow-spec-commands",  # the lab's spec wakes `remote` with a command (lab.py wake): allowed here
         )  # fmt: skip
         try:
             first = _head(work)
