@@ -1,6 +1,6 @@
 """Placement solver at scale: CP-SAT against first-fit decreasing on random clusters.
 
-    python bench/solver.py [--seeds 3] [--time-limit 10] [--workers 1]
+    python bench/solver.py [--seeds 3] [--time-limit 10] [--workers 1] [--triplets-only]
 
 Per size: median and max solve time, statuses (`/lns`: a cluster above
 solver.place.LNS_MIN_PAIRS pairs, solved a few nodes at a time; `/greedy`: CP-SAT
@@ -149,8 +149,16 @@ def main() -> None:
     ap.add_argument("--time-limit", type=float, default=10.0)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--max-models", type=int, default=500)
+    ap.add_argument("--triplets-only", action="store_true", help="only the triplet rows")
     args = ap.parse_args()
     params = SolveParams(time_limit=args.time_limit, workers=args.workers, seed=0)
+    if args.triplets_only:
+        print(f"triplets, {args.seeds} seeds, time limit {args.time_limit} s, {args.workers} worker(s)")
+        print(TRIPLET_HEADER)
+        for k in TRIPLET_KS:
+            if 3 * k <= args.max_models:
+                print(run_triplets(k, args.seeds, params), flush=True)
+        return
     print(f"random clusters, {args.seeds} seeds, time limit {args.time_limit} s, {args.workers} worker(s)")
     print(HEADER)
     for size in SIZES:

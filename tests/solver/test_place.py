@@ -261,3 +261,20 @@ def test_a_move_that_places_another_model_is_made() -> None:
     # Keeping small on GPU 0 would cut its layers (a restart all the same), so it moves, with all its layers.
     assert where(r) == {"big": ("n", (0,), 31), "small": ("n", (1,), 21)}
     assert r.moves == 1
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_triplets_k10_packed_perfectly(seed: int) -> None:
+    # Falkenauer-style triplets: 30 models, each between a quarter and half a GPU, filling 10 GPUs
+    # exactly. First-fit decreasing leaves models out; CP-SAT places every one, each GPU full.
+    from solver.place import greedy_place
+    from tests.support.clusters import TRIPLET_CAPACITY, triplet_spec
+
+    s = triplet_spec(10, seed)
+    assert greedy_place(s, profiles_for(s)).unplaced, "the instance must be hard for first-fit"
+    r = place(s, profiles_for(s), params=SolveParams())
+    assert not r.unplaced
+    assert len(r.assignments) == 30
+    for g in r.gpus:
+        assert g.used_bytes <= g.capacity_bytes
+        assert g.used_bytes >= TRIPLET_CAPACITY * MIB - (1 << 16)
