@@ -51,6 +51,9 @@ class Assignment:
     layers_per_gpu: Mapping[int, int] = field(default_factory=dict)
     """For a replica split over several GPUs: the layers on each GPU index (blocks, and the output
     layer on the last GPU), summing to `gpu_layers`; what `--tensor-split` says. Empty otherwise."""
+    on_demand: bool = False
+    """A member of the swap pool on (node, gpus[0]) (or the node's CPU pool when `gpus` is empty):
+    `vram_bytes`/`ram_bytes` are what it needs while loaded, counted in the pool's size, not on their own."""
 
     @property
     def split(self) -> bool:
@@ -70,7 +73,45 @@ class Assignment:
         }
         if self.layers_per_gpu:
             out["layers_per_gpu"] = {str(k): v for k, v in sorted(self.layers_per_gpu.items())}
+        if self.on_demand:
+            out["on_demand"] = True
         return out
+
+
+@dataclass(frozen=True)
+class Pool:
+    """The memory reserved on one GPU (or, with `gpu` None, one node's RAM) for its on-demand models.
+
+    `size_bytes` is the sum of the `max_loaded` largest members' needs (each with its own weights,
+    context, KV cache, compute buffer and per-process overhead), so any `max_loaded` of them fit
+    beside the pinned models at once.
+    """
+
+    node: str
+    gpu: int | None
+    runtime: Runtime
+    members: tuple[str, ...]
+    """Model names, sorted."""
+    max_loaded: int
+    size_bytes: int
+    ram_bytes: int = 0
+    """Host memory the same `max_loaded` largest members need while loaded (partial offload, CPU buffers)."""
+
+    @property
+    def key(self) -> str:
+        """A stable name for the pool: NODE-gpuI, or NODE-cpu."""
+        return f"{self.node}-cpu" if self.gpu is None else f"{self.node}-gpu{self.gpu}"
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "node": self.node,
+            "gpu": self.gpu,
+            "runtime": str(self.runtime),
+            "members": list(self.members),
+            "max_loaded": self.max_loaded,
+            "size_bytes": self.size_bytes,
+            "ram_bytes": self.ram_bytes,
+        }
 
 
 @dataclass(frozen=True)
@@ -91,14 +132,19 @@ class GpuUse:
     capacity_bytes: int
     """Usable: VRAM − reserve − memory used by processes homelab doesn't manage."""
     used_bytes: int
+    """Pinned models plus the swap pool (`pool_bytes`)."""
+    pool_bytes: int = 0
 
     def to_json(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "node": self.node,
             "index": self.index,
             "capacity_bytes": self.capacity_bytes,
             "used_bytes": self.used_bytes,
         }
+        if self.pool_bytes:
+            out["pool_bytes"] = self.pool_bytes
+        return out
 
 
 @dataclass(frozen=True)
@@ -121,6 +167,8 @@ class PlacementResult:
     when OPTIMAL and there is no current placement (moves may cost layers)."""
     solver_gap: float | None = None
     """A proven gap in % for a solver whose bound is not in `objective`'s terms (unused by CP-SAT)."""
+    pools: tuple[Pool, ...] = ()
+    """One per GPU (or CPU node) that holds on-demand models, sorted by key."""
 
     @property
     def gap(self) -> float | None:
@@ -135,6 +183,7 @@ class PlacementResult:
             "assignments": [a.to_json() for a in self.assignments],
             "unplaced": [u.to_json() for u in self.unplaced],
             "gpus": [g.to_json() for g in self.gpus],
+            "pools": [p.to_json() for p in self.pools],
         }
 
 

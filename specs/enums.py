@@ -24,6 +24,15 @@ class Runtime(StrEnum):
     LLAMACPP = "llamacpp"
 
 
+class Residency(StrEnum):
+    """Whether a model is loaded all the time or only while it is used."""
+
+    PINNED = "pinned"
+    """Resident all the time (a container of its own, or an Ollama model kept loaded)."""
+    ON_DEMAND = "on-demand"
+    """Loaded on request into its GPU's swap pool, unloaded after `ttl` idle."""
+
+
 class Category(StrEnum):
     """The expert-routing categories a model can serve."""
 

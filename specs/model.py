@@ -31,6 +31,7 @@ from specs.enums import (
     KVCacheType,
     LayerOrder,
     OsFamily,
+    Residency,
     Runtime,
     Tier,
 )
@@ -95,6 +96,8 @@ MAX_LAYERS = 512
 """llama.cpp's LLAMA_MAX_LAYERS: no model it can load has more blocks (the GGUF reader uses it too)."""
 MAX_CONTEXT = 1 << 24
 """16M tokens: above any model's trained context (10M is the largest published)."""
+DEFAULT_TTL_S = 600.0
+"""An on-demand model's idle time before it is unloaded when the spec gives no `ttl`."""
 
 PositiveInt = Annotated[int, Strict(), Field(gt=0, le=MAX_INT)]
 NonNegativeInt = Annotated[int, Strict(), Field(ge=0, le=MAX_INT)]
@@ -339,6 +342,9 @@ class OllamaRuntime(_Spec):
     url: str = Field(pattern=HTTP_URL_PATTERN, description="e.g. http://192.168.1.10:11434")
     prune: bool = Field(default=False, description="delete models not in the spec (off: hand-pulled models stay)")
     keep_alive: Duration | None = Field(default=None, description="preload with this keep-alive")
+    max_loaded: Annotated[int, Strict(), Field(gt=0, le=64)] = Field(
+        default=1, description="on-demand models loaded at once per GPU (OLLAMA_MAX_LOADED_MODELS)"
+    )
 
 
 class LlamaCppRuntime(_Spec):
@@ -382,6 +388,9 @@ class LlamaCppRuntime(_Spec):
         default=300.0, description="how long a starting container may take to answer /health"
     )
     threads: Annotated[int, Strict(), Field(gt=0, le=4096)] | None = None
+    max_loaded: Annotated[int, Strict(), Field(gt=0, le=64)] = Field(
+        default=1, description="on-demand models loaded at once per swap pool (llama-server --models-max)"
+    )
 
 
 class DockerEndpoint(_Spec):
@@ -572,6 +581,11 @@ class Model(_Spec):
         description="an existing container started by hand (no homelab labels) that serves this model now:"
         " the first apply replaces it with a managed one on the same port",
     )
+    residency: Residency = Field(
+        default=Residency.PINNED,
+        description="pinned: always loaded; on-demand: loaded on request into its GPU's swap pool",
+    )
+    ttl: Duration | None = Field(default=None, description="on-demand: idle time before it is unloaded (default 10m)")
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -585,6 +599,20 @@ class Model(_Spec):
             raise ValueError("port: is for llamacpp models; Ollama serves on its node's URL")
         if len(set(self.categories)) != len(self.categories):
             raise ValueError("categories: a category is listed twice")
+        if self.residency is Residency.PINNED and self.ttl is not None:
+            raise ValueError("ttl: is for `residency: on-demand` models (a pinned model is never unloaded)")
+        if self.residency is Residency.ON_DEMAND:
+            for key, set_ in (
+                ("preload", self.preload),
+                ("port", self.port is not None),
+                ("adopt", self.adopt is not None),
+                ("replicas", self.replicas != 1),
+                ("placement.split", self.placement.split),
+            ):
+                if set_:
+                    raise ValueError(
+                        f"{key}: not with `residency: on-demand` (an on-demand model is one member of a swap pool)"
+                    )
         if self.kv_cache is not KVCacheType.F16 and not self.flash_attn:
             raise ValueError("kv_cache: a quantized KV cache needs flash_attn: true (llama.cpp requires it)")
         return self
@@ -592,6 +620,15 @@ class Model(_Spec):
     @property
     def served_name(self) -> str:
         return self.alias or self.name
+
+    @property
+    def on_demand(self) -> bool:
+        return self.residency is Residency.ON_DEMAND
+
+    @property
+    def idle_ttl(self) -> float:
+        """Seconds idle before an on-demand model is unloaded."""
+        return DEFAULT_TTL_S if self.ttl is None else self.ttl
 
 
 # --------------------------------------------------------------------------- gateway
