@@ -46,6 +46,7 @@ from types import TracebackType
 from typing import Any
 
 import docker
+import docker.constants
 import docker.errors
 import docker.types
 
@@ -333,11 +334,30 @@ class DockerEngine:
             if self.endpoint.startswith("ssh://"):
                 self._check_ssh_port()
                 base_url = self._ssh_proxy().url
-            try:
-                self._client = docker.DockerClient(base_url=base_url, version="auto", timeout=self.timeout)
-            except (docker.errors.DockerException, OSError) as exc:
-                raise self._unreachable(exc) from None
+            self._client = self._negotiated(base_url)
         return self._client
+
+    def _negotiated(self, base_url: str) -> Any:
+        """A client at the engine's own API version. `version="auto"` would ask inside the SDK's
+        constructor, and when the engine does not answer, the half-made client's socket is never
+        closed; here the probe client is closed whatever happens."""
+        try:
+            if base_url.startswith("unix://"):
+                # The SDK's unix connection leaks its socket when connect() fails (engine down):
+                # find that out here with a socket that is always closed.
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                    sock.settimeout(self.timeout)
+                    sock.connect(base_url.removeprefix("unix://"))
+            probe = docker.DockerClient(
+                base_url=base_url, version=docker.constants.MINIMUM_DOCKER_API_VERSION, timeout=self.timeout
+            )
+            try:
+                version = str(probe.api.version(api_version=False)["ApiVersion"])
+            finally:
+                probe.close()
+            return docker.DockerClient(base_url=base_url, version=version, timeout=self.timeout)
+        except (docker.errors.DockerException, OSError, KeyError, TypeError) as exc:
+            raise self._unreachable(exc) from None
 
     @contextmanager
     def _errors(self, doing: str) -> Iterator[None]:
