@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 
 from controller.core.state import LABEL_CLUSTER, OLLAMA_PREFIX
 from specs.enums import Category, KVCacheType
-from specs.model import NAME_PATTERN, gguf_file_name
+from specs.model import NAME_PATTERN, gguf_file_name, volume_file
 from specs.validate import owned_flag
 
 DEFAULT_LLAMA_PORT = 8080
@@ -61,6 +61,7 @@ class ServerArgs:
     alias: str | None = None
     flash_attn: bool | None = None
     parallel: int | None = None
+    threads: int | None = None
     args: tuple[str, ...] = ()
     """Arguments homelab does not set itself: kept in the model's `args`."""
     dropped: tuple[str, ...] = ()
@@ -129,8 +130,13 @@ def parse_server_args(argv: Sequence[str]) -> ServerArgs:
     for f in ("-t", "--threads", "-sm", "--split-mode", "-ts", "--tensor-split", "-mg", "--main-gpu", "-dev"):
         if f in values:
             dropped.append(f"{f} {values[f]}")
-    ctx, ngl, port, np_ = (get(*f) for f in (("-c", "--ctx-size"), ("-ngl", "--n-gpu-layers", "--gpu-layers"),
-                                             ("--port",), ("-np", "--parallel")))  # fmt: skip
+    ctx, ngl, port, np_, threads = (
+        get(*f)
+        for f in (
+            ("-c", "--ctx-size"), ("-ngl", "--n-gpu-layers", "--gpu-layers"), ("--port",), ("-np", "--parallel"),
+            ("-t", "--threads"),
+        )
+    )  # fmt: skip
     return ServerArgs(
         model=get("-m", "--model"),
         context=_int(ctx) if ctx is not None else None,
@@ -142,6 +148,7 @@ def parse_server_args(argv: Sequence[str]) -> ServerArgs:
         alias=get("-a", "--alias"),
         flash_attn=fa,
         parallel=_int(np_) if np_ is not None else None,
+        threads=_int(threads) if threads is not None else None,
         args=tuple(kept),
         dropped=tuple(dropped),
     )
@@ -193,6 +200,10 @@ class Found:
     """Names clients use for it (alias, llama-swap aliases, LiteLLM model names)."""
     port: int | None = None
     node: str = ""
+    host: str | None = None
+    """The address a hand-started llama-server listened on (`--host`)."""
+    threads: int | None = None
+    """Its `-t`."""
 
 
 @dataclass(frozen=True)
@@ -296,11 +307,20 @@ def llama_container(node: str, inspect: Mapping[str, Any]) -> Found | None:
         origin.append(f"its model {parsed.model} is inside the image, not in a volume or bind mount: copy it out")
         source: dict[str, Any] = {"gguf": parsed.model, "node": node}
         guesses.append("source: the path is inside the container; point it at the file on the node")
+    elif mount.kind == "volume" and volume_file(mount.host_path, mount.name) == mount.inner:
+        origin.append(f"model {mount.inner} in Docker volume {mount.name}: read there, not copied")
+        source = {"gguf": mount.host_path, "node": node, "volume": mount.name}
     elif mount.kind == "volume":
-        origin.append(f"model {mount.inner} in Docker volume {mount.name}")
+        origin.append(
+            f"model {mount.inner} in Docker volume {mount.name}, whose mountpoint is not …/{mount.name}/_data"
+            " (another volume driver): it is copied into the model volume"
+        )
         source = {"gguf": mount.host_path, "node": node}
     else:
-        origin.append(f"model read through a bind mount of {mount.name}: it is copied into the model volume")
+        origin.append(
+            f"model read through a bind mount of {mount.name} (slow and fragile on Windows Docker hosts):"
+            " it is copied into the model volume"
+        )
         source = {"gguf": mount.host_path, "node": node}
     alias = parsed.alias
     name = model_name(alias) if alias and re.match(NAME_PATTERN, alias) else model_name(parsed.model)
@@ -330,7 +350,9 @@ def llama_container(node: str, inspect: Mapping[str, Any]) -> Found | None:
     if parsed.dropped:
         origin.append("left out (homelab sets them from the placement): " + ", ".join(parsed.dropped))
     served = {name} | ({alias} if alias else set())
-    return Found(name, fields, origin, guesses, guess_category(name, alias or ""), served, port, node)
+    found = Found(name, fields, origin, guesses, guess_category(name, alias or ""), served, port, node)
+    found.host, found.threads = parsed.host, parsed.threads
+    return found
 
 
 def _kv_cache(parsed: ServerArgs) -> str | None:
@@ -566,18 +588,29 @@ def build_spec(
         lo, hi = (min(ports), max(ports)) if ports else (8080, 8099)
         if hi - lo < 19:
             hi = min(65535, lo + 19)
+        llamacpp: dict[str, Any] = {"image": image, "ports": f"{lo}-{hi}"}
+        notes = [
+            f"from Docker at {facts.endpoint}",
+            "guessed: tier, ram and gpus; run `homelab discover --write` to fill in what the node has",
+        ]
+        # What every container started by hand on the node agrees on: the address it listened on, its threads.
+        adopted = [m for m in found if m.node == facts.node and "adopt" in m.fields]
+        for key, values, flag in (
+            ("bind_address", {m.host for m in adopted}, "--host"),
+            ("threads", {m.threads for m in adopted}, "-t"),
+        ):
+            if len(values) == 1 and None not in values:
+                llamacpp[key] = values.pop()
+                notes.append(f"llamacpp.{key}: the {flag} of every container started by hand here")
         nodes[facts.node] = {
             "name": facts.node,
             "tier": "local",
             "address": facts.address,
             "ram": "16GiB",
             "docker": {"endpoint": facts.endpoint},
-            "llamacpp": {"image": image, "ports": f"{lo}-{hi}"},
+            "llamacpp": llamacpp,
         }
-        node_notes[facts.node] = [
-            f"from Docker at {facts.endpoint}",
-            "guessed: tier, ram and gpus; run `homelab discover --write` to fill in what the node has",
-        ]
+        node_notes[facts.node] = notes
     for ofacts in ollama:
         entry = nodes.get(ofacts.node)
         if entry is None:

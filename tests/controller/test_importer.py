@@ -129,12 +129,41 @@ def test_docker_containers_become_adopting_models() -> None:
     assert qwen.source.gguf == "/srv/models/Qwen2.5-14B-Instruct-Q4_K_M.gguf" and qwen.source.node == "gpu1"
     assert (coder.adopt, coder.port, coder.context, coder.placement.cpu_only) == ("mark-ii", 3010, 8192, True)
     assert coder.source.gguf == "/var/lib/docker/volumes/llm/_data/coder/qwen2.5-coder-7b.gguf"
+    # The model in a volume is read there (no copy); the one through a bind mount is flagged and copied.
+    assert (coder.source.volume, coder.source.volume_path) == ("llm", "coder/qwen2.5-coder-7b.gguf")
+    assert qwen.source.volume is None
     assert "# from container mark-i on gpu1 (running, image ghcr.io/ggml-org/llama.cpp:server)" in text
-    assert "bind mount of /srv/models: it is copied into the model volume" in text
-    assert "model coder/qwen2.5-coder-7b.gguf in Docker volume llm" in text
+    assert (
+        "bind mount of /srv/models (slow and fragile on Windows Docker hosts): it is copied into the model volume"
+        in text
+    )
+    assert "model coder/qwen2.5-coder-7b.gguf in Docker volume llm: read there, not copied" in text
     assert "-t 8" in text and "categories: [code]  # guessed from its names" in text
     node = spec.node("gpu1")
     assert node.llamacpp is not None and 3009 in node.llamacpp.ports and 3010 in node.llamacpp.ports
+    # mark-i listens on 0.0.0.0 with -t 8, mark-ii gives neither: nothing they agree on is carried to the node.
+    assert (node.llamacpp.bind_address, node.llamacpp.threads) == ("0.0.0.0", None)
+    assert "llamacpp.bind_address" not in text and "llamacpp.threads" not in text
+
+
+def test_the_node_takes_the_host_and_threads_every_hand_started_container_gives() -> None:
+    argv = ["/app/llama-server", "-m", "/models/a.gguf", "--host", "127.0.0.1", "-t", "1"]
+    a = inspect("a", [*argv, "--port", "3001"], mounts=[BIND])
+    b = inspect("b", [*argv, "--port", "3002"], mounts=[BIND])
+    b["Args"][2] = "/models/b.gguf"
+    text, spec = _spec(docker=[DockerFacts("n", "127.0.0.1", "unix:///x", [a, b])])
+    rt = spec.node("n").llamacpp
+    assert rt is not None and (rt.bind_address, rt.threads) == ("127.0.0.1", 1)
+    assert "# llamacpp.bind_address: the --host of every container started by hand here" in text
+
+
+def test_a_volume_of_another_driver_is_copied() -> None:
+    nfs = {"Type": "volume", "Name": "nfs", "Source": "/mnt/nfs-models", "Destination": "/data"}
+    c = inspect("c", ["llama-server", "-m", "/data/m.gguf"], mounts=[nfs])
+    text, spec = _spec(docker=[DockerFacts("n", "127.0.0.1", "unix:///x", [c])])
+    (m,) = spec.models
+    assert m.source.volume is None and m.source.gguf == "/mnt/nfs-models/m.gguf"
+    assert "whose mountpoint is not …/nfs/_data (another volume driver): it is copied" in text
 
 
 def test_ollama_litellm_and_llama_swap() -> None:
