@@ -13,6 +13,7 @@ from controller.core.importer import (
     OllamaFacts,
     build_spec,
     container_ports,
+    litellm_routes,
     model_mount,
     parse_server_args,
 )
@@ -224,3 +225,54 @@ def test_cli_writes_a_valid_spec_and_never_overwrites(wired: Wired, tmp_path: Pa
     code, _, stderr = wired.run("import", "--from-docker", "gpu1=unix:///x", "--llama-swap", str(swap), "-o",
                                 str(out), "--force")  # fmt: skip
     assert code == 1 and stderr.count("\n") == 1 and f"{swap}:3:1:" in stderr, stderr
+
+
+# llama-swap's current format (its config.example.yaml and docs/kb/guides/routing/groups-and-matrix.md): macros,
+# aliases as {id, name}, groups under routing.router.settings, a matrix of sets over `vars`.
+SWAP_CURRENT = {
+    "macros": {"server": "/opt/llama/llama-server --port ${PORT}", "ctx": 4096, "args": "--ctx-size ${ctx}"},
+    "models": {
+        "coder-7b": {
+            "macros": {"ctx": 16384},
+            "cmd": "${server}\n# the model\n--model /srv/models/qwen2.5-coder-7b.gguf\n--ctx-size ${ctx} -ctk q8_0",
+            "aliases": [{"id": "gpt-4o-mini", "name": "gpt-4o-mini", "unlisted": False}],
+        },
+        "embed": {
+            "cmd": "${server} -m /srv/models/nomic-embed.gguf ${args} --embedding",
+            "proxy": "http://127.0.0.1:9100",
+        },
+        "docker-llama": {
+            "proxy": "http://127.0.0.1:${PORT}",
+            "cmd": "docker run --name ${MODEL_ID} --rm -p ${PORT}:8080 ghcr.io/ggml-org/llama.cpp:server"
+            " --model '/models/q.gguf'",
+        },
+        "relative": {"cmd": "llama-server --port ${PORT} -m path/to/m.gguf"},
+    },
+    "routing": {
+        "router": {"use": "group", "settings": {"groups": {"coding": {"swap": True, "members": ["coder-7b"]}}}}
+    },
+    "matrix": {"vars": {"e": "embed"}, "sets": {"always": "e"}},
+}
+
+
+def test_llama_swap_current_format() -> None:
+    facts = DockerFacts("gpu1", "127.0.0.1", "unix:///x", [])
+    text, spec = _spec(docker=[facts], llama_swap=SWAP_CURRENT)
+    assert [m.name for m in spec.models] == ["coder-7b", "embed"]
+    coder, embed = spec.models
+    assert (coder.source.gguf, coder.context, coder.kv_cache.value) == (
+        "/srv/models/qwen2.5-coder-7b.gguf",
+        16384,
+        "q8_0",
+    )
+    assert (embed.port, embed.args, embed.context) == (9100, ["--embedding"], 4096)
+    assert "# from llama-swap model coder-7b (group coding)" in text and "(group always)" in text
+    assert "# not imported: llama-swap model docker-llama: a container it starts; import it with --from-docker" in text
+    assert "# not imported: llama-swap model relative: its model path path/to/m.gguf is not absolute" in text
+    routes, _ = litellm_routes(
+        {"model_list": [{"model_name": "mini", "litellm_params": {"model": "openai/gpt-4o-mini"}}]}
+    )
+    mini = {"model_name": "mini", "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": "http://swap:80/v1"}}
+    text, spec = _spec(docker=[facts], llama_swap=SWAP_CURRENT, litellm={"model_list": [mini]})
+    assert "# LiteLLM serves it as mini" in text  # found through the llama-swap alias gpt-4o-mini
+    assert routes == {"mini": {"gpt-4o-mini"}}
