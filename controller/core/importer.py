@@ -605,15 +605,22 @@ def _emit(lines: list[str], indent: str, key: str, value: Any) -> None:
 
 def _dedupe(models: list[Found]) -> list[Found]:
     """One model per file or tag (no model served twice), names made unique."""
-    seen: set[str] = set()
+    seen: dict[str, Found] = {}
     names: set[str] = set()
     out: list[Found] = []
     for m in models:
         src = m.fields["source"]
         key = f"ollama:{src['ollama']}" if "ollama" in src else f"gguf:{gguf_file_name(src['gguf'])}"
-        if key in seen:
+        kept = seen.get(key)
+        if kept is not None:
+            # The same file seen again (a llama-swap model of a running container's file): one model, which
+            # clients also know by the other's names, in the other's group.
+            kept.served |= m.served
+            kept.origin.append("also " + m.origin[0].removeprefix("from "))
+            if kept.category is Category.CHAT and m.category is not Category.CHAT:
+                kept.category = m.category
             continue
-        seen.add(key)
+        seen[key] = m
         name, n = m.name, 2
         while name in names:
             name = f"{m.name[:60]}-{n}"

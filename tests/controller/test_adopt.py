@@ -33,7 +33,10 @@ def test_adopt_replaces_the_container_on_the_same_port(tmp_path: Path) -> None:
     assert "  ~ adopt container mark-i → homelab-chat (same port 3009); its model is read through a bind mount" in text
     assert "of /srv/models (slow and fragile on Windows Docker hosts): copied into the model volume models" in text
     box = [s for s in steps(plan) if s[0] == "box"]
-    assert box[0] == ("box", "adopt-container", "mark-i")  # removed before anything starts
+    # Stopped after the file its replacement reads is copied (it serves until then), before anything starts.
+    adopt = box.index(("box", "adopt-container", "mark-i"))
+    assert box.index(("box", "copy-file", "models/chat.gguf")) < adopt
+    assert adopt < min(i for i, s in enumerate(box) if s[1] == "run-container")
     assert ("box", "run-container", "homelab-chat") in box
     lab.apply(spec, tmp_path)
     engine = lab.engines["box"]

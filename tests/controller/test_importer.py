@@ -180,6 +180,7 @@ def test_ollama_litellm_and_llama_swap() -> None:
     assert llama8.adopt is None and llama8.context == 8192 and llama8.args == ["--jinja"]
     assert spec.model("qwen2.5-14b").source.ollama == "qwen2.5:14b" and spec.model("qwen2.5-14b").context == 8192
     assert "# from llama-swap model llama-8b (group fast)" in text
+    assert "  # also llama-swap model qwen-14b\n" in text  # merged into mark-i's model, which it names
     assert "LiteLLM serves it as coder" in text
     routing = spec.routing.categories
     assert routing["code"].models == ["qwen2.5-coder-7b"]
