@@ -245,6 +245,24 @@ def gguf_file_name(source: str) -> str:
 _ABSOLUTE_RE = re.compile(r"^(/|[A-Za-z]:[\\/]|\\\\)")
 
 
+VOLUME_DATA = "_data"
+"""The directory of a Docker volume (local driver) that holds its files: `<data-root>/volumes/NAME/_data`, what
+`docker volume inspect NAME` gives as its Mountpoint."""
+
+
+def volume_file(gguf: str, volume: str) -> str | None:
+    """The path of a GGUF inside Docker volume `volume`, from its path on the node under the volume's mountpoint
+    (`/var/lib/docker/volumes/llm/_data/coder/m.gguf`, `llm` → `coder/m.gguf`); None when it is not under it."""
+    marker = f"/{volume}/{VOLUME_DATA}/"
+    if marker not in gguf:
+        return None
+    inner = gguf.split(marker, 1)[1]
+    parts = inner.split("/")
+    if not inner or any(p in ("", ".", "..") for p in parts):
+        return None
+    return inner
+
+
 def _check_gguf_path(value: str) -> str:
     if _ABSOLUTE_RE.match(value) is None:
         raise ValueError("must be an absolute path (/models/m.gguf or D:/models/m.gguf)")
@@ -501,16 +519,37 @@ class ModelSource(_Spec):
     node: Name | None = Field(default=None, description="node that holds the file (default: the node it runs on)")
     sha256: str | None = Field(default=None, pattern=SHA256_PATTERN)
     ollama: str | None = Field(default=None, description="Ollama tag, e.g. qwen2.5:14b")
+    volume: Name | None = Field(
+        default=None,
+        description="a Docker volume on `node` (not homelab's) that already holds the file: the container mounts"
+        " it read-only and reads the file where it is, nothing is copied; `gguf` is then the file's path on the"
+        " node under the volume's mountpoint (`docker volume inspect`: …/volumes/NAME/_data/…)",
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Self:
         if (self.gguf is None) == (self.ollama is None):
             raise ValueError("give exactly one of `gguf` (a file path) or `ollama` (a tag)")
-        if self.ollama is not None and (self.node is not None or self.sha256 is not None):
-            raise ValueError("`node` and `sha256` belong to a `gguf` source, not an `ollama` one")
+        if self.ollama is not None and (self.node is not None or self.sha256 is not None or self.volume is not None):
+            raise ValueError("`node`, `sha256` and `volume` belong to a `gguf` source, not an `ollama` one")
+        if self.volume is not None and self.gguf is not None:
+            if self.node is None:
+                raise ValueError("volume: needs `node`, the node whose Docker engine has the volume")
+            if volume_file(self.gguf, self.volume) is None:
+                raise ValueError(
+                    f"gguf: with `volume: {self.volume}`, give the file's path under the volume's mountpoint"
+                    f" (…/volumes/{self.volume}/{VOLUME_DATA}/FILE, as `docker volume inspect` shows it)"
+                )
         if self.gguf is not None and not self.gguf.strip():
             raise ValueError("gguf: must be a file path")
         return self
+
+    @property
+    def volume_path(self) -> str | None:
+        """With `volume`: the file's path inside that volume; else None."""
+        if self.volume is None or self.gguf is None:
+            return None
+        return volume_file(self.gguf, self.volume)
 
 
 class Placement(_Spec):

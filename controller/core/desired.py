@@ -71,13 +71,20 @@ def file_name(source: str) -> str:
     return gguf_file_name(source)
 
 
+def model_file(model: Model) -> str:
+    """The model's path inside the volume its container mounts: in the node's model volume, the source's base
+    name; in a volume of the user's (`source.volume`), its path there."""
+    assert model.source.gguf is not None
+    return model.source.volume_path or file_name(model.source.gguf)
+
+
 def llama_server_args(model: Model, node: Node, assignment: Assignment, port: int) -> tuple[str, ...]:
     """The llama-server command line for one replica, from its placement."""
     assert model.source.gguf is not None and node.llamacpp is not None
     rt = node.llamacpp
     args = [
         "-m",
-        f"{MODELS_MOUNT}/{file_name(model.source.gguf)}",
+        f"{MODELS_MOUNT}/{model_file(model)}",
         "--host",
         rt.bind_address,
         "--port",
@@ -176,18 +183,22 @@ def render(
                 f"model '{model.name}': its file is on node '{model.source.node}' but it is placed on"
                 f" '{node.name}'; copies between nodes are not supported: pin it with placement.node"
             )
-        name = file_name(model.source.gguf)
-        if not any(v.name == rt.volume for v in volumes[node.name]):
-            volumes[node.name].append(VolumeState(node.name, rt.volume))
-        known = files[node.name].get(name)
-        if known is not None and known.source != model.source.gguf:
-            raise RenderError(
-                f"node '{node.name}': two different model files are both named '{name}'"
-                f" ({known.source} and {model.source.gguf})"
+        name = model_file(model)
+        # A file in a volume of the user's (`source.volume`) is read where it is: that volume is mounted as it
+        # is, never created, labelled or copied into. Any other file is copied into the node's model volume.
+        volume = model.source.volume or rt.volume
+        if model.source.volume is None:
+            if not any(v.name == rt.volume for v in volumes[node.name]):
+                volumes[node.name].append(VolumeState(node.name, rt.volume))
+            known = files[node.name].get(name)
+            if known is not None and known.source != model.source.gguf:
+                raise RenderError(
+                    f"node '{node.name}': two different model files are both named '{name}'"
+                    f" ({known.source} and {model.source.gguf})"
+                )
+            files[node.name][name] = FileState(
+                node.name, rt.volume, name, sha256=model.source.sha256, source=model.source.gguf
             )
-        files[node.name][name] = FileState(
-            node.name, rt.volume, name, sha256=model.source.sha256, source=model.source.gguf
-        )
         port = ports[node.name, model.name]
         access = node.docker.gpu_access
         gpus = tuple(sorted(a.vram_bytes)) if a.gpu_layers > 0 and access is not GpuAccess.NONE else ()
@@ -202,7 +213,7 @@ def render(
             cache_type=model.kv_cache.value,
             gpus=gpus,
             gpu_access=access.value if gpus else GpuAccess.NONE.value,
-            volume=rt.volume,
+            volume=volume,
             restart_policy=restart_policy(a.gpu_layers),
         )
         digest = config.digest()
@@ -227,7 +238,13 @@ def render(
             )
         )
     spec_files = tuple(
-        sorted({file_name(m.source.gguf) for m in spec.models if m.runtime is Runtime.LLAMACPP and m.source.gguf})
+        sorted(
+            {
+                file_name(m.source.gguf)
+                for m in spec.models
+                if m.runtime is Runtime.LLAMACPP and m.source.gguf and m.source.volume is None
+            }
+        )
     )
     nodes = {
         n.name: NodeState(

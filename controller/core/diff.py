@@ -32,13 +32,19 @@ class PortConflict(HomelabError):
     """A managed container would take the port of a container homelab does not manage (and does not adopt)."""
 
 
+class MissingVolume(HomelabError):
+    """A model is read from a volume of the user's (`source.volume`) that is not on its node."""
+
+
 ADOPT = "adopt"
 """The kind of the change that replaces a container started by hand (`adopt:`) with a managed one."""
 
 BIND_MOUNT_WARNING = (
     "its model is read through a bind mount of {dir} (slow and fragile on Windows Docker hosts):"
-    " copied into the model volume"
+    " copied into the model volume {volume}"
 )
+IN_VOLUME = "its model stays in Docker volume {volume} (mounted read-only, not copied)"
+COPIED = "its model is copied into the model volume {volume}"
 
 
 class Action(StrEnum):
@@ -133,6 +139,7 @@ def diff(desired: ClusterState, observed: ClusterState) -> DiffResult:
                 unreachable[name] = have.error or "unreachable"
                 deferred.extend(_node_changes(want, NodeState(node=name)))
         else:
+            _check_user_volumes(want, have)
             changes.extend(_node_changes(want, have))
         if want.ollama is not None:
             got = have.ollama  # observed over HTTP whether or not the node's Docker engine answered
@@ -223,6 +230,17 @@ def _gateway_changes(want: GatewayState | None, have: GatewayState | None) -> li
     return []
 
 
+def _check_user_volumes(want: NodeState, have: NodeState) -> None:
+    """A container that reads its model from a volume of the user's needs that volume on the node: Docker would
+    otherwise create it empty at the container's start, and (after an adoption) the model would be down."""
+    for c in want.containers:
+        if c.config is not None and c.config.volume != want.model_volume and c.config.volume not in have.volume_names:
+            raise MissingVolume(
+                f"node {want.node}: model {c.model} reads {c.config.model_file} from Docker volume {c.config.volume}"
+                " (its source.volume), which is not on the node"
+            )
+
+
 def _adoptions(want: NodeState, have: NodeState) -> list[Change]:
     """`~ adopt container mark-i → homelab-m (same port 3009)` for each adopted container still there; a managed
     container on the port of an unlabelled one that is not adopted is a PortConflict naming it."""
@@ -237,9 +255,13 @@ def _adoptions(want: NodeState, have: NodeState) -> list[Change]:
             continue  # adopted already (or never there): the managed container is planned as usual
         port = c.config.port
         same = f"same port {port}" if port in f.ports else f"port {', '.join(map(str, f.ports)) or 'none'} → {port}"
-        reason = f"{new} ({same})"
-        if f.bind_model is not None:
-            reason += "; " + BIND_MOUNT_WARNING.format(dir=f.bind_model)
+        reason = f"{new} ({same}); "
+        if c.config.volume != want.model_volume:
+            reason += IN_VOLUME.format(volume=c.config.volume)
+        elif f.bind_model is not None:
+            reason += BIND_MOUNT_WARNING.format(dir=f.bind_model, volume=c.config.volume)
+        else:
+            reason += COPIED.format(volume=c.config.volume)
         out.append(Change(Action.UPDATE, ADOPT, want.node, old, reason, after=c))
     for c in want.containers:
         if c.config is None or c.name in {h.name for h in have.containers}:

@@ -5,8 +5,15 @@ Ollama server has (with `/api/show`'s parameters), a LiteLLM `config.yaml` and a
 loaded YAML. Output is the text of a spec with a comment on every entry saying where it came from; what is
 guessed (categories, fallbacks, a node's memory) says so.
 
-llama-swap's format (its docs/configuration.md): `models: {ID: {cmd: "llama-server --port ${PORT} -m FILE …",
-proxy: URL, aliases: [...], ttl: N}}`, `groups: {NAME: {swap, exclusive, members: [ID, …]}}`.
+llama-swap's format (its docs/configuration.md and config.example.yaml): `models: {ID: {cmd: "llama-server --port
+${PORT} -m FILE …", proxy: URL, aliases: [NAME, …] or [{id, name}, …], macros: {…}, ttl: N}}`, `macros: {NAME:
+value}` used as `${NAME}` in cmd and proxy, and which models run together: `groups: {NAME: {swap, exclusive,
+members: [ID, …]}}` (older releases), the same under `routing.router.settings.groups`, or a `matrix` of `sets`
+over `vars` (groups-and-matrix.md).
+
+A model in a Docker volume of the local driver (mountpoint …/volumes/NAME/_data) is written with `source.volume`:
+its managed container reads it there. One read through a bind mount is flagged (slow and fragile on Windows
+Docker hosts) and copied into the node's model volume.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from urllib.parse import urlparse
 
 from controller.core.state import LABEL_CLUSTER, OLLAMA_PREFIX
 from specs.enums import Category, KVCacheType
-from specs.model import NAME_PATTERN, gguf_file_name
+from specs.model import NAME_PATTERN, gguf_file_name, volume_file
 from specs.validate import owned_flag
 
 DEFAULT_LLAMA_PORT = 8080
@@ -61,6 +68,7 @@ class ServerArgs:
     alias: str | None = None
     flash_attn: bool | None = None
     parallel: int | None = None
+    threads: int | None = None
     args: tuple[str, ...] = ()
     """Arguments homelab does not set itself: kept in the model's `args`."""
     dropped: tuple[str, ...] = ()
@@ -129,8 +137,13 @@ def parse_server_args(argv: Sequence[str]) -> ServerArgs:
     for f in ("-t", "--threads", "-sm", "--split-mode", "-ts", "--tensor-split", "-mg", "--main-gpu", "-dev"):
         if f in values:
             dropped.append(f"{f} {values[f]}")
-    ctx, ngl, port, np_ = (get(*f) for f in (("-c", "--ctx-size"), ("-ngl", "--n-gpu-layers", "--gpu-layers"),
-                                             ("--port",), ("-np", "--parallel")))  # fmt: skip
+    ctx, ngl, port, np_, threads = (
+        get(*f)
+        for f in (
+            ("-c", "--ctx-size"), ("-ngl", "--n-gpu-layers", "--gpu-layers"), ("--port",), ("-np", "--parallel"),
+            ("-t", "--threads"),
+        )
+    )  # fmt: skip
     return ServerArgs(
         model=get("-m", "--model"),
         context=_int(ctx) if ctx is not None else None,
@@ -142,6 +155,7 @@ def parse_server_args(argv: Sequence[str]) -> ServerArgs:
         alias=get("-a", "--alias"),
         flash_attn=fa,
         parallel=_int(np_) if np_ is not None else None,
+        threads=_int(threads) if threads is not None else None,
         args=tuple(kept),
         dropped=tuple(dropped),
     )
@@ -193,6 +207,10 @@ class Found:
     """Names clients use for it (alias, llama-swap aliases, LiteLLM model names)."""
     port: int | None = None
     node: str = ""
+    host: str | None = None
+    """The address a hand-started llama-server listened on (`--host`)."""
+    threads: int | None = None
+    """Its `-t`."""
 
 
 @dataclass(frozen=True)
@@ -296,11 +314,20 @@ def llama_container(node: str, inspect: Mapping[str, Any]) -> Found | None:
         origin.append(f"its model {parsed.model} is inside the image, not in a volume or bind mount: copy it out")
         source: dict[str, Any] = {"gguf": parsed.model, "node": node}
         guesses.append("source: the path is inside the container; point it at the file on the node")
+    elif mount.kind == "volume" and volume_file(mount.host_path, mount.name) == mount.inner:
+        origin.append(f"model {mount.inner} in Docker volume {mount.name}: read there, not copied")
+        source = {"gguf": mount.host_path, "node": node, "volume": mount.name}
     elif mount.kind == "volume":
-        origin.append(f"model {mount.inner} in Docker volume {mount.name}")
+        origin.append(
+            f"model {mount.inner} in Docker volume {mount.name}, whose mountpoint is not …/{mount.name}/_data"
+            " (another volume driver): it is copied into the model volume"
+        )
         source = {"gguf": mount.host_path, "node": node}
     else:
-        origin.append(f"model read through a bind mount of {mount.name}: it is copied into the model volume")
+        origin.append(
+            f"model read through a bind mount of {mount.name} (slow and fragile on Windows Docker hosts):"
+            " it is copied into the model volume"
+        )
         source = {"gguf": mount.host_path, "node": node}
     alias = parsed.alias
     name = model_name(alias) if alias and re.match(NAME_PATTERN, alias) else model_name(parsed.model)
@@ -330,7 +357,9 @@ def llama_container(node: str, inspect: Mapping[str, Any]) -> Found | None:
     if parsed.dropped:
         origin.append("left out (homelab sets them from the placement): " + ", ".join(parsed.dropped))
     served = {name} | ({alias} if alias else set())
-    return Found(name, fields, origin, guesses, guess_category(name, alias or ""), served, port, node)
+    found = Found(name, fields, origin, guesses, guess_category(name, alias or ""), served, port, node)
+    found.host, found.threads = parsed.host, parsed.threads
+    return found
 
 
 def _kv_cache(parsed: ServerArgs) -> str | None:
@@ -379,38 +408,119 @@ def ollama_models(facts: OllamaFacts) -> list[Found]:
 # --------------------------------------------------------------------------- llama-swap and LiteLLM
 
 
-def llama_swap_models(config: Mapping[str, Any], node: str) -> list[Found]:
-    """Models of a llama-swap config (each `cmd` a llama-server command line), to run on `node`."""
+_MACRO_RE = re.compile(r"\$\{([A-Za-z0-9_.-]+)\}")
+_SET_WORD_RE = re.compile(r"\+?[^\s&|()]+")
+
+
+def _expand(text: str, macros: Mapping[str, str]) -> str:
+    """llama-swap's `${name}` macros (a macro may use those defined before it); `${PORT}`, `${MODEL_ID}` given by
+    the caller, `${env.X}` and unknown names left as they are."""
+    for _ in range(8):
+        new = _MACRO_RE.sub(lambda m: macros.get(m[1], m[0]), text)
+        if new == text:
+            break
+        text = new
+    return text
+
+
+def _macros(block: Any, inherited: Mapping[str, str], where: str) -> dict[str, str]:
+    if block is None:
+        return dict(inherited)
+    if not isinstance(block, Mapping):
+        raise ImportError_(f"llama-swap config: {where}: must be a mapping of macro names to values")
+    out = dict(inherited)
+    for k, v in block.items():
+        value = ("true" if v else "false") if isinstance(v, bool) else str(v)
+        out[str(k)] = _expand(value, out)
+    return out
+
+
+def _swap_groups(config: Mapping[str, Any]) -> dict[str, str]:
+    """Model ID → the llama-swap group (or matrix set) it is in: top-level `groups` (older releases),
+    `routing.router.settings.groups`, or a `matrix` (top-level or under routing) whose sets name models or `vars`."""
+    routing = config.get("routing")
+    router = routing.get("router") if isinstance(routing, Mapping) else None
+    settings = router.get("settings") if isinstance(router, Mapping) else None
+    settings = settings if isinstance(settings, Mapping) else {}
+    group_of: dict[str, str] = {}
+    for where, groups in (("groups", config.get("groups")), ("routing.router.settings.groups", settings.get("groups"))):
+        if groups is None:
+            continue
+        if not isinstance(groups, Mapping):
+            raise ImportError_(f"llama-swap config: `{where}` must be a mapping of group names to {{members: […]}}")
+        for gname, group in groups.items():
+            members = group.get("members") if isinstance(group, Mapping) else None
+            for member in members if isinstance(members, list) else []:
+                group_of.setdefault(str(member), str(gname))
+    for where, matrix in (("matrix", config.get("matrix")), ("routing.router.settings.matrix", settings.get("matrix"))):
+        if matrix is None:
+            continue
+        if not isinstance(matrix, Mapping) or not isinstance(matrix.get("sets") or {}, Mapping):
+            raise ImportError_(f"llama-swap config: `{where}` must be a mapping with `vars` and `sets`")
+        found_vars = matrix.get("vars")
+        names: Mapping[str, Any] = found_vars if isinstance(found_vars, Mapping) else {}
+        for sname, expr in (matrix.get("sets") or {}).items():
+            for word in _SET_WORD_RE.findall(str(expr)):
+                if not word.startswith("+"):  # +name inlines another set
+                    group_of.setdefault(str(names.get(word, word)), str(sname))
+    return group_of
+
+
+def _alias_ids(aliases: Any) -> set[str]:
+    """`aliases`: a list of names (older releases) or of `{id, name, unlisted}`."""
+    out: set[str] = set()
+    for a in aliases if isinstance(aliases, list) else []:
+        if isinstance(a, Mapping) and a.get("id") is not None:
+            out.add(str(a["id"]))
+        elif isinstance(a, (str, int)):
+            out.add(str(a))
+    return out
+
+
+_CONTAINER_RUNNERS = frozenset({"docker", "podman", "nerdctl"})
+
+
+def llama_swap_models(config: Mapping[str, Any], node: str, notes: list[str] | None = None) -> list[Found]:
+    """Models of a llama-swap config (each `cmd` a llama-server command line), to run on `node`.
+
+    What is not imported (a container llama-swap starts, a server other than llama-server, a model path that is
+    not absolute) is said in `notes`."""
+    notes = notes if notes is not None else []
     models = config.get("models")
     if not isinstance(models, Mapping):
         raise ImportError_("llama-swap config: `models` must be a mapping of model IDs to {cmd: …}")
-    groups = config.get("groups") or {}
-    if not isinstance(groups, Mapping):
-        raise ImportError_("llama-swap config: `groups` must be a mapping of group names to {members: […]}")
-    group_of: dict[str, str] = {}
-    for gname, group in groups.items():
-        members = group.get("members") if isinstance(group, Mapping) else None
-        for member in members or []:
-            group_of[str(member)] = str(gname)
+    group_of = _swap_groups(config)
+    global_macros = _macros(config.get("macros"), {}, "macros")
     found: list[Found] = []
     for mid, entry in models.items():
         if not isinstance(entry, Mapping) or not isinstance(entry.get("cmd"), str):
             raise ImportError_(f"llama-swap config: models.{mid}: needs `cmd`, the server's command line")
+        macros = _macros(entry.get("macros"), {**global_macros, "MODEL_ID": str(mid)}, f"models.{mid}.macros")
         cmd = re.sub(r"\\\n", " ", entry["cmd"])
         cmd = "\n".join(line.split("#", 1)[0] if line.lstrip().startswith("#") else line for line in cmd.splitlines())
+        cmd = _expand(cmd, macros)
         try:
             argv = shlex.split(cmd, comments=True)
         except ValueError as exc:
             raise ImportError_(f"llama-swap config: models.{mid}.cmd: cannot be split into words: {exc}") from None
+        if argv and argv[0].rsplit("/", 1)[-1] in _CONTAINER_RUNNERS:
+            notes.append(f"llama-swap model {mid}: a container it starts; import it with --from-docker while it runs")
+            continue
         parsed = parse_server_args(argv)
         if parsed.model is None:
-            continue  # not a llama-server (vllm, a docker run …): not homelab's to run
+            notes.append(f"llama-swap model {mid}: not a llama-server with -m FILE; not homelab's to run")
+            continue
+        if not parsed.model.startswith("/"):
+            notes.append(f"llama-swap model {mid}: its model path {parsed.model} is not absolute; add it by hand")
+            continue
         name = model_name(str(mid))
         fields: dict[str, Any] = {"name": name, "runtime": "llamacpp", "source": {"gguf": parsed.model, "node": node}}
         port = None
         proxy = entry.get("proxy")
-        if isinstance(proxy, str) and "${" not in proxy:
-            port = urlparse(proxy).port
+        if isinstance(proxy, str):
+            proxy = _expand(proxy, macros)
+            if "${" not in proxy:
+                port = urlparse(proxy).port
         if port is not None:
             fields["port"] = port
         if parsed.context:
@@ -426,8 +536,8 @@ def llama_swap_models(config: Mapping[str, Any], node: str) -> list[Found]:
             fields["args"] = list(parsed.args)
         origin = [f"from llama-swap model {mid}" + (f" (group {group_of[str(mid)]})" if str(mid) in group_of else "")]
         guesses = [f"runs on node {node}: llama-swap ran it on demand on its own machine"]
-        aliases = {str(a) for a in entry.get("aliases") or []} if isinstance(entry.get("aliases"), list) else set()
-        cat = guess_category(name, group_of.get(str(mid), ""), *aliases)
+        aliases = _alias_ids(entry.get("aliases"))
+        cat = guess_category(name, group_of.get(str(mid), ""), *sorted(aliases))
         found.append(Found(name, fields, origin, guesses, cat, {str(mid), name, *aliases}, port, node))
     return found
 
@@ -495,15 +605,22 @@ def _emit(lines: list[str], indent: str, key: str, value: Any) -> None:
 
 def _dedupe(models: list[Found]) -> list[Found]:
     """One model per file or tag (no model served twice), names made unique."""
-    seen: set[str] = set()
+    seen: dict[str, Found] = {}
     names: set[str] = set()
     out: list[Found] = []
     for m in models:
         src = m.fields["source"]
         key = f"ollama:{src['ollama']}" if "ollama" in src else f"gguf:{gguf_file_name(src['gguf'])}"
-        if key in seen:
+        kept = seen.get(key)
+        if kept is not None:
+            # The same file seen again (a llama-swap model of a running container's file): one model, which
+            # clients also know by the other's names, in the other's group.
+            kept.served |= m.served
+            kept.origin.append("also " + m.origin[0].removeprefix("from "))
+            if kept.category is Category.CHAT and m.category is not Category.CHAT:
+                kept.category = m.category
             continue
-        seen.add(key)
+        seen[key] = m
         name, n = m.name, 2
         while name in names:
             name = f"{m.name[:60]}-{n}"
@@ -526,6 +643,7 @@ def build_spec(
     """The spec text. `sources` names the input files in comments (`litellm`, `llama-swap` → path)."""
     sources = sources or {}
     found: list[Found] = []
+    skipped: list[str] = []
     for facts in docker:
         for c in sorted(facts.containers, key=lambda c: str(c.get("Name", ""))):
             m = llama_container(facts.node, c)
@@ -534,7 +652,7 @@ def build_spec(
     if llama_swap is not None:
         if not docker:
             raise ImportError_("--llama-swap needs a --from-docker node to run its models on")
-        found.extend(llama_swap_models(llama_swap, docker[0].node))
+        found.extend(llama_swap_models(llama_swap, docker[0].node, skipped))
     for ofacts in ollama:
         found.extend(ollama_models(ofacts))
     found = _dedupe(found)
@@ -566,18 +684,29 @@ def build_spec(
         lo, hi = (min(ports), max(ports)) if ports else (8080, 8099)
         if hi - lo < 19:
             hi = min(65535, lo + 19)
+        llamacpp: dict[str, Any] = {"image": image, "ports": f"{lo}-{hi}"}
+        notes = [
+            f"from Docker at {facts.endpoint}",
+            "guessed: tier, ram and gpus; run `homelab discover --write` to fill in what the node has",
+        ]
+        # What every container started by hand on the node agrees on: the address it listened on, its threads.
+        adopted = [m for m in found if m.node == facts.node and "adopt" in m.fields]
+        for key, values, flag in (
+            ("bind_address", {m.host for m in adopted}, "--host"),
+            ("threads", {m.threads for m in adopted}, "-t"),
+        ):
+            if len(values) == 1 and None not in values:
+                llamacpp[key] = values.pop()
+                notes.append(f"llamacpp.{key}: the {flag} of every container started by hand here")
         nodes[facts.node] = {
             "name": facts.node,
             "tier": "local",
             "address": facts.address,
             "ram": "16GiB",
             "docker": {"endpoint": facts.endpoint},
-            "llamacpp": {"image": image, "ports": f"{lo}-{hi}"},
+            "llamacpp": llamacpp,
         }
-        node_notes[facts.node] = [
-            f"from Docker at {facts.endpoint}",
-            "guessed: tier, ram and gpus; run `homelab discover --write` to fill in what the node has",
-        ]
+        node_notes[facts.node] = notes
     for ofacts in ollama:
         entry = nodes.get(ofacts.node)
         if entry is None:
@@ -594,6 +723,7 @@ def build_spec(
     lines = [
         "# Written by `homelab import` from what the cluster runs now.",
         "# Entries marked `guessed` were not observed: check them before `homelab reconcile`.",
+        *(f"# not imported: {note}" for note in skipped),
         "version: 1",
         "cluster:",
         f"  name: {_q(cluster)}",

@@ -262,9 +262,6 @@ def _node_steps(node: str, changes: list[Change]) -> list[Step]:
         if ch.kind == "container" and ch.action in (Action.DELETE, Action.REPLACE):
             before = ch.before if isinstance(ch.before, ContainerState) else None
             steps.append(Step(node, StepKind.REMOVE_CONTAINER, ch.name, container=before))
-    for ch in sorted(changes, key=lambda c: c.name):
-        if ch.kind == ADOPT:
-            steps.append(Step(node, StepKind.ADOPT_CONTAINER, ch.name))
     # A gateway container where the spec no longer runs it (before the gateway starts anywhere else).
     for ch in sorted(changes, key=lambda c: c.name):
         if ch.kind == "service" and ch.action is Action.DELETE:
@@ -296,7 +293,13 @@ def _node_steps(node: str, changes: list[Change]) -> list[Step]:
                 steps.append(Step(node, StepKind.OLLAMA_CREATE, ch.name, ollama_model=ch.after))
             if ch.after.preload:
                 preloads.append(Step(node, StepKind.OLLAMA_PRELOAD, ch.name, ollama_model=ch.after))
-    # 3. Containers one at a time, each health-gated; GPU ones first, in GPU order.
+    # 3. Containers started by hand that managed ones replace (`adopt:`) are stopped only now, after the files
+    #    their replacements read are copied (a long copy, or one that fails, leaves them serving), and before any
+    #    container starts (they hold VRAM).
+    for ch in sorted(changes, key=lambda c: c.name):
+        if ch.kind == ADOPT:
+            steps.append(Step(node, StepKind.ADOPT_CONTAINER, ch.name))
+    # 4. Containers one at a time, each health-gated; GPU ones first, in GPU order.
     starts = [
         ch
         for ch in changes
@@ -307,7 +310,7 @@ def _node_steps(node: str, changes: list[Change]) -> list[Step]:
         kind = StepKind.START_CONTAINER if ch.action is Action.UPDATE else StepKind.RUN_CONTAINER
         steps.append(Step(node, kind, ch.name, container=ch.after))
         steps.append(Step(node, StepKind.WAIT_HEALTHY, ch.name, container=ch.after))
-    # 4. Ollama preloads load onto the GPU: one at a time, after the containers are healthy.
+    # 5. Ollama preloads load onto the GPU: one at a time, after the containers are healthy.
     return steps + preloads
 
 

@@ -47,7 +47,8 @@ class ContainerConfig:
     command: tuple[str, ...]
     """Arguments to the image's entrypoint (llama-server)."""
     model_file: str
-    """File name inside the model volume."""
+    """The file's path inside `volume`: its name in the node's model volume, or its path in a volume of the
+    user's that the model is read from in place (`source.volume`)."""
     context: int
     gpu_layers: int
     port: int
@@ -58,6 +59,7 @@ class ContainerConfig:
     gpu_access: str
     """nvidia (device requests), dri (/dev/dri) or none."""
     volume: str
+    """The volume mounted read-only at MODELS_MOUNT: the node's model volume, or the user's (`source.volume`)."""
     restart_policy: str = "unless-stopped"
     network_mode: str = "host"
 
@@ -240,6 +242,9 @@ class NodeState:
     """The node's Ollama server, when the spec gives it one."""
     foreign: tuple[ForeignContainer, ...] = ()
     """Observed only: the unlabelled containers, with their ports and where their model comes from."""
+    volume_names: tuple[str, ...] = ()
+    """Observed only: every volume on the node's Docker engine, labelled or not (a model read in place from a
+    volume of the user's, `source.volume`, needs it there)."""
     adopts: tuple[tuple[str, str], ...] = ()
     """Desired only: (managed container, the unlabelled container it replaces) for each `adopt:` placed here."""
     services: tuple[str, ...] = ()

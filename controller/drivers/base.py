@@ -82,6 +82,10 @@ class DockerNode(Protocol):
 
     def list_volumes(self, cluster: str) -> list[VolumeState]: ...
 
+    def volume_names(self) -> list[str]:
+        """The name of every volume on the engine, labelled or not."""
+        ...
+
     def list_files(self, volume: str) -> list[FileState]:
         """Files in a managed volume, with their sizes (a short-lived helper container reads them)."""
         ...

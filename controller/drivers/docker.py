@@ -467,6 +467,11 @@ class DockerEngine:
             models = [v for v in volumes if LABEL_ROLE not in (v.attrs.get("Labels") or {})]
             return sorted((VolumeState(node=self.node, name=str(v.name)) for v in models), key=lambda v: v.name)
 
+    def volume_names(self) -> list[str]:
+        with self._errors("list volumes"):
+            listing = self.client.api.volumes() or {}
+            return sorted(str(v.get("Name", "")) for v in listing.get("Volumes") or [])
+
     def create_volume(self, name: str, labels: dict[str, str]) -> None:
         if not labels.get(LABEL_CLUSTER):
             raise DriverError(f"refusing to create volume {name} without the {LABEL_CLUSTER} label")

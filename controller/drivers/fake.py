@@ -29,6 +29,8 @@ class FakeDockerNode:
     """`docker inspect` of unlabelled containers (name → dict); each is foreign too."""
     volumes: dict[str, dict[str, int]] = field(default_factory=dict)
     """volume → {file name: size}."""
+    user_volumes: set[str] = field(default_factory=set)
+    """Volumes without homelab's labels (models read in place, `source.volume`)."""
     calls: list[tuple[str, str]] = field(default_factory=list)
     fail_on: set[tuple[str, str]] = field(default_factory=set)
     """(method, name) pairs that raise DriverError."""
@@ -69,6 +71,10 @@ class FakeDockerNode:
     def list_volumes(self, cluster: str) -> list[VolumeState]:
         self._check("list_volumes", cluster)
         return [VolumeState(self.node, v) for v in self.volumes]
+
+    def volume_names(self) -> list[str]:
+        self._check("volume_names", "")
+        return sorted(set(self.volumes) | self.user_volumes)
 
     def list_files(self, volume: str) -> list[FileState]:
         self._check("list_files", volume)

@@ -134,6 +134,7 @@ def _observe_docker(node: Node, cluster: str, connect: Connect) -> NodeState:
             files.extend(engine.list_files(v.name))
         services = [name for name in SERVICE_CONTAINERS if engine.service_status(name) is not None]
         unlabelled = [foreign_container(c) for c in engine.inspect_all() if _unlabelled(c)]
+        volume_names = engine.volume_names()
     except DriverError as exc:
         return NodeState(node=node.name, reachable=False, error=str(exc))
     return NodeState(
@@ -143,6 +144,7 @@ def _observe_docker(node: Node, cluster: str, connect: Connect) -> NodeState:
         containers=tuple(sorted(containers, key=lambda c: c.name)),
         foreign_containers=tuple(sorted(foreign)),
         foreign=tuple(sorted(unlabelled, key=lambda f: f.name)),
+        volume_names=tuple(sorted(volume_names)),
         services=tuple(services),
     )
 

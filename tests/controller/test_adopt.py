@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from controller.core.diff import PortConflict
+from controller.core.diff import MissingVolume, PortConflict
 from controller.core.plan import render_text
-from tests.controller.test_importer import MARK_I
+from tests.controller.test_importer import MARK_I, MARK_II
 from tests.controller.test_reconcile import SPEC, Lab, spec_of, steps
 
 ADOPTING = SPEC.replace(
@@ -31,9 +31,12 @@ def test_adopt_replaces_the_container_on_the_same_port(tmp_path: Path) -> None:
     plan = lab.prepare(spec).plan
     text = render_text(plan)
     assert "  ~ adopt container mark-i → homelab-chat (same port 3009); its model is read through a bind mount" in text
-    assert "of /srv/models (slow and fragile on Windows Docker hosts): copied into the model volume" in text
+    assert "of /srv/models (slow and fragile on Windows Docker hosts): copied into the model volume models" in text
     box = [s for s in steps(plan) if s[0] == "box"]
-    assert box[0] == ("box", "adopt-container", "mark-i")  # removed before anything starts
+    # Stopped after the file its replacement reads is copied (it serves until then), before anything starts.
+    adopt = box.index(("box", "adopt-container", "mark-i"))
+    assert box.index(("box", "copy-file", "models/chat.gguf")) < adopt
+    assert adopt < min(i for i, s in enumerate(box) if s[1] == "run-container")
     assert ("box", "run-container", "homelab-chat") in box
     lab.apply(spec, tmp_path)
     engine = lab.engines["box"]
@@ -53,3 +56,52 @@ def test_without_adopt_the_container_stays_and_its_port_is_a_plan_error() -> Non
     # On another port, the hand-started container is left alone.
     plan = lab.prepare(spec_of(ADOPTING.replace("    adopt: mark-i\n", "").replace("port: 3009", "port: 3011"))).plan
     assert all(s[2] != "mark-i" for s in steps(plan)) and "adopt" not in render_text(plan)
+
+
+# coder's file is already in the user's Docker volume `llm` (mark-ii reads it from there).
+CODER_IN_VOLUME = ADOPTING.replace(
+    "    source: {gguf: /srv/models/coder.gguf}\n",
+    "    source: {gguf: /var/lib/docker/volumes/llm/_data/coder/qwen2.5-coder-7b.gguf, node: box, volume: llm}\n"
+    "    port: 3010\n    adopt: mark-ii\n",
+)
+MARK_II_ON_3010 = {  # llama-server on the host network, its model in the volume `llm`
+    **MARK_II,
+    "Args": ["--model=/data/coder/qwen2.5-coder-7b.gguf", "-c8192", "-ngl", "0", "--port", "3010"],
+    "HostConfig": {"NetworkMode": "host", "PortBindings": {}},
+}
+
+
+def test_a_model_in_a_volume_is_read_there_and_a_bind_mounted_one_copied(tmp_path: Path) -> None:
+    lab = lab_with_mark_i()
+    box = lab.engines["box"]
+    box.inspected["mark-ii"] = dict(MARK_II_ON_3010)
+    box.user_volumes.add("llm")
+    spec = spec_of(CODER_IN_VOLUME)
+    plan = lab.prepare(spec).plan
+    text = render_text(plan)
+    assert (
+        "  ~ adopt container mark-ii → homelab-coder (same port 3010);"
+        " its model stays in Docker volume llm (mounted read-only, not copied)"
+    ) in text
+    assert "  ~ adopt container mark-i → homelab-chat (same port 3009); its model is read through a bind mount" in text
+    on_box = [s for s in steps(plan) if s[0] == "box"]
+    assert [s for s in on_box if s[1] == "copy-file"] == [("box", "copy-file", "models/chat.gguf")]
+    coder = next(c for c in lab.prepare(spec).desired.nodes["box"].containers if c.model == "coder")
+    assert coder.config is not None and (coder.config.volume, coder.config.model_file) == (
+        "llm",
+        "coder/qwen2.5-coder-7b.gguf",
+    )
+    assert "/models/coder/qwen2.5-coder-7b.gguf" in coder.config.command
+    lab.apply(spec, tmp_path)
+    assert set(box.volumes) == {"models"} and set(box.volumes["models"]) == {"chat.gguf"}  # llm: untouched
+    assert "mark-ii" not in box.inspected and box.containers["homelab-coder"].config == coder.config
+    again = lab.prepare(spec).plan
+    assert again.in_sync and again.steps == ()
+
+
+def test_a_volume_that_is_not_on_the_node_is_a_plan_error() -> None:
+    lab = lab_with_mark_i()
+    lab.engines["box"].inspected["mark-ii"] = dict(MARK_II_ON_3010)
+    with pytest.raises(MissingVolume, match=r"node box: model coder reads coder/qwen2.5-coder-7b.gguf from Docker"):
+        lab.prepare(spec_of(CODER_IN_VOLUME))
+    assert "mark-ii" in lab.engines["box"].inspected

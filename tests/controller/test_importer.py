@@ -13,6 +13,7 @@ from controller.core.importer import (
     OllamaFacts,
     build_spec,
     container_ports,
+    litellm_routes,
     model_mount,
     parse_server_args,
 )
@@ -129,12 +130,41 @@ def test_docker_containers_become_adopting_models() -> None:
     assert qwen.source.gguf == "/srv/models/Qwen2.5-14B-Instruct-Q4_K_M.gguf" and qwen.source.node == "gpu1"
     assert (coder.adopt, coder.port, coder.context, coder.placement.cpu_only) == ("mark-ii", 3010, 8192, True)
     assert coder.source.gguf == "/var/lib/docker/volumes/llm/_data/coder/qwen2.5-coder-7b.gguf"
+    # The model in a volume is read there (no copy); the one through a bind mount is flagged and copied.
+    assert (coder.source.volume, coder.source.volume_path) == ("llm", "coder/qwen2.5-coder-7b.gguf")
+    assert qwen.source.volume is None
     assert "# from container mark-i on gpu1 (running, image ghcr.io/ggml-org/llama.cpp:server)" in text
-    assert "bind mount of /srv/models: it is copied into the model volume" in text
-    assert "model coder/qwen2.5-coder-7b.gguf in Docker volume llm" in text
+    assert (
+        "bind mount of /srv/models (slow and fragile on Windows Docker hosts): it is copied into the model volume"
+        in text
+    )
+    assert "model coder/qwen2.5-coder-7b.gguf in Docker volume llm: read there, not copied" in text
     assert "-t 8" in text and "categories: [code]  # guessed from its names" in text
     node = spec.node("gpu1")
     assert node.llamacpp is not None and 3009 in node.llamacpp.ports and 3010 in node.llamacpp.ports
+    # mark-i listens on 0.0.0.0 with -t 8, mark-ii gives neither: nothing they agree on is carried to the node.
+    assert (node.llamacpp.bind_address, node.llamacpp.threads) == ("0.0.0.0", None)
+    assert "llamacpp.bind_address" not in text and "llamacpp.threads" not in text
+
+
+def test_the_node_takes_the_host_and_threads_every_hand_started_container_gives() -> None:
+    argv = ["/app/llama-server", "-m", "/models/a.gguf", "--host", "127.0.0.1", "-t", "1"]
+    a = inspect("a", [*argv, "--port", "3001"], mounts=[BIND])
+    b = inspect("b", [*argv, "--port", "3002"], mounts=[BIND])
+    b["Args"][2] = "/models/b.gguf"
+    text, spec = _spec(docker=[DockerFacts("n", "127.0.0.1", "unix:///x", [a, b])])
+    rt = spec.node("n").llamacpp
+    assert rt is not None and (rt.bind_address, rt.threads) == ("127.0.0.1", 1)
+    assert "# llamacpp.bind_address: the --host of every container started by hand here" in text
+
+
+def test_a_volume_of_another_driver_is_copied() -> None:
+    nfs = {"Type": "volume", "Name": "nfs", "Source": "/mnt/nfs-models", "Destination": "/data"}
+    c = inspect("c", ["llama-server", "-m", "/data/m.gguf"], mounts=[nfs])
+    text, spec = _spec(docker=[DockerFacts("n", "127.0.0.1", "unix:///x", [c])])
+    (m,) = spec.models
+    assert m.source.volume is None and m.source.gguf == "/mnt/nfs-models/m.gguf"
+    assert "whose mountpoint is not …/nfs/_data (another volume driver): it is copied" in text
 
 
 def test_ollama_litellm_and_llama_swap() -> None:
@@ -150,6 +180,7 @@ def test_ollama_litellm_and_llama_swap() -> None:
     assert llama8.adopt is None and llama8.context == 8192 and llama8.args == ["--jinja"]
     assert spec.model("qwen2.5-14b").source.ollama == "qwen2.5:14b" and spec.model("qwen2.5-14b").context == 8192
     assert "# from llama-swap model llama-8b (group fast)" in text
+    assert "  # also llama-swap model qwen-14b\n" in text  # merged into mark-i's model, which it names
     assert "LiteLLM serves it as coder" in text
     routing = spec.routing.categories
     assert routing["code"].models == ["qwen2.5-coder-7b"]
@@ -195,3 +226,54 @@ def test_cli_writes_a_valid_spec_and_never_overwrites(wired: Wired, tmp_path: Pa
     code, _, stderr = wired.run("import", "--from-docker", "gpu1=unix:///x", "--llama-swap", str(swap), "-o",
                                 str(out), "--force")  # fmt: skip
     assert code == 1 and stderr.count("\n") == 1 and f"{swap}:3:1:" in stderr, stderr
+
+
+# llama-swap's current format (its config.example.yaml and docs/kb/guides/routing/groups-and-matrix.md): macros,
+# aliases as {id, name}, groups under routing.router.settings, a matrix of sets over `vars`.
+SWAP_CURRENT = {
+    "macros": {"server": "/opt/llama/llama-server --port ${PORT}", "ctx": 4096, "args": "--ctx-size ${ctx}"},
+    "models": {
+        "coder-7b": {
+            "macros": {"ctx": 16384},
+            "cmd": "${server}\n# the model\n--model /srv/models/qwen2.5-coder-7b.gguf\n--ctx-size ${ctx} -ctk q8_0",
+            "aliases": [{"id": "gpt-4o-mini", "name": "gpt-4o-mini", "unlisted": False}],
+        },
+        "embed": {
+            "cmd": "${server} -m /srv/models/nomic-embed.gguf ${args} --embedding",
+            "proxy": "http://127.0.0.1:9100",
+        },
+        "docker-llama": {
+            "proxy": "http://127.0.0.1:${PORT}",
+            "cmd": "docker run --name ${MODEL_ID} --rm -p ${PORT}:8080 ghcr.io/ggml-org/llama.cpp:server"
+            " --model '/models/q.gguf'",
+        },
+        "relative": {"cmd": "llama-server --port ${PORT} -m path/to/m.gguf"},
+    },
+    "routing": {
+        "router": {"use": "group", "settings": {"groups": {"coding": {"swap": True, "members": ["coder-7b"]}}}}
+    },
+    "matrix": {"vars": {"e": "embed"}, "sets": {"always": "e"}},
+}
+
+
+def test_llama_swap_current_format() -> None:
+    facts = DockerFacts("gpu1", "127.0.0.1", "unix:///x", [])
+    text, spec = _spec(docker=[facts], llama_swap=SWAP_CURRENT)
+    assert [m.name for m in spec.models] == ["coder-7b", "embed"]
+    coder, embed = spec.models
+    assert (coder.source.gguf, coder.context, coder.kv_cache.value) == (
+        "/srv/models/qwen2.5-coder-7b.gguf",
+        16384,
+        "q8_0",
+    )
+    assert (embed.port, embed.args, embed.context) == (9100, ["--embedding"], 4096)
+    assert "# from llama-swap model coder-7b (group coding)" in text and "(group always)" in text
+    assert "# not imported: llama-swap model docker-llama: a container it starts; import it with --from-docker" in text
+    assert "# not imported: llama-swap model relative: its model path path/to/m.gguf is not absolute" in text
+    routes, _ = litellm_routes(
+        {"model_list": [{"model_name": "mini", "litellm_params": {"model": "openai/gpt-4o-mini"}}]}
+    )
+    mini = {"model_name": "mini", "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": "http://swap:80/v1"}}
+    text, spec = _spec(docker=[facts], llama_swap=SWAP_CURRENT, litellm={"model_list": [mini]})
+    assert "# LiteLLM serves it as mini" in text  # found through the llama-swap alias gpt-4o-mini
+    assert routes == {"mini": {"gpt-4o-mini"}}

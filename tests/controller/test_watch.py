@@ -389,6 +389,7 @@ def test_dry_run_prints_plans_and_applies_nothing(
         "list_containers",
         "inspect_all",
         "list_volumes",
+        "volume_names",
         "service_status",
     }
     assert engines["box"].volumes == {}

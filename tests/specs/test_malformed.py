@@ -280,6 +280,33 @@ CASES: list[tuple[str, str, int, str]] = [
         r"models\[0\]\.source: give exactly one of `gguf` \(a file path\) or `ollama` \(a tag\)",
     ),
     (
+        "source-volume-without-node",
+        edit("source: {gguf: /models/coder.gguf}", "source: {gguf: /v/llm/_data/coder.gguf, volume: llm}"),
+        20,
+        r"models\[0\]\.source\.volume: needs `node`, the node whose Docker engine has the volume",
+    ),
+    (
+        "source-volume-path-not-under-it",
+        edit("source: {gguf: /models/coder.gguf}", "source: {gguf: /models/coder.gguf, volume: llm, node: gpu-box}"),
+        20,
+        r"models\[0\]\.source\.gguf: with `volume: llm`, give the file's path under the volume's mountpoint"
+        r" \(…/volumes/llm/_data/FILE, as `docker volume inspect` shows it\)",
+    ),
+    (
+        "source-volume-path-escapes",
+        edit(
+            "source: {gguf: /models/coder.gguf}", "source: {gguf: /v/llm/_data/../x.gguf, volume: llm, node: gpu-box}"
+        ),
+        20,
+        r"models\[0\]\.source\.gguf: with `volume: llm`, give the file's path under",
+    ),
+    (
+        "ollama-source-with-volume",
+        edit('source: {ollama: "qwen2.5:0.5b"}', 'source: {ollama: "qwen2.5:0.5b", volume: llm}'),
+        24,
+        r"models\[1\]\.source: `node`, `sha256` and `volume` belong to a `gguf` source, not an `ollama` one",
+    ),
+    (
         "bad-duration",
         BASE + "health:\n  interval: 5 parsecs\n",
         27,
