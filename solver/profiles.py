@@ -271,7 +271,7 @@ class PlannedCpu:
 
     def describe(self) -> str:
         if self.source is CpuSource.ASSUMED:
-            return "CPU unknown: assumed the kind that needs the most RAM (state cpu: or run homelab discover)"
+            return "CPU assumed: the kind that needs the most RAM; state cpu: or run homelab discover --write"
         return f"CPU {self.kind.value} from the {self.source.value}"
 
 

@@ -113,7 +113,7 @@ def test_place_plans_the_ram_of_this_machines_cpu(
     line = next(x for x in out.splitlines() if x.startswith("  m on here:"))
     if kind is CpuKind.UNKNOWN:
         assert line.endswith(
-            "(CPU unknown: assumed the kind that needs the most RAM (state cpu: or run homelab discover))"
+            "(CPU assumed: the kind that needs the most RAM; state cpu: or run homelab discover --write)"
         )
     else:
         assert line.endswith(f"(CPU {kind.value} from the local host)")
