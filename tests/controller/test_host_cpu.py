@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from controller.drivers.fake import FakeDockerNode
 from controller.effects.hostcpu import host_cpus, is_this_machine, local_cpu_flags, local_cpu_kind
 from solver.cpu import CpuKind
 from solver.estimate import EstimateParams, estimate, shape_from_header
@@ -137,3 +138,19 @@ def test_a_stated_cpu_wins_over_this_machines(cpu_model: Path, wired: Wired) -> 
     code, out, _ = wired.run("place")
     assert code == 0
     assert f"  m on here: {_ram(cpu_model, CpuKind.X86_AVX2) / GIB:.1f} GiB RAM (CPU x86-avx2 from the spec)" in out
+
+
+@pytest.mark.parametrize("flags", [AMX, AVX2])
+def test_reconcile_plans_with_the_same_cpu_as_place(
+    cpu_model: Path, wired: Wired, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: frozenset[str]
+) -> None:
+    fake = FakeDockerNode("here", images={"llama"})
+    wired.set(connect=lambda spec: lambda node: fake, gpu_probe=lambda nodes: {}, host_cpu=lambda: flags)
+    monkeypatch.setenv("HOMELAB_STATE_DIR", str(tmp_path / "state"))
+    code, out, err = wired.run("reconcile", "--dry-run", "--json")
+    assert code == 2, err
+    planned = json.loads(out)["placement"]["assignments"]
+    code, out, _ = wired.run("place", "--json")
+    assert planned == json.loads(out)["assignments"]
+    kind = CpuKind.X86_AMX if flags == AMX else CpuKind.X86_AVX2
+    assert planned[0]["ram_bytes"] == _ram(cpu_model, kind)
