@@ -71,6 +71,16 @@ def cpu_flags(cpuinfo: str) -> frozenset[str]:
     return frozenset()
 
 
+KIND_FLAGS: tuple[str, ...] = ("avx2", "avx512f", "avx512_vnni", "amx_int8", "asimd", "asimddp", "i8mm")
+"""Every flag `cpu_kind` reads: `kind_flags` keeps only these, so a spec states a CPU in a few words."""
+
+
+def kind_flags(flags: Iterable[str]) -> list[str]:
+    """The flags of `flags` that `cpu_kind` reads, in `KIND_FLAGS` order (`cpu_kind` of them is `cpu_kind(flags)`)."""
+    f = {x.lower() for x in flags}
+    return [x for x in KIND_FLAGS if x in f]
+
+
 def cpu_kind(flags: Iterable[str]) -> CpuKind:
     """The `CpuKind` of a CPU with these /proc/cpuinfo flags (lower case, as the kernel spells them)."""
     f = {x.lower() for x in flags}

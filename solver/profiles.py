@@ -13,8 +13,9 @@ RAM only (`curve.ram(0)`) and no VRAM.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from typing import Any
 
 from solver.cpu import CpuKind, cpu_kind
@@ -250,8 +251,49 @@ def node_cpu_kind(node: Node | None) -> CpuKind:
     return cpu_kind(node.cpu.features)
 
 
-def params_for(model: Model, node: Node | None) -> EstimateParams:
-    """The estimator parameters of `model` when it runs on `node`."""
+class CpuSource(StrEnum):
+    """Where the CPU a node's estimates are made for comes from."""
+
+    SPEC = "spec"
+    """The node's `cpu: {features: [...]}` (written by hand or by `homelab discover --write`)."""
+    LOCAL_HOST = "local host"
+    """The node is the machine homelab runs on and states no `cpu:`: this machine's /proc/cpuinfo."""
+    ASSUMED = "assumed"
+    """Nothing known: planned for the CPU kind that needs the most RAM for each model."""
+
+
+@dataclass(frozen=True)
+class PlannedCpu:
+    """The CPU kind the estimates for one node are made for, and where it comes from."""
+
+    kind: CpuKind
+    source: CpuSource
+
+    def describe(self) -> str:
+        if self.source is CpuSource.ASSUMED:
+            return "CPU assumed: the kind that needs the most RAM; state cpu: or run homelab discover --write"
+        return f"CPU {self.kind.value} from the {self.source.value}"
+
+
+def planned_cpus(spec: ClusterSpec, local: Mapping[str, Collection[str]] | None = None) -> dict[str, PlannedCpu]:
+    """Per node, the CPU its estimates are for: the spec's `cpu:`; else, for a node in `local` (the nodes that
+    are the machine homelab runs on, with that machine's flags, read by the caller), those flags; else UNKNOWN.
+    Local flags that could not be read (empty) count as nothing known."""
+    out: dict[str, PlannedCpu] = {}
+    for node in spec.nodes:
+        flags = (local or {}).get(node.name)
+        if node.cpu is not None:
+            out[node.name] = PlannedCpu(cpu_kind(node.cpu.features), CpuSource.SPEC)
+        elif flags:
+            out[node.name] = PlannedCpu(cpu_kind(flags), CpuSource.LOCAL_HOST)
+        else:
+            out[node.name] = PlannedCpu(CpuKind.UNKNOWN, CpuSource.ASSUMED)
+    return out
+
+
+def params_for(model: Model, node: Node | None, cpu: CpuKind | None = None) -> EstimateParams:
+    """The estimator parameters of `model` when it runs on `node` (`cpu`: its CPU kind when known other than
+    from the spec, see `planned_cpus`)."""
     order = node.llamacpp.layer_order if node is not None and node.llamacpp is not None else LayerOrder.OUTPUT_FIRST
     overhead = node.gpu_overhead if node is not None and node.gpu_overhead is not None else DEFAULT_GPU_OVERHEAD_BYTES
     return EstimateParams(
@@ -260,7 +302,7 @@ def params_for(model: Model, node: Node | None) -> EstimateParams:
         flash_attn=model.flash_attn,
         layer_order=order,
         gpu_overhead=overhead,
-        cpu=node_cpu_kind(node),
+        cpu=cpu if cpu is not None else node_cpu_kind(node),
     )
 
 
@@ -277,9 +319,16 @@ OllamaInfo = tuple[Mapping[str, Any], str | None]
 """What Ollama's `/api/show` says of a pulled tag: (`model_info`, `details.quantization_level`)."""
 
 
-def _shape_profile(spec: ClusterSpec, model: Model, shape: ModelShape, source: str) -> MemoryProfile:
+def _node_params(spec: ClusterSpec, model: Model, cpus: Mapping[str, PlannedCpu] | None) -> dict[str, EstimateParams]:
+    kinds = {name: c.kind for name, c in (cpus or {}).items()}
+    return {n.name: params_for(model, n, kinds.get(n.name)) for n in _runtime_nodes(spec, model)}
+
+
+def _shape_profile(
+    spec: ClusterSpec, model: Model, shape: ModelShape, source: str, cpus: Mapping[str, PlannedCpu] | None
+) -> MemoryProfile:
     default = params_for(model, None)
-    node_params = {n.name: params_for(model, n) for n in _runtime_nodes(spec, model)}
+    node_params = _node_params(spec, model, cpus)
     return MemoryProfile(
         curve=layer_curve(shape, default),
         source=source,
@@ -294,9 +343,11 @@ def profile_for(
     model: Model,
     read_header: Callable[[str], GGUFHeader] | None,
     ollama_info: OllamaInfo | None = None,
+    cpus: Mapping[str, PlannedCpu] | None = None,
 ) -> Profile:
     """The profile of one model: its GGUF header if readable, else its declared memory; for an
-    Ollama model without `memory:`, the `model_info` Ollama reports for its pulled tag.
+    Ollama model without `memory:`, the `model_info` Ollama reports for its pulled tag. `cpus` (see
+    `planned_cpus`; default: the spec's `cpu:` alone) is the CPU each node's estimate is made for.
 
     A declared `memory:` wins over `model_info` for an Ollama model, so that the placement does not
     change once the tag has been pulled (the first reconcile pulls it, the second must plan nothing).
@@ -304,7 +355,8 @@ def profile_for(
     if model.runtime is Runtime.OLLAMA and model.memory is None and ollama_info is not None:
         try:
             info, quantization = ollama_info
-            return _shape_profile(spec, model, shape_from_model_info(info, quantization, model.name), "ollama")
+            told = shape_from_model_info(info, quantization, model.name)
+            return _shape_profile(spec, model, told, "ollama", cpus)
         except (GGUFError, EstimateError) as exc:
             return NoEstimate(f"no memory estimate: Ollama's model_info: {exc}")
     if model.runtime is Runtime.OLLAMA and model.memory is None:
@@ -319,7 +371,7 @@ def profile_for(
             shape = None
         if shape is not None:
             default = params_for(model, None)
-            node_params = {n.name: params_for(model, n) for n in _runtime_nodes(spec, model)}
+            node_params = _node_params(spec, model, cpus)
             try:
                 return MemoryProfile(
                     curve=layer_curve(shape, default),
@@ -358,15 +410,17 @@ def profiles_for(
     read_header: Callable[[str], GGUFHeader] | None = None,
     ollama_info: Mapping[str, OllamaInfo] | None = None,
     measured: Mapping[str, Sequence[Measured]] | None = None,
+    cpus: Mapping[str, PlannedCpu] | None = None,
 ) -> dict[str, Profile]:
     """A profile for every model of the spec (pass `solver.gguf.read_header` to read local GGUFs, and
     `ollama_info` — model name → what /api/show says of its tag — for Ollama models). `measured` (model name →
     what its replicas really held, for an unchanged configuration) raises the curves of the nodes measured:
-    the placement reserves max(estimate, measured + margin) there."""
+    the placement reserves max(estimate, measured + margin) there. `cpus` (`planned_cpus`; default: the spec's
+    `cpu:` alone, the other nodes UNKNOWN) is the CPU each node's estimates are made for."""
     info = ollama_info or {}
     out: dict[str, Profile] = {}
     for m in spec.models:
-        profile = profile_for(spec, m, read_header, info.get(m.name))
+        profile = profile_for(spec, m, read_header, info.get(m.name), cpus)
         seen = (measured or {}).get(m.name)
         out[m.name] = calibrated(profile, seen) if seen and isinstance(profile, MemoryProfile) else profile
     return out

@@ -308,10 +308,10 @@ class NodeCpu(_Spec):
     """A node's CPU, as far as llama.cpp's memory depends on it."""
 
     features: list[str] = Field(
-        min_length=1,
         description="feature flags as /proc/cpuinfo spells them (x86 `flags`, ARM `Features`), e.g."
         " [avx2, avx512f, avx512_vnni, amx_int8]: they decide which weights llama.cpp repacks into"
-        " a second copy in RAM (CPU_REPACK, AMX) when a model runs without a GPU",
+        " a second copy in RAM (CPU_REPACK, AMX) when a model runs without a GPU; [] for a CPU with none"
+        " of avx2, asimd (nothing is repacked). `homelab discover` writes the ones that matter",
     )
 
     @field_validator("features")

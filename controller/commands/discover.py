@@ -1,8 +1,8 @@
 """`homelab discover [NODE…] [--write] [--yes] [-f FILE] [--json]`: what the nodes really have.
 
-Runs `nvidia-smi` and reads /proc/meminfo on each node (locally or over SSH,
+Runs `nvidia-smi` and reads /proc/meminfo and /proc/cpuinfo on each node (locally or over SSH,
 `controller.drivers.gpu`), prints every GPU (index, name, total and free
-memory, driver, UUID), the processes holding GPU memory and the node's RAM,
+memory, driver, UUID), the processes holding GPU memory, the node's RAM and CPU,
 and then the changes that would bring the spec in line, as a unified diff of
 the spec file.
 
@@ -19,7 +19,14 @@ What is edited, per node that answered:
 - each GPU the node has: `name`, `vram` (nvidia-smi's figure, written in MiB,
   e.g. `81559MiB`) and `uuid` of the spec's entry for it (matched by `uuid`
   when the spec has one, else by `index`); a GPU the spec lacks is added;
-- `ram`: MemTotal, rounded down to a MiB.
+- `ram`: MemTotal, rounded down to a MiB;
+- `cpu: {features: [...]}`: the flags of /proc/cpuinfo that decide llama.cpp's
+  extra weight buffers on the CPU (`solver.cpu.KIND_FLAGS`: avx2, avx512f,
+  avx512_vnni, amx_int8, asimd, asimddp, i8mm), `[]` for a CPU with none of
+  them. Only those: the whole list is a hundred-odd words that kernels add to
+  and rename, so every kernel update would show a diff that changes no plan. A
+  spec that already states features giving the same kind-deciding flags (the
+  whole list, say) is left alone.
 
 A GPU the spec lists but the node does not have is reported and left in the
 file (a pin may name it): remove it by hand. A node that fails (no SSH, no
@@ -52,6 +59,7 @@ from controller.commands.common import (
 from controller.drivers.gpu import GpuInfo, NodeGpus
 from controller.drivers.ssh import is_local
 from controller.effects.gpu_use import gib
+from solver.cpu import cpu_flags, cpu_kind, kind_flags
 from specs import SpecError
 from specs.load import SpecDocument, dump_document, parse_spec, save_document
 from specs.model import ClusterSpec, Node
@@ -83,6 +91,8 @@ def apply_discovery(doc: SpecDocument, spec: ClusterSpec, reports: Mapping[str, 
             ram = report.ram_bytes // MIB * MIB
             if ram != node.ram:
                 node_map["ram"] = size_text(ram)
+        if report.cpuinfo is not None:
+            _edit_cpu(node_map, node, kind_flags(cpu_flags(report.cpuinfo)))
         if not report.ok:
             continue
         _edit_gpus(node_map, node, report.gpus)
@@ -94,6 +104,22 @@ def apply_discovery(doc: SpecDocument, spec: ClusterSpec, reports: Mapping[str, 
                     " left in the file: remove it by hand if it is gone"
                 )
     return notes
+
+
+def _edit_cpu(node_map: CommentedMap, node: Node, features: list[str]) -> None:
+    """`cpu: {features: [...]}` as discovered, unless the spec's features already decide the same."""
+    if node.cpu is not None and kind_flags(node.cpu.features) == features:
+        return
+    seq = CommentedSeq(features)
+    seq.fa.set_flow_style()
+    cpu = node_map.get("cpu")
+    if isinstance(cpu, CommentedMap):
+        cpu["features"] = seq
+        return
+    cpu = CommentedMap(features=seq)
+    cpu.fa.set_flow_style()
+    keys = list(node_map.keys())
+    node_map.insert(keys.index("ram") + 1 if "ram" in keys else len(keys), "cpu", cpu)
 
 
 def _edit_gpus(node_map: CommentedMap, node: Node, found: Sequence[GpuInfo]) -> None:
@@ -167,8 +193,19 @@ def _describe(node: Node, report: NodeGpus) -> list[str]:
     if report.ok and not report.gpus:
         lines.append("  no NVIDIA GPUs")
     lines.append(f"  RAM {gib(report.ram_bytes)}" if report.ram_bytes is not None else "  RAM unknown")
+    if report.cpuinfo is not None:
+        flags = kind_flags(cpu_flags(report.cpuinfo))
+        lines.append(f"  CPU {cpu_kind(flags).value} ({' '.join(flags) or 'none of avx2, asimd'})")
     lines.extend(f"  note: {n}" for n in report.notes)
     return lines
+
+
+def _node_json(report: NodeGpus) -> dict[str, Any]:
+    data: dict[str, Any] = report.to_json()
+    flags = kind_flags(cpu_flags(report.cpuinfo)) if report.cpuinfo is not None else None
+    data["cpu_features"] = flags
+    data["cpu_kind"] = cpu_kind(flags).value if flags is not None else None
+    return data
 
 
 def register(app: typer.Typer) -> None:
@@ -183,7 +220,8 @@ def register(app: typer.Typer) -> None:
         yes: Annotated[bool, typer.Option("--yes", "-y", help="Write without asking.")] = False,
         as_json: Annotated[bool, typer.Option("--json", help="Print what was found as JSON.")] = False,
     ) -> None:
-        """Find each node's GPUs and RAM (nvidia-smi, /proc/meminfo; over SSH for remote nodes)."""
+        """Find each node's GPUs, RAM and CPU features (nvidia-smi, /proc/meminfo, /proc/cpuinfo; over SSH for remote
+        nodes)."""
         path = spec_path(file)
         loaded = load_or_exit(path)
         spec = loaded.spec
@@ -202,7 +240,7 @@ def register(app: typer.Typer) -> None:
 
         if as_json:
             data: dict[str, Any] = {
-                "nodes": {n.name: reports[n.name].to_json() for n in chosen if n.name in reports},
+                "nodes": {n.name: _node_json(reports[n.name]) for n in chosen if n.name in reports},
                 "spec_diff": diff,
                 "notes": notes,
             }

@@ -15,6 +15,7 @@ from controller.commands.common import SpecFileOption, fail, load_or_exit, out, 
 from controller.core.state import ClusterState
 from controller.effects.engine import HealthProbe, desired_state
 from controller.effects.health import EXIT_CODES, HealthReport, Status
+from controller.effects.hostcpu import host_cpus
 from specs.model import ClusterSpec
 
 STATUS_STYLE = {Status.UP: "green", Status.SLOW: "yellow", Status.STARTING: "yellow", Status.DOWN: "red"}
@@ -56,7 +57,7 @@ def register(app: typer.Typer) -> None:
         spec = load_or_exit(path).spec
         wiring = wiring_of(ctx)
         try:
-            desired = desired_state(spec, wiring.solve)
+            desired = desired_state(spec, wiring.solve, cpus=host_cpus(spec, wiring.host_cpu))
         except ValueError as exc:
             fail(str(exc))
         report = _once(wiring.health, spec, desired, as_json)

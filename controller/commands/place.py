@@ -6,7 +6,7 @@ The lead's `controller/cli.py` calls `register(app)`.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -14,18 +14,40 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from controller.commands.common import fail, load_or_exit, out, spec_path
+from controller.commands.common import fail, load_or_exit, out, spec_path, wiring_of
 from controller.effects import calibration
 from controller.effects.engine import state_dir
+from controller.effects.hostcpu import host_cpus
 from solver.explain import calibration_lines, gib
 from solver.gguf import read_header
 from solver.place import SolveParams, place
 from solver.problem import PlacementResult
+from solver.profiles import MemoryProfile, PlannedCpu, Profile
 
 
-def render(result: PlacementResult, console: Console, measured: Sequence[str] = ()) -> None:
-    """The planning table per GPU, then CPU-only replicas, the reservations raised by measurements (`measured`),
-    then unplaced replicas with their reasons.
+def cpu_dependent(
+    result: PlacementResult, profiles: Mapping[str, Profile], cpus: Mapping[str, PlannedCpu]
+) -> dict[str, PlannedCpu]:
+    """The CPU of each node holding a CPU-only replica whose RAM depends on the CPU (estimated from the model's
+    shape: a GGUF header or Ollama's model_info; a declared `memory:` is the same on any CPU)."""
+    out: dict[str, PlannedCpu] = {}
+    for a in result.assignments:
+        profile = profiles.get(a.model)
+        if not a.gpus and isinstance(profile, MemoryProfile) and profile.shape is not None and a.node in cpus:
+            out[a.node] = cpus[a.node]
+    return out
+
+
+def render(
+    result: PlacementResult,
+    console: Console,
+    measured: Sequence[str] = (),
+    cpus: Mapping[str, PlannedCpu] | None = None,
+    profiles: Mapping[str, Profile] | None = None,
+) -> None:
+    """The planning table per GPU, then CPU-only replicas (with the CPU their RAM was estimated for, where it
+    matters: `cpus` and `profiles`), the reservations raised by measurements (`measured`), then unplaced replicas
+    with their reasons.
 
     A replica split over several GPUs has a row in each of their tables, with the layers on that GPU.
     """
@@ -51,8 +73,12 @@ def render(result: PlacementResult, console: Console, measured: Sequence[str] = 
     cpu = [a for a in result.assignments if not a.gpus]
     if cpu:
         console.print("CPU only:", markup=False)
+        shown = cpu_dependent(result, profiles or {}, cpus or {})
         for a in cpu:
-            console.print(f"  {a.model} on {a.node}: {gib(a.ram_bytes)} RAM", markup=False)
+            profile = (profiles or {}).get(a.model)
+            depends = isinstance(profile, MemoryProfile) and profile.shape is not None and a.node in shown
+            where = f" ({shown[a.node].describe()})" if depends else ""
+            console.print(f"  {a.model} on {a.node}: {gib(a.ram_bytes)} RAM{where}", markup=False)
     if measured:
         console.print("Measured:", markup=False)
         for line in measured:
@@ -72,6 +98,7 @@ def register(app: typer.Typer) -> None:
     """Add the `place` command to `app`."""
 
     def place_cmd(
+        ctx: typer.Context,
         file: Annotated[
             Path | None,
             typer.Option("--file", "-f", help="Spec file [default: $HOMELAB_SPEC or ./cluster.yaml]", dir_okay=False),
@@ -91,22 +118,28 @@ def register(app: typer.Typer) -> None:
             fail("--workers: must be at least 1")
         spec = load_or_exit(spec_path(file)).spec
         solve = SolveParams(time_limit=time_limit, workers=workers)
+        # The CPU each node's estimates are for: the spec's `cpu:`, this machine's for a node that is this
+        # machine, else the kind that needs the most RAM.
+        cpus = host_cpus(spec, wiring_of(ctx).host_cpu)
         # What the running containers were measured holding (kept by reconcile, watch and status), for
         # configurations the spec has not changed since.
         result, profiles, _ = calibration.place_calibrated(
             spec,
             calibration.read(state_dir(spec, None)),
             lambda profiles: place(spec, profiles, params=solve),
-            calibration.default_profiles(spec, read_header),
+            calibration.default_profiles(spec, read_header, cpus),
         )
         measured, _ = calibration_lines(profiles, result)
         if as_json:
             data = result.to_json()
             if measured:
                 data["measured"] = list(measured)
+            shown = cpu_dependent(result, profiles, cpus)
+            if shown:  # nodes whose CPU-only replicas' RAM depends on the CPU
+                data["cpus"] = {n: {"kind": c.kind.value, "source": c.source.value} for n, c in shown.items()}
             out.print(json.dumps(data, indent=2), markup=False)
         else:
-            render(result, out, measured)
+            render(result, out, measured, cpus, profiles)
         if result.unplaced:
             raise typer.Exit(2)
 

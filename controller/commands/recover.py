@@ -23,6 +23,7 @@ from controller.drivers.secrets import Redactor
 from controller.effects.apply import EVENTS_FILE, EventLog
 from controller.effects.engine import Wiring, desired_state, state_dir
 from controller.effects.health import Status as ProbeStatus
+from controller.effects.hostcpu import host_cpus
 from controller.effects.recovery import (
     STATE_FILE,
     AttemptStore,
@@ -41,7 +42,7 @@ from specs.model import ClusterSpec, Node
 
 def _desired(spec: ClusterSpec, wiring: Wiring) -> ClusterState | None:
     try:
-        return desired_state(spec, wiring.solve)
+        return desired_state(spec, wiring.solve, cpus=host_cpus(spec, wiring.host_cpu))
     except (ValueError, OSError):
         return None
 

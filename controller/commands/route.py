@@ -37,6 +37,7 @@ from controller.core.routing import (
 )
 from controller.core.state import ClusterState
 from controller.effects.engine import Session, Wiring, desired_state, state_dir
+from controller.effects.hostcpu import host_cpus
 from controller.effects.observe import observe
 from controller.effects.route_probe import HealthCache, embedding_stage_for, probe
 from specs.enums import Category
@@ -65,7 +66,8 @@ def endpoints_for(
     ports, as in a reconcile; without it, ports are those a reconcile from scratch would give (a fixed
     `port:`, else the lowest free one in the node's range)."""
     try:
-        desired = desired_state(spec, (wiring or Wiring()).solve, running)
+        wired = wiring or Wiring()
+        desired = desired_state(spec, wired.solve, running, host_cpus(spec, wired.host_cpu))
     except (RenderError, GatewayError) as exc:
         fail(str(exc))
     return endpoints_from_state(spec, desired)

@@ -12,6 +12,7 @@ from controller.commands.common import SpecFileOption, err, load_or_exit, out, s
 from controller.core.state import OllamaNodeState
 from controller.effects import calibration
 from controller.effects.engine import Session, state_dir
+from controller.effects.hostcpu import host_cpus
 from controller.effects.observe import observe
 from controller.effects.status_api import nodes_json
 from controller.effects.vram_status import describe, planned_vs_actual
@@ -34,11 +35,12 @@ def register(app: typer.Typer) -> None:
         watching = read_status(state)  # what a running `homelab watch` last did, if any
         with Session(spec, wiring_of(ctx)) as session:
             observed = observe(spec, session.connect, session.ollama)
-            vram, reality = planned_vs_actual(spec, observed, session.connect, session.wiring.gpu_probe)
+            cpus = host_cpus(spec, session.wiring.host_cpu)
+            vram, reality = planned_vs_actual(spec, observed, session.connect, session.wiring.gpu_probe, cpus=cpus)
             # What each container really holds, kept for the next placement; estimate vs measured per container.
             measured = calibration.record(state, spec, observed, session.connect, reality)
         calibrated = calibration.estimate_vs_measured(
-            spec, observed, measured, profiles_for(spec, read_header=read_header)
+            spec, observed, measured, profiles_for(spec, read_header=read_header, cpus=cpus)
         )
         for warning in reality.warnings:
             err.print(f"warning: {warning}", markup=False)

@@ -1,15 +1,19 @@
-"""A node's NVIDIA GPUs and the GPU memory of each process, from `nvidia-smi` run on the node.
+"""A node's NVIDIA GPUs and the GPU memory of each process, from `nvidia-smi` run on the node (and its RAM and CPU).
 
     reports = discover_gpus(spec.nodes)          # {node name: NodeGpus}, nodes probed concurrently
     reports["box"].gpus[0].total_bytes, reports["box"].processes, reports["box"].ram_bytes
 
-Three commands per node, through `controller.drivers.ssh` (locally, or over one
+Four commands per node, through `controller.drivers.ssh` (locally, or over one
 SSH session for a remote node):
 
     nvidia-smi --query-gpu=index,name,uuid,memory.total,memory.used,memory.free,driver_version,pci.bus_id \
         --format=csv,noheader,nounits
     nvidia-smi --query-compute-apps=pid,process_name,used_memory,gpu_uuid --format=csv,noheader,nounits
     cat /proc/meminfo                          (MemTotal; not on windows-docker-desktop nodes)
+    grep -m1 -iE '^(flags|features)[[:space:]]*:' /proc/cpuinfo
+                                               (the first CPU's feature flags, x86 `flags` or ARM
+                                               `Features`: one line, however many CPUs; not on
+                                               windows-docker-desktop nodes either)
 
 Parsing is defensive: a header line and unit suffixes (`81559 MiB`, also KiB /
 GiB) are accepted as well as the bare numbers asked for; `[N/A]`, `N/A`,
@@ -17,12 +21,12 @@ GiB) are accepted as well as the bare numbers asked for; `[N/A]`, `N/A`,
 process's memory that way; a process on a GPU UUID the GPU list does not have (a
 MIG device's own UUID) is kept with that UUID and matched to no GPU; an empty
 process list is no processes. A line that cannot be read is a `BadOutput` naming
-the command and the line.
+the command and the line. CPU flags that cannot be read are a note, never an error.
 
 Errors per node are one line (`NodeGpus.error`) and never stop the other nodes:
 no nvidia-smi (`node X: nvidia-smi not found`), nvidia-smi failing (its own
-message, e.g. "No devices were found"), malformed output, or SSH failing. RAM is
-still reported when only the GPU query failed.
+message, e.g. "No devices were found"), malformed output, or SSH failing. RAM and
+CPU flags are still reported when only the GPU query failed.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ APP_FIELDS = ("pid", "process_name", "used_memory", "gpu_uuid")
 QUERY_GPU = ["nvidia-smi", "--query-gpu=" + ",".join(GPU_FIELDS), "--format=csv,noheader,nounits"]
 QUERY_APPS = ["nvidia-smi", "--query-compute-apps=" + ",".join(APP_FIELDS), "--format=csv,noheader,nounits"]
 MEMINFO = ["cat", "/proc/meminfo"]
+CPUINFO_FLAGS = ["grep", "-m1", "-iE", "^(flags|features)[[:space:]]*:", "/proc/cpuinfo"]
 
 _UNKNOWN = re.compile(
     r"^\[?(n/?a|not supported|unknown error|insufficient permissions|gpu is lost|requires root)\]?$", re.I
@@ -104,6 +109,9 @@ class NodeGpus:
     error: str | None = None
     notes: tuple[str, ...] = field(default=())
     """Things worth saying that are not errors (RAM not readable on this OS …)."""
+    cpuinfo: str | None = None
+    """The first CPU's feature-flag line of /proc/cpuinfo (`flags : fpu …`, ARM `Features : …`), for
+    `solver.cpu.cpu_flags`; None when it could not be read."""
 
     @property
     def ok(self) -> bool:
@@ -123,6 +131,7 @@ class NodeGpus:
             "ram_bytes": self.ram_bytes,
             "error": self.error,
             "notes": list(self.notes),
+            "cpuinfo": self.cpuinfo,
         }
 
 
@@ -231,6 +240,12 @@ async def probe(shell: NodeShell, node: Node, *, timeout: float = DEFAULT_TIMEOU
             ram = parse_meminfo(result.text)
         except (CommandFailed, BadOutput) as exc:
             notes.append(f"RAM unknown: {exc}")
+    flags: str | None = None
+    if node.os is not OsFamily.WINDOWS_DOCKER_DESKTOP:
+        try:
+            flags = await _cpuinfo_flags(shell, timeout)
+        except CommandFailed as exc:
+            notes.append(f"CPU features unknown: {exc}")
     gpus: tuple[GpuInfo, ...] = ()
     processes: tuple[GpuProcess, ...] | None = None
     try:
@@ -243,7 +258,16 @@ async def probe(shell: NodeShell, node: Node, *, timeout: float = DEFAULT_TIMEOU
     except DriverError as exc:
         text = str(exc)
         error = text if text.startswith(f"node {name}:") else f"node {name}: {text}"
-    return NodeGpus(name, gpus, processes, ram, error, tuple(notes))
+    return NodeGpus(name, gpus, processes, ram, error, tuple(notes), flags)
+
+
+async def _cpuinfo_flags(shell: NodeShell, timeout: float) -> str:
+    result = await shell.run(CPUINFO_FLAGS, timeout=timeout)
+    if result.exit_status == 1:  # grep: no such line (an architecture whose cpuinfo names no flags)
+        raise CommandFailed("/proc/cpuinfo has no flags or Features line")
+    if result.exit_status != 0:
+        raise CommandFailed(f"cannot read /proc/cpuinfo: {result.error_line or f'exit {result.exit_status}'}")
+    return result.text.strip()
 
 
 def _check(status: int, message: str, node: str) -> None:

@@ -29,7 +29,7 @@ from controller.drivers.base import DockerNode, DriverError
 from controller.effects.gpu_use import GpuReality, actual_vram, managed_pids
 from solver.gguf import GGUFHeader
 from solver.problem import PlacementResult
-from solver.profiles import Measured, MemoryProfile, Profile, as_profile, profiles_for
+from solver.profiles import Measured, MemoryProfile, PlannedCpu, Profile, as_profile, profiles_for
 from specs.errors import HomelabError
 from specs.files import atomic_write
 from specs.model import ClusterSpec, Node
@@ -272,10 +272,12 @@ def place_calibrated(
 
 
 def default_profiles(
-    spec: ClusterSpec, read_header: Callable[[str], GGUFHeader] | None
+    spec: ClusterSpec,
+    read_header: Callable[[str], GGUFHeader] | None,
+    cpus: Mapping[str, PlannedCpu] | None = None,
 ) -> Callable[[Mapping[str, Sequence[Measured]]], dict[str, Profile]]:
-    """`profiles_for` with the measurements given to it (for `place_calibrated`)."""
-    return lambda measured: profiles_for(spec, read_header=read_header, measured=measured)
+    """`profiles_for` with the measurements given to it (for `place_calibrated`; `cpus`: `host_cpus`)."""
+    return lambda measured: profiles_for(spec, read_header=read_header, measured=measured, cpus=cpus)
 
 
 # --------------------------------------------------------------------------- homelab status

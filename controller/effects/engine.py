@@ -20,7 +20,7 @@ loop and recovery are handed it.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
@@ -39,12 +39,13 @@ from controller.effects import calibration
 from controller.effects.apply import Executor, HealthCheck, wait_healthy
 from controller.effects.gpu_use import GpuReality, observe_gpus
 from controller.effects.health import HealthReport, check
+from controller.effects.hostcpu import HostCpu, host_cpus, local_cpu_flags
 from controller.effects.observe import observe, observe_gateway, ollama_model_info
 from solver.explain import calibration_lines
 from solver.gguf import read_header
 from solver.place import SolveParams, place
 from solver.problem import CurrentAssignment, PlacementResult
-from solver.profiles import profiles_for
+from solver.profiles import PlannedCpu, profiles_for
 from specs.model import ClusterSpec, Node, Watch
 
 DEFAULT_SOLVE = SolveParams(time_limit=10.0, workers=1)
@@ -152,11 +153,13 @@ def prepare(
     ollama: Callable[[Node], OllamaNode] | None = None,
     gateway: GatewayFactory | None = None,
     state: Path | None = None,
+    cpus: Mapping[str, PlannedCpu] | None = None,
 ) -> Prepared:
     """`gpu_probe` (e.g. `controller.drivers.gpu.discover_gpus`) makes the placement leave memory held by
     other processes alone and plan smaller or missing GPUs as they are (`controller.effects.gpu_use`).
     `state` (the state directory) keeps what the running containers really hold (`controller.effects.calibration`):
-    they are measured, and the placement reserves max(estimate, measured + margin) for them."""
+    they are measured, and the placement reserves max(estimate, measured + margin) for them. `cpus` (`host_cpus`)
+    is the CPU each node's estimates are made for (default: the spec's `cpu:` alone)."""
     # Ollama servers are observed through `ollama` (default: HTTP); the gateway through `gateway`
     # when given (without it, the gateway is neither observed nor planned).
     ollama = ollama if ollama is not None else CachingOllama()
@@ -175,7 +178,7 @@ def prepare(
             foreign_vram=gpus.foreign_vram if gpus is not None else None,
             params=params or DEFAULT_SOLVE,
         ),
-        lambda seen: profiles_for(spec, read_header=read_header, ollama_info=info, measured=seen),
+        lambda seen: profiles_for(spec, read_header=read_header, ollama_info=info, measured=seen, cpus=cpus),
         current_ports(observed),
     )
     lines, warnings = calibration_lines(profiles, placement, running)
@@ -191,14 +194,17 @@ def prepare(
 
 
 def desired_state(
-    spec: ClusterSpec, params: SolveParams | None = None, running: ClusterState | None = None
+    spec: ClusterSpec,
+    params: SolveParams | None = None,
+    running: ClusterState | None = None,
+    cpus: Mapping[str, PlannedCpu] | None = None,
 ) -> ClusterState:
     """Where the replicas go and on which ports, placed as a reconcile places them but without observing the
-    cluster (`running`: the containers seen running, so replicas stay and keep their ports) — for health
-    probes and routing. Raises RenderError/GatewayError."""
+    cluster (`running`: the containers seen running, so replicas stay and keep their ports; `cpus`: as for
+    `prepare`) — for health probes and routing. Raises RenderError/GatewayError."""
     placement = place(
         spec,
-        profiles_for(spec, read_header=read_header),
+        profiles_for(spec, read_header=read_header, cpus=cpus),
         current=current_placement(running) if running is not None else None,
         params=params or DEFAULT_SOLVE,
     )
@@ -236,6 +242,8 @@ class Wiring:
     """How a started container is waited for."""
     health: HealthProbe = check
     """How every endpoint is probed (`homelab health`, the watch's sweep)."""
+    host_cpu: HostCpu = local_cpu_flags
+    """This machine's CPU flags, for the nodes that are this machine and state no `cpu:` (`host_cpus`)."""
     solve: SolveParams = DEFAULT_SOLVE
 
 
@@ -301,6 +309,7 @@ class Session:
             ollama=self.ollama,
             gateway=self.gateway if gateway else None,
             state=self.state_dir,
+            cpus=host_cpus(self.spec, self.wiring.host_cpu),
         )
 
     def calibrate(self) -> list[calibration.Measurement]:

@@ -37,6 +37,7 @@ from controller.effects.calibration import ContainerCalibration
 from controller.effects.engine import Session, Wiring, current_ports
 from controller.effects.gpu_use import GpuReality, ModelVram, match_gpu
 from controller.effects.health import HealthReport, Probe, Status, tier_verdict
+from controller.effects.hostcpu import host_cpus
 from controller.effects.observe import observe
 from controller.effects.route_probe import Probed, endpoint_health
 from controller.effects.vram_status import StatusKey, placed_vs_actual
@@ -344,7 +345,9 @@ def find(spec: ClusterSpec, wiring: Wiring) -> Found:
     warnings: list[str] = []
     with Session(spec, wiring) as session:
         observed = observe(spec, session.connect, session.ollama)
-        vram, reality, placement = placed_vs_actual(spec, observed, session.connect, wiring.gpu_probe, wiring.solve)
+        vram, reality, placement = placed_vs_actual(
+            spec, observed, session.connect, wiring.gpu_probe, wiring.solve, host_cpus(spec, wiring.host_cpu)
+        )
     warnings.extend(reality.warnings)
     desired: ClusterState | None
     try:

@@ -11,7 +11,7 @@ more than planned by over `OVER_PLAN_FRACTION` (10 %) is flagged.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from controller.core.state import ClusterState
 from controller.drivers.base import DockerNode
@@ -21,7 +21,7 @@ from controller.effects.gpu_use import GpuReality, ModelVram, actual_vram, gib, 
 from solver.gguf import read_header
 from solver.place import SolveParams, place
 from solver.problem import PlacementResult
-from solver.profiles import profiles_for
+from solver.profiles import PlannedCpu, profiles_for
 from specs.model import ClusterSpec, Node
 
 StatusKey = tuple[str, str]
@@ -34,9 +34,11 @@ def planned_vs_actual(
     connect: Callable[[Node], DockerNode],
     probe: GpuProbe,
     params: SolveParams | None = None,
+    cpus: Mapping[str, PlannedCpu] | None = None,
 ) -> tuple[dict[StatusKey, ModelVram], GpuReality]:
-    """Per running managed container: planned and actual VRAM; and what discovery found."""
-    vram, reality, _ = placed_vs_actual(spec, observed, connect, probe, params)
+    """Per running managed container: planned and actual VRAM; and what discovery found (`cpus`: the CPU each
+    node's estimates are for, `host_cpus`)."""
+    vram, reality, _ = placed_vs_actual(spec, observed, connect, probe, params, cpus)
     return vram, reality
 
 
@@ -46,13 +48,14 @@ def placed_vs_actual(
     connect: Callable[[Node], DockerNode],
     probe: GpuProbe,
     params: SolveParams | None = None,
+    cpus: Mapping[str, PlannedCpu] | None = None,
 ) -> tuple[dict[StatusKey, ModelVram], GpuReality, PlacementResult]:
     """`planned_vs_actual`, and the placement it compared with (the status page draws it)."""
     reality = observe_gpus(spec, observed, connect, probe)
     pids = managed_pids(spec, observed, connect)
     placement = place(
         spec,
-        profiles_for(spec, read_header=read_header),
+        profiles_for(spec, read_header=read_header, cpus=cpus),
         current=current_placement(observed),
         foreign_vram=reality.foreign_vram,
         params=params or SolveParams(time_limit=10.0, workers=1),

@@ -148,3 +148,29 @@ def test_flow_style_gpu_lists_stay_flow(tmp_path: Path) -> None:
         "    gpus: [{index: 0, name: NVIDIA GeForce RTX 3090, vram: 24GiB, uuid: GPU-a}, {index: 1, name: NVIDIA"
         " GeForce RTX 3060, vram: 12GiB, uuid: GPU-b}] # one card\n" in dump_document(loaded.document)
     )
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "written", "kind"),
+    [
+        ("Features\t: fp asimd evtstrm aes asimddp sha512", "[asimd, asimddp]", "arm-dotprod"),
+        ("flags\t\t: fpu sse sse2 ssse3", "[]", "plain"),  # none of the flags that decide: plain, not unknown
+        (
+            "flags\t\t: fpu avx avx2 avx512f avx512_vnni amx_tile amx_int8",
+            "[avx2, avx512f, avx512_vnni, amx_int8]",
+            "x86-amx",
+        ),
+    ],
+)
+def test_write_states_the_cpu_in_the_flags_that_decide(
+    spec_file: Path, wired: Wired, cpuinfo: str, written: str, kind: str
+) -> None:
+    wired.set(gpu_probe=Probe({"nas": NodeGpus("nas", ram_bytes=16 * GIB, cpuinfo=cpuinfo)}))
+    code, out, err = wired.run("discover", "nas", "--write", "--yes")
+    assert code == 0, err
+    assert f"node nas (127.0.0.3, local):\n  no NVIDIA GPUs\n  RAM 16.0 GiB\n  CPU {kind} (" in out
+    assert spec_file.read_text() == SPEC.replace(
+        "    ram: 16GiB\n", f"    ram: 16GiB\n    cpu: {{features: {written}}}\n"
+    )
+    code, out, _ = wired.run("discover", "nas")  # a second run finds nothing to change
+    assert code == 0 and "cluster.yaml already says what the nodes have." in out

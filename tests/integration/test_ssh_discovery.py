@@ -4,12 +4,14 @@ The test machine has no GPU: each client key's sessions get their own PATH
 (authorized_keys `environment=`), holding the stand-in of
 `tests/support/nvidia_smi.py` that prints the real H100 captures — or garbage,
 or nothing at all — so discovery runs through the same SSH path as in
-production. RAM is the test machine's real /proc/meminfo, read over SSH.
+production. RAM and CPU features are the test machine's real /proc/meminfo and
+/proc/cpuinfo, read over SSH (the expectations are read from the same files here).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +23,10 @@ from controller.cli import app
 from controller.drivers.base import CommandFailed
 from controller.drivers.gpu import parse_meminfo
 from controller.drivers.ssh import SshShell
+from controller.effects.hostcpu import local_cpu_flags, local_cpu_kind
+from solver.cpu import kind_flags
+from solver.profiles import node_cpu_kind
+from specs.load import load_spec
 from specs.model import Node
 from tests.support import sshd as sshd_support
 from tests.support.nvidia_smi import write_stand_in
@@ -128,9 +134,36 @@ def test_discover_write_over_ssh_keeps_the_rest_of_the_file(lab: Lab, tmp_path: 
         "      - {index: 0, name: some GPU, vram: 80GiB}   # guessed\n",
         "      - {index: 0, name: NVIDIA H100 80GB HBM3, vram: 81559MiB,"
         " uuid: GPU-1ea1fc07-69c3-37aa-17cf-8a81ad018c96} # guessed\n",
-    ).replace("    ram: 8GiB  # guessed\n", f"    ram: {real_ram_mib()}MiB # guessed\n")
+    ).replace(
+        "    ram: 8GiB  # guessed\n",
+        f"    ram: {real_ram_mib()}MiB # guessed\n    cpu: {{features: [{', '.join(kind_flags(local_cpu_flags()))}]}}"
+        "\n",
+    )
     assert spec.read_text() == expected
     assert Path(f"{spec}.bak").read_text() == original
+    assert node_cpu_kind(load_spec(spec).spec.node("gpu1")) is local_cpu_kind()  # the planner now knows this CPU
+
+
+def test_discover_reads_the_cpu_over_ssh_and_keeps_a_spec_that_says_the_same(lab: Lab, tmp_path: Path) -> None:
+    flags = kind_flags(local_cpu_flags())
+    spec = tmp_path / "cluster.yaml"
+    spec.write_text("cluster: {name: lab}\nnodes:\n" + lab.node_yaml("cpu1", "127.0.0.2", "plain"))
+    code, out, err = run("discover", "--json", "-f", str(spec))
+    assert code == 1 and err.startswith("error: node cpu1: nvidia-smi not found")  # the CPU is read all the same
+    node = json.loads(out)["nodes"]["cpu1"]
+    first = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith(("flags", "Feat")))
+    assert node["cpuinfo"] == first.strip()
+    assert node["cpu_features"] == flags and node["cpu_kind"] == local_cpu_kind().value
+    assert "+    cpu: {features: [" in json.loads(out)["spec_diff"]
+    # Every flag of /proc/cpuinfo, in another order and case, decides the same kind: nothing to change.
+    everything = ", ".join(sorted((f.upper() for f in local_cpu_flags()), reverse=True))
+    stated = lab.node_yaml("cpu1", "127.0.0.2", "plain").replace(
+        "    ram: 8GiB  # guessed\n", f"    ram: {real_ram_mib()}MiB\n    cpu: {{features: [{everything}]}}\n"
+    )
+    spec.write_text("cluster: {name: lab}\nnodes:\n" + stated)
+    code, out, _ = run("discover", "-f", str(spec))
+    assert f"  CPU {local_cpu_kind().value} ({' '.join(flags) or 'none of avx2, asimd'})\n" in out
+    assert f"{spec} already says what the nodes have." in out
 
 
 def test_ssh_shell_runs_commands_with_stdin_and_timeout(lab: Lab) -> None:

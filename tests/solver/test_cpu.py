@@ -9,7 +9,18 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 from controller.effects.hostcpu import local_cpu_flags, local_cpu_kind
-from solver.cpu import CpuKind, CpuWeights, Weight, amx_bytes, cpu_flags, cpu_kind, cpu_weights, repack_bytes
+from solver.cpu import (
+    KIND_FLAGS,
+    CpuKind,
+    CpuWeights,
+    Weight,
+    amx_bytes,
+    cpu_flags,
+    cpu_kind,
+    cpu_weights,
+    kind_flags,
+    repack_bytes,
+)
 from solver.estimate import EstimateParams, estimate, shape_from_header
 from solver.gguf import GGUFHeader, read_header, tensor_nbytes
 from solver.profiles import MemoryProfile, node_cpu_kind, profiles_for
@@ -47,6 +58,9 @@ PI4 = "processor\t: 0\nFeatures\t: fp asimd evtstrm crc32 cpuid\n"
 )
 def test_kind_from_cpuinfo(text: str, kind: CpuKind) -> None:
     assert cpu_kind(cpu_flags(text)) is kind
+    # `homelab discover` writes only the flags that decide: they decide the same kind.
+    assert cpu_kind(kind_flags(cpu_flags(text))) is kind
+    assert set(kind_flags(cpu_flags(text))) <= set(KIND_FLAGS)
 
 
 def test_flags_are_the_first_processors() -> None:

@@ -66,3 +66,21 @@ def test_without_repack_every_weight_stays_mapped(
     assert result.extra_reported == {} and result.extra_estimated == {}, result.report.model
     assert abs(result.term("weights").error) <= 0.01, result.term("weights")
     assert abs(result.term("total").error) <= 0.05, result.term("total")
+
+
+def test_fit_projection_is_read_beside_the_measurement(synth_files: dict[str, tuple[SynthShape, Path]]) -> None:
+    """`-fit on` (what the bench's `--fit` columns read): llama.cpp's dry-run breakdown lists this CPU's extra
+    weight buffers as rows of their own beside `Host`, and its "host memory" projection is the `Host` row alone:
+    below the measured total by at least those buffers."""
+    case = Case("gqa-q8", 512)
+    result = run_case(case, synth_files[case.model][1], fit=True)
+    rows = result.report.fit_rows
+    assert "no changes needed" in result.report.log  # -fit changed nothing in the load measured
+    assert set(rows) - {"Host"} == set(result.extra_reported), (rows, result.report.model)
+    projected, summed = result.fit_projected, result.fit_rows_total
+    assert projected is not None and summed is not None
+    assert projected.estimated == rows["Host"]
+    extra = sum(result.extra_reported.values())
+    assert summed.estimated <= projected.estimated + extra + 2**20  # whole MiB per row
+    assert projected.reported - projected.estimated >= extra, projected  # the extra buffers are not in it
+    assert abs(result.term("total").error) <= 0.05  # the same load, measured as without -fit

@@ -83,6 +83,23 @@ class Comparison:
     def extra_reported(self) -> dict[str, int]:
         return {k: v for k, v in self.report.model.items() if k in EXTRA_BUFFERS}
 
+    @property
+    def fit_projected(self) -> Term | None:
+        """llama.cpp's own `-fit` projection of host memory against the same measured total (None unless the
+        case ran with `fit=True`): what `--fit` would plan with, beside the estimate's `total`."""
+        projected = self.report.fit_projected.get("host")
+        if projected is None:
+            return None
+        return Term("fit", projected, self.term("total").reported, "-fit on: projected to use N MiB of host memory")
+
+    @property
+    def fit_rows_total(self) -> Term | None:
+        """Every row of `-fit`'s dry-run memory breakdown summed (Host plus the extra buffers it lists, e.g. AMX),
+        against the measured total; None unless the case ran with `fit=True`."""
+        if not self.report.fit_rows:
+            return None
+        return Term("fit rows", sum(self.report.fit_rows.values()), self.term("total").reported, "-fit breakdown")
+
     def term(self, name: str) -> Term:
         return next(t for t in self.terms if t.name == name)
 
@@ -117,11 +134,14 @@ def compare(case: Case, path: Path, report: ReportedMemory, cpu: CpuKind | None 
     return Comparison(case, b, report, terms, kind, dict(shape.cpu_weights(kind).extra))
 
 
-def run_case(case: Case, path: Path, *, repack: bool = True) -> Comparison:
+def run_case(case: Case, path: Path, *, repack: bool = True, fit: bool = False) -> Comparison:
     """Load `path` for `case` and compare; `repack=False` runs llama-server with `--no-repack` (no extra
-    weight buffers on any CPU: the estimate for a `CpuKind.PLAIN` CPU)."""
+    weight buffers on any CPU: the estimate for a `CpuKind.PLAIN` CPU); `fit=True` runs it with `-fit on`, so
+    that llama.cpp's own projection is read too (`Comparison.fit_projected`)."""
     extra = () if repack else ("--no-repack",)
-    report = measure(path, ctx=case.ctx, cache_type=case.cache_type.value, flash_attn=case.flash_attn, extra_args=extra)
+    report = measure(
+        path, ctx=case.ctx, cache_type=case.cache_type.value, flash_attn=case.flash_attn, extra_args=extra, fit=fit
+    )
     return compare(case, path, report, None if repack else CpuKind.PLAIN)
 
 

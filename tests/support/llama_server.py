@@ -38,6 +38,11 @@ _COMPUTE_RE = re.compile(r"(\S+) compute buffer size =\s+([\d.]+) MiB")
 _KV_BUF_RE = re.compile(r"llama_kv_cache:\s+(\S+) KV buffer size =\s+([\d.]+) MiB")
 _OUTPUT_RE = re.compile(r"(\S+)\s+output buffer size =\s+([\d.]+) MiB")
 _READY_MARKERS = ("server is listening", "listening on http", "model loaded")
+# `-fit on` (common/fit.cpp): a dry run of the load before the real one prints a breakdown table whose rows end
+# in "self = model + context + compute" ("|   - AMX   |   92 =    92 +       0 +       0   |"), then one line per
+# kind of memory ("projected to use 50 MiB of host memory vs. 24105 MiB of total host memory").
+_FIT_RE = re.compile(r"projected to use (\d+) MiB of (\w+) memory")
+_FIT_ROW_RE = re.compile(r"memory_breakdown_print: \|\s+- (.+?)\s+\|.*?(\d+) =\s+(\d+) \+\s+(\d+) \+\s+(\d+)")
 
 
 class LlamaServerError(RuntimeError):
@@ -56,6 +61,11 @@ class ReportedMemory:
     """`<buffer type> KV buffer size` summed per buffer type (where the KV cache lives: CPU, Vulkan0…)."""
     compute: dict[str, int] = field(default_factory=dict)
     output: dict[str, int] = field(default_factory=dict)
+    fit_projected: dict[str, int] = field(default_factory=dict)
+    """`-fit on` only: what llama.cpp's own fit projects, by kind of memory (`host`, `device`), bytes."""
+    fit_rows: dict[str, int] = field(default_factory=dict)
+    """`-fit on` only: the `self` column per row (`Host`, `AMX`, `Vulkan0 (…)`) of the memory breakdown of its dry
+    run, printed before the projection, bytes (llama-server prints the table again at exit, with what it held)."""
     log: str = ""
 
 
@@ -70,6 +80,8 @@ def parse_log(log: str) -> ReportedMemory:
     output: dict[str, int] = {}
     kv = 0
     kv_buffers: dict[str, int] = {}
+    fit: dict[str, int] = {}
+    rows: dict[str, int] = {}
     for line in log.splitlines():
         if m := _MODEL_RE.search(line):
             model[m.group(1)] = model.get(m.group(1), 0) + _mib(m.group(2))
@@ -81,7 +93,20 @@ def parse_log(log: str) -> ReportedMemory:
             compute[m.group(1)] = _mib(m.group(2))
         elif m := _OUTPUT_RE.search(line):
             output[m.group(1)] = _mib(m.group(2))
-    return ReportedMemory(model=model, kv=kv, kv_buffers=kv_buffers, compute=compute, output=output, log=log)
+        elif m := _FIT_RE.search(line):
+            fit[m.group(2)] = fit.get(m.group(2), 0) + int(m.group(1)) * MIB
+        elif (m := _FIT_ROW_RE.search(line)) and not fit:
+            rows[m.group(1)] = int(m.group(2)) * MIB  # the dry run's table, not the one printed at exit
+    return ReportedMemory(
+        model=model,
+        kv=kv,
+        kv_buffers=kv_buffers,
+        compute=compute,
+        output=output,
+        fit_projected=fit,
+        fit_rows=rows if fit else {},
+        log=log,
+    )
 
 
 def find_binary(name: str = DEFAULT_BINARY) -> str:
@@ -105,8 +130,14 @@ def measure(
     timeout_s: float = 90.0,
     extra_args: tuple[str, ...] = (),
     while_loaded: Callable[[int], None] | None = None,
+    fit: bool = False,
 ) -> ReportedMemory:
     """Start llama-server on `model_path`, wait until it has loaded, stop it, parse its log.
+
+    `fit`: run with `-fit on` (llama.cpp's default), so the log also holds llama.cpp's own projection
+    (`ReportedMemory.fit_projected`). It may change only what the command line leaves unset (the GPU
+    layers when `ngl` is None; the context is always set here) and logs "no changes needed" when it
+    changes nothing. Off by default, so that nothing is adjusted behind a measurement.
 
     `while_loaded(pid)` runs once the model is loaded, before the server is stopped (to read
     nvidia-smi while the server holds its GPU memory)."""
@@ -127,7 +158,7 @@ def measure(
         str(free_port()),
         "--no-warmup",
         "-fit",
-        "off",
+        "on" if fit else "off",
         "-fa",
         "on" if flash_attn else "off",
         "-ctk",
