@@ -98,12 +98,19 @@ def cross_validated(
     return matrix, errors, by_embedding
 
 
-def run(rows: Sequence[dict[str, object]], classifier: Classifier) -> tuple[dict[tuple[str, str], int], list[str], int]:
+def run(
+    rows: Sequence[dict[str, object]], classifier: Classifier, asked: list[float] | None = None
+) -> tuple[dict[tuple[str, str], int], list[str], int]:
+    """Confusion matrix, misclassified rows and how many the embedding stage decided; `asked` gets the
+    wall time (s) of each classification that asked the embedding stage."""
     matrix: dict[tuple[str, str], int] = {}
     errors: list[str] = []
     by_embedding = 0
     for row in rows:
+        start = time.perf_counter()
         got = classifier.classify(row["request"])
+        if asked is not None and not got.confident:
+            asked.append(time.perf_counter() - start)
         by_embedding += got.stage == core.EMBEDDING
         want = str(row["category"])
         matrix[want, got.category.value] = matrix.get((want, got.category.value), 0) + 1
@@ -173,6 +180,7 @@ def main() -> None:
     )
     with embed_base(args.embed) as base:
         two_stage: Classifier | None = None
+        asked: list[float] = []
         embed: core.Embedder = None
         key = ""
         if base is not None:
@@ -191,7 +199,7 @@ def main() -> None:
                 cv = cross_validated(rows, embed, key, args.budget, args.folds, args.seed)
                 results.append((f"two-stage ({args.folds}-fold)", cv))
             elif two_stage is not None:
-                results.append(("two-stage", run(rows, two_stage)))
+                results.append(("two-stage", run(rows, two_stage, asked)))
             for label, (matrix, errors, by_emb) in results:
                 right = sum(n for (w, g), n in matrix.items() if w == g)
                 total = sum(matrix.values())
@@ -202,6 +210,15 @@ def main() -> None:
                 if args.errors and errors:
                     print("\n".join(errors))
     print(f"(embedding model: {args.embed}; recall in % per expected category)")
+    if asked:
+        asked.sort()
+        over = sum(t > core.EMBEDDING_BUDGET for t in asked)
+        median, p95 = 1000 * asked[len(asked) // 2], 1000 * asked[int(len(asked) * 0.95)]
+        print(
+            f"embedding stage asked {len(asked)} times (held-out and legacy sets, requests not embedded before):"
+            f" median {median:.1f} ms, p95 {p95:.1f} ms, {over} over the default budget of"
+            f" {1000 * core.EMBEDDING_BUDGET:.0f} ms (this run's budget: {args.budget:g} s)"
+        )
     requests = [r["request"] for r in load(SETS["tune"]) + load(SETS["holdout1"]) + load(SETS["holdout2"])]
     text = [r for r in requests if not (isinstance(r, dict) and ("input" in r or '"image' in json.dumps(r)))]
     paste = (

@@ -707,7 +707,11 @@ RULES_PICK = 1.0
 `KNN_K`, `KNN_POWER`, `RULES_PRIOR` and `RULES_PICK` were chosen by 5-fold cross-validation on the
 built-in examples only (3 shuffles, all-MiniLM-L6-v2); the held-out sets took no part."""
 RETRY_AFTER = 10.0
-"""After the embed model failed (down, slow, bad answer), this many seconds of rules only, then try again."""
+"""After the embed model failed (down, slow, bad answer) `PAUSE_AFTER` times in a row, this many seconds of
+rules only, then try again."""
+PAUSE_AFTER = 3
+"""Failures in a row before the stage pauses: one slow answer (a busy machine) does not stop it, a model
+that is down or keeps missing the budget does."""
 PREPARE_TIMEOUT = 60.0
 """How long embedding the examples may take (once per embed model and example set)."""
 EMBED_CHARS = 2000
@@ -871,6 +875,7 @@ class EmbeddingStage:
         self._pool: Any = None
         self._preparing: Any = None
         self._paused_until = 0.0
+        self._failures = 0
         self.last_error = ""
 
     # -- example embeddings
@@ -972,6 +977,7 @@ class EmbeddingStage:
         if len(query) != len(vectors[0]):
             self._fail("vector size changed")
             return (), "the embed model's vectors changed size: rules decide"
+        self._failures = 0
         scored = sorted(((_cosine(query, v), i) for i, v in enumerate(vectors)), key=lambda si: (-si[0], si[1]))[
             : self.k
         ]
@@ -982,7 +988,10 @@ class EmbeddingStage:
 
     def _fail(self, why: str) -> None:
         self.last_error = why
-        self._paused_until = self.clock() + RETRY_AFTER
+        self._failures += 1
+        if self._failures >= PAUSE_AFTER:
+            self._failures = 0
+            self._paused_until = self.clock() + RETRY_AFTER
 
 
 class TwoStageClassifier:

@@ -185,3 +185,33 @@ def test_fuse_without_similar_examples_leaves_it_to_the_rules() -> None:
     stage = _stage([core.Example("prime", "code")], embed=opposite)
     got = Classifier.from_spec(None, stage).classify(UNSURE)
     assert got.stage == core.RULES and got.category is Category.CHAT and "no example is similar" in got.note
+
+
+def test_embed_model_pauses_after_failures_in_a_row() -> None:
+    calls: list[str] = []
+    down = [False]
+
+    def embed(texts: Sequence[str], timeout: float) -> list[list[float]]:
+        calls.extend(texts)
+        if down[0]:
+            raise core.EmbedError("connection refused")
+        return _bag(texts, timeout)
+
+    now = [100.0]
+    stage = core.EmbeddingStage([core.Example("cook chicken rice", "fast")], embed, key="pause-test", k=1,
+                                clock=lambda: now[0])  # fmt: skip
+    assert stage.prepare() == ""
+    two = Classifier.from_spec(None, stage)
+    down[0] = True
+    notes = [two.classify(UNSURE).note for _ in range(core.PAUSE_AFTER + 1)]
+    assert all(n.startswith("embed model failed (connection refused)") for n in notes[: core.PAUSE_AFTER])
+    assert notes[-1].endswith("recently: rules decide")  # paused: the model was not asked again
+    asked = len(calls)
+    down[0] = False
+    now[0] += core.RETRY_AFTER + 1
+    got = two.classify(UNSURE)
+    assert got.stage == core.EMBEDDING and len(calls) == asked + 1
+    down[0] = True  # a success in between resets the count: one failure alone does not pause
+    assert two.classify(UNSURE).note.startswith("embed model failed")
+    down[0] = False
+    assert two.classify(UNSURE).stage == core.EMBEDDING
