@@ -143,3 +143,75 @@ def test_example_embeddings_cached_on_disk(tmp_path: Path) -> None:
     assert again.prepare() == "" and calls == [2]  # read from the file, not embedded again
     other = core.EmbeddingStage([*examples, core.Example("hello", "fast")], embed, key="disk-test", cache_path=cache)
     assert other.prepare() == "" and calls == [2, 3]  # another example set: another hash
+
+
+def _unsure(category: str, scores: dict[str, float]) -> core.Classification:
+    return core.Classification(category, ("test",), scores, confident=False)
+
+
+def _near(*pairs: tuple[str, float]) -> list[core.Neighbour]:
+    return [core.Neighbour(category, similarity, f"example {i}") for i, (category, similarity) in enumerate(pairs)]
+
+
+def test_fuse_clear_neighbours_outvote_unsure_rules() -> None:
+    neighbours = _near(*[("fast", 0.9)] * 8, ("chat", 0.9), ("chat", 0.9))
+    got = core.fuse(neighbours, _unsure("chat", {"chat": 0.5}))
+    assert got is not None
+    category, scores = got
+    # fast: 8 of 10 equal votes = 0.8; chat: 0.2 + 0.75 × (0.5 + 1.0) / (1 + 1.5) = 0.65
+    assert category == "fast"
+    assert scores["fast"] == pytest.approx(0.8) and scores["chat"] == pytest.approx(0.65)
+
+
+def test_fuse_unsure_rules_tip_a_split_vote() -> None:
+    neighbours = _near(("code", 0.8), ("code", 0.8), ("chat", 0.8), ("chat", 0.8), ("reason", 0.8))
+    assert core.fuse(neighbours, _unsure("chat", {"code": 0.5}))[0] == "chat"  # type: ignore[index]
+    assert core.fuse(neighbours, _unsure("code", {"code": 1.2}))[0] == "code"  # type: ignore[index]
+
+
+def test_fuse_nearer_examples_count_more() -> None:
+    # similarity squared: one example at 0.9 (0.81) outweighs two at 0.6 (0.36 each)
+    neighbours = _near(("reason", 0.9), ("chat", 0.6), ("chat", 0.6))
+    got = core.fuse(neighbours, _unsure("fast", {}), prior=0.0)
+    assert got is not None and got[0] == "reason"
+
+
+def test_fuse_without_similar_examples_leaves_it_to_the_rules() -> None:
+    assert core.fuse(_near(("code", -0.2), ("chat", 0.0)), _unsure("chat", {})) is None
+
+    def opposite(texts: Sequence[str], timeout: float) -> list[list[float]]:
+        return [[1.0, 0.0] if t == "prime" else [-1.0, 0.0] for t in texts]  # the request points away from it
+
+    stage = _stage([core.Example("prime", "code")], embed=opposite)
+    got = Classifier.from_spec(None, stage).classify(UNSURE)
+    assert got.stage == core.RULES and got.category is Category.CHAT and "no example is similar" in got.note
+
+
+def test_embed_model_pauses_after_failures_in_a_row() -> None:
+    calls: list[str] = []
+    down = [False]
+
+    def embed(texts: Sequence[str], timeout: float) -> list[list[float]]:
+        calls.extend(texts)
+        if down[0]:
+            raise core.EmbedError("connection refused")
+        return _bag(texts, timeout)
+
+    now = [100.0]
+    stage = core.EmbeddingStage([core.Example("cook chicken rice", "fast")], embed, key="pause-test", k=1,
+                                clock=lambda: now[0])  # fmt: skip
+    assert stage.prepare() == ""
+    two = Classifier.from_spec(None, stage)
+    down[0] = True
+    notes = [two.classify(UNSURE).note for _ in range(core.PAUSE_AFTER + 1)]
+    assert all(n.startswith("embed model failed (connection refused)") for n in notes[: core.PAUSE_AFTER])
+    assert notes[-1].endswith("recently: rules decide")  # paused: the model was not asked again
+    asked = len(calls)
+    down[0] = False
+    now[0] += core.RETRY_AFTER + 1
+    got = two.classify(UNSURE)
+    assert got.stage == core.EMBEDDING and len(calls) == asked + 1
+    down[0] = True  # a success in between resets the count: one failure alone does not pause
+    assert two.classify(UNSURE).note.startswith("embed model failed")
+    down[0] = False
+    assert two.classify(UNSURE).stage == core.EMBEDDING
