@@ -11,6 +11,7 @@ import subprocess
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import httpx
@@ -156,7 +157,8 @@ class StubWorker:
         self.sweeps: list[float] = []
         self.source = StubSource()
         self.source.clock = ft.clock
-        self.good = object()
+        self.good = SimpleNamespace(loaded=SimpleNamespace(spec=SimpleNamespace(nodes=[])))  # no node sleeps
+        self.stirring: list[str] = []
         self.dry_run = False
         self.cancelled = False
 
