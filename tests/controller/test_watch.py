@@ -34,7 +34,9 @@ from controller.effects.watch import (
     read_status,
     serve,
 )
+from specs import parse_spec
 from specs.model import ClusterSpec, Node
+from specs.validate import command_keys
 from tests.controller.test_reconcile import SOURCES, SPEC
 from tests.support.wiring import Wired
 
@@ -583,3 +585,17 @@ def test_a_spec_from_git_may_not_run_commands_unless_allowed(tmp_path: Path) -> 
             assert "secrets.key: a `cmd:` secret runs a command here" in worker.spec_errors[0]
     file_worker = Worker(FileSource(work / "cluster.yaml"), tmp_path / "state", True, Metrics(), Said())
     assert file_worker.refresh_spec() is not None  # a local file is the operator's own: allowed
+
+
+def test_a_sleep_command_is_a_command_key() -> None:
+    """`power.sleep_command` runs on the node over SSH: git mode refuses it like a Docker restart command; the
+    default (`sudo -S systemctl suspend`) is not the spec's own command and passes."""
+    extra = "    ssh: {user: u}\n    wake: {wol: {mac: 'aa:bb:cc:dd:ee:ff'}}\n"
+    extra += "    power: {sleep_after: 10m, sleep_command: 'rm -rf /'}\n"
+    text = SPEC.replace("    ram: 64GiB\n", "    ram: 64GiB\n" + extra, 1)
+    spec = parse_spec(text, "cluster.yaml").spec
+    assert (("nodes", 0, "power", "sleep_command"), "runs on the node over SSH") in command_keys(spec)
+    default = parse_spec(text.replace(", sleep_command: 'rm -rf /'", ""), "cluster.yaml").spec
+    assert not any(path[2:3] == ("power",) for path, _ in command_keys(default))
+    assert default.nodes[0].power is not None
+    assert default.nodes[0].power.command_for(default.nodes[0].os) == "sudo -S systemctl suspend"
