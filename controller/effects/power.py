@@ -253,7 +253,11 @@ async def wake_node(
     emit("node-waking", node=node.name, reason=why)
     actions = NodeActions(spec, node, state_dir, wiring=wiring, desired=desired, redactor=redact)
     recoverer = Recoverer(node, spec, actions, emit=emit, store=None, redact=redact)
-    outcome = await recoverer.run(start=start)
+    try:
+        outcome = await recoverer.run(start=start)
+    except BaseException as exc:  # (another apply holding the lock, a cancelled watch): asleep until tried again
+        store.put(node.name, ASLEEP, f"the wake stopped: {redact(str(exc)) or type(exc).__name__}")
+        raise
     if outcome.status in (Status.RECOVERED, Status.HEALTHY):
         store.put(node.name, None)
         emit("node-awake", node=node.name, reason=why, seconds=round(clock() - began, 3))

@@ -547,13 +547,16 @@ class Worker:
         if self.good is None:
             return []
         spec = self.good.loaded.spec
-        asleep = PowerStore.of(spec, self.state_dir(spec)).asleep()
-        report = mark_asleep(self.wiring.health(spec, self.desired), asleep)
+        records = PowerStore.of(spec, self.state_dir(spec)).load()
+        report = mark_asleep(self.wiring.health(spec, self.desired), records)
+        # something answers on a node homelab put to sleep: a request woke it (one being woken by `homelab wake`
+        # or by this loop is "waking": whoever wakes it brings its containers back)
         self.stirring = sorted(
             {
                 p.endpoint.node
                 for p in report.probes
-                if p.endpoint.node in asleep
+                if p.endpoint.node is not None
+                and (records.get(p.endpoint.node) or {}).get("state") == "asleep"
                 and p.endpoint.tier != "gateway"
                 and p.status not in (Status.DOWN, Status.ASLEEP)
             }
