@@ -34,7 +34,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,7 +42,7 @@ from typing import Any, Protocol
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from watchfiles import awatch
 
-from controller.core.plan import render_text
+from controller.core.plan import GATEWAY_STEPS, Plan, render_text
 from controller.core.state import ClusterState
 from controller.drivers.secrets import Redactor
 from controller.effects.apply import EVENTS_FILE, EventLog, Executor, LockHeld
@@ -456,7 +456,7 @@ class Worker:
             else:  # pragma: no cover - the second pass runs the last good spec
                 raise AssertionError("no spec to run")
             self._placement_metrics(prepared)
-            plan = prepared.plan
+            plan = self._without_sleepers(spec, prepared.plan)
             result["plan"] = {
                 "summary": plan.to_json().get("summary"),
                 "steps": len(plan.steps),
@@ -506,6 +506,18 @@ class Worker:
 
     def state_dir(self, spec: ClusterSpec | None) -> Path:
         return state_dir(spec, self.state_dir_override)
+
+    def _without_sleepers(self, spec: ClusterSpec, plan: Plan) -> Plan:
+        """The plan less the steps of nodes homelab put to sleep (or is waking): whoever wakes a node brings its
+        containers back (recovery's machine, one at a time); a reconcile that started them too would race it."""
+        asleep = PowerStore.of(spec, self.state_dir(spec)).asleep()
+        held = sorted({s.node for s in plan.steps if s.node in asleep and s.kind not in GATEWAY_STEPS})
+        if not held:
+            return plan
+        for name in held:
+            self.say(f"node {name}: asleep (homelab put it to sleep): its steps wait until it is awake", False)
+        kept = tuple(s for s in plan.steps if s.node not in held or s.kind in GATEWAY_STEPS)
+        return replace(plan, steps=kept)
 
     def _applied(self, chosen: Good) -> None:
         self.applied = {"spec_hash": chosen.spec_hash, "commit": chosen.revision, "time": time.time()}

@@ -21,6 +21,7 @@ from controller.drivers.fake import FakeDockerNode
 from controller.effects import watch
 from controller.effects.engine import Wiring
 from controller.effects.health import Probe, Status, classify, endpoints
+from controller.effects.power import PowerStore
 from controller.effects.watch import (
     Action,
     FileSource,
@@ -599,3 +600,23 @@ def test_a_sleep_command_is_a_command_key() -> None:
     assert not any(path[2:3] == ("power",) for path, _ in command_keys(default))
     assert default.nodes[0].power is not None
     assert default.nodes[0].power.command_for(default.nodes[0].os) == "sudo -S systemctl suspend"
+
+
+def test_a_node_homelab_put_to_sleep_is_not_reconciled_until_it_wakes(
+    engines: dict[str, FakeDockerNode], tmp_path: Path, wired: Wired
+) -> None:
+    """Whoever wakes a node brings its containers back, one at a time: the watch's own reconcile leaves a sleeping
+    (or waking) node's steps out rather than racing it for the apply lock."""
+    spec = tmp_path / "cluster.yaml"
+    spec.write_text(SPEC)
+    state = tmp_path / "state"
+    PowerStore(state).put("box", "asleep", "idle")
+    said = Said()
+    worker = Worker(FileSource(spec), state, False, Metrics(), said, wired.wiring)
+    result = worker.run("start-up")
+    assert result["ok"], result.get("error")
+    assert not engines["box"].containers
+    assert "node box: asleep (homelab put it to sleep): its steps wait until it is awake" in said.text
+    PowerStore(state).put("box", None)
+    assert worker.run("interval")["ok"]
+    assert engines["box"].containers
