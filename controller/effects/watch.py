@@ -796,7 +796,8 @@ class WatchLoop:
         sdir = self.worker.state_dir(spec)
         asleep = PowerStore.of(spec, sdir).load()
         for name in self.worker.stirring:  # woken by a request: its containers come back as in recovery
-            if name not in self.waking and name not in self.recovering and not self.worker.dry_run:
+            still = (asleep.get(name) or {}).get("state") == "asleep"  # not being woken by `homelab wake` since
+            if still and name not in self.waking and name not in self.recovering and not self.worker.dry_run:
                 self.worker.say(f"node {name}: asleep, but answering again (woken by a request): resuming", False)
                 self.waking[name] = asyncio.create_task(self._resume(spec, name, sdir))
         now = self.clock()

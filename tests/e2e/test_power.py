@@ -185,7 +185,7 @@ def test_idle_node_sleeps_and_requests_wake_it(lab: Mission, timings: Timings) -
             wait_for("remote's engines stopped", lambda: m.health(expect=(0, 1, 2))["remote"] == "ASLEEP")
             since = time.time()
             woke = m.hl("wake", "-f", spec, "--state-dir", str(m.state), "remote")
-            assert woke.returncode == 0, woke.stdout + woke.stderr
+            assert woke.returncode == 0, woke.stdout + woke.stderr + (m.d / "watch-power2.log").read_text()[-4000:]
             steps = [e["step"] for e in m.events(since) if e["event"] == "recovery-step"]
             assert steps[:2] == ["wake", "wait-ssh"], steps
             assert set(starts_one_at_a_time(m.events(since), "remote")) <= REMOTE_MODELS
