@@ -254,3 +254,21 @@ def test_the_plugin_source_runs_standalone() -> None:
     ns: dict[str, Any] = {"__name__": "homelab_power", "__file__": "/nowhere/homelab_power.py"}
     exec(compile(power_plugin_source({"nodes": {}, "models": {}}), POWER_FILE, "exec"), ns)
     assert asyncio.run(ns["handler"].async_pre_call_hook(None, None, {"model": "x"}, "completion")) == {"model": "x"}
+
+
+# --------------------------------------------------------------------------- homelab wake
+
+
+def test_wake_refuses_an_unknown_node_and_a_node_without_wake(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from controller.cli import app
+
+    path = tmp_path / "cluster.yaml"
+    path.write_text(SPEC)
+    runner = CliRunner()
+    unknown = runner.invoke(app, ["wake", "-f", str(path), "--state-dir", str(tmp_path), "nope"])
+    assert unknown.exit_code == 1 and "unknown node 'nope' (nodes: desk, box)" in unknown.stderr
+    assert "Traceback" not in unknown.output
+    nowake = runner.invoke(app, ["wake", "-f", str(path), "--state-dir", str(tmp_path), "desk"])
+    assert nowake.exit_code == 1 and "node 'desk' has no `wake` section" in nowake.stderr
