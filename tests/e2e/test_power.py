@@ -133,6 +133,8 @@ def test_idle_node_sleeps_and_requests_wake_it(lab: Mission, timings: Timings) -
                 "node-asleep",
             ]
             assert not [e for e in events if e["event"].startswith("recovery")], "recovery touched a sleeping node"
+            said = (m.d / "watch-power.log").read_text()
+            assert "node remote: sleep: run `" in said and "node remote: asleep (idle" in said, said
             assert wakes(m) == 0
             measured(
                 timings, f"measured: remote asleep after the watch started (sleep_after {SLEEP_AFTER_S} s)", asleep_in
