@@ -28,6 +28,7 @@ from controller.commands import (
     route,
     status,
     ui,
+    wake,
     watch,
 )
 from controller.commands.common import SpecFileOption, err, fail, load_or_exit, out, spec_path
@@ -109,7 +110,21 @@ def schema(
     err.print(f"wrote {output}", markup=False)
 
 
-for command in (estimate, place, reconcile, status, gateway, discover, health, route, recover, watch, ui, import_):
+for command in (
+    estimate,
+    place,
+    reconcile,
+    status,
+    gateway,
+    discover,
+    health,
+    route,
+    recover,
+    wake,
+    watch,
+    ui,
+    import_,
+):
     command.register(app)
 
 

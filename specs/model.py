@@ -461,6 +461,50 @@ class Wake(_Spec):
         return self
 
 
+def _default_sleep() -> dict[OsFamily, str]:
+    return {
+        OsFamily.LINUX: "sudo -S systemctl suspend",
+        OsFamily.WINDOWS_DOCKER_DESKTOP: (
+            'powershell -NoProfile -Command "Add-Type -AssemblyName System.Windows.Forms;'
+            " [System.Windows.Forms.Application]::SetSuspendState('Suspend', $false, $false)\""
+        ),
+    }
+
+
+DEFAULT_SLEEP_COMMANDS = _default_sleep()
+"""`power.sleep_command` when the spec gives none, per `os` (run over SSH, the sudo password on stdin)."""
+
+
+class Power(_Spec):
+    """Put the node to sleep when nothing has used it for `sleep_after`; wake it when a request needs it."""
+
+    sleep_after: Duration = Field(default=1800.0, description="idle this long (nothing served, nothing in flight)")
+    sleep_command: str | None = Field(
+        default=None,
+        min_length=1,
+        description="run on the node over SSH (`sudo -S` reads ssh.sudo_password from stdin);"
+        " default per os: `sudo -S systemctl suspend` on linux",
+    )
+    wake_timeout: Duration = Field(default=90.0, description="how long a request waits for the node to wake")
+    on_request: Literal["wait", "fallback"] = Field(
+        default="wait",
+        description="a request for a model on the sleeping node: wait for it (up to wake_timeout), or let the"
+        " fallback answer at once while it wakes",
+    )
+    MULTILINE = frozenset({"sleep_command"})
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.sleep_after <= 0:
+            raise ValueError("sleep_after: must be greater than 0")
+        if self.wake_timeout <= 0:
+            raise ValueError("wake_timeout: must be greater than 0")
+        return self
+
+    def command_for(self, os: OsFamily) -> str:
+        return self.sleep_command or DEFAULT_SLEEP_COMMANDS[os]
+
+
 class Node(_Spec):
     """A machine of the cluster."""
 
@@ -484,6 +528,9 @@ class Node(_Spec):
     ollama: OllamaRuntime | None = None
     llamacpp: LlamaCppRuntime | None = None
     wake: Wake | None = None
+    power: Power | None = Field(
+        default=None, description="sleep when idle, wake on demand (needs `wake` and `ssh`; not the gateway's node)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Self:

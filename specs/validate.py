@@ -7,6 +7,7 @@ user fixes them all at once.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -37,6 +38,7 @@ def check_references(spec: ClusterSpec) -> list[Problem]:
         *_gateway(spec),
         *_secrets(spec),
         *_health(spec),
+        *_power(spec),
     ]
 
 
@@ -388,6 +390,40 @@ OWNED_FLAGS: dict[str, str] = {
 }
 
 
+def runs_homelab(node: Node) -> bool:
+    """The node is the machine homelab runs on: a loopback address and no `ssh` section (as
+    `controller.drivers.ssh.is_local` decides where commands for it run)."""
+    if node.ssh is not None:
+        return False
+    if node.address.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(node.address.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _power(spec: ClusterSpec) -> Iterator[Problem]:
+    """A node that sleeps must be wakeable and reachable over SSH, and neither the gateway's node (every request
+    passes through it) nor the machine homelab runs on (nothing would be left to wake it)."""
+    gateway_node = spec.gateway.node if spec.gateway is not None else None
+    for n, node in enumerate(spec.nodes):
+        if node.power is None:
+            continue
+        at: Path = ("nodes", n, "power")
+        if node.name == gateway_node:
+            yield Problem(at, f"node '{node.name}' runs the gateway and cannot sleep: every request passes through it",
+                          at_key=True)  # fmt: skip
+        elif runs_homelab(node):
+            yield Problem(at, f"node '{node.name}' is the machine homelab runs on and cannot sleep: nothing would"
+                          " be left to wake it", at_key=True)  # fmt: skip
+        elif node.ssh is None:
+            yield Problem(at, "needs `ssh`: the sleep command runs on the node over SSH", at_key=True)
+        if node.wake is None:
+            yield Problem(at, "needs `wake` (wol or command): a node homelab puts to sleep must be woken again",
+                          at_key=True)  # fmt: skip
+
+
 def owned_flag(arg: str) -> str | None:
     """The flag of `arg` if homelab sets it itself (`-ngl`, `--port=8080`, `-c8192` …), else None."""
     flag = arg.split("=", 1)[0]
@@ -429,6 +465,8 @@ def command_keys(spec: ClusterSpec) -> list[tuple[Path, str]]:
             found.append((("nodes", i, "wake", "command"), "a wake command runs here"))
         if node.docker is not None and node.docker.restart_command is not None:
             found.append((("nodes", i, "docker", "restart_command"), "runs on the node over SSH"))
+        if node.power is not None and node.power.sleep_command is not None:
+            found.append((("nodes", i, "power", "sleep_command"), "runs on the node over SSH"))
     defaults = Recovery().docker_restart
     for os_family, command in spec.recovery.docker_restart.items():
         if defaults.get(os_family) != command:

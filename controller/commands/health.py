@@ -13,12 +13,19 @@ from rich.text import Text
 
 from controller.commands.common import SpecFileOption, fail, load_or_exit, out, spec_path, wiring_of
 from controller.core.state import ClusterState
-from controller.effects.engine import HealthProbe, desired_state
-from controller.effects.health import EXIT_CODES, HealthReport, Status
+from controller.effects.engine import HealthProbe, desired_state, state_dir
+from controller.effects.health import EXIT_CODES, HealthReport, Status, mark_asleep
 from controller.effects.hostcpu import host_cpus
+from controller.effects.power import asleep_nodes
 from specs.model import ClusterSpec
 
-STATUS_STYLE = {Status.UP: "green", Status.SLOW: "yellow", Status.STARTING: "yellow", Status.DOWN: "red"}
+STATUS_STYLE = {
+    Status.UP: "green",
+    Status.SLOW: "yellow",
+    Status.STARTING: "yellow",
+    Status.DOWN: "red",
+    Status.ASLEEP: "blue",
+}
 
 
 def render_report(report: HealthReport) -> None:
@@ -52,7 +59,7 @@ def register(app: typer.Typer) -> None:
             float | None, typer.Option("--watch", help="Check again every SECONDS until interrupted.", min=0.5)
         ] = None,
     ) -> None:
-        """Probe every endpoint; exit 0 HEALTHY, 1 DEGRADED, 2 DOWN."""
+        """Probe every endpoint; exit 0 HEALTHY (or ASLEEP), 1 DEGRADED, 2 DOWN."""
         path: Path = spec_path(file)
         spec = load_or_exit(path).spec
         wiring = wiring_of(ctx)
@@ -71,7 +78,8 @@ def register(app: typer.Typer) -> None:
 
 
 def _once(check: HealthProbe, spec: ClusterSpec, desired: ClusterState, as_json: bool) -> HealthReport:
-    report = check(spec, desired)
+    # a node homelab put to sleep on purpose is ASLEEP (exit 0), not DOWN
+    report = mark_asleep(check(spec, desired), asleep_nodes(spec, state_dir(spec, None)))
     if as_json:
         out.print(json.dumps(report.to_json(), indent=2), markup=False)
     else:

@@ -24,6 +24,7 @@ from controller.effects.apply import EVENTS_FILE, EventLog
 from controller.effects.engine import Wiring, desired_state, state_dir
 from controller.effects.health import Status as ProbeStatus
 from controller.effects.hostcpu import host_cpus
+from controller.effects.power import asleep_nodes
 from controller.effects.recovery import (
     STATE_FILE,
     AttemptStore,
@@ -138,7 +139,7 @@ def register(app: typer.Typer) -> None:
                 for p in report.probes
                 if p.status is ProbeStatus.DOWN and p.endpoint.node is not None and p.endpoint.tier != "gateway"
             }
-            chosen, skipped = due_nodes(spec, down, store, time.time())
+            chosen, skipped = due_nodes(spec, down, store, time.time(), asleep_nodes(spec, sdir))
             for line in skipped:
                 err.print(line, markup=False)
         if not chosen:

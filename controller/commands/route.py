@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
@@ -27,9 +28,13 @@ from controller.core.gateway_config import GatewayError
 from controller.core.routing import (
     Classifier,
     Endpoint,
+    EndpointHealth,
+    HealthInput,
+    HealthView,
     RequestError,
     Route,
     RouteError,
+    _health_of,
     candidates,
     choose,
     endpoints_from_state,
@@ -39,6 +44,7 @@ from controller.core.state import ClusterState
 from controller.effects.engine import Session, Wiring, desired_state, state_dir
 from controller.effects.hostcpu import host_cpus
 from controller.effects.observe import observe
+from controller.effects.power import asleep_nodes
 from controller.effects.route_probe import HealthCache, embedding_stage_for, probe
 from specs.enums import Category
 from specs.model import ClusterSpec
@@ -71,6 +77,42 @@ def endpoints_for(
     except (RenderError, GatewayError) as exc:
         fail(str(exc))
     return endpoints_from_state(spec, desired)
+
+
+def _with_power(spec: ClusterSpec, asleep: set[str], health: HealthInput) -> HealthView:
+    """Health as the gateway sees it: a replica on a node homelab put to sleep serves (`on_request: wait`: the
+    gateway wakes the node and holds the request) or not (`fallback`: the fallback answers while it wakes)."""
+
+    def view(e: Endpoint) -> EndpointHealth:
+        node = spec.node(e.node)
+        if e.node in asleep and node.power is not None:
+            if node.power.on_request == "wait":
+                return EndpointHealth(True, "asleep: waking")
+            return EndpointHealth(False, "asleep: using fallback")
+        return _health_of(health, e)
+
+    return view
+
+
+def _power_lines(
+    spec: ClusterSpec, asleep: set[str], chosen: Route, endpoints: Mapping[str, Sequence[Endpoint]]
+) -> list[str]:
+    """`asleep: waking` / `asleep: using fallback` for the sleeping nodes the route passes."""
+    lines: list[str] = []
+    for cat, model in candidates(spec, chosen.requested):
+        for e in endpoints.get(model, ()):
+            node = spec.node(e.node)
+            if e.node in asleep and node.power is not None:
+                if node.power.on_request == "wait":
+                    lines.append(
+                        f"{model} on {e.node} asleep: waking (the gateway wakes the node and holds the request"
+                        f" up to {node.power.wake_timeout:g} s)"
+                    )
+                else:
+                    lines.append(f"{model} on {e.node} asleep: using fallback (the gateway wakes the node meanwhile)")
+        if model == chosen.model and cat == chosen.category:
+            break
+    return lines
 
 
 def _read_request(prompt: str | None, request_file: str | None) -> object:
@@ -163,13 +205,21 @@ def register(app: typer.Typer) -> None:
             wanted = [e for _, model in candidates(spec, classification.category) for e in endpoints.get(model, ())]
             found = probe(spec, wanted, cache)
             health = found.get
+        asleep = set() if no_health else asleep_nodes(spec, state_dir(spec, None))
+        seen: HealthInput = _with_power(spec, asleep, health) if asleep else health
         try:
-            chosen = choose(spec, classification.category, endpoints, health, classification)
+            chosen = choose(spec, classification.category, endpoints, seen, classification)
         except RouteError as exc:
             fail(str(exc))
+        power = _power_lines(spec, asleep, chosen, endpoints)
         if as_json:
-            out.print(json.dumps(chosen.to_json(), indent=2, ensure_ascii=False), markup=False)
+            data = chosen.to_json()
+            if power:
+                data["power"] = power
+            out.print(json.dumps(data, indent=2, ensure_ascii=False), markup=False)
         else:
             _print(chosen)
+            for line in power:
+                out.print(f"  power:    {line}", markup=False)
 
     app.command(name="route")(route_cmd)

@@ -4,6 +4,7 @@ running `homelab watch` last did."""
 from __future__ import annotations
 
 import json
+import time
 from typing import Annotated, Any
 
 import typer
@@ -14,6 +15,7 @@ from controller.effects import calibration
 from controller.effects.engine import Session, state_dir
 from controller.effects.hostcpu import host_cpus
 from controller.effects.observe import observe
+from controller.effects.power import PowerStore
 from controller.effects.status_api import nodes_json
 from controller.effects.vram_status import describe, planned_vs_actual
 from controller.effects.watch import describe_watch, read_status
@@ -33,6 +35,7 @@ def register(app: typer.Typer) -> None:
         spec = load_or_exit(spec_path(file)).spec
         state = state_dir(spec, None)
         watching = read_status(state)  # what a running `homelab watch` last did, if any
+        asleep = PowerStore.of(spec, state).load()  # nodes homelab put to sleep: ASLEEP, not failed
         with Session(spec, wiring_of(ctx)) as session:
             observed = observe(spec, session.connect, session.ollama)
             cpus = host_cpus(spec, session.wiring.host_cpu)
@@ -48,6 +51,7 @@ def register(app: typer.Typer) -> None:
             data: dict[str, Any] = {"cluster": spec.cluster.name, "nodes": nodes_json(observed, vram, calibrated)}
             if watching is not None:
                 data["watch"] = watching
+            data["asleep"] = asleep
             out.print(json.dumps(data, indent=2), markup=False)
             return
         if watching is not None:
@@ -58,6 +62,14 @@ def register(app: typer.Typer) -> None:
                 out.print(f"{name}: {line}" if not line.startswith(" ") else line, markup=False)
             if spec.node(name).docker is None:
                 continue
+            if name in asleep:
+                record = asleep[name]
+                since = time.strftime("%H:%M:%S", time.localtime(float(record.get("since") or 0)))
+                word = "WAKING" if record.get("state") == "waking" else "ASLEEP"
+                out.print(f"{name}: {word} since {since} (homelab put it to sleep: {record.get('reason')})",
+                          markup=False)  # fmt: skip
+                if not node.reachable:
+                    continue
             if not node.reachable:
                 out.print(f"{name}: NOT OBSERVED ({node.error})", markup=False)
                 continue

@@ -39,6 +39,7 @@ from typing import Any
 from ruamel.yaml import YAML
 
 from controller.core.classifier import PLUGIN_MODULE, PLUGIN_OBJECT, plugin_source
+from controller.core.power_plugin import POWER_FILE, POWER_MODULE, POWER_OBJECT, power_plugin_source
 from controller.core.routing import GROUP_PREFIX, all_examples, category_models, fallback_chain, routing_config
 from controller.core.state import (
     GATEWAY_CONFIG,
@@ -221,6 +222,60 @@ def auto_router(
     return entry, plugin
 
 
+def _secret_provider(spec: ClusterSpec, ref: str) -> str:
+    """The provider reference (env:, file:, cmd:) of a `secret:NAME` reference: what the plugin resolves."""
+    return spec.secrets.get(ref[7:], ref) if ref.startswith("secret:") else ref
+
+
+def power_config(
+    spec: ClusterSpec,
+    nodes: Mapping[str, NodeState],
+    groups: Mapping[Category, list[str]],
+    deployments: Mapping[str, list[dict[str, Any]]],
+) -> dict[str, Any] | None:
+    """The wake-on-request plugin's config (`controller.core.power_plugin`); None when no placed model is on a
+    node with `power`."""
+    sleepers: dict[str, Any] = {}
+    for node in spec.nodes:
+        if node.power is None or node.wake is None:
+            continue
+        wake: dict[str, Any]
+        if node.wake.wol is not None:
+            w = node.wake.wol
+            wake = {"wol": {"mac": w.mac, "broadcast": w.broadcast, "port": w.port}}
+        else:
+            stdin = _secret_provider(spec, node.wake.stdin) if node.wake.stdin is not None else None
+            wake = {"command": node.wake.command, "stdin": stdin}
+        sleepers[node.name] = {
+            "wake": wake,
+            "wake_timeout": node.power.wake_timeout,
+            "on_request": node.power.on_request,
+        }
+    models: dict[str, list[list[str]]] = {}
+    for name in sorted(nodes):
+        state = nodes[name]
+        for c in state.containers:
+            if c.config is not None:
+                models.setdefault(c.model, []).append([name, c.health_url])
+        if state.ollama is not None:
+            for om in state.ollama.models:
+                models.setdefault(om.model, []).append([name, state.ollama.url.rstrip("/") + "/api/tags"])
+    if not any(node in sleepers for replicas in models.values() for node, _ in replicas):
+        return None
+    first: dict[str, list[str]] = {m: [m] for m in deployments}
+    fallbacks: dict[str, list[str]] = {}
+    for cat, members in groups.items():
+        if not members:
+            continue
+        group = GROUP_PREFIX + cat.value
+        first[group] = [members[0]]
+        chain = group_fallbacks(spec, cat, groups)
+        fallbacks[group] = chain
+        for m in members:
+            fallbacks.setdefault(m, [x for x in [*members, *chain] if x != m])
+    return {"nodes": sleepers, "models": models, "first": first, "fallbacks": fallbacks}
+
+
 def _render(spec: ClusterSpec, nodes: Mapping[str, NodeState]) -> tuple[str, tuple[tuple[str, str], ...]]:
     """The config YAML and the files next to it."""
     assert spec.gateway is not None
@@ -251,12 +306,20 @@ def _render(spec: ClusterSpec, nodes: Mapping[str, NodeState]) -> tuple[str, tup
         files = ((PLUGIN_FILE, plugin),)
         digest = hashlib.sha256(plugin.encode()).hexdigest()[:16]
         header = f"# Model '{spec.gateway.auto_model}' is classified by {PLUGIN_FILE} next to it (sha256 {digest}).\n"
+    power = power_config(spec, nodes, groups, deployments)
+    if power is not None:
+        plugin = power_plugin_source(power)
+        files = (*files, (POWER_FILE, plugin))
+        digest = hashlib.sha256(plugin.encode()).hexdigest()[:16]
+        header += f"# Requests for models on nodes that sleep wake them through {POWER_FILE} (sha256 {digest}).\n"
     key_env, _ = master_key_ref(spec)
     config: dict[str, Any] = {"model_list": model_list}
     if fallbacks:
         config["router_settings"] = {"fallbacks": fallbacks}
     # A request that falls back from one provider to another must not fail on a parameter one lacks.
     config["litellm_settings"] = {"drop_params": True}
+    if power is not None:
+        config["litellm_settings"]["callbacks"] = [f"{POWER_MODULE}.{POWER_OBJECT}"]
     config["general_settings"] = {"master_key": f"os.environ/{key_env}"}
     yaml = YAML()
     yaml.default_flow_style = False

@@ -46,6 +46,7 @@ STATE_CLASS = {
     "HEALTHY": "ok",
     "DEGRADED": "warn",
     "DOWN": "bad",
+    "ASLEEP": "muted",
     "NOT OBSERVED": "bad",
     "UNKNOWN": "muted",
 }

@@ -36,15 +36,19 @@ class Status(StrEnum):
     SLOW = "slow"
     STARTING = "starting"
     DOWN = "down"
+    ASLEEP = "asleep"
+    """Does not answer because homelab put its node to sleep (`power`): not a failure."""
 
 
 class Verdict(StrEnum):
     HEALTHY = "HEALTHY"
     DEGRADED = "DEGRADED"
     DOWN = "DOWN"
+    ASLEEP = "ASLEEP"
+    """Every endpoint of the tier that does not answer is on a node homelab put to sleep on purpose."""
 
 
-EXIT_CODES = {Verdict.HEALTHY: 0, Verdict.DEGRADED: 1, Verdict.DOWN: 2}
+EXIT_CODES = {Verdict.HEALTHY: 0, Verdict.DEGRADED: 1, Verdict.DOWN: 2, Verdict.ASLEEP: 0}
 
 
 @dataclass(frozen=True)
@@ -332,6 +336,9 @@ def tier_verdict(probes: Iterable[Probe]) -> Verdict:
     DEGRADED: anything in between (some down, some slower than the threshold, or a llama.cpp server still
     loading its model)."""
     probes = list(probes)
+    if probes and all(p.status is Status.ASLEEP for p in probes):
+        return Verdict.ASLEEP
+    probes = [p for p in probes if p.status is not Status.ASLEEP]  # asleep on purpose: neither up nor down
     statuses = [p.status for p in probes]
     serving = [p.status for p in probes if p.endpoint.kind in SERVING_KINDS]
     if not statuses or all(s is Status.UP for s in statuses):
@@ -362,8 +369,12 @@ def prognosis(tiers: Sequence[TierHealth]) -> tuple[Verdict, str]:
         return Verdict.HEALTHY, "no endpoints to check"
     down = [t for t in tiers if t.verdict is Verdict.DOWN]
     degraded = [t for t in tiers if t.verdict is Verdict.DEGRADED]
+    asleep = [t.tier for t in tiers if t.verdict is Verdict.ASLEEP]
     serving = [t for t in tiers if t.tier != GATEWAY_TIER and t.verdict is not Verdict.DOWN]
     if not down and not degraded:
+        if asleep:
+            awake = len(tiers) - len(asleep)
+            return Verdict.HEALTHY, f"{awake} tiers healthy; {', '.join(asleep)} ASLEEP (woken on demand)"
         return Verdict.HEALTHY, f"all {len(tiers)} tiers healthy"
     worst = [*down, *degraded]
     details = "; ".join(f"{t.tier} {t.verdict.value} ({_first_problem(t)})" for t in worst)
@@ -382,6 +393,22 @@ def _first_problem(t: TierHealth) -> str:
     what = p.error or p.status.value
     more = f", +{len(bad) - 1} more" if len(bad) > 1 else ""
     return f"{p.endpoint.name}: {what}{more}"
+
+
+def mark_asleep(report: HealthReport, asleep: Iterable[str]) -> HealthReport:
+    """The report with every endpoint of a node homelab put to sleep that does not answer marked ASLEEP, and the
+    verdicts again: a tier asleep on purpose is ASLEEP (exit 0), not DOWN. An endpoint that answers stays as it
+    is (the node was woken)."""
+    names = set(asleep)
+    if not names:
+        return report
+    probes = [
+        Probe(p.endpoint, Status.ASLEEP, error="asleep (homelab put the node to sleep)")
+        if p.endpoint.node in names and p.endpoint.tier != GATEWAY_TIER and p.status is Status.DOWN
+        else p
+        for p in report.probes
+    ]
+    return classify(probes, report.elapsed)
 
 
 def check(spec: ClusterSpec, desired: ClusterState | None = None) -> HealthReport:

@@ -45,6 +45,7 @@ from controller.drivers.base import CommandFailed, DockerNode, DriverError, Host
 from controller.drivers.secrets import Redactor, resolve
 from controller.drivers.ssh import is_local, node_shell
 from controller.drivers.wake import run_wake_command, send_magic_packet
+from controller.effects.apply import LockHeld
 from controller.effects.engine import Prepared, Session, Wiring
 from controller.effects.health import Status as ProbeStatus
 from controller.effects.health import endpoints, probe_all
@@ -379,9 +380,10 @@ class Recoverer:
             return await a.recheck()
         return await a.probe()
 
-    async def attempt(self, number: int) -> Decision:
-        """One pass through the machine, from PROBE to DONE, RETRY or GIVE_UP."""
-        step = Step.PROBE
+    async def attempt(self, number: int, start: Step = Step.PROBE) -> Decision:
+        """One pass through the machine, from `start` (PROBE; WAKE for `homelab wake`) to DONE, RETRY or
+        GIVE_UP."""
+        step = start
         while True:
             self._event("recovery-step", step=step.value, attempt=number, action=self.actions.describe(step))
             try:
@@ -411,11 +413,13 @@ class Recoverer:
         if self.store is not None:
             self.store.put(self.node.name, record)
 
-    async def run(self, *, once: bool = False, resume: bool = False) -> Outcome:
+    async def run(self, *, once: bool = False, resume: bool = False, start: Step = Step.PROBE) -> Outcome:
         """Attempt until DONE or GIVE_UP, at most `recovery.attempts` times, backing off in between.
 
         `once`: a single attempt, its backoff only recorded (a watch loop comes back when it is due).
         `resume`: continue the attempt count of the store (a watch loop); else start from 1 (by hand).
+        `start`: where the first attempt begins (WAKE: a node homelab put to sleep, woken on purpose); later
+        attempts begin at PROBE.
         """
         limit = self.spec.recovery.attempts
         backoff = self.spec.recovery.backoff
@@ -424,9 +428,11 @@ class Recoverer:
         attempts = previous.attempts if previous is not None and previous.status is Status.BACKOFF else 0
         self._steps = []
         self._event("recovery-started", attempt=attempts + 1, limit=limit)
+        first = start
         while True:
             attempts += 1
-            decision = await self.attempt(attempts)
+            decision = await self.attempt(attempts, first)
+            first = Step.PROBE
             if decision.step is Step.DONE:
                 status = Status.HEALTHY if self._steps and len(self._steps) == 1 and attempts == 1 else Status.RECOVERED
                 message = (
@@ -587,16 +593,20 @@ class NodeActions:
         ssh = self.node.ssh
         return self._secret_stdin(ssh.sudo_password if ssh is not None else None, "ssh.sudo_password")
 
+    async def run_on_node(self, command: str, timeout: float) -> Observation:
+        """Run `command` on the node (SSH, or here for this machine), the sudo password on its stdin."""
+        stdin = self._sudo_stdin()
+        async with node_shell(self.node) as shell:
+            result = await shell.run(command, stdin=stdin, timeout=timeout)
+        if result.exit_status != 0:
+            return Observation(ok=False, detail=self.redactor(f"exit {result.exit_status}: {result.error_line}"))
+        return Observation(ok=True)
+
     async def restart_docker(self) -> Observation:
         command = docker_restart_command(self.spec, self.node)
         if command is None:
             return Observation(ok=False, detail=f"no Docker restart command for os {self.node.os.value}")
-        stdin = self._sudo_stdin()
-        async with node_shell(self.node) as shell:
-            result = await shell.run(command, stdin=stdin, timeout=self.spec.recovery.wait_docker)
-        if result.exit_status != 0:
-            return Observation(ok=False, detail=self.redactor(f"exit {result.exit_status}: {result.error_line}"))
-        return Observation(ok=True)
+        return await self.run_on_node(command, self.spec.recovery.wait_docker)
 
     async def wake(self) -> Observation:
         wake = self.node.wake
@@ -620,7 +630,7 @@ class NodeActions:
         fn = self._restart_containers_fn or self._restart_with_engine
         try:
             detail = await asyncio.to_thread(fn)
-        except DriverError as exc:
+        except (DriverError, LockHeld) as exc:  # another apply holds the lock: a failed step, retried later
             return Observation(ok=False, detail=self.redactor(str(exc)))
         return Observation(ok=True, detail=detail)
 
@@ -684,10 +694,13 @@ class NodeActions:
 # --------------------------------------------------------------------------- which nodes, and all at once
 
 
-def due_nodes(spec: ClusterSpec, down: Iterable[str], store: AttemptStore, now: float) -> tuple[list[Node], list[str]]:
+def due_nodes(
+    spec: ClusterSpec, down: Iterable[str], store: AttemptStore, now: float, asleep: Iterable[str] = ()
+) -> tuple[list[Node], list[str]]:
     """Of the DOWN nodes, those whose recovery is due now (spec order), and why the others wait. A node that is
-    no longer DOWN has its failure count forgotten."""
-    down = set(down)
+    no longer DOWN has its failure count forgotten. A node homelab put to sleep (`asleep`) is never recovered:
+    only demand or `homelab wake` wakes it."""
+    down = set(down) - set(asleep)
     records = store.load()
     chosen: list[Node] = []
     waiting: list[str] = []

@@ -34,11 +34,12 @@ from controller.core.state import ClusterState, OllamaNodeState
 from controller.drivers.base import DriverError
 from controller.effects.apply import EVENTS_FILE
 from controller.effects.calibration import ContainerCalibration
-from controller.effects.engine import Session, Wiring, current_ports
+from controller.effects.engine import Session, Wiring, current_ports, state_dir
 from controller.effects.gpu_use import GpuReality, ModelVram, match_gpu
-from controller.effects.health import HealthReport, Probe, Status, tier_verdict
+from controller.effects.health import HealthReport, Probe, Status, mark_asleep, tier_verdict
 from controller.effects.hostcpu import host_cpus
 from controller.effects.observe import observe
+from controller.effects.power import asleep_nodes
 from controller.effects.route_probe import Probed, endpoint_health
 from controller.effects.vram_status import StatusKey, placed_vs_actual
 from controller.effects.watch import read_status
@@ -356,7 +357,10 @@ def find(spec: ClusterSpec, wiring: Wiring) -> Found:
         desired = None
         warnings.append(f"cannot render the desired state: {exc}")
     try:
-        report: HealthReport | None = wiring.health(spec, desired)
+        # a node homelab put to sleep on purpose shows ASLEEP, not DOWN
+        report: HealthReport | None = mark_asleep(
+            wiring.health(spec, desired), asleep_nodes(spec, state_dir(spec, None))
+        )
     except (DriverError, OSError) as exc:
         report = None
         warnings.append(f"health not probed: {exc}")

@@ -34,7 +34,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,13 +42,23 @@ from typing import Any, Protocol
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from watchfiles import awatch
 
-from controller.core.plan import render_text
+from controller.core.plan import GATEWAY_STEPS, Plan, render_text
 from controller.core.state import ClusterState
 from controller.drivers.secrets import Redactor
 from controller.effects.apply import EVENTS_FILE, EventLog, Executor, LockHeld
 from controller.effects.engine import Prepared, Session, Wiring, state_dir
-from controller.effects.health import Status
-from controller.effects.recovery import STATE_FILE, AttemptStore, Outcome, due_nodes, run_all
+from controller.effects.health import Status, mark_asleep
+from controller.effects.power import (
+    POWER_STATES,
+    IdleTracker,
+    PowerStore,
+    describe_sleep,
+    probe_usage,
+    sleep_due,
+    sleep_node,
+    wake_node,
+)
+from controller.effects.recovery import STATE_FILE, AttemptStore, Outcome, Step, due_nodes, run_all
 from controller.effects.status_http import StatusFn, StatusServer
 from solver.problem import Unplaced
 from specs import Diagnostic, LoadedSpec, SpecError, load_spec
@@ -58,6 +68,7 @@ from specs.model import ClusterSpec
 from specs.validate import command_keys
 
 STATUS_FILE = "watch.json"
+WAKING_STATE = "waking"
 SETTLE_S = 0.2
 """A change is acted on once the file has been quiet this long (editors write in several steps)."""
 
@@ -276,6 +287,12 @@ class Metrics:
             "homelab_gpu_used_bytes", "VRAM in use per GPU as nvidia-smi reports it (all processes)", ["node", "gpu"],
             registry=r,
         )  # fmt: skip
+        self.power_state = Gauge(
+            "homelab_node_power_state",
+            "1 for the node's power state (awake, asleep, waking); nodes with a `power` section",
+            ["node", "state"],
+            registry=r,
+        )
         self._server: StatusServer | None = None
 
     def serve(self, port: int, host: str = "127.0.0.1", status: StatusFn | None = None) -> int:
@@ -334,6 +351,8 @@ class Worker:
     health: dict[str, Any] = field(default_factory=dict)
     applied: dict[str, Any] = field(default_factory=dict)
     desired: ClusterState | None = None
+    stirring: list[str] = field(default_factory=list)
+    """Nodes homelab put to sleep on which something answers again (woken by a request), as of the last sweep."""
     _cancel: threading.Event = field(default_factory=threading.Event)
     _executor: Executor | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -437,7 +456,7 @@ class Worker:
             else:  # pragma: no cover - the second pass runs the last good spec
                 raise AssertionError("no spec to run")
             self._placement_metrics(prepared)
-            plan = prepared.plan
+            plan = self._without_sleepers(spec, prepared.plan)
             result["plan"] = {
                 "summary": plan.to_json().get("summary"),
                 "steps": len(plan.steps),
@@ -488,6 +507,18 @@ class Worker:
     def state_dir(self, spec: ClusterSpec | None) -> Path:
         return state_dir(spec, self.state_dir_override)
 
+    def _without_sleepers(self, spec: ClusterSpec, plan: Plan) -> Plan:
+        """The plan less the steps of nodes homelab put to sleep (or is waking): whoever wakes a node brings its
+        containers back (recovery's machine, one at a time); a reconcile that started them too would race it."""
+        asleep = PowerStore.of(spec, self.state_dir(spec)).asleep()
+        held = sorted({s.node for s in plan.steps if s.node in asleep and s.kind not in GATEWAY_STEPS})
+        if not held:
+            return plan
+        for name in held:
+            self.say(f"node {name}: asleep (homelab put it to sleep): its steps wait until it is awake", False)
+        kept = tuple(s for s in plan.steps if s.node not in held or s.kind in GATEWAY_STEPS)
+        return replace(plan, steps=kept)
+
     def _applied(self, chosen: Good) -> None:
         self.applied = {"spec_hash": chosen.spec_hash, "commit": chosen.revision, "time": time.time()}
         self.metrics.last_success.set(time.time())
@@ -528,13 +559,26 @@ class Worker:
         if self.good is None:
             return []
         spec = self.good.loaded.spec
-        report = self.wiring.health(spec, self.desired)
+        records = PowerStore.of(spec, self.state_dir(spec)).load()
+        report = mark_asleep(self.wiring.health(spec, self.desired), records)
+        # something answers on a node homelab put to sleep: a request woke it (one being woken by `homelab wake`
+        # or by this loop is "waking": whoever wakes it brings its containers back)
+        self.stirring = sorted(
+            {
+                p.endpoint.node
+                for p in report.probes
+                if p.endpoint.node is not None
+                and (records.get(p.endpoint.node) or {}).get("state") == "asleep"
+                and p.endpoint.tier != "gateway"
+                and p.status not in (Status.DOWN, Status.ASLEEP)
+            }
+        )
         m = self.metrics
         m.endpoint_up.clear()
         m.endpoint_latency.clear()
         m.tier_state.clear()
         nodes: dict[str, str] = {}
-        rank = {Status.UP: 0, Status.SLOW: 1, Status.STARTING: 2, Status.DOWN: 3}
+        rank = {Status.UP: 0, Status.SLOW: 1, Status.STARTING: 2, Status.ASLEEP: 3, Status.DOWN: 4}
         for p in report.probes:
             e = p.endpoint
             labels = {"endpoint": e.name, "tier": e.tier, "kind": e.kind}
@@ -546,7 +590,7 @@ class Worker:
                 if worst is None or rank[p.status] > rank[Status(worst)]:
                     nodes[e.node] = p.status.value
         for t in report.tiers:
-            for v in ("HEALTHY", "DEGRADED", "DOWN"):
+            for v in ("HEALTHY", "DEGRADED", "DOWN", "ASLEEP"):
                 m.tier_state.labels(tier=t.tier, state=v).set(1 if t.verdict.value == v else 0)
         self.health = {
             "time": time.time(),
@@ -574,6 +618,13 @@ def _unplaced_diagnostics(loaded: LoadedSpec, unplaced: Sequence[Unplaced]) -> l
         line, col, _ = doc.locate(["models", i, "name"], at_key=True)
         lines.append(f"{doc.display_name}:{line}:{col}: models[{i}]: cannot be placed: {u.reason}")
     return lines
+
+
+def _emitter(log: EventLog) -> Callable[..., None]:
+    def emit(event: str, **fields: Any) -> None:
+        log.emit(event, **fields)
+
+    return emit
 
 
 Recover = Callable[[ClusterSpec, Sequence[str], Path, ClusterState | None], Awaitable[list[Outcome]]]
@@ -630,6 +681,10 @@ class WatchLoop:
     recovering: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     recover: Recover | None = None
     """How DOWN nodes are recovered (None: `recover_with(worker.wiring)`)."""
+    idle: IdleTracker = field(default_factory=IdleTracker)
+    power: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per sleep-enabled node: its power state, idle seconds, why it is (not) asleep (for watch.json)."""
+    waking: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _stopping: bool = False
 
@@ -686,6 +741,7 @@ class WatchLoop:
         self.runs += 1
         if reason in ("start-up", "interval") and not self._stopping and self.worker.good is not None:
             down = await asyncio.to_thread(self.worker.sweep)
+            await self._power(down)
             self._recover(down)
         s = self.state
         pending = s.changed_at is not None and s.changed_at >= started  # a save during the run: run again
@@ -701,7 +757,8 @@ class WatchLoop:
         spec = good.loaded.spec
         sdir = self.worker.state_dir(spec)
         store = AttemptStore(sdir / STATE_FILE)
-        due, waiting = due_nodes(spec, down, store, self.wall())
+        asleep = PowerStore.of(spec, sdir).asleep()
+        due, waiting = due_nodes(spec, down, store, self.wall(), asleep)
         chosen = [n.name for n in due if n.name not in self.recovering]
         waiting = [w for w in waiting if not any(w.startswith(f"node {n}: ") for n in self.recovering)]
         for line in waiting:
@@ -726,8 +783,79 @@ class WatchLoop:
         finally:
             self.recovering.pop(name, None)
 
+    async def _power(self, down: Sequence[str]) -> None:
+        """Sleep-enabled nodes: resume those a request woke, put idle ones to sleep, record the states."""
+        good = self.worker.good
+        if good is None:
+            return
+        spec = good.loaded.spec
+        sleepers = [n for n in spec.nodes if n.power is not None]
+        if not sleepers and not self.worker.stirring:
+            self.power.clear()
+            return
+        sdir = self.worker.state_dir(spec)
+        asleep = PowerStore.of(spec, sdir).load()
+        for name in self.worker.stirring:  # woken by a request: its containers come back as in recovery
+            still = (asleep.get(name) or {}).get("state") == "asleep"  # not being woken by `homelab wake` since
+            if still and name not in self.waking and name not in self.recovering and not self.worker.dry_run:
+                self.worker.say(f"node {name}: asleep, but answering again (woken by a request): resuming", False)
+                self.waking[name] = asyncio.create_task(self._resume(spec, name, sdir))
+        now = self.clock()
+        m = self.worker.metrics
+        for node in sleepers:
+            entry: dict[str, Any] = {"sleep_after": node.power.sleep_after if node.power else None}
+            record = asleep.get(node.name)
+            if record is not None or node.name in self.waking:
+                state = WAKING_STATE if node.name in self.waking else str(record.get("state") if record else "")
+                entry.update(state=state, since=(record or {}).get("since"), reason=(record or {}).get("reason"))
+                self.idle.forget(node.name)
+            elif node.name in down or node.name in self.recovering:
+                entry.update(state="awake", reason="DOWN: recovery's, not asleep")
+                self.idle.forget(node.name)
+            else:
+                usage = await probe_usage(node, self.worker.desired)
+                idle = self.idle.update(node.name, usage, now)
+                ok, why = sleep_due(node, idle, usage.in_flight)
+                entry.update(state="awake", idle_s=None if idle is None else round(idle, 1), reason=why)
+                if ok:
+                    self.worker.say(describe_sleep(node) + f" ({why})", False)
+                    if self.worker.dry_run:
+                        entry["reason"] = f"would sleep (dry run): {why}"
+                    else:
+                        log = EventLog(sdir / EVENTS_FILE)
+                        try:
+                            done, message = await sleep_node(
+                                spec, node, sdir, self.worker.wiring, emit=_emitter(log), reason=why
+                            )
+                        finally:
+                            log.close()
+                        self.worker.say(message, not done)
+                        if done:
+                            entry.update(state="asleep", since=self.wall(), reason=why)
+                            self.idle.forget(node.name)
+            self.power[node.name] = entry
+            for v in POWER_STATES:
+                m.power_state.labels(node=node.name, state=v).set(1 if entry.get("state") == v else 0)
+        for gone in set(self.power) - {n.name for n in sleepers}:
+            self.power.pop(gone, None)
+
+    async def _resume(self, spec: ClusterSpec, name: str, sdir: Path) -> None:
+        log = EventLog(sdir / EVENTS_FILE)
+        try:
+            outcome = await wake_node(
+                spec, spec.node(name), sdir, self.worker.wiring, self.worker.desired,
+                emit=_emitter(log), start=Step.PROBE, why="woken by a request",
+            )  # fmt: skip
+            self.worker.say(outcome.message, not outcome.ok)
+        except Exception as exc:  # a node's wake never stops the loop
+            self.worker.say(f"node {name}: resuming failed: {exc}", True)
+        finally:
+            log.close()
+            self.waking.pop(name, None)
+
     async def _stop_recoveries(self) -> None:
-        tasks = list(self.recovering.values())
+        tasks = [*self.recovering.values(), *self.waking.values()]
+        self.waking.clear()
         for t in tasks:
             t.cancel()
         for t in tasks:
@@ -750,6 +878,8 @@ class WatchLoop:
             "runs": self.runs,
             "health": w.health,
             "recovering": sorted(self.recovering),
+            "power": self.power,
+            "asleep": sorted(n for n, e in self.power.items() if e.get("state") == "asleep"),
             "next_run": None if in_secs is None else self.wall() + in_secs,
             "updated": self.wall(),
         }

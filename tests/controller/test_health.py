@@ -50,6 +50,9 @@ def probe(status: Status, tier: str = "local", name: str = "n/ollama", kind: str
 
 
 def expected_verdict(statuses: tuple[Status, ...]) -> Verdict:
+    if statuses and all(s is Status.ASLEEP for s in statuses):
+        return Verdict.ASLEEP
+    statuses = tuple(s for s in statuses if s is not Status.ASLEEP)  # asleep on purpose: neither up nor down
     if all(s is Status.UP for s in statuses):
         return Verdict.HEALTHY
     if all(s is Status.DOWN for s in statuses):

@@ -22,6 +22,7 @@ from controller.effects.recovery import (
     Step,
     backoff_delay,
     due,
+    due_nodes,
     node_hash,
     predicted_path,
     transition,
@@ -178,8 +179,8 @@ class Scripted:
         return step.value
 
 
-def run(recoverer: Recoverer, **kw: bool) -> tuple[Status, int, str]:
-    outcome = asyncio.run(recoverer.run(**kw))
+def run(recoverer: Recoverer, *, once: bool = False, resume: bool = False) -> tuple[Status, int, str]:
+    outcome = asyncio.run(recoverer.run(once=once, resume=resume))
     return outcome.status, outcome.attempts, outcome.message
 
 
@@ -228,6 +229,32 @@ def test_asleep_is_woken_and_waited_for(tmp_path: Path) -> None:
     )
     assert run(make(actions, t, tmp_path, events))[0] is Status.RECOVERED
     assert actions.calls[:2] == ["probe", "wake"] and actions.calls.count("probe_ssh") == 4
+
+
+def test_a_wake_on_purpose_starts_at_wake_without_probing_then_restarts_the_containers(tmp_path: Path) -> None:
+    """`homelab wake` (and a node homelab put to sleep): recovery's machine from WAKE, the same steps after."""
+    t, events = FakeTime(), list[dict[str, object]]()
+    actions = Scripted(
+        probe=[Obs(ssh=Reach.UP, docker=True, healthy=True)],  # never asked
+        wake=[Obs(ok=True)],
+        probe_ssh=[Obs(ssh=Reach.DOWN), Obs(ssh=Reach.UP)],
+        probe_docker=[Obs(docker=True)],
+        restart_containers=[Obs(ok=True)],
+        recheck=[Obs(healthy=True)],
+    )
+    outcome = asyncio.run(make(actions, t, tmp_path, events).run(start=Step.WAKE))
+    assert outcome.status is Status.RECOVERED
+    assert actions.calls == ["wake", "probe_ssh", "probe_ssh", "probe_docker", "restart_containers", "recheck"]
+    steps = [e["step"] for e in events if e["event"] == "recovery-observed"]
+    assert steps == ["wake", "wait-ssh", "wait-docker", "restart-containers", "recheck"]
+
+
+def test_a_node_homelab_put_to_sleep_is_never_due_for_recovery(tmp_path: Path) -> None:
+    store = AttemptStore(tmp_path / "recovery.json")
+    chosen, waiting = due_nodes(spec(), ["box"], store, 0.0, asleep=["box"])
+    assert chosen == [] and waiting == []
+    chosen, _ = due_nodes(spec(), ["box"], store, 0.0)
+    assert [n.name for n in chosen] == ["box"]
 
 
 def test_wait_for_ssh_runs_out_then_backoff_then_give_up_limit(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import subprocess
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import httpx
@@ -20,6 +21,7 @@ from controller.drivers.fake import FakeDockerNode
 from controller.effects import watch
 from controller.effects.engine import Wiring
 from controller.effects.health import Probe, Status, classify, endpoints
+from controller.effects.power import PowerStore
 from controller.effects.watch import (
     Action,
     FileSource,
@@ -33,7 +35,9 @@ from controller.effects.watch import (
     read_status,
     serve,
 )
+from specs import parse_spec
 from specs.model import ClusterSpec, Node
+from specs.validate import command_keys
 from tests.controller.test_reconcile import SOURCES, SPEC
 from tests.support.wiring import Wired
 
@@ -156,7 +160,8 @@ class StubWorker:
         self.sweeps: list[float] = []
         self.source = StubSource()
         self.source.clock = ft.clock
-        self.good = object()
+        self.good = SimpleNamespace(loaded=SimpleNamespace(spec=SimpleNamespace(nodes=[])))  # no node sleeps
+        self.stirring: list[str] = []
         self.dry_run = False
         self.cancelled = False
 
@@ -582,3 +587,37 @@ def test_a_spec_from_git_may_not_run_commands_unless_allowed(tmp_path: Path) -> 
             assert "secrets.key: a `cmd:` secret runs a command here" in worker.spec_errors[0]
     file_worker = Worker(FileSource(work / "cluster.yaml"), tmp_path / "state", True, Metrics(), Said())
     assert file_worker.refresh_spec() is not None  # a local file is the operator's own: allowed
+
+
+def test_a_sleep_command_is_a_command_key() -> None:
+    """`power.sleep_command` runs on the node over SSH: git mode refuses it like a Docker restart command; the
+    default (`sudo -S systemctl suspend`) is not the spec's own command and passes."""
+    extra = "    ssh: {user: u}\n    wake: {wol: {mac: 'aa:bb:cc:dd:ee:ff'}}\n"
+    extra += "    power: {sleep_after: 10m, sleep_command: 'rm -rf /'}\n"
+    text = SPEC.replace("    ram: 64GiB\n", "    ram: 64GiB\n" + extra, 1)
+    spec = parse_spec(text, "cluster.yaml").spec
+    assert (("nodes", 0, "power", "sleep_command"), "runs on the node over SSH") in command_keys(spec)
+    default = parse_spec(text.replace(", sleep_command: 'rm -rf /'", ""), "cluster.yaml").spec
+    assert not any(path[2:3] == ("power",) for path, _ in command_keys(default))
+    assert default.nodes[0].power is not None
+    assert default.nodes[0].power.command_for(default.nodes[0].os) == "sudo -S systemctl suspend"
+
+
+def test_a_node_homelab_put_to_sleep_is_not_reconciled_until_it_wakes(
+    engines: dict[str, FakeDockerNode], tmp_path: Path, wired: Wired
+) -> None:
+    """Whoever wakes a node brings its containers back, one at a time: the watch's own reconcile leaves a sleeping
+    (or waking) node's steps out rather than racing it for the apply lock."""
+    spec = tmp_path / "cluster.yaml"
+    spec.write_text(SPEC)
+    state = tmp_path / "state"
+    PowerStore(state).put("box", "asleep", "idle")
+    said = Said()
+    worker = Worker(FileSource(spec), state, False, Metrics(), said, wired.wiring)
+    result = worker.run("start-up")
+    assert result["ok"], result.get("error")
+    assert not engines["box"].containers
+    assert "node box: asleep (homelab put it to sleep): its steps wait until it is awake" in said.text
+    PowerStore(state).put("box", None)
+    assert worker.run("interval")["ok"]
+    assert engines["box"].containers

@@ -388,6 +388,49 @@ CASES: list[tuple[str, str, int, str]] = [
         r"routing\.rules\.code\.patterns\[0\]: not a valid regular expression",
     ),
     ("unknown-version", "version: 2\n" + BASE, 1, r"version: must be 1 \(got 2\)"),
+    (
+        "power-without-wake",
+        edit("    ram: 16GiB\n", "    ram: 16GiB\n    ssh: {user: homelab}\n    power: {sleep_after: 30m}\n"),
+        17,
+        r"nodes\[1\]\.power: needs `wake` \(wol or command\)",
+    ),
+    (
+        "power-without-ssh",
+        edit("    ram: 16GiB\n", "    ram: 16GiB\n    wake: {command: wake-nas}\n    power: {sleep_after: 30m}\n"),
+        17,
+        r"nodes\[1\]\.power: needs `ssh`: the sleep command runs on the node over SSH",
+    ),
+    (
+        "power-on-the-gateway-node",
+        edit(
+            "    ram: 16GiB\n",
+            "    ram: 16GiB\n    ssh: {user: homelab}\n    wake: {command: wake-nas}\n    power: {sleep_after: 30m}\n",
+        )
+        + "gateway: {node: nas, mode: process, master_key: 'env:KEY'}\n",
+        18,
+        r"nodes\[1\]\.power: node 'nas' runs the gateway and cannot sleep",
+    ),
+    (
+        "power-on-the-machine-homelab-runs-on",
+        edit(
+            "    address: 10.0.0.3\n    ram: 16GiB\n",
+            "    address: 127.0.0.1\n    ram: 16GiB\n    wake: {command: wake-nas}\n    power: {sleep_after: 30m}\n",
+        ),
+        17,
+        r"nodes\[1\]\.power: node 'nas' is the machine homelab runs on and cannot sleep",
+    ),
+    (
+        "power-bad-on-request",
+        edit("    ram: 16GiB\n", "    ram: 16GiB\n    power: {on_request: later}\n"),
+        16,
+        r"nodes\[1\]\.power\.on_request: must be 'wait' or 'fallback'",
+    ),
+    (
+        "power-zero-sleep-after",
+        edit("    ram: 16GiB\n", "    ram: 16GiB\n    power: {sleep_after: 0s}\n"),
+        16,
+        r"nodes\[1\]\.power\.sleep_after: must be greater than 0",
+    ),
 ]
 
 LINE_RE = re.compile(r"^spec\.yaml:(?P<line>\d+):(?P<col>\d+): (?P<rest>.+)$")
