@@ -19,6 +19,7 @@ from controller.commands.common import SpecFileOption, err, fail, load_or_exit, 
 from controller.drivers.secrets import Redactor
 from controller.effects.apply import EVENTS_FILE, EventLog
 from controller.effects.engine import desired_state, state_dir
+from controller.effects.hostcpu import host_cpus
 from controller.effects.power import wake_node
 
 
@@ -45,7 +46,7 @@ def register(app: typer.Typer) -> None:
         wiring = wiring_of(ctx)
         sdir = state_dir(spec, state)
         try:
-            desired = desired_state(spec, wiring.solve)
+            desired = desired_state(spec, wiring.solve, cpus=host_cpus(spec, wiring.host_cpu))
         except (ValueError, OSError):
             desired = None
         log = EventLog(sdir / EVENTS_FILE)
