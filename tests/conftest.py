@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from controller.effects.apply import LOCK_DIR_ENV
 from tests.support.wiring import Wired
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cluster_locks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The machine-wide per-cluster apply locks of this run live in a directory of its own (inherited by
+    every `homelab` the tests start), so two test runs on one machine never hold each other's `lab` lock."""
+    path = tmp_path_factory.mktemp("locks")
+    old = os.environ.get(LOCK_DIR_ENV)
+    os.environ[LOCK_DIR_ENV] = str(path)
+    yield path
+    if old is None:
+        del os.environ[LOCK_DIR_ENV]
+    else:
+        os.environ[LOCK_DIR_ENV] = old
 
 
 @pytest.fixture

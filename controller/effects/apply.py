@@ -131,9 +131,17 @@ def apply_lock(state_dir: Path, cluster: str | None = None) -> Iterator[None]:
             yield
 
 
+LOCK_DIR_ENV = "HOMELAB_LOCK_DIR"
+"""Where this machine's per-cluster locks live when set (default /run/lock, else /tmp): a test run (or
+a second, separate lab on one machine) sets its own so that it never waits on another's clusters."""
+
+
 def cluster_lock_path(cluster: str) -> Path:
     """This machine's lock for a cluster, the same for every user and state directory: /run/lock (else /tmp)."""
+    env = os.environ.get(LOCK_DIR_ENV)
     base = Path("/run/lock") if os.access("/run/lock", os.W_OK) else Path("/tmp")
+    if env:
+        base = Path(env)
     return base / f"homelab-{hashlib.sha256(cluster.encode()).hexdigest()[:16]}.lock"
 
 
