@@ -17,7 +17,13 @@ from controller.effects.engine import HealthProbe, desired_state
 from controller.effects.health import EXIT_CODES, HealthReport, Status
 from specs.model import ClusterSpec
 
-STATUS_STYLE = {Status.UP: "green", Status.SLOW: "yellow", Status.STARTING: "yellow", Status.DOWN: "red"}
+STATUS_STYLE = {
+    Status.UP: "green",
+    Status.SLOW: "yellow",
+    Status.STARTING: "yellow",
+    Status.IDLE: "blue",
+    Status.DOWN: "red",
+}
 
 
 def render_report(report: HealthReport) -> None:

@@ -84,6 +84,8 @@ def _reconcile(
             err.print(f"warning: {warning}", markup=False)
     for warning in prepared.calibration_warnings:
         err.print(f"warning: {warning}", markup=False)
+    for note in prepared.notes:
+        err.print(f"note: {note}", markup=False)
     plan = prepared.plan
     if plan_file is not None:
         if dry_run:
@@ -138,6 +140,8 @@ def _show(prepared: Prepared, plan: Plan, as_json: bool) -> None:
                 "measured": list(prepared.calibration),
                 "warnings": list(prepared.calibration_warnings),
             }
+        if prepared.notes:
+            data["notes"] = list(prepared.notes)
         out.print(json.dumps(data, indent=2, sort_keys=True), markup=False)
         return
     for line in placement_summary(prepared):

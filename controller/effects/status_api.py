@@ -36,7 +36,7 @@ from controller.effects.apply import EVENTS_FILE
 from controller.effects.calibration import ContainerCalibration
 from controller.effects.engine import Session, Wiring, current_ports
 from controller.effects.gpu_use import GpuReality, ModelVram, match_gpu
-from controller.effects.health import HealthReport, Probe, Status, tier_verdict
+from controller.effects.health import ANSWERING, HealthReport, Probe, tier_verdict
 from controller.effects.observe import observe
 from controller.effects.route_probe import Probed, endpoint_health
 from controller.effects.vram_status import StatusKey, placed_vs_actual
@@ -164,7 +164,7 @@ def _node_state(name: str, node: Mapping[str, Any], probes: Sequence[Probe], rep
         if c.get("status") != "running":
             reasons.append(f"{c.get('name')}: {c.get('status')}")
     for p in probes:
-        if p.status is not Status.UP:
+        if p.status not in ANSWERING:
             reasons.append(f"{p.endpoint.name}: {p.error or p.status.value}")
     if not report:
         return ("NOT OBSERVED" if reasons else "UNKNOWN"), reasons

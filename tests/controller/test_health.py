@@ -50,7 +50,8 @@ def probe(status: Status, tier: str = "local", name: str = "n/ollama", kind: str
 
 
 def expected_verdict(statuses: tuple[Status, ...]) -> Verdict:
-    if all(s is Status.UP for s in statuses):
+    # an idle on-demand model (not loaded, loads on request) is as healthy as one that answers
+    if all(s in (Status.UP, Status.IDLE) for s in statuses):
         return Verdict.HEALTHY
     if all(s is Status.DOWN for s in statuses):
         return Verdict.DOWN
