@@ -421,7 +421,9 @@ def render(
             model_volume=n.llamacpp.volume if n.llamacpp is not None else None,
             services=(GATEWAY_CONTAINER,) if gateway_here(spec, n.name) else (),
             adopts=tuple(
-                (c.name, spec.model(c.model).adopt or "") for c in containers[n.name] if spec.model(c.model).adopt
+                (c.name, spec.model(c.model).adopt or "")
+                for c in containers[n.name]
+                if not c.pool and spec.model(c.model).adopt
             ),
             spec_files=spec_files,
         )
