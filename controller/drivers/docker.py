@@ -596,13 +596,13 @@ class DockerEngine:
                 raise
 
     def pool_processes(self, name: str) -> dict[str, float]:
-        """A swap pool's loaded members: alias → seconds since its child llama-server started (`docker top`,
-        which runs `ps` on the node). Empty when the container is not running."""
+        """A swap pool's loaded (or asleep) members: alias → seconds since its child llama-server started (`docker top`,
+        which runs `ps -o pid,etimes,args` on the node). Empty when the container is not running."""
         with self._errors(f"list the processes of container {name}"):
             container = self._managed(name)
             if container is None or container.status != "running":
                 return {}
-            top = container.top(ps_args="-o etimes,args")
+            top = container.top(ps_args="-o pid,etimes,args")  # docker top needs the PID column
         return pool_children(top)
 
     def _start_new(self, container: Any, name: str) -> None:
@@ -848,7 +848,7 @@ class DockerEngine:
 
 
 def pool_children(top: Mapping[str, Any]) -> dict[str, float]:
-    """alias → elapsed seconds of each child llama-server in `docker top -o etimes,args` output (the router
+    """alias → elapsed seconds of each child llama-server in `docker top -o pid,etimes,args` output (the router
     starts a child with `--alias NAME` for each member it loads)."""
     titles = [str(t).upper() for t in top.get("Titles") or []]
     try:

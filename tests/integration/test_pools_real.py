@@ -1,0 +1,252 @@
+"""On-demand models in a swap pool, for real (issue 17): a router-mode llama-server container and LiteLLM.
+
+A private dockerd runs the pool's container (the locally built llama-server image, CPU), homelab writes its
+preset, and the real LiteLLM proxy ($HOMELAB_LITELLM, mode `process`) routes each member by its alias. Three
+members (three synthetic GGUFs with different weights), `max_loaded: 1`: A, then B, then A again through the
+gateway — each answer is that member's own (greedy decoding: a member always gives the same answer, and the
+three give different ones), the router has exactly the requested member loaded afterwards, and the child
+process that answered carries its alias. `bench/pool_swap.py` measures the same swap with timings.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import docker
+import httpx
+import pytest
+
+from controller.drivers.docker import DockerEngine
+from controller.drivers.litellm import LocalGateway
+from controller.drivers.llamacpp import router_models
+from controller.effects.apply import Executor
+from controller.effects.engine import CachingConnect, Prepared, local_gateway, prepare
+from controller.effects.health import Status, check
+from controller.effects.pools import observe_pools
+from solver.place import SolveParams
+from specs import parse_spec
+from specs.model import ClusterSpec
+from tests.support import dockerd as dockerd_support
+from tests.support.ports import free_port, free_port_range
+from tests.support.synth import shape_by_name, write_synth_gguf
+
+SPEC = """\
+cluster: {{name: {cluster}}}
+secrets: {{litellm: "env:HOMELAB_TEST_LITELLM_KEY"}}
+nodes:
+  - name: box
+    tier: remote
+    address: 127.0.0.1
+    docker: {{endpoint: "{endpoint}", gpu_access: none}}
+    gpus: [{{index: 0, name: declared 8 GiB card, vram: 8GiB}}]
+    ram: 16GiB
+    llamacpp:
+      image: "{image}"
+      helper_image: "{helper}"
+      ports: {base}-{top}
+      bind_address: 127.0.0.1
+      threads: 1
+      volume: hl-pool
+      health_timeout: 60s
+      max_loaded: 1
+models:
+{members}
+gateway:
+  mode: process
+  host: 127.0.0.1
+  port: {gateway_port}
+  command: ["{litellm}"]
+  config_path: {tmp}/litellm/config.yaml
+  master_key: secret:litellm
+"""
+
+MEMBER = """\
+  - name: {name}
+    runtime: llamacpp
+    source: {{gguf: {models}/{name}.gguf}}
+    context: {context}
+    categories: [chat]
+    residency: on-demand
+    ttl: 10m
+"""
+
+MEMBERS = ("od-a", "od-b", "od-c")
+SYNTH_NOT_TEXT = 261
+"""The synthetic vocabulary's 5 control and 256 byte tokens, kept out of answers (see test_gateway_real.py)."""
+
+
+class Pool:
+    def __init__(self, fields: dict[str, object], tmp: Path) -> None:
+        self.fields = fields
+        self.tmp = tmp
+        self.state = tmp / "state"
+        self.contexts = dict.fromkeys(MEMBERS, 512)
+
+    def spec(self) -> ClusterSpec:
+        members = "".join(
+            MEMBER.format(name=n, models=self.fields["models"], context=self.contexts[n]) for n in self.contexts
+        )
+        return parse_spec(SPEC.format(members=members, **self.fields), "cluster.yaml").spec
+
+    def prepare(self, spec: ClusterSpec) -> tuple[Prepared, CachingConnect]:
+        connect = CachingConnect(lambda node: DockerEngine(node, str(self.fields["cluster"]), poll_interval=0.05))
+        prepared = prepare(spec, connect, SolveParams(time_limit=5, workers=1), gateway=local_gateway(self.state))
+        return prepared, connect
+
+    def apply(self, spec: ClusterSpec) -> Prepared:
+        prepared, connect = self.prepare(spec)
+        assert prepared.desired.gateway is not None
+        ex = Executor(
+            spec.cluster.name,
+            dict(connect.opened),
+            self.state,
+            health_timeout={"box": 60},
+            gateway=LocalGateway(prepared.desired.gateway, self.state),
+            gateway_timeout=90,
+        )
+        result = ex.apply(prepared.plan)
+        assert result.ok, result.summary()
+        return prepared
+
+    def ask(self, model: str) -> tuple[str, str, float]:
+        """(the answer, the model the backend named, seconds from the request to its first token), streamed."""
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": "hello"}],
+            "max_tokens": 6,
+            "temperature": 0,
+            "top_k": 1,
+            "seed": 1,
+            "stream": True,
+            "logit_bias": {str(t): -100 for t in range(SYNTH_NOT_TEXT)},
+        }
+        url = f"http://127.0.0.1:{self.fields['gateway_port']}/v1/chat/completions"
+        headers = {"Authorization": f"Bearer {self.fields['key']}"}
+        start = time.perf_counter()
+        first: float | None = None
+        text, backend = "", ""
+        with httpx.stream("POST", url, json=body, headers=headers, timeout=120, trust_env=False) as r:
+            assert r.status_code == 200, r.read().decode()
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                delta = (chunk.get("choices") or [{}])[0].get("delta", {}).get("content") or ""
+                if delta and first is None:
+                    first = time.perf_counter() - start
+                text += delta
+                backend = chunk.get("model") or backend
+        assert first is not None, f"{model}: no token came back"
+        return text, backend, first
+
+
+@pytest.fixture
+def pool(
+    dockerd: dockerd_support.Dockerd,
+    docker_client: docker.DockerClient,
+    busybox_image: str,
+    llamacpp_image: str,
+    litellm_bin: str,
+    cluster: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Pool]:
+    models = tmp_path / "models"
+    models.mkdir()
+    for seed, name in enumerate(MEMBERS, start=1):
+        write_synth_gguf(models / f"{name}.gguf", shape_by_name("mha-f16"), seed=seed)
+    key = "sk-homelab-" + secrets.token_hex(12)
+    monkeypatch.setenv("HOMELAB_TEST_LITELLM_KEY", key)
+    base = free_port_range(4)
+    fields: dict[str, object] = {
+        "cluster": cluster,
+        "endpoint": dockerd.url,
+        "image": llamacpp_image,
+        "helper": busybox_image,
+        "base": base,
+        "top": base + 3,
+        "models": models,
+        "gateway_port": free_port(),
+        "litellm": litellm_bin,
+        "tmp": tmp_path,
+        "key": key,
+    }
+    p = Pool(fields, tmp_path)
+    try:
+        yield p
+    finally:
+        gw = p.prepare(p.spec())[0].desired.gateway
+        if gw is not None:
+            LocalGateway(gw, p.state).stop(gw)
+        for container in docker_client.containers.list(all=True):
+            container.remove(force=True)
+        for volume in docker_client.volumes.list():
+            volume.remove(force=True)
+
+
+def loaded(url: str) -> list[str]:
+    return sorted(alias for alias, m in router_models(url, 5).items() if m.state == "loaded")
+
+
+def test_a_then_b_then_a_through_the_gateway(pool: Pool) -> None:
+    spec = pool.spec()
+    first = pool.apply(spec)
+    assert [p.key for p in first.placement.pools] == ["box-gpu0"]
+    kinds = [(s.kind.value, s.name) for s in first.plan.steps if s.node == "box"]
+    assert [k for k in kinds if k[0] in ("run-container", "wait-healthy")] == [
+        ("run-container", "homelab-pool-box-gpu0"),
+        ("wait-healthy", "homelab-pool-box-gpu0"),
+    ]
+    again, _ = pool.prepare(spec)
+    assert again.plan.in_sync, again.plan.changes  # a second reconcile plans nothing
+    router = f"http://127.0.0.1:{pool.fields['base']}"
+    assert loaded(router) == []  # nothing is loaded before it is asked for
+
+    # nothing loaded is not a failure: every member is idle, the tier healthy
+    report = check(spec, first.desired)
+    members = {p.endpoint.model: p.status for p in report.probes if p.endpoint.kind == "llamapool"}
+    assert members == dict.fromkeys(MEMBERS, Status.IDLE)
+    assert {t.tier: t.verdict.value for t in report.tiers}["remote"] == "HEALTHY"
+
+    answers: list[tuple[str, str, str, float]] = []
+    for name in ("od-a", "od-b", "od-a"):
+        text, backend, ttft = pool.ask(name)
+        answers.append((name, text, backend, ttft))
+        assert loaded(router) == [name]  # max_loaded 1: the one asked for, and only it
+        assert backend == name  # llama-server names the member that answered
+    (a1, b1, a2) = (answers[0][1], answers[1][1], answers[2][1])
+    assert a1 == a2 and a1 != b1, answers  # A's own answer both times, B's differs
+    c_text, _, _ = pool.ask("od-c")
+    assert c_text not in (a1, b1)
+
+    # status: which member is loaded now and since when (its child process's start, from `docker top`)
+    observed = pool.prepare(spec)[0].observed
+    now = observe_pools(spec, observed, CachingConnect(lambda n: DockerEngine(n, str(pool.fields["cluster"]))))
+    (got,) = now.values()
+    assert [(m.model, m.state) for m in got.members] == [("od-a", "unloaded"), ("od-b", "unloaded"), ("od-c", "loaded")]
+    since = got.members[2].since
+    assert since is not None and time.time() - 120 < since <= time.time() + 1
+    for name, _, _, ttft in answers:
+        print(f"{name}: first token {ttft:.2f}s")
+
+
+def test_a_members_context_replaces_only_the_pool(pool: Pool) -> None:
+    pool.apply(pool.spec())
+    pool.contexts["od-b"] = 1024
+    changed = pool.spec()
+    prepared, _ = pool.prepare(changed)
+    replaced = [(c.action.value, c.name) for c in prepared.diff.changes if c.kind == "container"]
+    assert replaced == [("replace", "homelab-pool-box-gpu0")]
+    pool.apply(changed)
+    text, backend, _ = pool.ask("od-b")
+    assert backend == "od-b" and text
+    del pool.contexts["od-c"]  # a member removed leaves the pool
+    smaller = pool.spec()
+    pool.apply(smaller)
+    router = f"http://127.0.0.1:{pool.fields['base']}"
+    assert sorted(router_models(router, 5)) == ["od-a", "od-b"]
+    assert pool.prepare(smaller)[0].plan.in_sync
