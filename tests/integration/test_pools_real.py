@@ -10,138 +10,23 @@ process that answered carries its alias. `bench/pool_swap.py` measures the same 
 
 from __future__ import annotations
 
-import json
 import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import docker
-import httpx
 import pytest
 
 from controller.drivers.docker import DockerEngine
-from controller.drivers.litellm import LocalGateway
 from controller.drivers.llamacpp import router_models
-from controller.effects.apply import Executor
-from controller.effects.engine import CachingConnect, Prepared, local_gateway, prepare
+from controller.effects.engine import CachingConnect
 from controller.effects.health import Status, check
 from controller.effects.pools import observe_pools
-from solver.place import SolveParams
-from specs import parse_spec
-from specs.model import ClusterSpec
 from tests.support import dockerd as dockerd_support
+from tests.support.pool_lab import MEMBERS, PoolLab
 from tests.support.ports import free_port, free_port_range
 from tests.support.synth import shape_by_name, write_synth_gguf
-
-SPEC = """\
-cluster: {{name: {cluster}}}
-secrets: {{litellm: "env:HOMELAB_TEST_LITELLM_KEY"}}
-nodes:
-  - name: box
-    tier: remote
-    address: 127.0.0.1
-    docker: {{endpoint: "{endpoint}", gpu_access: none}}
-    gpus: [{{index: 0, name: declared 8 GiB card, vram: 8GiB}}]
-    ram: 16GiB
-    llamacpp:
-      image: "{image}"
-      helper_image: "{helper}"
-      ports: {base}-{top}
-      bind_address: 127.0.0.1
-      threads: 1
-      volume: hl-pool
-      health_timeout: 60s
-      max_loaded: 1
-models:
-{members}
-gateway:
-  mode: process
-  host: 127.0.0.1
-  port: {gateway_port}
-  command: ["{litellm}"]
-  config_path: {tmp}/litellm/config.yaml
-  master_key: secret:litellm
-"""
-
-MEMBER = """\
-  - name: {name}
-    runtime: llamacpp
-    source: {{gguf: {models}/{name}.gguf}}
-    context: {context}
-    categories: [chat]
-    residency: on-demand
-    ttl: 10m
-"""
-
-MEMBERS = ("od-a", "od-b", "od-c")
-SYNTH_NOT_TEXT = 261
-"""The synthetic vocabulary's 5 control and 256 byte tokens, kept out of answers (see test_gateway_real.py)."""
-
-
-class Pool:
-    def __init__(self, fields: dict[str, object], tmp: Path) -> None:
-        self.fields = fields
-        self.tmp = tmp
-        self.state = tmp / "state"
-        self.contexts = dict.fromkeys(MEMBERS, 512)
-
-    def spec(self) -> ClusterSpec:
-        members = "".join(
-            MEMBER.format(name=n, models=self.fields["models"], context=self.contexts[n]) for n in self.contexts
-        )
-        return parse_spec(SPEC.format(members=members, **self.fields), "cluster.yaml").spec
-
-    def prepare(self, spec: ClusterSpec) -> tuple[Prepared, CachingConnect]:
-        connect = CachingConnect(lambda node: DockerEngine(node, str(self.fields["cluster"]), poll_interval=0.05))
-        prepared = prepare(spec, connect, SolveParams(time_limit=5, workers=1), gateway=local_gateway(self.state))
-        return prepared, connect
-
-    def apply(self, spec: ClusterSpec) -> Prepared:
-        prepared, connect = self.prepare(spec)
-        assert prepared.desired.gateway is not None
-        ex = Executor(
-            spec.cluster.name,
-            dict(connect.opened),
-            self.state,
-            health_timeout={"box": 60},
-            gateway=LocalGateway(prepared.desired.gateway, self.state),
-            gateway_timeout=90,
-        )
-        result = ex.apply(prepared.plan)
-        assert result.ok, result.summary()
-        return prepared
-
-    def ask(self, model: str) -> tuple[str, str, float]:
-        """(the answer, the model the backend named, seconds from the request to its first token), streamed."""
-        body = {
-            "model": model,
-            "messages": [{"role": "user", "content": "hello"}],
-            "max_tokens": 6,
-            "temperature": 0,
-            "top_k": 1,
-            "seed": 1,
-            "stream": True,
-            "logit_bias": {str(t): -100 for t in range(SYNTH_NOT_TEXT)},
-        }
-        url = f"http://127.0.0.1:{self.fields['gateway_port']}/v1/chat/completions"
-        headers = {"Authorization": f"Bearer {self.fields['key']}"}
-        start = time.perf_counter()
-        first: float | None = None
-        text, backend = "", ""
-        with httpx.stream("POST", url, json=body, headers=headers, timeout=120, trust_env=False) as r:
-            assert r.status_code == 200, r.read().decode()
-            for line in r.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                delta = (chunk.get("choices") or [{}])[0].get("delta", {}).get("content") or ""
-                if delta and first is None:
-                    first = time.perf_counter() - start
-                text += delta
-                backend = chunk.get("model") or backend
-        assert first is not None, f"{model}: no token came back"
-        return text, backend, first
 
 
 @pytest.fixture
@@ -154,7 +39,7 @@ def pool(
     cluster: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-) -> Iterator[Pool]:
+) -> Iterator[PoolLab]:
     models = tmp_path / "models"
     models.mkdir()
     for seed, name in enumerate(MEMBERS, start=1):
@@ -175,13 +60,11 @@ def pool(
         "tmp": tmp_path,
         "key": key,
     }
-    p = Pool(fields, tmp_path)
+    p = PoolLab(fields, tmp_path)
     try:
         yield p
     finally:
-        gw = p.prepare(p.spec())[0].desired.gateway
-        if gw is not None:
-            LocalGateway(gw, p.state).stop(gw)
+        p.stop_gateway()
         for container in docker_client.containers.list(all=True):
             container.remove(force=True)
         for volume in docker_client.volumes.list():
@@ -192,7 +75,7 @@ def loaded(url: str) -> list[str]:
     return sorted(alias for alias, m in router_models(url, 5).items() if m.state == "loaded")
 
 
-def test_a_then_b_then_a_through_the_gateway(pool: Pool) -> None:
+def test_a_then_b_then_a_through_the_gateway(pool: PoolLab) -> None:
     spec = pool.spec()
     first = pool.apply(spec)
     assert [p.key for p in first.placement.pools] == ["box-gpu0"]
@@ -234,7 +117,7 @@ def test_a_then_b_then_a_through_the_gateway(pool: Pool) -> None:
         print(f"{name}: first token {ttft:.2f}s")
 
 
-def test_a_members_context_replaces_only_the_pool(pool: Pool) -> None:
+def test_a_members_context_replaces_only_the_pool(pool: PoolLab) -> None:
     pool.apply(pool.spec())
     pool.contexts["od-b"] = 1024
     changed = pool.spec()
