@@ -89,6 +89,11 @@ def run(kind: str, rounds: int, litellm: str) -> dict[tuple[str, bool], list[flo
                         if backend != member:
                             raise SystemExit(f"{step}: answered by {backend!r}, not {member!r}")
                         times.setdefault((step, direct), []).append(first)
+        except Exception:
+            for container in client.containers.list(all=True):  # what the pool's router said before it failed
+                print(f"--- {container.name} ({container.status}):", file=sys.stderr)
+                print(container.logs(tail=30).decode(errors="replace"), file=sys.stderr)
+            raise
         finally:
             lab.stop_gateway()
             for container in client.containers.list(all=True):

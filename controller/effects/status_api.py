@@ -30,7 +30,7 @@ from controller.core.routing import (
     endpoints_from_state,
     fallback_chain,
 )
-from controller.core.state import ClusterState, OllamaNodeState
+from controller.core.state import ClusterState, OllamaNodeState, pool_container_name
 from controller.drivers.base import DriverError
 from controller.effects.apply import EVENTS_FILE
 from controller.effects.calibration import ContainerCalibration
@@ -234,8 +234,8 @@ def _gpus_json(spec_node: Node, found: Found, vram_status: Mapping[str, Any]) ->
         info = match_gpu(report, gpu) if report is not None else None
         models = []
         for a in placement.assignments:
-            if a.node != spec_node.name or gpu.index not in a.gpus:
-                continue
+            if a.node != spec_node.name or gpu.index not in a.gpus or a.on_demand:
+                continue  # an on-demand model is counted in its swap pool, below
             cname = container_name(a.model)
             v = found.vram.get((spec_node.name, cname)) if cname in containers else None
             models.append(
@@ -246,6 +246,23 @@ def _gpus_json(spec_node: Node, found: Found, vram_status: Mapping[str, Any]) ->
                     "gpu_layers": a.layers_per_gpu.get(gpu.index, a.gpu_layers),
                     "layers": a.layers,
                     "planned_bytes": a.vram_bytes.get(gpu.index, 0),
+                    "actual_bytes": v.actual_bytes if v is not None else None,
+                    "over_plan": v.over_plan if v is not None else False,
+                }
+            )
+        for pool in placement.pools:
+            if pool.node != spec_node.name or pool.gpu != gpu.index:
+                continue
+            cname = pool_container_name(pool.key)
+            v = found.vram.get((spec_node.name, cname)) if cname in containers else None
+            models.append(
+                {
+                    "model": f"swap pool: {', '.join(pool.members)} (max {pool.max_loaded} loaded)",
+                    "replica": 0,
+                    "container": cname if cname in containers else None,
+                    "gpu_layers": 0,
+                    "layers": 0,
+                    "planned_bytes": pool.size_bytes,
                     "actual_bytes": v.actual_bytes if v is not None else None,
                     "over_plan": v.over_plan if v is not None else False,
                 }
