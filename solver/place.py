@@ -429,7 +429,9 @@ def _build(problem: Problem) -> _Model:
         moved.append(1 - stay)
     pw = placed_weights(problem)
     placement = cp_model.LinearExpr.sum([pw[r.model.name] * placed[r.key] for r in reps])
-    layers = cp_model.LinearExpr.sum([(r.model.priority + 1) * ngl[r.key] for r in reps])
+    # GPU layers of the pinned models: an on-demand member is fully offloaded or in a CPU pool, and which of the
+    # two is stage 3's first choice, so that no pinned model loses layers to a model that is loaded now and then.
+    layers = cp_model.LinearExpr.sum([(r.model.priority + 1) * ngl[r.key] for r in reps if not r.model.on_demand])
     util = m.new_int_var(0, UTIL_SCALE, "util")
     # The balance objective: every GPU's utilisation is at most `util` permille.
     for gi, expr in vram.items():
@@ -555,7 +557,7 @@ def _hint(mm: _Model, problem: Problem, chosen: list[Choice]) -> None:
             mm.model.add_hint(og.partial, here and not full)
         if og.layers is not None:
             mm.model.add_hint(og.layers, ngl if here and not full else 0)
-        if here:
+        if here and not reps[k].model.on_demand:  # on-demand members count in their pool (below)
             used[gi] += reps[k].needs[problem.gpus[gi].node].vram(ngl)
     for (k, node), v in mm.c.items():
         ch = by_key.get(k)
@@ -675,7 +677,10 @@ def solve(problem: Problem, params: SolveParams, start: float | None = None) -> 
         # Fewest split replicas first (a split pays a compute buffer and overhead again on every GPU
         # it uses), then the balance.
         splits = cp_model.LinearExpr.sum([spl.on for spl in mm.sp.values()])
-        mm.model.minimize((UTIL_SCALE + 1) * splits + mm.util)
+        # Before that, the fewest on-demand models in CPU pools (a GPU pool loads and answers faster).
+        in_cpu = [p.members for p in mm.pools if p.gpu is None]
+        cpu_members = cp_model.LinearExpr.sum([v for ms in in_cpu for v in ms])
+        mm.model.minimize((UTIL_SCALE + 1) * ((len(mm.sp) + 1) * cpu_members + splits) + mm.util)
         s3 = clock.solver(STAGE_SHARES[2], len(mm.x))
         st3 = s3.solve(mm.model)
         if st3 in (cp_model.OPTIMAL, cp_model.FEASIBLE):
@@ -920,8 +925,8 @@ def choice_placement(problem: Problem, chosen: list[Choice]) -> int:
 
 def _stage2_value(problem: Problem, chosen: list[Choice]) -> int:
     """Stage 2's objective of choices: priority-weighted GPU layers, less a placement weight per move."""
-    prio = {m.name: m.priority for m in problem.spec.models}
-    layers = sum((prio[ch.key[0]] + 1) * ch.ngl for ch in chosen)
+    pinned = {m.name: m.priority + 1 for m in problem.spec.models if not m.on_demand}
+    layers = sum(pinned.get(ch.key[0], 0) * ch.ngl for ch in chosen)
     by_key = {ch.key: ch for ch in chosen}
     placeable = {r.key for r in problem.replicas if r.key not in problem.blocked}
     moves = 0
@@ -945,8 +950,8 @@ def choice_score(problem: Problem, chosen: list[Choice]) -> int:
     """`score` of choices before they become assignments."""
     w = placement_weight(problem)
     pw = placed_weights(problem)
-    prio = {m.name: m.priority for m in problem.spec.models}
-    return sum(pw[ch.key[0]] * w + (prio[ch.key[0]] + 1) * ch.ngl for ch in chosen)
+    lw = {m.name: 0 if m.on_demand else m.priority + 1 for m in problem.spec.models}
+    return sum(pw[ch.key[0]] * w + lw[ch.key[0]] * ch.ngl for ch in chosen)
 
 
 def _extract(problem: Problem, mm: _Model, s: cp_model.CpSolver) -> list[Choice]:
