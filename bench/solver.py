@@ -43,7 +43,7 @@ SIZES = ((10, 2, 2), (50, 10, 5), (100, 30, 10), (200, 50, 15), (500, 100, 30))
 """(models, GPUs, nodes)."""
 TIGHT_SIZES = ((10, 2, 2), (20, 4, 2), (50, 10, 5), (100, 30, 10))
 TRIPLET_KS = (5, 10, 20, 40)
-POOL_SIZES = ((40, 2, 2), (100, 5, 3), (200, 10, 5), (400, 20, 10))
+POOL_SIZES = ((50, 2, 2), (125, 5, 3), (250, 10, 5))
 POOL_DEMANDS = (2.0, 3.0)
 
 
@@ -153,7 +153,7 @@ def stability(params: SolveParams) -> str:
 
 POOL_HEADER = (
     f"{'models':>6} {'GPUs':>5} {'pinned':>6} {'on-dem':>6} {'demand':>7} {'median s':>9} {'max s':>7}"
-    f"  {'status':<16} {'pinned ok':>9} {'on-dem ok':>9} {'in CPU':>6} {'fullest':>8}"
+    f"  {'status':<22} {'pinned ok':>9} {'on-dem ok':>9} {'in CPU':>6} {'fullest':>8}"
     f" {'pinned-only s':>13} {'all pinned: on GPU':>19}"
 )
 
@@ -201,7 +201,7 @@ def run_pools(n_models: int, n_gpus: int, n_nodes: int, demand: float, seeds: in
     counts = ",".join(f"{statuses.count(x)} {x}" for x in sorted(set(statuses)))
     return (
         f"{n_models:>6} {n_gpus:>5} {n_pinned:>6} {n_od:>6} {statistics.median(demands):>6.1f}x"
-        f" {statistics.median(times):>9.2f} {max(times):>7.2f}  {counts:<16}"
+        f" {statistics.median(times):>9.2f} {max(times):>7.2f}  {counts:<22}"
         f" {min(pinned_ok):>4}/{n_pinned:<4} {min(od_ok):>4}/{n_od:<4} {max(in_cpu):>6} {max(fullest):>7.1f}%"
         f" {statistics.median(pinned_times):>13.2f} {min(all_pinned):>10}/{n_models:<8}"
     )

@@ -114,8 +114,8 @@ def triplet_spec(k: int, seed: int, n_nodes: int = 4) -> ClusterSpec:
 def pool_spec(n_models: int, n_gpus: int, n_nodes: int, seed: int, demand: float = 2.5) -> ClusterSpec:
     """A cluster with more models than VRAM (issue 17): a quarter of the models pinned, filling about 40 % of
     the VRAM; the rest `residency: on-demand`, together `demand` × the VRAM (each 0.5–1.5 × their mean, at most
-    6 GB, so that two fit the smallest card). Nodes run llama.cpp or Ollama (max_loaded 1 or 2) and have RAM
-    enough for a CPU pool. Half the models may run partly on the CPU."""
+    28 % of the smallest card, so that two fit beside its share of pinned models). Nodes run llama.cpp or
+    Ollama (max_loaded 1 or 2) and have RAM enough for a CPU pool. Half the models may run partly on the CPU."""
     rng = random.Random(seed)
     per_node = [n_gpus // n_nodes + (1 if i < n_gpus % n_nodes else 0) for i in range(n_nodes)]
     nodes: list[dict[str, Any]] = []
@@ -126,7 +126,7 @@ def pool_spec(n_models: int, n_gpus: int, n_nodes: int, seed: int, demand: float
             "address": f"10.0.0.{i + 1}",
             "ram": rng.choice((64, 128)) * GIB,
             "ram_reserve": 4 * GIB,
-            "gpus": [{"index": j, "name": "gpu", "vram": rng.choice((8, 12, 16, 24)) * GIB} for j in range(k)],
+            "gpus": [{"index": j, "name": "gpu", "vram": rng.choice((12, 16, 24)) * GIB} for j in range(k)],
         }
         if rng.random() < 0.5:
             node["docker"] = {"endpoint": "unix:///var/run/docker.sock"}
@@ -140,7 +140,8 @@ def pool_spec(n_models: int, n_gpus: int, n_nodes: int, seed: int, demand: float
     pinned = [rng.uniform(1.0, 8.0) for _ in range(n_pinned)]
     pinned = [s * 0.4 * vram / sum(pinned) for s in pinned]
     mean = demand * vram / (n_models - n_pinned)
-    od = [min(6.0, mean * rng.uniform(0.5, 1.5)) for _ in range(n_models - n_pinned)]
+    cap = 0.28 * min((g["vram"] for n in nodes for g in n["gpus"]), default=12 * GIB) / 1e9
+    od = [min(cap, mean * rng.uniform(0.5, 1.5)) for _ in range(n_models - n_pinned)]
     models: list[dict[str, Any]] = []
     for i, size in enumerate(pinned + od):
         runtime = runtimes[f"n{rng.randrange(n_nodes)}"]  # as many of each runtime as nodes offer it
