@@ -63,6 +63,17 @@ A current replica on several GPUs stays when it is split over exactly those
 GPUs with the same layers; how its blocks are divided between them is not
 known from the current placement and may change.
 
+Swap pools (`residency: on-demand`, issue 17): an on-demand replica has the same `x` (fully offloaded
+only: `Replica.ngl_range`) and CPU variables, but its memory is not counted on its own: per GPU, and per
+node's CPU, and per runtime, a pool whose size is the sum of the runtime's `max_loaded` largest members'
+needs (`_TopK`: pool ≥ k·t + Σ s_i, s_i ≥ need_i·x_i − t, s_i ≥ 0; pool ≥ need_i·x_i for k = 1; the
+plain sum when every candidate fits at once), for VRAM and, apart, RAM. A Boolean per pool says it has a
+member: at most one pool per GPU (and per node's CPU), so its members share a runtime, and a llama.cpp
+pool takes one port. Stage 1 counts a placed pinned replica above all on-demand ones together
+(`placed_weights`); stage 2's layers are the pinned models', and after them it keeps on-demand models out
+of CPU pools. The large-cluster path builds the same pools in each neighbourhood (a neighbourhood holds
+whole nodes, so whole pools).
+
 Same input, same parameters → same plan: the default is one worker, for which
 CP-SAT is deterministic (it was also the faster setting measured); with
 several workers the search is CP-SAT's deterministic interleaved search.
@@ -652,9 +663,13 @@ def solve(problem: Problem, params: SolveParams, start: float | None = None) -> 
     chosen = _extract(problem, mm, s1)
     optimal = st1 == cp_model.OPTIMAL
 
-    # Stage 2: keep stage 1's value; move as few running replicas as possible, then the most GPU layers.
+    # Stage 2: keep stage 1's value; move as few running replicas as possible, then the most GPU layers
+    # (of pinned models), then the fewest on-demand models in CPU pools (a GPU pool loads and answers faster):
+    # one more layer or one fewer move outweighs every on-demand model's pool (scale: on-demand count + 1).
     mm.model.add(mm.placement >= placed_best)
-    stage2 = mm.layers - w * mm.moves
+    cpu_members = cp_model.LinearExpr.sum([v for p in mm.pools if p.gpu is None for v in p.members])
+    scale = 1 + sum(len(p.members) for p in mm.pools)
+    stage2 = scale * (mm.layers - w * mm.moves) - cpu_members
     mm.model.maximize(stage2)
     if choice_placement(problem, baseline) >= placed_best and _stage2_value(problem, baseline) > _stage2_value(
         problem, chosen
@@ -670,17 +685,15 @@ def solve(problem: Problem, params: SolveParams, start: float | None = None) -> 
         chosen = _extract(problem, mm, s2)
         optimal = optimal and st2 == cp_model.OPTIMAL
         if optimal and not problem.current:
-            layers_bound = round(s2.best_objective_bound)
+            # scale · layers − (members in CPU pools, at most scale − 1) ≤ the proven bound.
+            layers_bound = math.floor((s2.best_objective_bound + scale - 1) / scale + 1e-9)
         # Stage 3: keep stage 2's value; balance headroom.
         mm.model.add(stage2 >= round(s2.objective_value))
         _hint(mm, problem, chosen)
         # Fewest split replicas first (a split pays a compute buffer and overhead again on every GPU
         # it uses), then the balance.
         splits = cp_model.LinearExpr.sum([spl.on for spl in mm.sp.values()])
-        # Before that, the fewest on-demand models in CPU pools (a GPU pool loads and answers faster).
-        in_cpu = [p.members for p in mm.pools if p.gpu is None]
-        cpu_members = cp_model.LinearExpr.sum([v for ms in in_cpu for v in ms])
-        mm.model.minimize((UTIL_SCALE + 1) * ((len(mm.sp) + 1) * cpu_members + splits) + mm.util)
+        mm.model.minimize((UTIL_SCALE + 1) * splits + mm.util)
         s3 = clock.solver(STAGE_SHARES[2], len(mm.x))
         st3 = s3.solve(mm.model)
         if st3 in (cp_model.OPTIMAL, cp_model.FEASIBLE):
