@@ -28,6 +28,7 @@ from solver.problem import (
     vram_at,
 )
 from solver.profiles import MemoryProfile, Profile
+from specs.enums import Runtime
 
 GIB = 1 << 30
 
@@ -167,6 +168,7 @@ def _split_text(problem: Problem, r: Replica, free: list[int], hosts: dict[str, 
 def _why_no_pool(
     problem: Problem,
     r: Replica,
+    assignments: Sequence[Assignment],
     gpus: Sequence[GpuUse],
     ram_free: dict[str, int],
     pools: Sequence[Pool],
@@ -176,6 +178,16 @@ def _why_no_pool(
     name, model = r.model.name, r.model
     ctx = ctx_text(model.context)
     by_place = {(p.node, p.gpu): p for p in pools}
+    ports_left = dict(problem.port_slots)
+    for p in pools:
+        if p.runtime is Runtime.LLAMACPP:
+            ports_left[p.node] -= 1
+    for a in assignments:
+        if not a.on_demand and problem.spec.model(a.model).runtime is Runtime.LLAMACPP:
+            ports_left[a.node] -= 1
+
+    def _ports_text(node: str) -> str:
+        return f"all {problem.port_slots[node]} ports of {node}'s range are taken (pinned replicas and pools)"
 
     def need_of(pool: Pool | None, node: str, own: int, own_ram: int) -> tuple[int, int, str, int]:
         k = problem.max_loaded(node, model.runtime)
@@ -196,7 +208,9 @@ def _why_no_pool(
         own, own_ram = vram_at(curve, r.n_layers), ram_at(curve, r.n_layers)
         pool = by_place.get((slot.node, slot.index))
         grown, grown_ram, what, _ = need_of(pool, slot.node, own, own_ram)
-        if grown < 0:
+        if pool is None and model.runtime is Runtime.LLAMACPP and ports_left[slot.node] <= 0:
+            text, short = f"on {slot.node}:{slot.index} a new pool needs a port and {_ports_text(slot.node)}", 1 << 61
+        elif grown < 0:
             text, short = f"on {slot.node}:{slot.index} {what}", 1 << 62
         else:
             room = use.capacity_bytes - (use.used_bytes - use.pool_bytes)
@@ -213,6 +227,10 @@ def _why_no_pool(
             need = ram_at(r.curves[node], 0)
             pool = by_place.get((node, None))
             if pool is not None and pool.runtime is not model.runtime:
+                continue
+            if pool is None and model.runtime is Runtime.LLAMACPP and ports_left[node] <= 0:
+                if best is None:
+                    best = (1 << 61, f"in {node}'s CPU pool it would need a port and {_ports_text(node)}")
                 continue
             rams = [_member_need(problem, m, node, gpu=False)[1] for m in (pool.members if pool else ())]
             grown = top_k_sum([*rams, need], problem.max_loaded(node, model.runtime))
@@ -258,7 +276,7 @@ def explain(
         if r.key in problem.blocked:
             unplaced.append(Unplaced(r.key[0], r.key[1], problem.blocked[r.key]))
         elif got is None and r.model.on_demand:
-            unplaced.append(Unplaced(r.key[0], r.key[1], _why_no_pool(problem, r, gpus, ram_free, pools)))
+            unplaced.append(Unplaced(r.key[0], r.key[1], _why_no_pool(problem, r, assignments, gpus, ram_free, pools)))
         elif got is None:
             unplaced.append(Unplaced(r.key[0], r.key[1], _why_unplaced(problem, r, free, ram_free, hosts)))
         elif got.gpus and got.gpu_layers < got.layers:

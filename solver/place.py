@@ -63,6 +63,17 @@ A current replica on several GPUs stays when it is split over exactly those
 GPUs with the same layers; how its blocks are divided between them is not
 known from the current placement and may change.
 
+Swap pools (`residency: on-demand`, issue 17): an on-demand replica has the same `x` (fully offloaded
+only: `Replica.ngl_range`) and CPU variables, but its memory is not counted on its own: per GPU, and per
+node's CPU, and per runtime, a pool whose size is the sum of the runtime's `max_loaded` largest members'
+needs (`_TopK`: pool ≥ k·t + Σ s_i, s_i ≥ need_i·x_i − t, s_i ≥ 0; pool ≥ need_i·x_i for k = 1; the
+plain sum when every candidate fits at once), for VRAM and, apart, RAM. A Boolean per pool says it has a
+member: at most one pool per GPU (and per node's CPU), so its members share a runtime, and a llama.cpp
+pool takes one port. Stage 1 counts a placed pinned replica above all on-demand ones together
+(`placed_weights`); stage 2's layers are the pinned models', and after them it keeps on-demand models out
+of CPU pools. The large-cluster path builds the same pools in each neighbourhood (a neighbourhood holds
+whole nodes, so whole pools).
+
 Same input, same parameters → same plan: the default is one worker, for which
 CP-SAT is deterministic (it was also the faster setting measured); with
 several workers the search is CP-SAT's deterministic interleaved search.
@@ -429,7 +440,9 @@ def _build(problem: Problem) -> _Model:
         moved.append(1 - stay)
     pw = placed_weights(problem)
     placement = cp_model.LinearExpr.sum([pw[r.model.name] * placed[r.key] for r in reps])
-    layers = cp_model.LinearExpr.sum([(r.model.priority + 1) * ngl[r.key] for r in reps])
+    # GPU layers of the pinned models: an on-demand member is fully offloaded or in a CPU pool, and which of the
+    # two is stage 3's first choice, so that no pinned model loses layers to a model that is loaded now and then.
+    layers = cp_model.LinearExpr.sum([(r.model.priority + 1) * ngl[r.key] for r in reps if not r.model.on_demand])
     util = m.new_int_var(0, UTIL_SCALE, "util")
     # The balance objective: every GPU's utilisation is at most `util` permille.
     for gi, expr in vram.items():
@@ -555,7 +568,7 @@ def _hint(mm: _Model, problem: Problem, chosen: list[Choice]) -> None:
             mm.model.add_hint(og.partial, here and not full)
         if og.layers is not None:
             mm.model.add_hint(og.layers, ngl if here and not full else 0)
-        if here:
+        if here and not reps[k].model.on_demand:  # on-demand members count in their pool (below)
             used[gi] += reps[k].needs[problem.gpus[gi].node].vram(ngl)
     for (k, node), v in mm.c.items():
         ch = by_key.get(k)
@@ -650,9 +663,13 @@ def solve(problem: Problem, params: SolveParams, start: float | None = None) -> 
     chosen = _extract(problem, mm, s1)
     optimal = st1 == cp_model.OPTIMAL
 
-    # Stage 2: keep stage 1's value; move as few running replicas as possible, then the most GPU layers.
+    # Stage 2: keep stage 1's value; move as few running replicas as possible, then the most GPU layers
+    # (of pinned models), then the fewest on-demand models in CPU pools (a GPU pool loads and answers faster):
+    # one more layer or one fewer move outweighs every on-demand model's pool (scale: on-demand count + 1).
     mm.model.add(mm.placement >= placed_best)
-    stage2 = mm.layers - w * mm.moves
+    cpu_members = cp_model.LinearExpr.sum([v for p in mm.pools if p.gpu is None for v in p.members])
+    scale = 1 + sum(len(p.members) for p in mm.pools)
+    stage2 = scale * (mm.layers - w * mm.moves) - cpu_members
     mm.model.maximize(stage2)
     if choice_placement(problem, baseline) >= placed_best and _stage2_value(problem, baseline) > _stage2_value(
         problem, chosen
@@ -668,7 +685,8 @@ def solve(problem: Problem, params: SolveParams, start: float | None = None) -> 
         chosen = _extract(problem, mm, s2)
         optimal = optimal and st2 == cp_model.OPTIMAL
         if optimal and not problem.current:
-            layers_bound = round(s2.best_objective_bound)
+            # scale · layers − (members in CPU pools, at most scale − 1) ≤ the proven bound.
+            layers_bound = math.floor((s2.best_objective_bound + scale - 1) / scale + 1e-9)
         # Stage 3: keep stage 2's value; balance headroom.
         mm.model.add(stage2 >= round(s2.objective_value))
         _hint(mm, problem, chosen)
@@ -920,8 +938,8 @@ def choice_placement(problem: Problem, chosen: list[Choice]) -> int:
 
 def _stage2_value(problem: Problem, chosen: list[Choice]) -> int:
     """Stage 2's objective of choices: priority-weighted GPU layers, less a placement weight per move."""
-    prio = {m.name: m.priority for m in problem.spec.models}
-    layers = sum((prio[ch.key[0]] + 1) * ch.ngl for ch in chosen)
+    pinned = {m.name: m.priority + 1 for m in problem.spec.models if not m.on_demand}
+    layers = sum(pinned.get(ch.key[0], 0) * ch.ngl for ch in chosen)
     by_key = {ch.key: ch for ch in chosen}
     placeable = {r.key for r in problem.replicas if r.key not in problem.blocked}
     moves = 0
@@ -945,8 +963,8 @@ def choice_score(problem: Problem, chosen: list[Choice]) -> int:
     """`score` of choices before they become assignments."""
     w = placement_weight(problem)
     pw = placed_weights(problem)
-    prio = {m.name: m.priority for m in problem.spec.models}
-    return sum(pw[ch.key[0]] * w + (prio[ch.key[0]] + 1) * ch.ngl for ch in chosen)
+    lw = {m.name: 0 if m.on_demand else m.priority + 1 for m in problem.spec.models}
+    return sum(pw[ch.key[0]] * w + lw[ch.key[0]] * ch.ngl for ch in chosen)
 
 
 def _extract(problem: Problem, mm: _Model, s: cp_model.CpSolver) -> list[Choice]:

@@ -428,12 +428,13 @@ def score(problem: Problem, assignments: list[Assignment] | tuple[Assignment, ..
     """The priority/layers objective: placed replicas by priority, then GPU layers by priority.
 
     Placing one more replica outweighs any number of GPU layers (a pinned replica counts
-    `placed_weights`, above every on-demand one together); each GPU layer counts priority + 1.
+    `placed_weights`, above every on-demand one together); each GPU layer of a pinned model counts
+    priority + 1 (an on-demand member's are not counted: it is fully offloaded or in a CPU pool).
     """
     w = placement_weight(problem)
     pw = placed_weights(problem)
-    prio = {m.name: m.priority for m in problem.spec.models}
-    return sum(pw[a.model] * w + (prio[a.model] + 1) * a.gpu_layers for a in assignments)
+    lw = {m.name: 0 if m.on_demand else m.priority + 1 for m in problem.spec.models}
+    return sum(pw[a.model] * w + lw[a.model] * a.gpu_layers for a in assignments)
 
 
 def placed_weights(problem: Problem) -> dict[str, int]:
