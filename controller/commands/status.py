@@ -70,6 +70,8 @@ def register(app: typer.Typer) -> None:
                 cfg = c.config
                 where = f"GPU {','.join(map(str, cfg.gpus))}" if cfg and cfg.gpus else "CPU"
                 detail = f"port {cfg.port}, ngl {cfg.gpu_layers}, ctx {cfg.context}" if cfg else "no config label"
+                if cfg is not None and cfg.pool:
+                    detail = f"port {cfg.port}, {len(cfg.members)} on-demand models"
                 v = vram.get((name, c.name))
                 usage = f"  {describe(v)}" if v is not None and (v.planned_bytes or v.actual_bytes) else ""
                 out.print(f"  {c.name}  {c.status}  {where}  {detail}{usage}", markup=False)

@@ -10,6 +10,7 @@ process that answered carries its alias. `bench/pool_swap.py` measures the same 
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from tests.support import dockerd as dockerd_support
 from tests.support.pool_lab import MEMBERS, PoolLab
 from tests.support.ports import free_port, free_port_range
 from tests.support.synth import shape_by_name, write_synth_gguf
+from tests.support.wiring import Wired
 
 
 @pytest.fixture
@@ -75,7 +77,7 @@ def loaded(url: str) -> list[str]:
     return sorted(alias for alias, m in router_models(url, 5).items() if m.state == "loaded")
 
 
-def test_a_then_b_then_a_through_the_gateway(pool: PoolLab) -> None:
+def test_a_then_b_then_a_through_the_gateway(pool: PoolLab, wired: Wired, monkeypatch: pytest.MonkeyPatch) -> None:
     spec = pool.spec()
     first = pool.apply(spec)
     assert [p.key for p in first.placement.pools] == ["box-gpu0"]
@@ -113,6 +115,16 @@ def test_a_then_b_then_a_through_the_gateway(pool: PoolLab) -> None:
     assert [(m.model, m.state) for m in got.members] == [("od-a", "unloaded"), ("od-b", "unloaded"), ("od-c", "loaded")]
     since = got.members[2].since
     assert since is not None and time.time() - 120 < since <= time.time() + 1
+    # the same through `homelab status`
+    spec_file = pool.tmp / "cluster.yaml"
+    spec_file.write_text(pool.spec_text())
+    monkeypatch.setenv("HOMELAB_STATE_DIR", str(pool.tmp / "state"))
+    code, stdout, stderr = wired.run("status", "-f", str(spec_file))
+    assert code == 0, stderr
+    assert "    swap pool: 1 of 3 loaded (max 1)\n" in stdout, stdout
+    assert re.search(r"\n      od-c  loaded since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC \(\d+s ago\)\n", stdout), stdout
+    assert "      od-a  unloaded\n" in stdout
+    print(stdout)
     for name, _, _, ttft in answers:
         print(f"{name}: first token {ttft:.2f}s")
 

@@ -85,11 +85,14 @@ class PoolLab:
         if gw is not None:
             LocalGateway(gw, self.state).stop(gw)
 
-    def spec(self) -> ClusterSpec:
+    def spec_text(self) -> str:
         members = "".join(
             MEMBER.format(name=n, models=self.fields["models"], context=self.contexts[n]) for n in self.contexts
         )
-        return parse_spec(SPEC.format(members=members, **self.fields), "cluster.yaml").spec
+        return SPEC.format(members=members, **self.fields)
+
+    def spec(self) -> ClusterSpec:
+        return parse_spec(self.spec_text(), "cluster.yaml").spec
 
     def prepare(self, spec: ClusterSpec) -> tuple[Prepared, CachingConnect]:
         connect = CachingConnect(lambda node: DockerEngine(node, str(self.fields["cluster"]), poll_interval=0.05))
