@@ -9,6 +9,7 @@ import httpx
 import pytest
 from ruamel.yaml import YAML
 
+from controller.commands.reconcile import placement_summary
 from controller.core.desired import RenderError, args_to_ini, ollama_requirements, render
 from controller.core.diff import Action
 from controller.core.gateway_config import render_config
@@ -295,3 +296,9 @@ def test_ollama_on_demand_models_keep_alive_and_max_loaded() -> None:
         "node nas: Ollama must run with OLLAMA_MAX_LOADED_MODELS=3 (1 pinned + 2 loaded at once from 3 on-demand"
         " models in 1 pool(s)); Ollama's API does not say what it is set to"
     ]
+
+
+def test_the_plan_shows_the_pool_as_one_share_of_its_gpu() -> None:
+    lines = placement_summary(Lab().prepare(spec_of()))
+    pool = "swap pool 8.0 GiB [od-a, od-b, od-c] max 1 loaded"  # the largest member's 8 GiB: max_loaded 1
+    assert lines[1] == f"  box GPU 0: 18.0 of 24.0 GiB (75%): chat 33/33, {pool}"
