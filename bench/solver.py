@@ -15,6 +15,12 @@ seeds CP-SAT beats greedy strictly. Then Falkenauer-style triplets (3K full-offl
 between 1/4 and 1/2 of a GPU, filling K identical GPUs exactly; tests.support.clusters.triplet_spec):
 per K, models left out by CP-SAT and by greedy (the target: none by CP-SAT for K <= 20).
 Then stability: in a placed 50-model cluster, change one model's context and count how many other replicas move.
+Then swap pools (issue 17; tests.support.clusters.pool_spec): a quarter of the models pinned, the rest
+on-demand with 2–3× the VRAM between them: per size, the solve time with pools beside the solve of the
+pinned models alone, how many of each were placed (the least over the seeds), how many on-demand models went
+to CPU pools, the fullest GPU in any allowed combination of loaded members (pinned + pool, in % of
+capacity), and how many models would run fully on a GPU were every model pinned (the rest partly or wholly on the CPU,
+or left out).
 """
 
 from __future__ import annotations
@@ -31,12 +37,14 @@ from solver.place import SolveParams, greedy_place, place
 from solver.problem import CurrentAssignment, PlacementResult
 from solver.profiles import profiles_for
 from specs.model import ClusterSpec
-from tests.support.clusters import random_spec, triplet_spec
+from tests.support.clusters import pool_spec, random_spec, triplet_spec
 
 SIZES = ((10, 2, 2), (50, 10, 5), (100, 30, 10), (200, 50, 15), (500, 100, 30))
 """(models, GPUs, nodes)."""
 TIGHT_SIZES = ((10, 2, 2), (20, 4, 2), (50, 10, 5), (100, 30, 10))
 TRIPLET_KS = (5, 10, 20, 40)
+POOL_SIZES = ((50, 2, 2), (125, 5, 3), (250, 10, 5))
+POOL_DEMANDS = (2.0, 3.0)
 
 
 def run_triplets(k: int, seeds: int, params: SolveParams) -> str:
@@ -143,6 +151,62 @@ def stability(params: SolveParams) -> str:
     )
 
 
+POOL_HEADER = (
+    f"{'models':>6} {'GPUs':>5} {'pinned':>6} {'on-dem':>6} {'demand':>7} {'median s':>9} {'max s':>7}"
+    f"  {'status':<22} {'pinned ok':>9} {'on-dem ok':>9} {'in CPU':>6} {'fullest':>8}"
+    f" {'pinned-only s':>13} {'all pinned: on GPU':>19}"
+)
+
+
+def run_pools(n_models: int, n_gpus: int, n_nodes: int, demand: float, seeds: int, params: SolveParams) -> str:
+    """Swap pools on `pool_spec` clusters against the pinned models alone and against every model pinned."""
+    times: list[float] = []
+    pinned_times: list[float] = []
+    statuses: list[str] = []
+    pinned_ok: list[int] = []
+    od_ok: list[int] = []
+    in_cpu: list[int] = []
+    fullest: list[float] = []
+    all_pinned: list[int] = []
+    demands: list[float] = []
+    n_pinned = n_od = 0
+    for seed in range(seeds):
+        spec = pool_spec(n_models, n_gpus, n_nodes, seed, demand)
+        od = [m for m in spec.models if m.on_demand]
+        n_od, n_pinned = len(od), len(spec.models) - len(od)
+        vram = sum(g.vram for n in spec.nodes for g in n.gpus)
+        assert all(m.memory is not None for m in od)
+        demands.append(sum(m.memory.vram for m in od if m.memory is not None) / vram)
+        profiles = profiles_for(spec)
+        t = time.perf_counter()
+        res = place(spec, profiles, params=params)
+        times.append(time.perf_counter() - t)
+        statuses.append(res.status + {"greedy": "/greedy", "cp-sat-lns": "/lns"}.get(res.solver, ""))
+        placed = {a.model for a in res.assignments}
+        od_ok.append(sum(m.name in placed for m in od))
+        pinned_ok.append(len(placed) - od_ok[-1])
+        in_cpu.append(sum(len(p.members) for p in res.pools if p.gpu is None))
+        # pool_bytes is the sum of the max_loaded largest members: the fullest allowed combination.
+        fullest.append(max(100.0 * g.used_bytes / g.capacity_bytes for g in res.gpus if g.capacity_bytes))
+        pinned_only = spec.model_copy(update={"models": [m for m in spec.models if not m.on_demand]})
+        t = time.perf_counter()
+        place(pinned_only, profiles_for(pinned_only), params=params)
+        pinned_times.append(time.perf_counter() - t)
+        every = spec.model_copy(
+            update={"models": [m.model_copy(update={"residency": "pinned", "ttl": None}) for m in spec.models]}
+        )
+        # Every model pinned instead: how many run fully on a GPU.
+        every_res = place(every, profiles_for(every), params=params)
+        all_pinned.append(sum(a.gpu_layers == a.layers for a in every_res.assignments))
+    counts = ",".join(f"{statuses.count(x)} {x}" for x in sorted(set(statuses)))
+    return (
+        f"{n_models:>6} {n_gpus:>5} {n_pinned:>6} {n_od:>6} {statistics.median(demands):>6.1f}x"
+        f" {statistics.median(times):>9.2f} {max(times):>7.2f}  {counts:<22}"
+        f" {min(pinned_ok):>4}/{n_pinned:<4} {min(od_ok):>4}/{n_od:<4} {max(in_cpu):>6} {max(fullest):>7.1f}%"
+        f" {statistics.median(pinned_times):>13.2f} {min(all_pinned):>10}/{n_models:<8}"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
@@ -150,6 +214,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--max-models", type=int, default=500)
     ap.add_argument("--triplets-only", action="store_true", help="only the triplet rows")
+    ap.add_argument("--pools-only", action="store_true", help="only the swap-pool rows")
     args = ap.parse_args()
     params = SolveParams(time_limit=args.time_limit, workers=args.workers, seed=0)
     if args.triplets_only:
@@ -158,6 +223,9 @@ def main() -> None:
         for k in TRIPLET_KS:
             if 3 * k <= args.max_models:
                 print(run_triplets(k, args.seeds, params), flush=True)
+        return
+    if args.pools_only:
+        print_pools(args.seeds, args.max_models, args.time_limit, args.workers, params)
         return
     print(f"random clusters, {args.seeds} seeds, time limit {args.time_limit} s, {args.workers} worker(s)")
     print(HEADER)
@@ -175,6 +243,16 @@ def main() -> None:
         if 3 * k <= args.max_models:
             print(run_triplets(k, args.seeds, params), flush=True)
     print(stability(params))
+    print_pools(args.seeds, args.max_models, args.time_limit, args.workers, params)
+
+
+def print_pools(seeds: int, max_models: int, time_limit: float, workers: int, params: SolveParams) -> None:
+    print(f"swap pools, {seeds} seeds, time limit {time_limit} s, {workers} worker(s)")
+    print(POOL_HEADER)
+    for demand in POOL_DEMANDS:
+        for size in POOL_SIZES:
+            if size[0] <= max_models:
+                print(run_pools(*size, demand, seeds, params), flush=True)
 
 
 if __name__ == "__main__":

@@ -19,13 +19,16 @@ from solver.problem import (
     GpuSlot,
     GpuUse,
     PlacementResult,
+    Pool,
     Problem,
     Replica,
     Unplaced,
     ram_at,
+    top_k_sum,
     vram_at,
 )
 from solver.profiles import MemoryProfile, Profile
+from specs.enums import Runtime
 
 GIB = 1 << 30
 
@@ -162,18 +165,109 @@ def _split_text(problem: Problem, r: Replica, free: list[int], hosts: dict[str, 
     )
 
 
+def _why_no_pool(
+    problem: Problem,
+    r: Replica,
+    assignments: Sequence[Assignment],
+    gpus: Sequence[GpuUse],
+    ram_free: dict[str, int],
+    pools: Sequence[Pool],
+) -> str:
+    """Why an on-demand model is in no pool: its need, and on the GPU (or node) nearest to taking it, what
+    its pool would grow to with it and the room the pinned models (and the node's RAM) leave for that pool."""
+    name, model = r.model.name, r.model
+    ctx = ctx_text(model.context)
+    by_place = {(p.node, p.gpu): p for p in pools}
+    ports_left = dict(problem.port_slots)
+    for p in pools:
+        if p.runtime is Runtime.LLAMACPP:
+            ports_left[p.node] -= 1
+    for a in assignments:
+        if not a.on_demand and problem.spec.model(a.model).runtime is Runtime.LLAMACPP:
+            ports_left[a.node] -= 1
+
+    def _ports_text(node: str) -> str:
+        return f"all {problem.port_slots[node]} ports of {node}'s range are taken (pinned replicas and pools)"
+
+    def need_of(pool: Pool | None, node: str, own: int, own_ram: int) -> tuple[int, int, str, int]:
+        k = problem.max_loaded(node, model.runtime)
+        if pool is None:
+            return own, own_ram, "a new pool would need", k
+        if pool.runtime is not model.runtime:
+            return -1, -1, f"its pool holds {pool.runtime.value} models", k
+        vram = [_member_need(problem, m, node, gpu=pool.gpu is not None)[0] for m in pool.members]
+        rams = [_member_need(problem, m, node, gpu=pool.gpu is not None)[1] for m in pool.members]
+        grown = top_k_sum([*vram, own], k)
+        grown_ram = top_k_sum([*rams, own_ram], k)
+        return grown, grown_ram, f"its pool ({', '.join(pool.members)}, max_loaded {k}) would grow to", k
+
+    best: tuple[int, str] | None = None
+    for gi in _allowed_gpus(problem, r):
+        slot, use = problem.gpus[gi], gpus[gi]
+        curve = r.curves[slot.node]
+        own, own_ram = vram_at(curve, r.n_layers), ram_at(curve, r.n_layers)
+        pool = by_place.get((slot.node, slot.index))
+        grown, grown_ram, what, _ = need_of(pool, slot.node, own, own_ram)
+        if pool is None and model.runtime is Runtime.LLAMACPP and ports_left[slot.node] <= 0:
+            text, short = f"on {slot.node}:{slot.index} a new pool needs a port and {_ports_text(slot.node)}", 1 << 61
+        elif grown < 0:
+            text, short = f"on {slot.node}:{slot.index} {what}", 1 << 62
+        else:
+            room = use.capacity_bytes - (use.used_bytes - use.pool_bytes)
+            ram_room = ram_free[slot.node] + (pool.ram_bytes if pool is not None else 0)
+            text = f"on {slot.node}:{slot.index} {what} {gib(grown)} and the pinned models leave {gib(room)} for it"
+            short = grown - room
+            if grown <= room:
+                text += f", but the pool needs {gib(grown_ram)} of RAM and its node has {gib(ram_room)} for it"
+                short = grown_ram - ram_room
+        if best is None or short < best[0]:
+            best = (short, text)
+    if r.cpu_allowed():
+        for node in sorted(r.curves):
+            need = ram_at(r.curves[node], 0)
+            pool = by_place.get((node, None))
+            if pool is not None and pool.runtime is not model.runtime:
+                continue
+            if pool is None and model.runtime is Runtime.LLAMACPP and ports_left[node] <= 0:
+                if best is None:
+                    best = (1 << 61, f"in {node}'s CPU pool it would need a port and {_ports_text(node)}")
+                continue
+            rams = [_member_need(problem, m, node, gpu=False)[1] for m in (pool.members if pool else ())]
+            grown = top_k_sum([*rams, need], problem.max_loaded(node, model.runtime))
+            ram_room = ram_free[node] + (pool.ram_bytes if pool is not None else 0)
+            text = f"in {node}'s CPU pool it needs {gib(grown)} of RAM with its pool and the node has {gib(ram_room)}"
+            if best is None or grown - ram_room < best[0]:
+                best = (grown - ram_room, text)
+    if best is None:
+        return f"{name} (on-demand) may use no GPU and may not run on the CPU (cpu_offload/min_gpu_layers)"
+    full = vram_at(r.curves[sorted(r.curves)[0]], r.n_layers)
+    return f"{name} (on-demand) needs {gib(full)} loaded at {ctx} context, fully on one GPU; {best[1]}"
+
+
+def _member_need(problem: Problem, model: str, node: str, gpu: bool) -> tuple[int, int]:
+    """(VRAM, RAM) an on-demand member needs while loaded on `node`: fully offloaded, or on the CPU."""
+    r = next(r for r in problem.replicas if r.model.name == model)
+    curve = r.curves[node]
+    ngl = r.n_layers if gpu else 0
+    return vram_at(curve, ngl), ram_at(curve, ngl)
+
+
 def explain(
     problem: Problem,
     assignments: Sequence[Assignment],
     gpus: Sequence[GpuUse],
+    pools: Sequence[Pool] = (),
 ) -> tuple[tuple[Unplaced, ...], tuple[str, ...]]:
     """(unplaced replicas with their reason, notes on replicas with fewer GPU layers than they have)."""
     free = [g.capacity_bytes - g.used_bytes for g in gpus]
     ram_free = dict(problem.node_ram)
     hosts: dict[str, set[str]] = defaultdict(set)
     for a in assignments:
-        ram_free[a.node] -= a.ram_bytes
+        if not a.on_demand:
+            ram_free[a.node] -= a.ram_bytes  # on-demand members count in their pool's RAM
         hosts[a.model].add(a.node)
+    for p in pools:
+        ram_free[p.node] -= p.ram_bytes
     placed = {(a.model, a.replica): a for a in assignments}
     unplaced: list[Unplaced] = []
     notes: list[str] = []
@@ -181,6 +275,8 @@ def explain(
         got = placed.get(r.key)
         if r.key in problem.blocked:
             unplaced.append(Unplaced(r.key[0], r.key[1], problem.blocked[r.key]))
+        elif got is None and r.model.on_demand:
+            unplaced.append(Unplaced(r.key[0], r.key[1], _why_no_pool(problem, r, assignments, gpus, ram_free, pools)))
         elif got is None:
             unplaced.append(Unplaced(r.key[0], r.key[1], _why_unplaced(problem, r, free, ram_free, hosts)))
         elif got.gpus and got.gpu_layers < got.layers:

@@ -5,13 +5,17 @@ full offload (largest first); each goes to the first GPU, in spec order, where
 it fits fully; failing that, to the GPU where the most layers fit; failing that,
 to the first node whose RAM takes it on the CPU. The same hard constraints as
 the CP-SAT model hold, counted in the same rounded MiB.
+
+Pinned replicas go first; then on-demand models, each into the first GPU pool
+(in spec order) that can grow to take it — a pool's size is the sum of its
+`max_loaded` largest members' needs — failing that into a CPU pool.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 
-from solver.problem import Choice, Problem, Replica, units_down, vram_at
+from solver.problem import Choice, Problem, Replica, top_k_sum, units_down, vram_at
 from specs.enums import Runtime
 
 
@@ -33,14 +37,57 @@ def greedy_assign(problem: Problem, keep_current: bool = False) -> list[Choice]:
     model_nodes: dict[str, set[str]] = defaultdict(set)
     order = sorted(
         (r for r in problem.replicas if r.key not in problem.blocked),
-        key=lambda r: (-r.model.priority, -_full_vram(r), r.key),
+        key=lambda r: (r.model.on_demand, -r.model.priority, -_full_vram(r), r.key),
     )
     out: list[Choice] = []
+    # Swap pools by place (GPU index, or node name for its CPU): runtime, members' (VRAM, RAM) in units,
+    # and the size (VRAM, RAM) taken from `free`/`ram_free` now.
+    pools: dict[int | str, tuple[Runtime, list[tuple[int, int]], int, int]] = {}
+
+    def pool_growth(r: Replica, node: str, gpu: int | None) -> tuple[int, int] | None:
+        """(VRAM, RAM) units the pool at `gpu` (or node's CPU) grows by with `r`; None when its runtime differs."""
+        need = r.needs[node]
+        own = (need.v_full, need.r_full) if gpu is not None else (0, need.r0)
+        where: int | str = node if gpu is None else gpu
+        runtime, members, v_now, r_now = pools.get(where, (r.model.runtime, [], 0, 0))
+        if runtime is not r.model.runtime:
+            return None
+        if not members and r.model.runtime is Runtime.LLAMACPP and ports_free.get(node, 0) <= 0:
+            return None  # a new llama.cpp pool needs a port
+        k = problem.max_loaded(node, r.model.runtime)
+        grown = [*members, own]
+        return top_k_sum([v for v, _ in grown], k) - v_now, top_k_sum([b for _, b in grown], k) - r_now
+
+    def join(r: Replica, node: str, gpu: int | None) -> bool:
+        """Put on-demand `r` in the pool at `gpu` (or node's CPU) if it grows into the room left."""
+        if node in model_nodes[r.model.name]:
+            return False
+        growth = pool_growth(r, node, gpu)
+        if growth is None or growth[1] > ram_free[node] or (gpu is not None and growth[0] > free[gpu]):
+            return False
+        need = r.needs[node]
+        where: int | str = node if gpu is None else gpu
+        runtime, members, v_now, r_now = pools.get(where, (r.model.runtime, [], 0, 0))
+        if not members and runtime is Runtime.LLAMACPP:
+            ports_free[node] -= 1
+        members.append((need.v_full, need.r_full) if gpu is not None else (0, need.r0))
+        pools[where] = (runtime, members, v_now + growth[0], r_now + growth[1])
+        if gpu is not None:
+            free[gpu] -= growth[0]
+        ram_free[node] -= growth[1]
+        model_nodes[r.model.name].add(node)
+        out.append(Choice(r.key, node, gpu, r.n_layers if gpu is not None else 0))
+        return True
+
+    def join_any(r: Replica) -> bool:
+        if any(join(r, problem.gpus[gi].node, gi) for gi in problem.gpu_cands[r.key]):
+            return True
+        return any(join(r, n, None) for n in problem.cpu_cands[r.key])
 
     def node_ok(r: Replica, node: str) -> bool:
         if node in model_nodes[r.model.name]:
             return False
-        if r.model.runtime is Runtime.LLAMACPP:
+        if r.model.runtime is Runtime.LLAMACPP and not r.model.on_demand:
             if ports_free.get(node, 0) <= 0:
                 return False
             if r.model.port is not None and (node, r.model.port) in fixed_ports:
@@ -63,6 +110,11 @@ def greedy_assign(problem: Problem, keep_current: bool = False) -> list[Choice]:
         cur = problem.current.get(r.key)
         if cur is None or not node_ok(r, cur.node):
             return False
+        if r.model.on_demand:
+            if not cur.gpus:
+                return cur.node in problem.cpu_cands[r.key] and join(r, cur.node, None)
+            gpu = next((g for g in problem.gpu_cands[r.key] if problem.gpus[g].key == (cur.node, cur.gpus[0])), None)
+            return len(cur.gpus) == 1 and gpu is not None and join(r, cur.node, gpu)
         lo, hi = r.ngl_range()
         if not cur.gpus:
             if cur.node in problem.cpu_cands[r.key] and r.needs[cur.node].r0 <= ram_free[cur.node]:
@@ -93,6 +145,9 @@ def greedy_assign(problem: Problem, keep_current: bool = False) -> list[Choice]:
     kept = {r.key for r in order if keep_current and at_current(r)}
     for r in order:
         if r.key in kept:
+            continue
+        if r.model.on_demand:
+            join_any(r)
             continue
         lo, hi = r.ngl_range()
         gpus = [gi for gi in problem.gpu_cands[r.key] if node_ok(r, problem.gpus[gi].node)]

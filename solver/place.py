@@ -63,6 +63,17 @@ A current replica on several GPUs stays when it is split over exactly those
 GPUs with the same layers; how its blocks are divided between them is not
 known from the current placement and may change.
 
+Swap pools (`residency: on-demand`, issue 17): an on-demand replica has the same `x` (fully offloaded
+only: `Replica.ngl_range`) and CPU variables, but its memory is not counted on its own: per GPU, and per
+node's CPU, and per runtime, a pool whose size is the sum of the runtime's `max_loaded` largest members'
+needs (`_TopK`: pool ≥ k·t + Σ s_i, s_i ≥ need_i·x_i − t, s_i ≥ 0; pool ≥ need_i·x_i for k = 1; the
+plain sum when every candidate fits at once), for VRAM and, apart, RAM. A Boolean per pool says it has a
+member: at most one pool per GPU (and per node's CPU), so its members share a runtime, and a llama.cpp
+pool takes one port. Stage 1 counts a placed pinned replica above all on-demand ones together
+(`placed_weights`); stage 2's layers are the pinned models', and after them it keeps on-demand models out
+of CPU pools. The large-cluster path builds the same pools in each neighbourhood (a neighbourhood holds
+whole nodes, so whole pools).
+
 Same input, same parameters → same plan: the default is one worker, for which
 CP-SAT is deterministic (it was also the faster setting measured); with
 several workers the search is CP-SAT's deterministic interleaved search.
@@ -93,9 +104,12 @@ from solver.problem import (
     ReplicaKey,
     SplitNeed,
     build_problem,
+    placed_weights,
     placement_weight,
+    pools_of,
     ram_at,
     score,
+    top_k_sum,
     units_down,
     vram_at,
 )
@@ -174,6 +188,39 @@ class _Split:
     top: int
 
 
+@dataclass(frozen=True)
+class _TopK:
+    """A linear upper bound on the sum of the `k` largest of `values[i]·member_i` (a pool's size):
+    pool ≥ k·t + Σ s_i, s_i ≥ value_i·member_i − t, s_i ≥ 0 (pool ≥ value_i·member_i for k = 1; the plain
+    sum when every member fits at once). `pool` is None where every value is 0."""
+
+    k: int
+    values: tuple[int, ...]
+    pool: cp_model.IntVar | None
+    t: cp_model.IntVar | None
+    s: tuple[cp_model.IntVar, ...]
+
+    def expr(self, members: list[cp_model.IntVar]) -> Expr:
+        if self.pool is not None:
+            return self.pool
+        return cp_model.LinearExpr.weighted_sum(members, list(self.values))
+
+
+@dataclass(frozen=True)
+class _PoolVars:
+    """One swap pool's variables: a GPU's (`gpu` an index into problem.gpus) or a node's CPU (`gpu` None)."""
+
+    node: str
+    gpu: int | None
+    runtime: Runtime
+    keys: tuple[ReplicaKey, ...]
+    members: tuple[cp_model.IntVar, ...]
+    used: cp_model.IntVar
+    """The pool has a member (it needs a container, and a port for llama.cpp)."""
+    vram: _TopK
+    ram: _TopK
+
+
 @dataclass
 class _Model:
     model: cp_model.CpModel
@@ -195,6 +242,7 @@ class _Model:
     util: cp_model.IntVar
     stays: dict[ReplicaKey, cp_model.IntVar]
     """stays[r]: replica r keeps its place and its GPU layers (only where its layers are known)."""
+    pools: list[_PoolVars]
 
 
 def _build(problem: Problem) -> _Model:
@@ -214,6 +262,8 @@ def _build(problem: Problem) -> _Model:
     vram_use: dict[int, list[Expr]] = defaultdict(list)
     ram_use: dict[str, list[Expr]] = defaultdict(list)
     on_node: dict[tuple[ReplicaKey, str], list[cp_model.IntVar]] = defaultdict(list)
+    # On-demand members per pool: (GPU index or node name, runtime) → (replica, VRAM, RAM, variable).
+    pool_in: dict[tuple[int | str, Runtime], list[tuple[ReplicaKey, int, int, cp_model.IntVar]]] = defaultdict(list)
     for r in reps:
         k = r.key
         tag = f"{k[0]}#{k[1]}"
@@ -254,8 +304,12 @@ def _build(problem: Problem) -> _Model:
                 terms_r.append(need.a_r * p + need.b_r * nv)
                 layer_terms.append(nv)
             x[k, gi] = _OnGpu(xv, full_ok, p, nv, need.top)
-            vram_use[gi].append(cp_model.LinearExpr.sum(terms_v))
-            ram_use[node].append(cp_model.LinearExpr.sum(terms_r))
+            if r.model.on_demand:
+                # A pool member, fully offloaded (ngl_range): counted in its pool's size, not on its own.
+                pool_in[gi, r.model.runtime].append((k, need.v_full, need.r_full, xv))
+            else:
+                vram_use[gi].append(cp_model.LinearExpr.sum(terms_v))
+                ram_use[node].append(cp_model.LinearExpr.sum(terms_r))
             on_node[k, node].append(xv)
         for node, gis in problem.split_cands.get(k, {}).items():
             spl = _split_vars(m, r.splits[node], gis, r.n_layers, f"{tag},{node}")
@@ -270,8 +324,11 @@ def _build(problem: Problem) -> _Model:
             on_node[k, node].append(spl.on)
         for n in problem.cpu_cands[k]:
             c[k, n] = m.new_bool_var(f"c[{tag},{n}]")
-            # A CPU-only replica holds its whole RAM need on its node.
-            ram_use[n].append(r.needs[n].r0 * c[k, n])
+            if r.model.on_demand:
+                pool_in[n, r.model.runtime].append((k, 0, r.needs[n].r0, c[k, n]))
+            else:
+                # A CPU-only replica holds its whole RAM need on its node.
+                ram_use[n].append(r.needs[n].r0 * c[k, n])
             on_node[k, n].append(c[k, n])
         placed[k] = m.new_bool_var(f"placed[{tag}]")
         ngl[k] = cp_model.LinearExpr.sum(layer_terms)
@@ -287,6 +344,31 @@ def _build(problem: Problem) -> _Model:
     for r in reps:
         # A replica is placed on at most one GPU or one node's CPU.
         m.add(cp_model.LinearExpr.sum(by_rep[r.key]) == placed[r.key])
+    # Swap pools: on each GPU (and each node's CPU) the on-demand members of one runtime, sized as the sum
+    # of the runtime's max_loaded largest members' needs, so any allowed combination fits beside the pinned.
+    pools: list[_PoolVars] = []
+    by_place: dict[int | str, list[cp_model.IntVar]] = defaultdict(list)
+    for (at, runtime), items in sorted(pool_in.items(), key=lambda kv: (str(kv[0][0]), kv[0][1].value)):
+        pgi = at if isinstance(at, int) else None
+        pnode = gpus[at].node if isinstance(at, int) else str(at)
+        k_max = problem.max_loaded(pnode, runtime)
+        tag = f"{pnode}:{'cpu' if pgi is None else gpus[pgi].index}:{runtime.value}"
+        members = [v for _, _, _, v in items]
+        used = m.new_bool_var(f"pool_used[{tag}]")
+        for v in members:
+            m.add_implication(v, used)
+        m.add(used <= cp_model.LinearExpr.sum(members))
+        pv = _top_k(m, [vv for _, vv, _, _ in items], members, k_max, f"pool_vram[{tag}]")
+        pr = _top_k(m, [rr for _, _, rr, _ in items], members, k_max, f"pool_ram[{tag}]")
+        pools.append(_PoolVars(pnode, pgi, runtime, tuple(k for k, _, _, _ in items), tuple(members), used, pv, pr))
+        if pgi is not None:
+            vram_use[pgi].append(pv.expr(members))
+        ram_use[pnode].append(pr.expr(members))
+        by_place[at].append(used)
+    for lits in by_place.values():
+        # One pool per GPU (and per node's CPU): its members share one runtime.
+        if len(lits) > 1:
+            m.add(cp_model.LinearExpr.sum(lits) <= 1)
     # Per-GPU VRAM: the placed replicas' GPU bytes fit in capacity − reserve − foreign use.
     vram: dict[int, Expr] = {}
     for gi, terms in vram_use.items():
@@ -308,10 +390,14 @@ def _build(problem: Problem) -> _Model:
     fixed_port: dict[tuple[str, int], list[cp_model.IntVar]] = defaultdict(list)
     for (k, n), lits in on_node.items():
         model = problem.spec.model(k[0])
-        if model.runtime is Runtime.LLAMACPP:
+        if model.runtime is Runtime.LLAMACPP and not model.on_demand:
             llama[n].extend(lits)
             if model.port is not None:
                 fixed_port[n, model.port].extend(lits)
+    for pool in pools:
+        # A llama.cpp pool is one router-mode llama-server: one port, whatever its members.
+        if pool.runtime is Runtime.LLAMACPP:
+            llama[pool.node].append(pool.used)
     for n, lits in llama.items():
         if len(lits) > problem.port_slots[n]:
             m.add(sum(lits) <= problem.port_slots[n])
@@ -352,14 +438,37 @@ def _build(problem: Problem) -> _Model:
             m.add(ngl[k] == cur.gpu_layers).only_enforce_if(stay)
         stays[k] = stay
         moved.append(1 - stay)
-    placement = cp_model.LinearExpr.sum([(r.model.priority + 1) * placed[r.key] for r in reps])
-    layers = cp_model.LinearExpr.sum([(r.model.priority + 1) * ngl[r.key] for r in reps])
+    pw = placed_weights(problem)
+    placement = cp_model.LinearExpr.sum([pw[r.model.name] * placed[r.key] for r in reps])
+    # GPU layers of the pinned models: an on-demand member is fully offloaded or in a CPU pool, and which of the
+    # two is stage 3's first choice, so that no pinned model loses layers to a model that is loaded now and then.
+    layers = cp_model.LinearExpr.sum([(r.model.priority + 1) * ngl[r.key] for r in reps if not r.model.on_demand])
     util = m.new_int_var(0, UTIL_SCALE, "util")
     # The balance objective: every GPU's utilisation is at most `util` permille.
     for gi, expr in vram.items():
         if cap[gi] > 0:
             m.add(UTIL_SCALE * expr <= cap[gi] * util)
-    return _Model(m, x, c, sp, ngl, placed, vram, placement, layers, cp_model.LinearExpr.sum(moved), util, stays)
+    return _Model(m, x, c, sp, ngl, placed, vram, placement, layers, cp_model.LinearExpr.sum(moved), util, stays, pools)
+
+
+def _top_k(m: cp_model.CpModel, values: list[int], members: list[cp_model.IntVar], k: int, name: str) -> _TopK:
+    """The sum of the k largest `values[i]` of the members chosen (see `_TopK`)."""
+    if k >= len(values) or not any(values):
+        return _TopK(k, tuple(values), None, None, ())
+    ub = top_k_sum(values, k)
+    pool = m.new_int_var(0, ub, name)
+    if k == 1:
+        for v, x in zip(values, members, strict=True):
+            m.add(pool >= v * x)
+        return _TopK(k, tuple(values), pool, None, ())
+    t = m.new_int_var(0, max(values), f"{name}.t")
+    ss = []
+    for i, (v, x) in enumerate(zip(values, members, strict=True)):
+        si = m.new_int_var(0, v, f"{name}.s{i}")
+        m.add(si >= v * x - t)
+        ss.append(si)
+    m.add(pool >= k * t + cp_model.LinearExpr.sum(ss))
+    return _TopK(k, tuple(values), pool, t, tuple(ss))
 
 
 def _regimes(need: LinearNeed, lo: int, hi: int, vram: int, ram: int) -> tuple[bool, int, int]:
@@ -459,7 +568,7 @@ def _hint(mm: _Model, problem: Problem, chosen: list[Choice]) -> None:
             mm.model.add_hint(og.partial, here and not full)
         if og.layers is not None:
             mm.model.add_hint(og.layers, ngl if here and not full else 0)
-        if here:
+        if here and not reps[k].model.on_demand:  # on-demand members count in their pool (below)
             used[gi] += reps[k].needs[problem.gpus[gi].node].vram(ngl)
     for (k, node), v in mm.c.items():
         ch = by_key.get(k)
@@ -483,6 +592,16 @@ def _hint(mm: _Model, problem: Problem, chosen: list[Choice]) -> None:
             units = need.devices([blocks[gi] for gi in spl.gpus if gi in blocks])
             for gi, u in zip([gi for gi in spl.gpus if gi in blocks], units, strict=True):
                 used[gi] += u
+    for pool in mm.pools:
+        inside = [
+            ch is not None and (ch.gpu == pool.gpu if pool.gpu is not None else not ch.on_gpu and ch.node == pool.node)
+            for ch in (by_key.get(k) for k in pool.keys)
+        ]
+        mm.model.add_hint(pool.used, any(inside))
+        for tk in (pool.vram, pool.ram):
+            _hint_top_k(mm.model, tk, inside)
+        if pool.gpu is not None:
+            used[pool.gpu] += top_k_sum([v for v, i in zip(pool.vram.values, inside, strict=True) if i], pool.vram.k)
     for k, v in mm.placed.items():
         mm.model.add_hint(v, k in by_key)
     for k, v in mm.stays.items():
@@ -494,6 +613,20 @@ def _hint(mm: _Model, problem: Problem, chosen: list[Choice]) -> None:
         if cap > 0:
             util = max(util, -(-UTIL_SCALE * u // cap))
     mm.model.add_hint(mm.util, min(util, UTIL_SCALE))
+
+
+def _hint_top_k(model: cp_model.CpModel, tk: _TopK, inside: list[bool]) -> None:
+    """Hint a pool's size variables: t the k-th largest member's need, s_i what exceeds it."""
+    if tk.pool is None:
+        return
+    chosen = sorted((v for v, i in zip(tk.values, inside, strict=True) if i), reverse=True)
+    t = chosen[tk.k - 1] if len(chosen) >= tk.k else 0
+    model.add_hint(tk.pool, sum(chosen[: tk.k]))
+    if tk.t is None:
+        return
+    model.add_hint(tk.t, t)
+    for si, v, i in zip(tk.s, tk.values, inside, strict=True):
+        model.add_hint(si, max(0, v - t) if i else 0)
 
 
 def solve(problem: Problem, params: SolveParams, start: float | None = None) -> PlacementResult:
@@ -530,9 +663,13 @@ def solve(problem: Problem, params: SolveParams, start: float | None = None) -> 
     chosen = _extract(problem, mm, s1)
     optimal = st1 == cp_model.OPTIMAL
 
-    # Stage 2: keep stage 1's value; move as few running replicas as possible, then the most GPU layers.
+    # Stage 2: keep stage 1's value; move as few running replicas as possible, then the most GPU layers
+    # (of pinned models), then the fewest on-demand models in CPU pools (a GPU pool loads and answers faster):
+    # one more layer or one fewer move outweighs every on-demand model's pool (scale: on-demand count + 1).
     mm.model.add(mm.placement >= placed_best)
-    stage2 = mm.layers - w * mm.moves
+    cpu_members = cp_model.LinearExpr.sum([v for p in mm.pools if p.gpu is None for v in p.members])
+    scale = 1 + sum(len(p.members) for p in mm.pools)
+    stage2 = scale * (mm.layers - w * mm.moves) - cpu_members
     mm.model.maximize(stage2)
     if choice_placement(problem, baseline) >= placed_best and _stage2_value(problem, baseline) > _stage2_value(
         problem, chosen
@@ -548,7 +685,8 @@ def solve(problem: Problem, params: SolveParams, start: float | None = None) -> 
         chosen = _extract(problem, mm, s2)
         optimal = optimal and st2 == cp_model.OPTIMAL
         if optimal and not problem.current:
-            layers_bound = round(s2.best_objective_bound)
+            # scale · layers − (members in CPU pools, at most scale − 1) ≤ the proven bound.
+            layers_bound = math.floor((s2.best_objective_bound + scale - 1) / scale + 1e-9)
         # Stage 3: keep stage 2's value; balance headroom.
         mm.model.add(stage2 >= round(s2.objective_value))
         _hint(mm, problem, chosen)
@@ -720,6 +858,7 @@ def _placement_bound(problem: Problem, s: cp_model.CpSolver) -> int:
     for gi, g in enumerate(problem.gpus):
         node_vram[g.node] += cap[gi]
     use: dict[tuple[str, int], list[Expr]] = defaultdict(list)
+    pw = placed_weights(problem)
     per_model_node: dict[tuple[str, str], list[cp_model.IntVar]] = defaultdict(list)
     objective: list[Expr] = []
     for r in problem.replicas:
@@ -728,18 +867,20 @@ def _placement_bound(problem: Problem, s: cp_model.CpSolver) -> int:
             continue
         lo, hi = r.ngl_range()
         options: dict[str, list[tuple[int, int]]] = defaultdict(list)
+        # An on-demand member may share its pool's room with larger members: it is counted as needing none.
+        od = 0 if r.model.on_demand else 1
         for gi in problem.gpu_cands.get(k, []):
             node = problem.gpus[gi].node
             need = r.needs[node]
             full_ok, plo, phi = _regimes(need, lo, hi, cap[gi], ram[node])
             if full_ok:
-                options[node].append((need.v_full, need.r_full))
+                options[node].append((od * need.v_full, od * need.r_full))
             for ngl in (plo, phi) if plo <= phi else ():
                 options[node].append((need.vram(ngl), need.ram(ngl)))
         for node in problem.split_cands.get(k, {}):
             options[node].append((0, r.splits[node].ram))
         for node in problem.cpu_cands.get(k, []):
-            options[node].append((0, r.needs[node].r0))
+            options[node].append((0, od * r.needs[node].r0))
         ys = []
         for node, opts in options.items():
             y = m.new_bool_var(f"y[{k[0]}#{k[1]},{node}]")
@@ -750,7 +891,7 @@ def _placement_bound(problem: Problem, s: cp_model.CpSolver) -> int:
             use[node, 2].append(min(v + b for v, b in opts) * y)
         if ys:
             m.add(cp_model.LinearExpr.sum(ys) <= 1)
-            objective.append((r.model.priority + 1) * cp_model.LinearExpr.sum(ys))
+            objective.append(pw[r.model.name] * cp_model.LinearExpr.sum(ys))
     for (node, what), terms in use.items():
         limit = (node_vram[node], ram[node], node_vram[node] + ram[node])[what]
         m.add(cp_model.LinearExpr.sum(terms) <= limit)
@@ -761,7 +902,7 @@ def _placement_bound(problem: Problem, s: cp_model.CpSolver) -> int:
     st = s.solve(m)
     if st in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return math.floor(s.best_objective_bound + 1e-6)
-    return sum(r.model.priority + 1 for r in problem.replicas if r.key not in problem.blocked)
+    return sum(pw[r.model.name] for r in problem.replicas if r.key not in problem.blocked)
 
 
 STAGE_SHARES = (0.45, 0.85, 0.95)
@@ -790,15 +931,15 @@ class _Clock:
 
 
 def choice_placement(problem: Problem, chosen: list[Choice]) -> int:
-    """Stage 1's objective (priority-weighted placed replicas) of choices."""
-    prio = {m.name: m.priority for m in problem.spec.models}
-    return sum(prio[ch.key[0]] + 1 for ch in chosen)
+    """Stage 1's objective (priority-weighted placed replicas, pinned first) of choices."""
+    pw = placed_weights(problem)
+    return sum(pw[ch.key[0]] for ch in chosen)
 
 
 def _stage2_value(problem: Problem, chosen: list[Choice]) -> int:
     """Stage 2's objective of choices: priority-weighted GPU layers, less a placement weight per move."""
-    prio = {m.name: m.priority for m in problem.spec.models}
-    layers = sum((prio[ch.key[0]] + 1) * ch.ngl for ch in chosen)
+    pinned = {m.name: m.priority + 1 for m in problem.spec.models if not m.on_demand}
+    layers = sum(pinned.get(ch.key[0], 0) * ch.ngl for ch in chosen)
     by_key = {ch.key: ch for ch in chosen}
     placeable = {r.key for r in problem.replicas if r.key not in problem.blocked}
     moves = 0
@@ -821,8 +962,9 @@ def _same_place(problem: Problem, ch: Choice, cur: CurrentAssignment) -> bool:
 def choice_score(problem: Problem, chosen: list[Choice]) -> int:
     """`score` of choices before they become assignments."""
     w = placement_weight(problem)
-    prio = {m.name: m.priority for m in problem.spec.models}
-    return sum((prio[ch.key[0]] + 1) * (w + ch.ngl) for ch in chosen)
+    pw = placed_weights(problem)
+    lw = {m.name: 0 if m.on_demand else m.priority + 1 for m in problem.spec.models}
+    return sum(pw[ch.key[0]] * w + lw[ch.key[0]] * ch.ngl for ch in chosen)
 
 
 def _extract(problem: Problem, mm: _Model, s: cp_model.CpSolver) -> list[Choice]:
@@ -869,7 +1011,8 @@ def _result(
         elif ch.gpu is not None:
             b = vram_at(curve, ch.ngl)
             vram[problem.gpus[ch.gpu].index] = b
-            used[ch.gpu] += b
+            if not r.model.on_demand:
+                used[ch.gpu] += b  # an on-demand member counts in its pool's size
         assignments.append(
             Assignment(
                 model=ch.key[0],
@@ -882,16 +1025,22 @@ def _result(
                 ram_bytes=ram,
                 context=r.model.context,
                 layers_per_gpu=per_gpu,
+                on_demand=r.model.on_demand,
             )
         )
-    gpu_use = tuple(GpuUse(g.node, g.index, g.name, g.capacity, used.get(gi, 0)) for gi, g in enumerate(problem.gpus))
+    pools = pools_of(problem, assignments)
+    pool_at: dict[tuple[str, int], int] = {(p.node, p.gpu): p.size_bytes for p in pools if p.gpu is not None}
+    gpu_use = tuple(
+        GpuUse(g.node, g.index, g.name, g.capacity, used.get(gi, 0) + pool_at.get(g.key, 0), pool_at.get(g.key, 0))
+        for gi, g in enumerate(problem.gpus)
+    )
     moves = 0
     where = {(a.model, a.replica): (a.node, a.gpus) for a in assignments}
     for k, cur in problem.current.items():
         # A replica stays only on the same node and exactly the same GPUs.
         if where.get(k) != (cur.node, tuple(cur.gpus)):
             moves += 1
-    unplaced, notes = explain(problem, assignments, gpu_use)
+    unplaced, notes = explain(problem, assignments, gpu_use, pools)
     return PlacementResult(
         status=status,
         assignments=tuple(assignments),
@@ -902,6 +1051,7 @@ def _result(
         solver=solver,
         notes=notes,
         bound=bound,
+        pools=pools,
     )
 
 

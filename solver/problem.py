@@ -239,7 +239,8 @@ class Replica:
     def ngl_range(self) -> tuple[int, int]:
         """(lowest, highest) ngl allowed on a GPU, from the model's placement rules."""
         top = self.n_layers
-        if not self.model.placement.cpu_offload:
+        if not self.model.placement.cpu_offload or self.model.on_demand:
+            # An on-demand model is a swap-pool member: fully offloaded on a GPU (or in a CPU pool).
             return top, top
         return max(1, self.model.placement.min_gpu_layers), top
 
@@ -280,6 +281,12 @@ class Problem:
 
     def node(self, name: str) -> Node:
         return self.spec.node(name)
+
+    def max_loaded(self, node: str, runtime: Runtime) -> int:
+        """How many on-demand models one pool of `runtime` on `node` holds loaded at once."""
+        n = self.spec.node(node)
+        rt = n.llamacpp if runtime is Runtime.LLAMACPP else n.ollama
+        return 1 if rt is None else rt.max_loaded
 
 
 def vram_at(curve: LayerCurve, ngl: int) -> int:
@@ -393,7 +400,7 @@ def build_problem(
             prob.gpu_cands[rep.key] = gc
             prob.cpu_cands[rep.key] = cc
             sc: dict[str, list[int]] = {}
-            if not p.cpu_only and hi == rep.n_layers:
+            if not p.cpu_only and hi == rep.n_layers and not model.on_demand:
                 for n_name, sn in splits.items():
                     gis = [
                         gi
@@ -420,12 +427,55 @@ def fits_vram(need: LinearNeed, lo: int, hi: int, cap: int) -> bool:
 def score(problem: Problem, assignments: list[Assignment] | tuple[Assignment, ...]) -> int:
     """The priority/layers objective: placed replicas by priority, then GPU layers by priority.
 
-    Placing one more replica of priority p outweighs any number of GPU layers;
-    each GPU layer counts priority + 1.
+    Placing one more replica outweighs any number of GPU layers (a pinned replica counts
+    `placed_weights`, above every on-demand one together); each GPU layer of a pinned model counts
+    priority + 1 (an on-demand member's are not counted: it is fully offloaded or in a CPU pool).
     """
     w = placement_weight(problem)
-    prio = {m.name: m.priority for m in problem.spec.models}
-    return sum((prio[a.model] + 1) * (w + a.gpu_layers) for a in assignments)
+    pw = placed_weights(problem)
+    lw = {m.name: 0 if m.on_demand else m.priority + 1 for m in problem.spec.models}
+    return sum(pw[a.model] * w + lw[a.model] * a.gpu_layers for a in assignments)
+
+
+def placed_weights(problem: Problem) -> dict[str, int]:
+    """Per model, the worth of one placed replica in stage 1 (placement).
+
+    An on-demand model counts priority + 1; a pinned one (priority + 1) × (1 + all on-demand
+    replicas' worth together), so placing pinned models comes first and on-demand ones next.
+    Without on-demand models this is priority + 1, as before.
+    """
+    od = 1 + sum(r.model.priority + 1 for r in problem.replicas if r.model.on_demand)
+    return {m.name: (m.priority + 1) * (1 if m.on_demand else od) for m in problem.spec.models}
+
+
+def top_k_sum(values: list[int], k: int) -> int:
+    """The sum of the `k` largest of `values` (all of them when there are fewer)."""
+    return sum(sorted(values, reverse=True)[:k])
+
+
+def pools_of(problem: Problem, assignments: list[Assignment] | tuple[Assignment, ...]) -> tuple[Pool, ...]:
+    """The swap pools that the on-demand assignments make, sorted by key: per (node, GPU or CPU, runtime),
+    sized as the sum of the runtime's `max_loaded` largest members' VRAM (and, apart, RAM) needs."""
+    groups: dict[tuple[str, int | None, Runtime], list[Assignment]] = {}
+    for a in assignments:
+        if a.on_demand:
+            model = problem.spec.model(a.model)
+            groups.setdefault((a.node, a.gpus[0] if a.gpus else None, model.runtime), []).append(a)
+    pools = []
+    for (node, gpu, runtime), members in groups.items():
+        k = problem.max_loaded(node, runtime)
+        pools.append(
+            Pool(
+                node=node,
+                gpu=gpu,
+                runtime=runtime,
+                members=tuple(sorted(a.model for a in members)),
+                max_loaded=k,
+                size_bytes=top_k_sum([sum(a.vram_bytes.values()) for a in members], k),
+                ram_bytes=top_k_sum([a.ram_bytes for a in members], k),
+            )
+        )
+    return tuple(sorted(pools, key=lambda p: p.key))
 
 
 def placement_weight(problem: Problem) -> int:

@@ -495,7 +495,9 @@ def _diagnostics_from_pydantic(doc: SpecDocument, errors: Sequence[ErrorDetails]
     return out
 
 
-_FIELD_PREFIX = re.compile(r"^(?P<field>[A-Za-z_][A-Za-z0-9_]*)(?P<index>(\[\d+\])*): (?P<rest>.+)$", re.S)
+_FIELD_PREFIX = re.compile(
+    r"^(?P<field>[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*)(?P<index>(\[\d+\])*): (?P<rest>.+)$", re.S
+)
 
 
 def _refine(doc: SpecDocument, path: DocPath, message: str) -> tuple[DocPath, str]:
@@ -503,7 +505,8 @@ def _refine(doc: SpecDocument, path: DocPath, message: str) -> tuple[DocPath, st
     match = _FIELD_PREFIX.match(message)
     if match is None:
         return path, message
-    extra: list[PathPart] = [match["field"], *(int(i) for i in re.findall(r"\d+", match["index"]))]
+    # `field`, `field[2]` or a nested `field.key` (e.g. placement.split).
+    extra: list[PathPart] = [*match["field"].split("."), *(int(i) for i in re.findall(r"\d+", match["index"]))]
     candidate = (*path, *extra)
     _, _, found = doc.locate(candidate)
     if len(found) == len(candidate):

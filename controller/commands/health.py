@@ -23,6 +23,7 @@ STATUS_STYLE = {
     Status.UP: "green",
     Status.SLOW: "yellow",
     Status.STARTING: "yellow",
+    Status.IDLE: "blue",
     Status.DOWN: "red",
     Status.ASLEEP: "blue",
 }

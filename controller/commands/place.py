@@ -50,9 +50,12 @@ def render(
     with their reasons.
 
     A replica split over several GPUs has a row in each of their tables, with the layers on that GPU.
+    A GPU's swap pool (on-demand models) follows its pinned models: the pool's size (its `max_loaded`
+    largest members together) and each member's own need while loaded.
     """
+    pools = {(p.node, p.gpu): p for p in result.pools}
     for g in result.gpus:
-        rows = [a for a in result.assignments if a.node == g.node and g.index in a.gpus]
+        rows = [a for a in result.assignments if a.node == g.node and g.index in a.gpus and not a.on_demand]
         table = Table(title=f"{g.node} GPU {g.index} ({g.name}, {gib(g.capacity_bytes)} usable)", title_justify="left")
         table.add_column("model")
         table.add_column("GiB", justify="right")
@@ -65,12 +68,28 @@ def render(
                 over = "+".join(str(i) for i in a.gpus)
                 layers = f"{a.layers_per_gpu.get(g.index, 0)}/{a.layers} (split {over})"
             table.add_row(name, f"{a.vram_bytes[g.index] / (1 << 30):.1f}", layers)
+        pool = pools.get((g.node, g.index))
+        if pool is not None:
+            members = {
+                a.model: a for a in result.assignments if a.on_demand and a.node == g.node and a.gpus == (g.index,)
+            }
+            table.add_section()
+            table.add_row(
+                f"swap pool ({pool.runtime.value}, max_loaded {pool.max_loaded})",
+                f"{pool.size_bytes / (1 << 30):.1f}",
+                "",
+            )
+            for name in pool.members:
+                a = members[name]
+                table.add_row(
+                    f"  {name} (on-demand)", f"{a.vram_bytes[g.index] / (1 << 30):.1f}", f"{a.gpu_layers}/{a.layers}"
+                )
         pct = 100.0 * g.used_bytes / g.capacity_bytes if g.capacity_bytes else 0.0
         table.add_section()
         table.add_row("total", f"{g.used_bytes / (1 << 30):.1f}", f"{pct:.0f}% used")
         table.add_row("remaining", f"{(g.capacity_bytes - g.used_bytes) / (1 << 30):.1f}", "")
         console.print(table)
-    cpu = [a for a in result.assignments if not a.gpus]
+    cpu = [a for a in result.assignments if not a.gpus and not a.on_demand]
     if cpu:
         console.print("CPU only:", markup=False)
         shown = cpu_dependent(result, profiles or {}, cpus or {})
@@ -79,6 +98,15 @@ def render(
             depends = isinstance(profile, MemoryProfile) and profile.shape is not None and a.node in shown
             where = f" ({shown[a.node].describe()})" if depends else ""
             console.print(f"  {a.model} on {a.node}: {gib(a.ram_bytes)} RAM{where}", markup=False)
+    cpu_pools = [p for p in result.pools if p.gpu is None]
+    if cpu_pools:
+        console.print("CPU swap pools:", markup=False)
+        for p in cpu_pools:
+            console.print(
+                f"  {p.node} ({p.runtime.value}, max_loaded {p.max_loaded}): {gib(p.ram_bytes)} RAM"
+                f" for {', '.join(p.members)}",
+                markup=False,
+            )
     if measured:
         console.print("Measured:", markup=False)
         for line in measured:

@@ -26,16 +26,28 @@ from specs.model import ClusterSpec
 def placement_summary(prepared: Prepared) -> list[str]:
     lines = ["Placement:"]
     for g in prepared.placement.gpus:
-        used = [a for a in prepared.placement.assignments if a.node == g.node and g.index in a.gpus]
+        used = [a for a in prepared.placement.assignments if a.node == g.node and g.index in a.gpus and not a.on_demand]
         pct = 100 * g.used_bytes / g.capacity_bytes if g.capacity_bytes else 0
-        models = ", ".join(f"{a.model} {a.gpu_layers}/{a.layers}" for a in used) or "nothing"
+        shares = [f"{a.model} {a.gpu_layers}/{a.layers}" for a in used]
+        shares += [
+            f"swap pool {p.size_bytes / 2**30:.1f} GiB [{', '.join(p.members)}] max {p.max_loaded} loaded"
+            for p in prepared.placement.pools
+            if p.node == g.node and p.gpu == g.index
+        ]
+        models = ", ".join(shares) or "nothing"
         lines.append(
             f"  {g.node} GPU {g.index}: {g.used_bytes / 2**30:.1f} of {g.capacity_bytes / 2**30:.1f} GiB"
             f" ({pct:.0f}%): {models}"
         )
-    cpu = [a for a in prepared.placement.assignments if not a.gpus]
+    cpu = [a for a in prepared.placement.assignments if not a.gpus and not a.on_demand]
     for a in cpu:
         lines.append(f"  {a.node} CPU: {a.model} ({a.ram_bytes / 2**30:.1f} GiB RAM)")
+    for p in prepared.placement.pools:
+        if p.gpu is None:
+            lines.append(
+                f"  {p.node} CPU: swap pool [{', '.join(p.members)}] max {p.max_loaded} loaded"
+                f" ({p.ram_bytes / 2**30:.1f} GiB RAM)"
+            )
     for u in prepared.placement.unplaced:
         lines.append(f"  not placed: {u.reason}")
     if prepared.gpus is not None:
@@ -84,6 +96,8 @@ def _reconcile(
             err.print(f"warning: {warning}", markup=False)
     for warning in prepared.calibration_warnings:
         err.print(f"warning: {warning}", markup=False)
+    for note in prepared.notes:
+        err.print(f"note: {note}", markup=False)
     plan = prepared.plan
     if plan_file is not None:
         if dry_run:
@@ -138,6 +152,8 @@ def _show(prepared: Prepared, plan: Plan, as_json: bool) -> None:
                 "measured": list(prepared.calibration),
                 "warnings": list(prepared.calibration_warnings),
             }
+        if prepared.notes:
+            data["notes"] = list(prepared.notes)
         out.print(json.dumps(data, indent=2, sort_keys=True), markup=False)
         return
     for line in placement_summary(prepared):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import typer
@@ -15,6 +16,7 @@ from controller.effects import calibration
 from controller.effects.engine import Session, state_dir
 from controller.effects.hostcpu import host_cpus
 from controller.effects.observe import observe
+from controller.effects.pools import PoolNow, observe_pools
 from controller.effects.power import PowerStore
 from controller.effects.status_api import nodes_json
 from controller.effects.vram_status import describe, planned_vs_actual
@@ -42,6 +44,7 @@ def register(app: typer.Typer) -> None:
             vram, reality = planned_vs_actual(spec, observed, session.connect, session.wiring.gpu_probe, cpus=cpus)
             # What each container really holds, kept for the next placement; estimate vs measured per container.
             measured = calibration.record(state, spec, observed, session.connect, reality)
+            pools = observe_pools(spec, observed, session.connect)
         calibrated = calibration.estimate_vs_measured(
             spec, observed, measured, profiles_for(spec, read_header=read_header, cpus=cpus)
         )
@@ -52,6 +55,8 @@ def register(app: typer.Typer) -> None:
             if watching is not None:
                 data["watch"] = watching
             data["asleep"] = asleep
+            if pools:
+                data["pools"] = [p.to_json() for p in pools.values()]
             out.print(json.dumps(data, indent=2), markup=False)
             return
         if watching is not None:
@@ -78,12 +83,43 @@ def register(app: typer.Typer) -> None:
                 cfg = c.config
                 where = f"GPU {','.join(map(str, cfg.gpus))}" if cfg and cfg.gpus else "CPU"
                 detail = f"port {cfg.port}, ngl {cfg.gpu_layers}, ctx {cfg.context}" if cfg else "no config label"
+                if cfg is not None and cfg.pool:
+                    detail = f"port {cfg.port}, {len(cfg.members)} on-demand models"
                 v = vram.get((name, c.name))
                 usage = f"  {describe(v)}" if v is not None and (v.planned_bytes or v.actual_bytes) else ""
                 out.print(f"  {c.name}  {c.status}  {where}  {detail}{usage}", markup=False)
                 got = calibrated.get((name, c.name))
                 for line in got.lines() if got is not None else []:
                     out.print(f"    {line}", markup=False)
+                pool = pools.get((name, c.name))
+                for line in pool_lines(pool, time.time()) if pool is not None else []:
+                    out.print(f"    {line}", markup=False)
+
+
+def pool_lines(pool: PoolNow, now: float) -> list[str]:
+    """`swap pool: 1 of 3 loaded (max 1)` and one line per member: `chat-a  loaded since 18:40:12 UTC (3m ago)`."""
+    if pool.error is not None:
+        head = f"swap pool: members unknown ({pool.error})"
+    else:
+        most = f" (max {pool.max_loaded})" if pool.max_loaded is not None else ""
+        head = f"swap pool: {len(pool.loaded)} of {len(pool.members)} loaded{most}"
+    lines = [head]
+    for m in pool.members:
+        text = f"  {m.model}  {m.state}"
+        if m.since is not None:
+            stamp = datetime.fromtimestamp(m.since, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+            text += f" since {stamp} ({_ago(now - m.since)})"
+        lines.append(text)
+    return lines
+
+
+def _ago(seconds: float) -> str:
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s ago"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s ago"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m ago"
 
 
 def _ollama_lines(o: OllamaNodeState | None) -> list[str]:

@@ -96,7 +96,8 @@ def describe_config_change(old: ContainerConfig | None, new: ContainerConfig) ->
     if old is None:
         return "its configuration label is missing or unreadable"
     before, after = old.to_json(), new.to_json()
-    parts = _describe(DeepDiff(before, after, exclude_paths=["root['command']"], verbose_level=2))
+    # the command and a pool's preset are derived from the other fields: they are described only when nothing else is
+    parts = _describe(DeepDiff(before, after, exclude_paths=["root['command']", "root['preset']"], verbose_level=2))
     if not parts:
         removed = [a for a in before["command"] if a not in after["command"]]
         added = [a for a in after["command"] if a not in before["command"]]
@@ -276,6 +277,11 @@ def _adoptions(want: NodeState, have: NodeState) -> list[Change]:
     return out
 
 
+def _model_files(config: ContainerConfig) -> list[str]:
+    """The model files a container reads: its model's, or every member's of a swap pool."""
+    return [m.model_file for m in config.members] if config.pool else [config.model_file]
+
+
 def _node_changes(want: NodeState, have: NodeState) -> list[Change]:
     out: list[Change] = []
     node = want.node
@@ -320,7 +326,7 @@ def _node_changes(want: NodeState, have: NodeState) -> list[Change]:
         elif current.config_hash != c.config_hash:
             reason = "config changed: " + describe_config_change(current.config, c.config)
             out.append(Change(Action.REPLACE, "container", node, c.name, reason, before=current, after=c))
-        elif (c.config.volume, c.config.model_file) in changed_files:
+        elif any((c.config.volume, f) in changed_files for f in _model_files(c.config)):
             out.append(Change(Action.REPLACE, "container", node, c.name, "model file changed", before=current, after=c))
         elif current.status in ("exited", "created"):
             why = f"container {current.status}" + (f" (code {current.exit_code})" if current.status == "exited" else "")

@@ -7,6 +7,9 @@ Conventions (docs: the homelab-cluster skill, and what LiteLLM 1.108.7 does):
 - an Ollama model is `ollama_chat/homelab/<model>` (`ollama/…` for embedding-only
   models) with the node's Ollama URL as `api_base`: the derived model that
   carries the placement's `num_gpu` and `num_ctx`;
+- an on-demand model (a swap pool member: `openai/<alias>` at the pool's router;
+  an Ollama model with `keep_alive` from its `ttl`) gets `timeout`/`stream_timeout`
+  that allow for loading it first (`on_demand_timeouts`);
 - every placed model is a model group under its own name (its replicas are
   deployments of it); every routing category with a placed model is a group
   `expert/<category>` listing its models in preference order (`order: 1, 2 …`,
@@ -52,7 +55,7 @@ from controller.core.state import (
 )
 from specs.enums import Category
 from specs.errors import HomelabError
-from specs.model import ClusterSpec
+from specs.model import ClusterSpec, LlamaCppRuntime
 
 API_KEY_PLACEHOLDER = "not-needed"
 DEFAULT_KEY_ENV = "HOMELAB_LITELLM_MASTER_KEY"
@@ -87,6 +90,19 @@ def gateway_url(spec: ClusterSpec) -> str:
     return f"http://{url_host(host)}:{gw.port}"
 
 
+ON_DEMAND_ANSWER_S = 600
+"""What an on-demand deployment's timeout allows for the answer itself, beyond loading the model."""
+
+
+def on_demand_timeouts(spec: ClusterSpec, node_name: str) -> dict[str, int]:
+    """An on-demand model's first request waits for its load: LiteLLM's `stream_timeout` (to the first chunk)
+    is the node's load allowance (`llamacpp.health_timeout`, what a starting container may take to be
+    healthy; Ollama nodes get the same default), and `timeout` that plus ON_DEMAND_ANSWER_S."""
+    rt = spec.node(node_name).llamacpp
+    load = rt.health_timeout if rt is not None else LlamaCppRuntime.model_fields["health_timeout"].default
+    return {"timeout": round(load) + ON_DEMAND_ANSWER_S, "stream_timeout": round(load)}
+
+
 def _deployments(spec: ClusterSpec, nodes: Mapping[str, NodeState]) -> dict[str, list[dict[str, Any]]]:
     """model name → litellm_params of each placed replica, in node order."""
     out: dict[str, list[dict[str, Any]]] = {}
@@ -98,24 +114,35 @@ def _deployments(spec: ClusterSpec, nodes: Mapping[str, NodeState]) -> dict[str,
         for c in state.containers:
             if c.config is None:
                 continue
-            out.setdefault(c.model, []).append(
-                {
-                    "model": f"openai/{c.config.alias}",
-                    "api_base": f"http://{url_host(node.address)}:{c.config.port}/v1",
-                    "api_key": API_KEY_PLACEHOLDER,
-                }
-            )
+            api_base = f"http://{url_host(node.address)}:{c.config.port}/v1"
+            if not c.pool:
+                out.setdefault(c.model, []).append(
+                    {"model": f"openai/{c.config.alias}", "api_base": api_base, "api_key": API_KEY_PLACEHOLDER}
+                )
+                continue
+            for member in c.config.members:  # a swap pool: each member by its alias on the pool's router
+                out.setdefault(member.model, []).append(
+                    {
+                        "model": f"openai/{member.alias}",
+                        "api_base": api_base,
+                        "api_key": API_KEY_PLACEHOLDER,
+                        **on_demand_timeouts(spec, name),
+                    }
+                )
         if state.ollama is not None:
             for m in state.ollama.models:
                 model = spec.model(m.model)
                 embed_only = model.categories == [Category.EMBED]
                 short = m.name.removesuffix(":latest")
-                out.setdefault(m.model, []).append(
-                    {
-                        "model": f"{'ollama' if embed_only else 'ollama_chat'}/{short}",
-                        "api_base": state.ollama.url.rstrip("/"),
-                    }
-                )
+                params: dict[str, Any] = {
+                    "model": f"{'ollama' if embed_only else 'ollama_chat'}/{short}",
+                    "api_base": state.ollama.url.rstrip("/"),
+                }
+                if model.on_demand:
+                    # Ollama unloads a model `keep_alive` after the request that names it
+                    params["keep_alive"] = f"{round(model.idle_ttl)}s"
+                    params.update(on_demand_timeouts(spec, name))
+                out.setdefault(m.model, []).append(params)
     return out
 
 

@@ -234,17 +234,20 @@ def endpoints_from_state(spec: ClusterSpec, desired: ClusterState) -> dict[str, 
         for c in state.containers:
             if c.config is None:
                 continue
-            out.setdefault(c.model, []).append(
-                Endpoint(
-                    model=c.model,
-                    node=name,
-                    tier=node.tier,
-                    runtime=Runtime.LLAMACPP,
-                    url=f"http://{url_host(node.address)}:{c.config.port}/v1",
-                    health_url=c.health_url,
-                    served_model=c.config.alias,
+            # a swap pool's router serves each member under its alias, on the pool's one port
+            served = [(m.model, m.alias) for m in c.config.members] if c.pool else [(c.model, c.config.alias)]
+            for model, alias in served:
+                out.setdefault(model, []).append(
+                    Endpoint(
+                        model=model,
+                        node=name,
+                        tier=node.tier,
+                        runtime=Runtime.LLAMACPP,
+                        url=f"http://{url_host(node.address)}:{c.config.port}/v1",
+                        health_url=c.health_url,
+                        served_model=alias,
+                    )
                 )
-            )
         if state.ollama is not None:
             base = state.ollama.url.rstrip("/")
             for m in state.ollama.models:

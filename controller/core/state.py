@@ -21,12 +21,16 @@ LABEL_MODEL = "homelab.model"
 LABEL_REPLICA = "homelab.replica"
 LABEL_HASH = "homelab.spec-hash"
 LABEL_CONFIG = "homelab.config"
+"""The container's desired configuration as compact JSON, so a diff can say what changed."""
 LABEL_ROLE = "homelab.role"
 """On containers (and volumes) that are not model servers: `helper` (short-lived file copies), `gateway`."""
-"""The container's desired configuration as compact JSON, so a diff can say what changed."""
+LABEL_POOL = "homelab.pool"
+"""On a swap pool's router container: the pool's key (NODE-gpuI or NODE-cpu)."""
 
 MODELS_MOUNT = "/models"
 """Where the model volume is mounted (read-only) in a llama.cpp container."""
+PRESET_PATH = "/homelab-pool.ini"
+"""Where a swap pool's `--models-preset` file is written into its container (before the container starts)."""
 
 
 def url_host(address: str) -> str:
@@ -37,6 +41,25 @@ def url_host(address: str) -> str:
 def health_url(address: str, port: int) -> str:
     """`http://ADDRESS:PORT/health`."""
     return f"http://{url_host(address)}:{port}/health"
+
+
+@dataclass(frozen=True)
+class PoolMember:
+    """One on-demand model of a swap pool: a section of the router's preset, loaded on request."""
+
+    model: str
+    alias: str
+    """The name requests use (the preset section), the model's `served_name`."""
+    model_file: str
+    context: int
+    gpu_layers: int
+    cache_type: str
+    ttl: float
+    """Seconds idle before llama-server puts its process to sleep (`sleep-idle-seconds`)."""
+
+    @classmethod
+    def from_json(cls, name: str, data: Mapping[str, Any]) -> PoolMember:
+        return cls(model=name, **{k: v for k, v in data.items() if k != "model"})
 
 
 @dataclass(frozen=True)
@@ -62,11 +85,27 @@ class ContainerConfig:
     """The volume mounted read-only at MODELS_MOUNT: the node's model volume, or the user's (`source.volume`)."""
     restart_policy: str = "unless-stopped"
     network_mode: str = "host"
+    members: tuple[PoolMember, ...] = ()
+    """A swap pool's router (llama-server in router mode): its on-demand models, by name. Empty for a model's
+    own container. A pool's `model_file`, `alias` and `cache_type` are empty, `context` 0, `gpu_layers` the most
+    any member has."""
+    preset: str = ""
+    """A swap pool's `--models-preset` INI text (written to PRESET_PATH in the container before it starts)."""
+
+    @property
+    def pool(self) -> bool:
+        return bool(self.members)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["command"] = list(self.command)
         data["gpus"] = list(self.gpus)
+        # A pool's members by name, so a diff says `members.chat.context 4096 → 8192`; a model's own container
+        # carries neither key (its hash, and so every container that ran before pools existed, is unchanged).
+        del data["members"], data["preset"]
+        if self.members:
+            data["members"] = {m.model: {k: v for k, v in asdict(m).items() if k != "model"} for m in self.members}
+            data["preset"] = self.preset
         return data
 
     @classmethod
@@ -74,6 +113,8 @@ class ContainerConfig:
         fields = dict(data)
         fields["command"] = tuple(fields.get("command", ()))
         fields["gpus"] = tuple(fields.get("gpus", ()))
+        members = fields.get("members") or {}
+        fields["members"] = tuple(PoolMember.from_json(str(k), v) for k, v in sorted(dict(members).items()))
         return cls(**fields)
 
     def digest(self) -> str:
@@ -102,6 +143,16 @@ class ContainerState:
     @property
     def on_gpu(self) -> bool:
         return self.config is not None and bool(self.config.gpus)
+
+    @property
+    def pool(self) -> bool:
+        """A swap pool's router container (its `model` is "": it serves `config.members`)."""
+        return self.config is not None and self.config.pool
+
+
+def pool_container_name(key: str) -> str:
+    """`homelab-pool-workstation-gpu0`: the router container of the swap pool with that key."""
+    return f"homelab-pool-{key}"
 
 
 @dataclass(frozen=True)
@@ -151,7 +202,8 @@ class OllamaModelState:
     preload: bool = False
     """Desired: keep it loaded. Observed: it is loaded now (`/api/ps`)."""
     keep_alive: float | None = None
-    """Seconds a preloaded model stays loaded; None: forever (desired only)."""
+    """Seconds a preloaded model stays loaded; None: forever (desired only). An on-demand model's `ttl`: how long
+    it stays after a request (the gateway sends it as `keep_alive`)."""
 
 
 @dataclass(frozen=True)

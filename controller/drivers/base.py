@@ -133,6 +133,11 @@ class DockerNode(Protocol):
         usage less its inactive file cache); None when it is not running or the engine reports no figure."""
         ...
 
+    def pool_processes(self, name: str) -> dict[str, float]:
+        """A running swap pool's member processes: alias → seconds since its child llama-server started
+        (empty when the container is not running)."""
+        ...
+
     def read_volume_files(self, volume: str, names: Sequence[str]) -> dict[str, str | None]:
         """The text of each named file in a managed volume (None: missing; every one None when the volume is)."""
         ...

@@ -59,6 +59,7 @@ from controller.core.state import (
     LABEL_REPLICA,
     LABEL_ROLE,
     MODELS_MOUNT,
+    PRESET_PATH,
     ContainerConfig,
     ContainerState,
     FileState,
@@ -595,7 +596,39 @@ class DockerEngine:
             else:
                 raise DriverError(f"container {desired.name} already exists on node {self.node}")
             container = self.client.containers.create(**kwargs)
+        assert desired.config is not None
+        if desired.config.preset:
+            self._put_preset(container, desired.name, desired.config.preset)
         self._start_new(container, desired.name)
+
+    def _put_preset(self, container: Any, name: str, text: str) -> None:
+        """A swap pool's preset into the created (not yet started) container, at PRESET_PATH; the container
+        is removed when that fails. It lives in the container's own layer, so a restart keeps it."""
+        directory, base = posixpath.split(PRESET_PATH)
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            data = text.encode()
+            info = tarfile.TarInfo(base)
+            info.size, info.mode, info.mtime = len(data), 0o644, int(time.time())
+            tar.addfile(info, io.BytesIO(data))
+        with self._errors(f"write the preset of container {name}"):
+            try:
+                if not container.put_archive(directory or "/", buf.getvalue()):
+                    raise DriverError(f"node {self.node}: the preset of container {name} could not be written")
+            except (docker.errors.APIError, DriverError):
+                with suppress(docker.errors.APIError):
+                    container.remove(force=True)
+                raise
+
+    def pool_processes(self, name: str) -> dict[str, float]:
+        """A swap pool's loaded (or asleep) members: alias → seconds since its child llama-server started (`docker top`,
+        which runs `ps -o pid,etimes,args` on the node). Empty when the container is not running."""
+        with self._errors(f"list the processes of container {name}"):
+            container = self._managed(name)
+            if container is None or container.status != "running":
+                return {}
+            top = container.top(ps_args="-o pid,etimes,args")  # docker top needs the PID column
+        return pool_children(top)
 
     def _start_new(self, container: Any, name: str) -> None:
         """Start a container just created; one that cannot start (no GPU driver, a bad device, a port in
@@ -837,6 +870,26 @@ class DockerEngine:
             finally:
                 with suppress(docker.errors.DockerException, OSError):
                     container.remove(force=True)
+
+
+def pool_children(top: Mapping[str, Any]) -> dict[str, float]:
+    """alias → elapsed seconds of each child llama-server in `docker top -o pid,etimes,args` output (the router
+    starts a child with `--alias NAME` for each member it loads)."""
+    titles = [str(t).upper() for t in top.get("Titles") or []]
+    try:
+        t_col, a_col = titles.index("ELAPSED"), titles.index("COMMAND")
+    except ValueError:
+        return {}
+    out: dict[str, float] = {}
+    for row in top.get("Processes") or []:
+        try:
+            elapsed = float(row[t_col])
+            argv = str(row[a_col]).split()
+        except (IndexError, TypeError, ValueError):
+            continue
+        if "--alias" in argv[:-1] and "--models-preset" not in argv:
+            out[argv[argv.index("--alias") + 1]] = elapsed
+    return out
 
 
 def stats_memory(stats: Mapping[str, Any]) -> int | None:

@@ -42,6 +42,8 @@ class FakeDockerNode:
     """Volumes of text files (the gateway's config): volume → {file name: text}; not model volumes."""
     services: dict[str, tuple[ServiceContainer, str, dict[str, str]]] = field(default_factory=dict)
     """Service containers (the gateway): name → (how it runs, Docker status, its environment)."""
+    pool_children: dict[str, dict[str, float]] = field(default_factory=dict)
+    """A swap pool's container name → {member alias: seconds since its process started}."""
 
     def _check(self, method: str, name: str) -> None:
         if not self.reachable:
@@ -167,6 +169,14 @@ class FakeDockerNode:
         if not self.reachable:
             raise NodeUnreachable(f"{self.node}: connection refused")
         return set(self.pids.get(name, ()))  # not recorded in `calls`: observing, not acting
+
+    def pool_processes(self, name: str) -> dict[str, float]:
+        if not self.reachable:
+            raise NodeUnreachable(f"{self.node}: connection refused")
+        c = self.containers.get(name)
+        if c is None or c.status != "running":
+            return {}
+        return dict(self.pool_children.get(name, {}))  # not recorded in `calls`: observing, not acting
 
     def container_memory(self, name: str) -> int | None:
         if not self.reachable:

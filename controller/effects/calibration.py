@@ -150,8 +150,8 @@ def measure(
         try:
             engine = connect(node)
             for c in state.containers:
-                if c.status != "running" or c.config is None:
-                    continue
+                if c.status != "running" or c.config is None or c.pool:
+                    continue  # a swap pool holds whichever members are loaded: not one model's figure
                 ram = engine.container_memory(c.name)
                 vram = actual_vram(report, pids.get(node.name, {}).get(c.name, frozenset())) if c.on_gpu else None
                 if ram is None and vram is None:

@@ -26,7 +26,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from controller.core.desired import render
+from controller.core.desired import ollama_requirements, render
 from controller.core.diff import DiffResult, diff
 from controller.core.plan import Plan, make_plan
 from controller.core.state import ClusterState, GatewayState
@@ -65,6 +65,8 @@ class Prepared:
     """One line per model whose reservation a measurement raised ("measured … on node:0, estimate …")."""
     calibration_warnings: tuple[str, ...] = ()
     """Running replicas measured above their estimate that no longer fit where they run."""
+    notes: tuple[str, ...] = ()
+    """What nodes must be set to that homelab does not set itself (an Ollama node's OLLAMA_MAX_LOADED_MODELS)."""
 
 
 class CachingConnect:
@@ -136,7 +138,10 @@ def current_placement(observed: ClusterState) -> dict[tuple[str, int], CurrentAs
         for c in node.containers:
             if c.config is None:
                 continue  # unreadable config label: its place is unknown, and it will be replaced anyway
-            out[c.model, c.replica] = CurrentAssignment(node.node, c.config.gpus, c.config.gpu_layers)
+            for m in c.config.members:  # a swap pool's members are where their pool is
+                out[m.model, 0] = CurrentAssignment(node.node, c.config.gpus, m.gpu_layers)
+            if not c.pool:
+                out[c.model, c.replica] = CurrentAssignment(node.node, c.config.gpus, c.config.gpu_layers)
     return out
 
 
@@ -190,7 +195,8 @@ def prepare(
         planned = replace(desired, gateway=None)
     result = diff(planned, observed)
     plan = make_plan(spec.cluster.name, result, observed.fingerprint())
-    return Prepared(placement, desired, observed, result, plan, gpus, lines, warnings)
+    notes = tuple(ollama_requirements(spec, placement))
+    return Prepared(placement, desired, observed, result, plan, gpus, lines, warnings, notes)
 
 
 def desired_state(

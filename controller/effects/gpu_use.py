@@ -236,8 +236,8 @@ def _managed_all_seen(
         return not node_pids
     seen = {p.pid for p in procs}
     for c in observed.nodes[node.name].containers:
-        if c.status != "running" or c.config is None or gpu.index not in c.config.gpus:
-            continue
+        if c.status != "running" or c.config is None or gpu.index not in c.config.gpus or c.pool:
+            continue  # a swap pool has a process on its GPU only while a member is loaded
         if not (node_pids.get(c.name, frozenset()) & seen):
             return False
     return True

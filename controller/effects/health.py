@@ -2,6 +2,8 @@
 
     Ollama       GET {ollama.url}/api/tags
     llama.cpp    GET http://NODE:PORT/health        (503 while loading: STARTING, not down)
+    swap pool    GET http://NODE:PORT/v1/models     (per member: loaded UP, loading STARTING, unloaded or
+                                                     asleep IDLE — it loads on request —, a failed load DOWN)
     LiteLLM      GET {gateway}/health/liveliness    (never /health: it calls every model and hangs)
     Docker       GET /_ping on the engine           (unix:// and tcp://; ssh:// through the SDK)
     SSH          the port answers with an SSH banner
@@ -26,6 +28,7 @@ from controller.core.gateway_config import gateway_url
 from controller.core.state import ClusterState, url_host
 from controller.drivers.base import DriverError
 from controller.drivers.docker import DockerEngine
+from controller.drivers.llamacpp import FAILED, LOADED, LOADING, SLEEPING, parse_router_models
 from specs.model import ClusterSpec, Node
 
 GATEWAY_TIER = "gateway"
@@ -35,9 +38,17 @@ class Status(StrEnum):
     UP = "up"
     SLOW = "slow"
     STARTING = "starting"
+    IDLE = "idle"
+    """An on-demand model that is not loaded now: it loads on the next request. Neither down nor degraded."""
     DOWN = "down"
     ASLEEP = "asleep"
     """Does not answer because homelab put its node to sleep (`power`): not a failure."""
+
+
+ANSWERING = frozenset({Status.UP, Status.IDLE})
+"""What a tier may hold and still be HEALTHY (an idle on-demand model is as it should be)."""
+ROUTABLE = frozenset({Status.UP, Status.SLOW, Status.IDLE})
+"""What can take a request now (an idle on-demand model is loaded by it)."""
 
 
 class Verdict(StrEnum):
@@ -63,6 +74,8 @@ class Endpoint:
     timeout: float
     node: str | None = None
     model: str | None = None
+    served: str | None = None
+    """kind `llamapool`: the member's alias in the router's `/v1/models`."""
 
 
 @dataclass(frozen=True)
@@ -126,7 +139,7 @@ class HealthReport:
         out: dict[str, bool] = {}
         for p in self.probes:
             if p.endpoint.model is not None:
-                out[p.endpoint.model] = p.status in (Status.UP, Status.SLOW)
+                out[p.endpoint.model] = p.status in ROUTABLE
         return out
 
 
@@ -168,6 +181,22 @@ def endpoints(spec: ClusterSpec, desired: ClusterState | None = None) -> list[En
             out.append(Endpoint(f"{node.name}/ollama", tier, "ollama", url, timeout_for(spec, node.name), node.name))
         if desired is not None and node.name in desired.nodes:
             for c in desired.nodes[node.name].containers:
+                if c.config is not None and c.pool:
+                    models_url = c.health_url.removesuffix("/health") + "/v1/models"
+                    out.extend(
+                        Endpoint(
+                            f"{node.name}/llamacpp/{m.model}",
+                            tier,
+                            "llamapool",
+                            models_url,
+                            timeout_for(spec, m.model, node.name),
+                            node.name,
+                            m.model,
+                            m.alias,
+                        )
+                        for m in c.config.members
+                    )
+                    continue
                 out.append(
                     Endpoint(
                         f"{node.name}/llamacpp/{c.model}",
@@ -221,6 +250,8 @@ async def _probe_http(client: httpx.AsyncClient, e: Endpoint, slow: float) -> Pr
     if not 200 <= r.status_code < 300:
         return Probe(e, Status.DOWN, r.status_code, latency, f"HTTP {r.status_code}")
     status = Status.SLOW if latency > slow else Status.UP
+    if e.kind == "llamapool":
+        return _pool_member(e, r, status, latency)
     if e.kind == "ollama":
         try:
             listed = r.json().get("models", [])
@@ -229,6 +260,26 @@ async def _probe_http(client: httpx.AsyncClient, e: Endpoint, slow: float) -> Pr
             return Probe(e, Status.DOWN, r.status_code, latency, "/api/tags did not answer JSON")
         return Probe(e, status, r.status_code, latency, models=names)
     return Probe(e, status, r.status_code, latency)
+
+
+def _pool_member(e: Endpoint, r: httpx.Response, answered: Status, latency: float) -> Probe:
+    """One member of a swap pool, from its router's `/v1/models`."""
+    try:
+        states = parse_router_models(r.json())
+    except (ValueError, DriverError):
+        return Probe(e, Status.DOWN, r.status_code, latency, "/v1/models did not answer a router's model list")
+    got = states.get(e.served or "")
+    if got is None:
+        return Probe(e, Status.DOWN, r.status_code, latency, f"'{e.served}' is not among the router's models")
+    if got.state == LOADED:
+        return Probe(e, answered, r.status_code, latency)
+    if got.state == LOADING:
+        return Probe(e, Status.STARTING, r.status_code, latency, "loading the model")
+    if got.state == FAILED:
+        code = f" (exit {got.exit_code})" if got.exit_code is not None else ""
+        return Probe(e, Status.DOWN, r.status_code, latency, f"its last load failed{code}")
+    why = "asleep after its ttl" if got.state == SLEEPING else "not loaded"
+    return Probe(e, Status.IDLE, r.status_code, latency, f"{why}: loads on request")
 
 
 async def _probe_ssh(e: Endpoint, slow: float) -> Probe:
@@ -286,7 +337,7 @@ async def _probe_docker_sdk(e: Endpoint, slow: float) -> Probe:
 
 
 def _retarget(e: Endpoint, url: str) -> Endpoint:
-    return Endpoint(e.name, e.tier, e.kind, url, e.timeout, e.node, e.model)
+    return Endpoint(e.name, e.tier, e.kind, url, e.timeout, e.node, e.model, e.served)
 
 
 def _as_docker(p: Probe, e: Endpoint) -> Probe:
@@ -326,13 +377,14 @@ async def probe_all(eps: Sequence[Endpoint], slow_threshold: float) -> list[Prob
 # --------------------------------------------------------------------------- verdicts
 
 
-SERVING_KINDS = frozenset({"ollama", "llamacpp", "litellm"})
+SERVING_KINDS = frozenset({"ollama", "llamacpp", "llamapool", "litellm"})
 """Endpoints that answer requests; Docker and SSH only say the machine is there."""
 
 
 def tier_verdict(probes: Iterable[Probe]) -> Verdict:
-    """HEALTHY: everything answers in time. DOWN: nothing answers, or nothing that serves requests does (a
-    tier whose model servers are all down serves nothing, however well its Docker and SSH answer).
+    """HEALTHY: everything answers in time (an idle on-demand model counts as answering). DOWN: nothing
+    answers, or nothing that serves requests does (a tier whose model servers are all down serves nothing,
+    however well its Docker and SSH answer).
     DEGRADED: anything in between (some down, some slower than the threshold, or a llama.cpp server still
     loading its model)."""
     probes = list(probes)
@@ -341,7 +393,7 @@ def tier_verdict(probes: Iterable[Probe]) -> Verdict:
     probes = [p for p in probes if p.status is not Status.ASLEEP]  # asleep on purpose: neither up nor down
     statuses = [p.status for p in probes]
     serving = [p.status for p in probes if p.endpoint.kind in SERVING_KINDS]
-    if not statuses or all(s is Status.UP for s in statuses):
+    if not statuses or all(s in ANSWERING for s in statuses):
         return Verdict.HEALTHY
     if all(s is Status.DOWN for s in statuses) or (serving and all(s is Status.DOWN for s in serving)):
         return Verdict.DOWN
@@ -386,7 +438,7 @@ def prognosis(tiers: Sequence[TierHealth]) -> tuple[Verdict, str]:
 
 
 def _first_problem(t: TierHealth) -> str:
-    bad = [p for p in t.probes if p.status is not Status.UP]
+    bad = [p for p in t.probes if p.status not in ANSWERING]
     if not bad:
         return "ok"
     p = bad[0]

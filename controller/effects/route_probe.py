@@ -54,7 +54,7 @@ class Probed:
 
     @classmethod
     def of(cls, probe: health.Probe) -> Probed:
-        ok = probe.status in (health.Status.UP, health.Status.SLOW)
+        ok = probe.status in health.ROUTABLE
         return cls(ok, "" if ok else probe.error or probe.status.value, probe.models, time.time())
 
 

@@ -30,13 +30,13 @@ from controller.core.routing import (
     endpoints_from_state,
     fallback_chain,
 )
-from controller.core.state import ClusterState, OllamaNodeState
+from controller.core.state import ClusterState, OllamaNodeState, pool_container_name
 from controller.drivers.base import DriverError
 from controller.effects.apply import EVENTS_FILE
 from controller.effects.calibration import ContainerCalibration
 from controller.effects.engine import Session, Wiring, current_ports, state_dir
 from controller.effects.gpu_use import GpuReality, ModelVram, match_gpu
-from controller.effects.health import HealthReport, Probe, Status, mark_asleep, tier_verdict
+from controller.effects.health import ANSWERING, HealthReport, Probe, mark_asleep, tier_verdict
 from controller.effects.hostcpu import host_cpus
 from controller.effects.observe import observe
 from controller.effects.power import asleep_nodes
@@ -166,7 +166,7 @@ def _node_state(name: str, node: Mapping[str, Any], probes: Sequence[Probe], rep
         if c.get("status") != "running":
             reasons.append(f"{c.get('name')}: {c.get('status')}")
     for p in probes:
-        if p.status is not Status.UP:
+        if p.status not in ANSWERING:
             reasons.append(f"{p.endpoint.name}: {p.error or p.status.value}")
     if not report:
         return ("NOT OBSERVED" if reasons else "UNKNOWN"), reasons
@@ -236,8 +236,8 @@ def _gpus_json(spec_node: Node, found: Found, vram_status: Mapping[str, Any]) ->
         info = match_gpu(report, gpu) if report is not None else None
         models = []
         for a in placement.assignments:
-            if a.node != spec_node.name or gpu.index not in a.gpus:
-                continue
+            if a.node != spec_node.name or gpu.index not in a.gpus or a.on_demand:
+                continue  # an on-demand model is counted in its swap pool, below
             cname = container_name(a.model)
             v = found.vram.get((spec_node.name, cname)) if cname in containers else None
             models.append(
@@ -248,6 +248,23 @@ def _gpus_json(spec_node: Node, found: Found, vram_status: Mapping[str, Any]) ->
                     "gpu_layers": a.layers_per_gpu.get(gpu.index, a.gpu_layers),
                     "layers": a.layers,
                     "planned_bytes": a.vram_bytes.get(gpu.index, 0),
+                    "actual_bytes": v.actual_bytes if v is not None else None,
+                    "over_plan": v.over_plan if v is not None else False,
+                }
+            )
+        for pool in placement.pools:
+            if pool.node != spec_node.name or pool.gpu != gpu.index:
+                continue
+            cname = pool_container_name(pool.key)
+            v = found.vram.get((spec_node.name, cname)) if cname in containers else None
+            models.append(
+                {
+                    "model": f"swap pool: {', '.join(pool.members)} (max {pool.max_loaded} loaded)",
+                    "replica": 0,
+                    "container": cname if cname in containers else None,
+                    "gpu_layers": 0,
+                    "layers": 0,
+                    "planned_bytes": pool.size_bytes,
                     "actual_bytes": v.actual_bytes if v is not None else None,
                     "over_plan": v.over_plan if v is not None else False,
                 }

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from controller.core.state import ClusterState
+from controller.core.state import ClusterState, pool_container_name
 from controller.drivers.base import DockerNode
 from controller.drivers.gpu import GpuProbe
 from controller.effects.engine import current_placement
@@ -61,6 +61,7 @@ def placed_vs_actual(
         params=params or SolveParams(time_limit=10.0, workers=1),
     )
     planned = {(a.node, a.model, a.replica): sum(a.vram_bytes.values()) for a in placement.assignments}
+    pools = {(p.node, pool_container_name(p.key)): p.size_bytes for p in placement.pools if p.gpu is not None}
     out: dict[StatusKey, ModelVram] = {}
     for node in observed.nodes.values():
         for c in node.containers:
@@ -69,7 +70,9 @@ def placed_vs_actual(
             report = reality.reports.get(node.node)
             container_pids = pids.get(node.node, {}).get(c.name, frozenset())
             out[node.node, c.name] = ModelVram(
-                c.name, planned.get((node.node, c.model, c.replica)), actual_vram(report, container_pids)
+                c.name,
+                pools.get((node.node, c.name)) if c.pool else planned.get((node.node, c.model, c.replica)),
+                actual_vram(report, container_pids),
             )
     return out, reality, placement
 

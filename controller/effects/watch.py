@@ -578,7 +578,7 @@ class Worker:
         m.endpoint_latency.clear()
         m.tier_state.clear()
         nodes: dict[str, str] = {}
-        rank = {Status.UP: 0, Status.SLOW: 1, Status.STARTING: 2, Status.ASLEEP: 3, Status.DOWN: 4}
+        rank = {Status.UP: 0, Status.IDLE: 0, Status.SLOW: 1, Status.STARTING: 2, Status.ASLEEP: 3, Status.DOWN: 4}
         for p in report.probes:
             e = p.endpoint
             labels = {"endpoint": e.name, "tier": e.tier, "kind": e.kind}

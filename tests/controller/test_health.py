@@ -53,7 +53,8 @@ def expected_verdict(statuses: tuple[Status, ...]) -> Verdict:
     if statuses and all(s is Status.ASLEEP for s in statuses):
         return Verdict.ASLEEP
     statuses = tuple(s for s in statuses if s is not Status.ASLEEP)  # asleep on purpose: neither up nor down
-    if all(s is Status.UP for s in statuses):
+    # an idle on-demand model (not loaded, loads on request) is as healthy as one that answers
+    if all(s in (Status.UP, Status.IDLE) for s in statuses):
         return Verdict.HEALTHY
     if all(s is Status.DOWN for s in statuses):
         return Verdict.DOWN

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import docker
@@ -270,3 +271,27 @@ def test_requests_reach_the_preferred_backend_then_the_fallback(world: World) ->
     healed = world.apply(spec)
     assert [(c.action.value, c.kind, c.name) for c in healed.plan.changes] == [("update", "container", "homelab-alpha")]
     assert world.ask().headers["x-litellm-model-api-base"] == f"http://127.0.0.1:{base}/v1"
+
+
+def test_an_on_demand_ollama_model_is_not_preloaded_and_stays_its_ttl(world: World) -> None:
+    """Issue 17: an on-demand Ollama model is created but not loaded; the gateway sends `keep_alive` from its
+    `ttl` with each request, so Ollama keeps it that long after the last (the stand-in's /api/ps says until
+    when, as Ollama's does)."""
+    text = SPEC.format(**world.fields).replace(
+        "    placement: {node: desk}\n", "    placement: {node: desk}\n    residency: on-demand\n    ttl: 90s\n"
+    )
+    spec = parse_spec(text, "cluster.yaml").spec
+    prepared = world.apply(spec)
+    assert [p.key for p in prepared.placement.pools] == ["desk-gpu0"]
+    assert ("desk", "ollama-create") in [(s.node, s.kind.value) for s in prepared.plan.steps]
+    assert not [s for s in prepared.plan.steps if s.kind.value == "ollama-preload"]
+    ps = httpx.get(f"{world.standin.url}/api/ps", trust_env=False).json()["models"]
+    assert ps == []  # created, not loaded
+    config = (world.tmp / "litellm" / "config.yaml").read_text()
+    assert "      keep_alive: 90s\n" in config
+    r = world.ask("tiny-chat")
+    assert r.status_code == 200, r.text
+    (loaded,) = httpx.get(f"{world.standin.url}/api/ps", trust_env=False).json()["models"]
+    left = datetime.fromisoformat(loaded["expires_at"]) - datetime.now(UTC)
+    assert timedelta(seconds=60) < left <= timedelta(seconds=90), left  # not Ollama's default 5 minutes
+    assert world.prepare(spec)[0].plan.in_sync  # used, loaded, and still nothing to do

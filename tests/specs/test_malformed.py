@@ -431,6 +431,56 @@ CASES: list[tuple[str, str, int, str]] = [
         16,
         r"nodes\[1\]\.power\.sleep_after: must be greater than 0",
     ),
+    (
+        "ttl-on-pinned-model",
+        edit("    runtime: llamacpp\n", "    runtime: llamacpp\n    ttl: 5m\n"),
+        20,
+        r"models\[0\]\.ttl: is for `residency: on-demand` models \(a pinned model is never unloaded\)$",
+    ),
+    (
+        "on-demand-with-port",
+        edit("    runtime: llamacpp\n", "    runtime: llamacpp\n    residency: on-demand\n    port: 3001\n"),
+        21,
+        r"models\[0\]\.port: not with `residency: on-demand` \(an on-demand model is one member of a swap pool\)$",
+    ),
+    (
+        "on-demand-split",
+        edit(
+            "    runtime: llamacpp\n", "    runtime: llamacpp\n    residency: on-demand\n    placement: {split: true}\n"
+        ),
+        21,
+        r"models\[0\]\.placement\.split: not with `residency: on-demand`",
+    ),
+    (
+        "on-demand-preload",
+        edit("    runtime: ollama\n", "    runtime: ollama\n    residency: on-demand\n    preload: true\n"),
+        25,
+        r"models\[1\]\.preload: not with `residency: on-demand`",
+    ),
+    (
+        "residency-unknown",
+        edit("    runtime: llamacpp\n", "    runtime: llamacpp\n    residency: sometimes\n"),
+        20,
+        r"models\[0\]\.residency: ",
+    ),
+    (
+        "ttl-not-a-duration",
+        edit("    runtime: llamacpp\n", "    runtime: llamacpp\n    residency: on-demand\n    ttl: soon\n"),
+        21,
+        r"models\[0\]\.ttl: ",
+    ),
+    (
+        "max-loaded-zero",
+        edit("ports: 3000-3009}", "ports: 3000-3009, max_loaded: 0}"),
+        11,
+        r"nodes\[0\]\.llamacpp\.max_loaded: ",
+    ),
+    (
+        "ollama-max-loaded-too-many",
+        edit('url: "http://10.0.0.3:11434"}', 'url: "http://10.0.0.3:11434", max_loaded: 65}'),
+        16,
+        r"nodes\[1\]\.ollama\.max_loaded: ",
+    ),
 ]
 
 LINE_RE = re.compile(r"^spec\.yaml:(?P<line>\d+):(?P<col>\d+): (?P<rest>.+)$")

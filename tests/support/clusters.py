@@ -109,3 +109,51 @@ def triplet_spec(k: int, seed: int, n_nodes: int = 4) -> ClusterSpec:
         for i, size in enumerate(triplet_sizes(k, seed))
     ]
     return ClusterSpec.model_validate({"cluster": {"name": "triplets"}, "nodes": nodes, "models": models})
+
+
+def pool_spec(n_models: int, n_gpus: int, n_nodes: int, seed: int, demand: float = 2.5) -> ClusterSpec:
+    """A cluster with more models than VRAM (issue 17): a quarter of the models pinned, filling about 40 % of
+    the VRAM; the rest `residency: on-demand`, together `demand` × the VRAM (each 0.5–1.5 × their mean, at most
+    28 % of the smallest card, so that two fit beside its share of pinned models). Nodes run llama.cpp or
+    Ollama (max_loaded 1 or 2) and have RAM enough for a CPU pool. Half the models may run partly on the CPU."""
+    rng = random.Random(seed)
+    per_node = [n_gpus // n_nodes + (1 if i < n_gpus % n_nodes else 0) for i in range(n_nodes)]
+    nodes: list[dict[str, Any]] = []
+    for i, k in enumerate(per_node):
+        node: dict[str, Any] = {
+            "name": f"n{i}",
+            "tier": "local",
+            "address": f"10.0.0.{i + 1}",
+            "ram": rng.choice((64, 128)) * GIB,
+            "ram_reserve": 4 * GIB,
+            "gpus": [{"index": j, "name": "gpu", "vram": rng.choice((12, 16, 24)) * GIB} for j in range(k)],
+        }
+        if rng.random() < 0.5:
+            node["docker"] = {"endpoint": "unix:///var/run/docker.sock"}
+            node["llamacpp"] = {"image": "llama", "ports": "3000-3031", "max_loaded": rng.choice((1, 2))}
+        else:
+            node["ollama"] = {"url": f"http://10.0.0.{i + 1}:11434", "max_loaded": rng.choice((1, 2))}
+        nodes.append(node)
+    runtimes = {n["name"]: "llamacpp" if "llamacpp" in n else "ollama" for n in nodes}
+    vram = sum(g["vram"] for n in nodes for g in n["gpus"]) / 1e9
+    n_pinned = max(1, n_models // 4)
+    pinned = [rng.uniform(1.0, 8.0) for _ in range(n_pinned)]
+    pinned = [s * 0.4 * vram / sum(pinned) for s in pinned]
+    mean = demand * vram / (n_models - n_pinned)
+    cap = 0.28 * min((g["vram"] for n in nodes for g in n["gpus"]), default=12 * GIB) / 1e9
+    od = [min(cap, mean * rng.uniform(0.5, 1.5)) for _ in range(n_models - n_pinned)]
+    models: list[dict[str, Any]] = []
+    for i, size in enumerate(pinned + od):
+        runtime = runtimes[f"n{rng.randrange(n_nodes)}"]  # as many of each runtime as nodes offer it
+        models.append(
+            {
+                "name": f"m{i}",
+                "runtime": runtime,
+                "source": {"gguf": f"/m/{i}.gguf"} if runtime == "llamacpp" else {"ollama": f"m{i}"},
+                "priority": rng.randint(0, 100),
+                "memory": {"vram": int(size * 1e9), "ram": int(0.3e9), "layers": rng.randint(20, 80)},
+                "placement": {"cpu_offload": rng.random() < 0.5},
+                **({"residency": "on-demand", "ttl": "10m"} if i >= n_pinned else {}),
+            }
+        )
+    return ClusterSpec.model_validate({"cluster": {"name": "pools"}, "nodes": nodes, "models": models})
