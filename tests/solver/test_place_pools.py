@@ -196,10 +196,13 @@ def test_demand_three_times_the_vram_all_placed() -> None:
     s = od_spec(nodes, *models)
     demand = sum(3 + i % 5 for i in range(14))
     assert demand >= 2 * 24
-    for r in (place(s, profiles_for(s), params=PARAMS), greedy_place(s, profiles_for(s))):
+    first = place(s, profiles_for(s), params=PARAMS)
+    for r in (first, greedy_place(s, profiles_for(s))):
         assert r.unplaced == ()
         assert sum(len(p.members) for p in r.pools) == 14
         check_pools(s, r)
+    # Same input, same plan.
+    assert place(s, profiles_for(s), params=PARAMS) == first
 
 
 def test_pinned_placed_before_a_higher_priority_on_demand_model() -> None:
