@@ -266,6 +266,10 @@ def explain(
         if not a.on_demand:
             ram_free[a.node] -= a.ram_bytes  # on-demand members count in their pool's RAM
         hosts[a.model].add(a.node)
+    # A pinned replica is placed before every on-demand model: one left out does not fit beside the
+    # other pinned ones alone, so its reason counts the room the pools take as free.
+    free_pinned = [g.capacity_bytes - (g.used_bytes - g.pool_bytes) for g in gpus]
+    ram_free_pinned = dict(ram_free)
     for p in pools:
         ram_free[p.node] -= p.ram_bytes
     placed = {(a.model, a.replica): a for a in assignments}
@@ -278,7 +282,8 @@ def explain(
         elif got is None and r.model.on_demand:
             unplaced.append(Unplaced(r.key[0], r.key[1], _why_no_pool(problem, r, assignments, gpus, ram_free, pools)))
         elif got is None:
-            unplaced.append(Unplaced(r.key[0], r.key[1], _why_unplaced(problem, r, free, ram_free, hosts)))
+            reason = _why_unplaced(problem, r, free_pinned, ram_free_pinned, hosts)
+            unplaced.append(Unplaced(r.key[0], r.key[1], reason))
         elif got.gpus and got.gpu_layers < got.layers:
             gi = next(i for i, g in enumerate(problem.gpus) if g.key == (got.node, got.gpus[0]))
             slot = problem.gpus[gi]

@@ -361,7 +361,9 @@ class OllamaRuntime(_Spec):
     prune: bool = Field(default=False, description="delete models not in the spec (off: hand-pulled models stay)")
     keep_alive: Duration | None = Field(default=None, description="preload with this keep-alive")
     max_loaded: Annotated[int, Strict(), Field(gt=0, le=64)] = Field(
-        default=1, description="on-demand models loaded at once per GPU (OLLAMA_MAX_LOADED_MODELS)"
+        default=1,
+        description="on-demand models loaded at once by this Ollama server"
+        " (its OLLAMA_MAX_LOADED_MODELS counts these and the pinned ones)",
     )
 
 

@@ -196,10 +196,13 @@ def test_demand_three_times_the_vram_all_placed() -> None:
     s = od_spec(nodes, *models)
     demand = sum(3 + i % 5 for i in range(14))
     assert demand >= 2 * 24
-    for r in (place(s, profiles_for(s), params=PARAMS), greedy_place(s, profiles_for(s))):
+    first = place(s, profiles_for(s), params=PARAMS)
+    for r in (first, greedy_place(s, profiles_for(s))):
         assert r.unplaced == ()
         assert sum(len(p.members) for p in r.pools) == 14
         check_pools(s, r)
+    # Same input, same plan.
+    assert place(s, profiles_for(s), params=PARAMS) == first
 
 
 def test_pinned_placed_before_a_higher_priority_on_demand_model() -> None:
@@ -358,3 +361,21 @@ def test_explain_names_the_pool_and_its_numbers() -> None:
         "o2 (on-demand) needs 9.0 GiB loaded at 4k context, fully on one GPU; on a:0 its pool"
         " (o1, max_loaded 1) would grow to 9.0 GiB and the pinned models leave 8.0 GiB for it"
     )
+
+
+def test_a_pinned_model_left_out_is_explained_without_the_pools() -> None:
+    """The pinned models come first: a pinned model left out does not fit beside the other pinned ones alone,
+    and its reason says so with the room the pool takes counted as free."""
+    s = od_spec(
+        llama_node("a", ["12GiB"]),
+        model("p1", "8GiB", runtime="llamacpp", extra="    priority: 50\n    placement: {cpu_offload: false}\n"),
+        model("p2", "6GiB", runtime="llamacpp", extra="    priority: 0\n    placement: {cpu_offload: false}\n"),
+        model("o", "3GiB", runtime="llamacpp", extra=OD + "    placement: {cpu_offload: false}\n"),
+    )
+    r = place(s, profiles_for(s), params=PARAMS)
+    assert [a.model for a in r.assignments] == ["o", "p1"]
+    (u,) = r.unplaced
+    assert u.reason.startswith(
+        "p2 needs 6.0 GiB at 4k context (cpu_offload: false, so all layers must be on the GPU);"
+        " the largest free GPU it may use (a:0) has 4.0 GiB"
+    ), u.reason
