@@ -494,9 +494,10 @@ def ollama_requirements(spec: ClusterSpec, placement: PlacementResult) -> list[s
 
     Ollama keeps at most OLLAMA_MAX_LOADED_MODELS models loaded (its default: 3 per GPU, 3 on a CPU) and
     unloads the least recently used one to load another. The plan counts every pinned model placed on the
-    node plus each swap pool's `max_loaded`: with fewer, Ollama would unload a pinned model for an on-demand
-    one (or refuse to hold as many as the pool allows). Ollama's API does not report the setting, so it
-    cannot be compared with what the node runs.
+    node plus the server's `max_loaded` (per server, not per pool: the setting is server-wide, so a node with
+    two GPU pools still loads at most `max_loaded` on-demand models at once; never more than it has): with
+    fewer, Ollama would unload a pinned model for an on-demand one (or refuse to hold as many as the spec
+    allows). Ollama's API does not report the setting, so it cannot be compared with what the node runs.
     """
     out: list[str] = []
     for node in spec.nodes:
@@ -510,8 +511,8 @@ def ollama_requirements(spec: ClusterSpec, placement: PlacementResult) -> list[s
             for a in placement.assignments
             if a.node == node.name and not a.on_demand and spec.model(a.model).runtime is Runtime.OLLAMA
         )
-        swap = sum(p.max_loaded for p in pools)
         members = sum(len(p.members) for p in pools)
+        swap = min(node.ollama.max_loaded, members)
         out.append(
             f"node {node.name}: Ollama must run with OLLAMA_MAX_LOADED_MODELS={pinned + swap} ({pinned} pinned"
             f" + {swap} loaded at once from {members} on-demand models in {len(pools)} pool(s));"

@@ -3,6 +3,7 @@ and status — with the real solver and the shipped fake Docker driver."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -296,6 +297,24 @@ def test_ollama_on_demand_models_keep_alive_and_max_loaded() -> None:
         "node nas: Ollama must run with OLLAMA_MAX_LOADED_MODELS=3 (1 pinned + 2 loaded at once from 3 on-demand"
         " models in 1 pool(s)); Ollama's API does not say what it is set to"
     ]
+
+    # OLLAMA_MAX_LOADED_MODELS is server-wide: split into two pools (a GPU's and the CPU's), the node still loads
+    # at most max_loaded = 2 on-demand models at once, not 2 per pool.
+    (pool,) = placement.pools
+    split = replace(
+        placement,
+        pools=(
+            replace(pool, members=pool.members[:2]),
+            replace(pool, gpu=None, members=pool.members[2:]),
+        ),
+    )
+    assert ollama_requirements(spec, split)[0].startswith(
+        "node nas: Ollama must run with OLLAMA_MAX_LOADED_MODELS=3 (1 pinned + 2 loaded at once from 3 on-demand"
+        " models in 2 pool(s))"
+    )
+    # ... and never counts more on-demand models than it has.
+    one = replace(placement, pools=(replace(pool, members=pool.members[:1]),))
+    assert "=2 (1 pinned + 1 loaded at once from 1 on-demand" in ollama_requirements(spec, one)[0]
 
 
 def test_the_plan_shows_the_pool_as_one_share_of_its_gpu() -> None:
