@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,6 +36,10 @@ from specs.files import atomic_write
 from specs.model import ClusterSpec, Node
 
 MEASURED_FILE = "measured.json"
+
+AFTER_APPLY_ATTEMPTS = 3
+"""Stats samples tried per container right after an apply before it is left to the next observe (a figure was
+missing once under load in CI)."""
 
 PLACEMENT_ARGS = {"--port", "-ngl", "--split-mode", "--tensor-split"}
 """llama-server options whose value the placement chooses (each followed by its value)."""
@@ -137,9 +142,20 @@ def write(state_dir: Path, measurements: Sequence[Measurement]) -> None:
 
 
 def measure(
-    spec: ClusterSpec, observed: ClusterState, connect: Callable[[Node], DockerNode], gpus: GpuReality | None
+    spec: ClusterSpec,
+    observed: ClusterState,
+    connect: Callable[[Node], DockerNode],
+    gpus: GpuReality | None,
+    *,
+    attempts: int = 1,
+    pause: Callable[[float], None] = time.sleep,
 ) -> list[Measurement]:
-    """Measure every running managed container of the reachable Docker nodes (a node that fails gives none)."""
+    """Measure every running managed container of the reachable Docker nodes (a node that fails gives none).
+
+    With `attempts` > 1 (after an apply), the containers that gave no host-memory figure, or whose engine failed,
+    are asked again in up to `attempts` - 1 more passes, a second apart (a container started a moment ago, an
+    engine slow under load); so a node whose engine never gives one costs at most that many seconds, not that
+    many per container."""
     pids = managed_pids(spec, observed, connect) if gpus is not None else {}
     out: list[Measurement] = []
     for node in spec.nodes:
@@ -147,31 +163,40 @@ def measure(
         if state is None or not state.reachable or node.docker is None:
             continue
         report = gpus.reports.get(node.name) if gpus is not None else None
-        try:
-            engine = connect(node)
-            for c in state.containers:
-                if c.status != "running" or c.config is None or c.pool:
-                    continue  # a swap pool holds whichever members are loaded: not one model's figure
-                ram = engine.container_memory(c.name)
-                vram = actual_vram(report, pids.get(node.name, {}).get(c.name, frozenset())) if c.on_gpu else None
-                if ram is None and vram is None:
-                    continue
-                out.append(
-                    Measurement(
-                        node.name,
-                        c.model,
-                        c.replica,
-                        c.name,
-                        c.config_hash,
-                        spec_digest(c.config),
-                        c.config.gpu_layers,
-                        c.config.gpus,
-                        ram,
-                        vram,
-                    )
+        # a swap pool holds whichever members are loaded: not one model's figure
+        todo = [c for c in state.containers if c.status == "running" and c.config is not None and not c.pool]
+        ram: dict[str, int] = {}
+        for attempt in range(max(1, attempts)):
+            if attempt:
+                pause(1.0)
+            try:
+                engine = connect(node)
+                for c in todo:
+                    if c.name not in ram and (got := engine.container_memory(c.name)) is not None:
+                        ram[c.name] = got
+            except DriverError:
+                continue
+            if len(ram) == len(todo):
+                break
+        for c in todo:
+            assert c.config is not None
+            vram = actual_vram(report, pids.get(node.name, {}).get(c.name, frozenset())) if c.on_gpu else None
+            if c.name not in ram and vram is None:
+                continue
+            out.append(
+                Measurement(
+                    node.name,
+                    c.model,
+                    c.replica,
+                    c.name,
+                    c.config_hash,
+                    spec_digest(c.config),
+                    c.config.gpu_layers,
+                    c.config.gpus,
+                    ram.get(c.name),
+                    vram,
                 )
-        except DriverError:
-            continue
+            )
     return out
 
 
@@ -206,12 +231,14 @@ def record(
     observed: ClusterState,
     connect: Callable[[Node], DockerNode],
     gpus: GpuReality | None,
+    *,
+    attempts: int = 1,
 ) -> list[Measurement]:
     """Measure, merge with what the state directory keeps, write it back when it changed; return the result.
 
     The file is advisory: a state directory that cannot be written leaves the measurements in memory only."""
     kept = read(state_dir)
-    merged = merge(kept, measure(spec, observed, connect, gpus), observed)
+    merged = merge(kept, measure(spec, observed, connect, gpus, attempts=attempts), observed)
     if merged != sorted(kept, key=lambda m: m.key):
         with contextlib.suppress(OSError):
             write(state_dir, merged)

@@ -324,7 +324,9 @@ class Session:
         assert self.state_dir is not None
         observed = observe(self.spec, self.connect, self.ollama)
         gpus = observe_gpus(self.spec, observed, self.connect, self.wiring.gpu_probe)
-        return calibration.record(self.state_dir, self.spec, observed, self.connect, gpus)
+        return calibration.record(
+            self.state_dir, self.spec, observed, self.connect, gpus, attempts=calibration.AFTER_APPLY_ATTEMPTS
+        )
 
     def executor(
         self,

@@ -10,13 +10,16 @@ from pathlib import Path
 import pytest
 
 from controller.core.state import ClusterState, NodeState
+from controller.drivers.base import NodeUnreachable
 from controller.drivers.docker import stats_memory
 from controller.drivers.fake import FakeDockerNode
 from controller.effects import calibration
+from controller.effects.observe import observe
 from solver.estimate import LayerCurve
 from solver.profiles import MEASURED_MARGIN, Measured, calibrate_curve
+from specs import parse_spec
 from specs.enums import LayerOrder
-from specs.model import ClusterSpec
+from specs.model import ClusterSpec, Node
 from tests.controller.test_reconcile import SOURCES, SPEC
 from tests.support.wiring import Wired
 
@@ -171,3 +174,49 @@ def test_calibrate_curve_raises_vram_and_ram_at_the_measured_offload_only() -> N
     # A split replica's VRAM is not one GPU's: left alone.
     _, split = calibrate_curve(curve, Measured("n", 3, (0, 1), vram_bytes=200))
     assert not split.raised
+
+
+class _Flaky(FakeDockerNode):
+    """A fake engine whose first stats requests fail or give nothing, as a container started a moment ago can."""
+
+    def __init__(self, fake: FakeDockerNode, answers: list[int | Exception | None]) -> None:
+        self.__dict__.update(fake.__dict__)
+        self.answers = answers
+
+    def container_memory(self, name: str) -> int | None:
+        if self.answers:
+            answer = self.answers.pop(0)
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+        return super().container_memory(name)
+
+
+@pytest.mark.parametrize("first", [None, NodeUnreachable("spare: connection refused")])
+def test_after_an_apply_a_container_that_gave_no_figure_is_asked_again(
+    engines: dict[str, FakeDockerNode], tmp_path: Path, wired: Wired, first: Exception | None
+) -> None:
+    code, _, err = wired.run("reconcile", "--yes")
+    assert code == 0, err
+    spec = parse_spec(SPEC, "cluster.yaml").spec
+    engines["spare"].memory["homelab-tiny"] = 3 * GIB
+    engines["box"].memory.update({"homelab-chat": GIB, "homelab-coder": GIB})
+    flaky = _Flaky(engines["spare"], [first, None])
+    pauses: list[float] = []
+
+    def connect(node: Node) -> FakeDockerNode:
+        return flaky if node.name == "spare" else engines[node.name]
+
+    observed = observe(spec, connect)
+    # One sample (every observe but the one after an apply): nothing yet, nothing kept.
+    assert [m.ram_bytes for m in calibration.measure(spec, observed, connect, None) if m.node == "spare"] == []
+    flaky.answers = [first, None]
+    got = calibration.measure(spec, observed, connect, None, attempts=3, pause=pauses.append)
+    assert [(m.model, m.ram_bytes) for m in got if m.node == "spare"] == [("tiny", 3 * GIB)]
+    assert pauses == [1.0, 1.0]  # one pause per pass, not per container
+    flaky.answers = [None, None, None]
+    pauses.clear()
+    assert [m for m in calibration.measure(spec, observed, connect, None, attempts=3, pause=pauses.append)] == [
+        m for m in got if m.node == "box"
+    ]
+    assert pauses == [1.0, 1.0]  # given up after the third pass
