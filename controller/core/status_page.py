@@ -171,7 +171,7 @@ def pool_item(p: Mapping[str, Any], memory: str) -> str:
     over = ' <span class="badge bad">OVER PLAN</span>' if p.get("over_plan") else ""
     return (
         f'<li class="pool" data-pool="{e(p.get("pool"))}"><span class="swatch" style="background:'
-        f'{pool_colour(p.get("pool"))}"></span><span class="model-name">swap pool {e(p.get("pool"))}</span>'
+        f'{pool_colour(p.get("pool"))}"></span><span class="pool-name">swap pool {e(p.get("pool"))}</span>'
         f" ({e(p.get('runtime'))}) {memory}{e(beside)}{over}: {pool_summary(p)}{pool_members(p)}</li>"
     )
 
@@ -500,7 +500,7 @@ box-sizing:border-box;border-right:1px solid #fff}
 .seg.foreign{background:#445}.seg.free{background:#eef;color:#889}.seg.over{outline:2px solid #c62828}
 .legend{list-style:none;margin:2px 0;padding:0;font-size:12px;display:flex;flex-wrap:wrap;gap:2px 14px}
 .swatch{display:inline-block;width:10px;height:10px;border-radius:2px;margin-right:4px}
-.model-name{font-weight:600}.cpu{margin:4px 0;padding-left:18px;font-size:12px}
+.model-name,.pool-name{font-weight:600}.cpu{margin:4px 0;padding-left:18px;font-size:12px}
 .members{list-style:none;margin:0 0 0 14px;padding:0}.members li{margin:1px 0}.power{margin:2px 0;font-size:12px}
 .seg.pool{background-image:repeating-linear-gradient(135deg,transparent,transparent 6px,#fff3 6px,#fff3 12px)}
 table{border-collapse:collapse;font-size:12px;background:#fff}
