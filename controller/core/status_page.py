@@ -215,7 +215,7 @@ def gpu_bar(node: str, gpu: Mapping[str, Any]) -> str:
             planned,
             f"swap pool (max {p.get('max_loaded')})",
             f"swap pool {p.get('pool')}: {members}; planned {size(planned)}, at most {p.get('max_loaded')} loaded",
-            f"background:{pool_colour(p.get('pool'))}",
+            f"background-color:{pool_colour(p.get('pool'))}",  # the class's stripes stay: a pool, not a model
         )
     used = reserve + foreign + sum(_int(m.get("planned_bytes")) for m in [*models, *pools])
     seg("free", total - used, "free", f"free {size(total - used)}")
