@@ -7,11 +7,23 @@ The dict is what `/api/status` serves (built by `controller.effects.status_api.c
     spec         {path, hash}
     nodes        name → the node as `homelab status --json` shows it (reachable, error, containers with planned
                  and actual VRAM, foreign_containers, ollama), plus tier, state (HEALTHY / DEGRADED / DOWN /
-                 NOT OBSERVED), reasons (one line each), ram_bytes, gpus and cpu_models (below)
+                 ASLEEP / NOT OBSERVED), reasons (one line each), ram_bytes, gpus, cpu_models, cpu_pools and
+                 power (below)
       gpus       [{index, name, vram_bytes, reserve_bytes, foreign_bytes, shortfall_bytes, capacity_bytes,
                    planned_bytes, used_bytes, models: [{model, replica, container, gpu_layers, layers,
-                   planned_bytes, actual_bytes, over_plan}]}]
-      cpu_models [{model, replica, runtime, ram_bytes, status}]
+                   planned_bytes, actual_bytes, over_plan}], pools: [pool]}]
+      cpu_models [{model, replica, runtime, ram_bytes, status}] (pinned models; on-demand ones are in cpu_pools)
+      cpu_pools  [pool]: the node's swap pools in RAM (gpu None)
+      pool       a swap pool of on-demand models: {pool (its key, NODE-gpuI or NODE-cpu), runtime, container
+                 (the router's, when it runs), max_loaded, loaded (how many now), members: [{model, state,
+                 since}], planned_bytes (VRAM reserved), ram_bytes, actual_bytes, over_plan, error (why the
+                 members' states are unknown, or None)}; a member's state is loaded, loading, sleeping or
+                 unloaded (both idle: it loads on request), failed, or unknown; since: epoch seconds it has
+                 been loaded or asleep, when known
+      power      None for a node without a `power` section (always on); else {state (awake / asleep / waking),
+                 since (asleep or waking since, epoch seconds), reason, sleep_after (seconds), idle_s and
+                 last_use (from a running `homelab watch`'s last look, epoch seconds, when it has one),
+                 checked (when that look was)}
     health       `HealthReport.to_json()` (verdict, reason, tiers → verdict and endpoints), or None
     placement    {status, unplaced: [{model, replica, reason}], notes}
     routing      [{category, chain: [{category, models: [{model, state, why}]}], answer, reason}]
@@ -20,8 +32,9 @@ The dict is what `/api/status` serves (built by `controller.effects.status_api.c
     warnings     [str]
 
 A GPU is drawn as a bar of its whole VRAM: the reserve, memory held by other processes, each model's
-planned share (a colour per model, labelled with its GPU layers), the free rest; below it a thin bar of
-the measured use of each model when nvidia-smi reported it. Every piece of text from the dict is
+planned share (a colour per model, labelled with its GPU layers), each swap pool's reserved share (labelled
+with its max_loaded; its members listed below the bar, each loaded, loading, idle or failed), the free rest;
+below it a thin bar of the measured use of each model when nvidia-smi reported it. Every piece of text from the dict is
 HTML-escaped (model, node and container names, errors and events come from specs and from the cluster).
 
 The page refreshes itself with a few lines of inline JavaScript from `/api/status?view=html`, which adds
@@ -49,7 +62,24 @@ STATE_CLASS = {
     "ASLEEP": "muted",
     "NOT OBSERVED": "bad",
     "UNKNOWN": "muted",
+    # endpoint statuses (health.Status): an idle on-demand model is neither down nor degraded
+    "UP": "ok",
+    "SLOW": "warn",
+    "STARTING": "warn",
+    "IDLE": "idle",
+    # power states
+    "AWAKE": "ok",
+    "WAKING": "warn",
 }
+
+MEMBER_STATE = {
+    "loaded": ("loaded", "ok", ""),
+    "loading": ("loading", "warn", ""),
+    "sleeping": ("idle", "idle", "asleep after its ttl: loads on request"),
+    "unloaded": ("idle", "idle", "not loaded: loads on request"),
+    "failed": ("failed", "bad", "its last load failed"),
+}
+"""A swap-pool member's state (the router's) → the word shown, its class, and what it means."""
 
 
 def e(value: object) -> str:
@@ -80,6 +110,17 @@ def when(t: object) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
+def duration(seconds: object) -> str:
+    """Seconds as people read them: 45 s, 30 min, 2.5 h; '?' when unknown."""
+    if not isinstance(seconds, int | float) or isinstance(seconds, bool):
+        return "?"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    if seconds >= 60:
+        return f"{seconds / 60:.0f} min" if seconds % 60 < 1 else f"{seconds / 60:.1f} min"
+    return f"{seconds:.0f} s"
+
+
 def badge(state: object) -> str:
     s = str(state or "UNKNOWN")
     return f'<span class="badge {STATE_CLASS.get(s.upper(), "muted")}">{e(s)}</span>'
@@ -96,12 +137,52 @@ def _int(v: object) -> int:
 # --------------------------------------------------------------------------- pieces
 
 
+def pool_colour(pool: object) -> str:
+    return model_colour(f"swap pool {pool}")
+
+
+def pool_summary(p: Mapping[str, Any]) -> str:
+    """`1 of 3 loaded (max 1)`, as `homelab status` says it (escaped)."""
+    members = p.get("members") or []
+    if p.get("error"):
+        return f"members unknown ({e(p.get('error'))}), at most {e(p.get('max_loaded'))} loaded"
+    return f"{e(p.get('loaded'))} of {len(members)} loaded (max {e(p.get('max_loaded'))})"
+
+
+def pool_members(p: Mapping[str, Any]) -> str:
+    """Each member of a swap pool with its state now: loaded / loading / idle / failed."""
+    items = []
+    for m in p.get("members") or []:
+        state = str(m.get("state") or "unknown")
+        word, cls, meaning = MEMBER_STATE.get(state, (state, "muted", ""))
+        since = f" since {when(m.get('since'))}" if isinstance(m.get("since"), int | float) else ""
+        items.append(
+            f'<li data-model="{e(m.get("model"))}" data-state="{e(state)}"><span class="model-name">'
+            f'{e(m.get("model"))}</span> <span class="badge {cls}" title="{e(meaning or state)}">{e(word)}</span>'
+            f"{since}{' — ' + e(meaning) if meaning else ''}</li>"
+        )
+    return f'<ul class="members">{"".join(items)}</ul>'
+
+
+def pool_item(p: Mapping[str, Any], memory: str) -> str:
+    """A swap pool as a legend item: its name, size, how many are loaded, then its members."""
+    measured = p.get("actual_bytes")
+    beside = f", measured {size(measured)}" if isinstance(measured, int) else ""
+    over = ' <span class="badge bad">OVER PLAN</span>' if p.get("over_plan") else ""
+    return (
+        f'<li class="pool" data-pool="{e(p.get("pool"))}"><span class="swatch" style="background:'
+        f'{pool_colour(p.get("pool"))}"></span><span class="pool-name">swap pool {e(p.get("pool"))}</span>'
+        f" ({e(p.get('runtime'))}) {memory}{e(beside)}{over}: {pool_summary(p)}{pool_members(p)}</li>"
+    )
+
+
 def gpu_bar(node: str, gpu: Mapping[str, Any]) -> str:
     """One GPU: planned shares on its whole VRAM, and the measured use below when known."""
     total = _int(gpu.get("vram_bytes")) or _int(gpu.get("capacity_bytes")) or 1
     reserve = _int(gpu.get("reserve_bytes"))
     foreign = _int(gpu.get("foreign_bytes")) + _int(gpu.get("shortfall_bytes"))
     models: Sequence[Mapping[str, Any]] = gpu.get("models") or []
+    pools: Sequence[Mapping[str, Any]] = gpu.get("pools") or []
     segs: list[str] = []
 
     def seg(cls: str, nbytes: int, label: str, title: str, style: str = "") -> None:
@@ -126,17 +207,35 @@ def gpu_bar(node: str, gpu: Mapping[str, Any]) -> str:
             f"{name}: planned {size(planned)}, GPU layers {layers}",
             f"background:{model_colour(name)}",
         )
-    used = reserve + foreign + sum(_int(m.get("planned_bytes")) for m in models)
+    for p in pools:
+        planned = _int(p.get("planned_bytes"))
+        members = ", ".join(str(m.get("model")) for m in p.get("members") or [])
+        seg(
+            "model pool",
+            planned,
+            f"swap pool (max {p.get('max_loaded')})",
+            f"swap pool {p.get('pool')}: {members}; planned {size(planned)}, at most {p.get('max_loaded')} loaded",
+            f"background-color:{pool_colour(p.get('pool'))}",  # the class's stripes stay: a pool, not a model
+        )
+    used = reserve + foreign + sum(_int(m.get("planned_bytes")) for m in [*models, *pools])
     seg("free", total - used, "free", f"free {size(total - used)}")
 
-    actual = [m for m in models if isinstance(m.get("actual_bytes"), int)]
+    with_measure = [
+        (str(m.get("model")), model_colour(str(m.get("model"))), m)
+        for m in models
+        if isinstance(m.get("actual_bytes"), int)
+    ] + [
+        (f"swap pool {p.get('pool')}", pool_colour(p.get("pool")), p)
+        for p in pools
+        if isinstance(p.get("actual_bytes"), int)
+    ]
     actual_bar = ""
-    if actual:
+    if with_measure:
         parts = "".join(
             f'<div class="seg model{" over" if m.get("over_plan") else ""}"'
-            f' style="width:{_pct(_int(m["actual_bytes"]), total):.3f}%;background:{model_colour(str(m.get("model")))}"'
-            f' title="{e(m.get("model"))}: measured {size(m["actual_bytes"])}"></div>'
-            for m in actual
+            f' style="width:{_pct(_int(m["actual_bytes"]), total):.3f}%;background:{colour}"'
+            f' title="{e(label)}: measured {size(m["actual_bytes"])}"></div>'
+            for label, colour, m in with_measure
         )
         actual_bar = f'<div class="bar actual" aria-label="measured use">{parts}</div>'
 
@@ -152,6 +251,7 @@ def gpu_bar(node: str, gpu: Mapping[str, Any]) -> str:
             f'<span class="model-name">{e(name)}</span> {e(m.get("gpu_layers"))}/{e(m.get("layers"))} GPU layers,'
             f" planned {size(planned)}{e(beside)}{over}</li>"
         )
+    legend += [pool_item(p, f"planned {size(_int(p.get('planned_bytes')))} VRAM") for p in pools]
     head = (
         f"GPU {e(gpu.get('index'))} {e(gpu.get('name'))}: planned {size(_int(gpu.get('planned_bytes')))}"
         f" of {size(_int(gpu.get('capacity_bytes')))} usable ({size(total)} VRAM)"
@@ -166,6 +266,23 @@ def gpu_bar(node: str, gpu: Mapping[str, Any]) -> str:
     )
 
 
+def power_line(power: object) -> str:
+    """A node's power state: asleep or waking since when and why, or awake; its sleep_after and last use."""
+    if not isinstance(power, Mapping):
+        return ""
+    state = str(power.get("state") or "awake")
+    parts = [f"power {badge(state)}"]
+    if state != "awake" and isinstance(power.get("since"), int | float):
+        parts[0] += f" since {when(power.get('since'))}"
+    if power.get("reason"):
+        parts[0] += f" ({e(power.get('reason'))})"
+    if isinstance(power.get("last_use"), int | float):
+        parts.append(f"last used {when(power.get('last_use'))} (idle {duration(power.get('idle_s'))})")
+    if power.get("sleep_after") is not None:
+        parts.append(f"sleeps after {duration(power.get('sleep_after'))} idle")
+    return f'<p class="power" data-power="{e(state)}">{" · ".join(parts)}</p>'
+
+
 def node_card(name: str, n: Mapping[str, Any]) -> str:
     state = n.get("state") or "UNKNOWN"
     reasons = "".join(f"<li>{e(r)}</li>" for r in n.get("reasons") or [])
@@ -174,7 +291,7 @@ def node_card(name: str, n: Mapping[str, Any]) -> str:
         f'<li><span class="model-name">{e(m.get("model"))}</span> ({e(m.get("runtime"))}) CPU only,'
         f" RAM {size(m.get('ram_bytes'))}{' — ' + e(m.get('status')) if m.get('status') else ''}</li>"
         for m in n.get("cpu_models") or []
-    )
+    ) + "".join(pool_item(p, f"CPU only, RAM {size(p.get('ram_bytes'))}") for p in n.get("cpu_pools") or [])
     containers = n.get("containers") or []
     rows = "".join(
         f"<tr><td>{e(c.get('name'))}</td><td>{e(c.get('model'))}</td>"
@@ -201,10 +318,12 @@ def node_card(name: str, n: Mapping[str, Any]) -> str:
             )
             olines = f"<p>Ollama {e(ollama.get('url'))}: {models or 'no homelab models'}</p>"
     ram = f" · RAM {size(n.get('ram_bytes'))}" if n.get("ram_bytes") else ""
+    quiet = '"reasons muted"' if str(state).upper() == "ASLEEP" else "reasons"  # asleep on purpose: not alarming
     return (
         f'<section class="node" id="node-{e(name)}" data-node="{e(name)}" data-state="{e(state)}">'
         f'<h3>{e(name)} <span class="muted">tier {e(n.get("tier"))}{ram}</span> {badge(state)}</h3>'
-        f"{f'<ul class=reasons>{reasons}</ul>' if reasons else ''}{gpus}"
+        f"{power_line(n.get('power'))}"
+        f"{f'<ul class={quiet}>{reasons}</ul>' if reasons else ''}{gpus}"
         f"{f'<ul class=cpu>{cpu_rows}</ul>' if cpu_rows else ''}{olines}{table}</section>"
     )
 
@@ -218,9 +337,16 @@ def tiers_section(status: Mapping[str, Any]) -> str:
     for tier in order:
         t = tiers.get(tier) or {}
         members = [name for name, n in nodes.items() if n.get("tier") == tier]
-        bad = [p for p in t.get("endpoints") or [] if p.get("status") != "up"]
+        endpoints = t.get("endpoints") or []
+        # idle (an on-demand model, loads on request) and asleep (on purpose) are not problems
+        bad = [p for p in endpoints if p.get("status") not in ("up", "idle", "asleep")]
         why = "".join(f"<li>{e(p.get('name'))}: {e(p.get('error') or p.get('status'))}</li>" for p in bad[:8])
         more = f"<li>… {len(bad) - 8} more</li>" if len(bad) > 8 else ""
+        for word, meaning in (("idle", "on demand, loads on request"), ("asleep", "node put to sleep")):
+            quiet = [str(p.get("name")) for p in endpoints if p.get("status") == word]
+            if quiet:
+                more += f'<li class="{STATE_CLASS[word.upper()]}">{badge(word)} {e(", ".join(quiet))} ({meaning})</li>'
+
         parts.append(
             f'<div class="tier" data-tier="{e(tier)}" data-state="{e(t.get("verdict") or "UNKNOWN")}">'
             f"<h3>{e(tier)} {badge(t.get('verdict'))}</h3>"
@@ -360,6 +486,7 @@ header h1{font-size:18px;margin:0}#stamp{color:#aab}
 main{padding:8px 20px 40px}h2{font-size:16px;margin:18px 0 6px}h3{font-size:14px;margin:4px 0}
 .badge{display:inline-block;padding:0 6px;border-radius:3px;font-size:12px;font-weight:600;color:#fff;background:#889}
 .ok{color:#2e7d32}.bad{color:#c62828}.warn{color:#a06000}.muted{color:#667}
+.idle{color:#1565c0}.badge.idle{background:#1565c0;color:#fff}.badge.muted{background:#889;color:#fff}
 .badge.ok{background:#2e7d32;color:#fff}.badge.warn{background:#d08700;color:#fff}.badge.bad{background:#c62828;color:#fff}
 .tiers{display:flex;gap:10px;flex-wrap:wrap}
 .tier,.node{background:#fff;border:1px solid #dde;border-radius:6px;padding:8px 12px}
@@ -373,7 +500,9 @@ box-sizing:border-box;border-right:1px solid #fff}
 .seg.foreign{background:#445}.seg.free{background:#eef;color:#889}.seg.over{outline:2px solid #c62828}
 .legend{list-style:none;margin:2px 0;padding:0;font-size:12px;display:flex;flex-wrap:wrap;gap:2px 14px}
 .swatch{display:inline-block;width:10px;height:10px;border-radius:2px;margin-right:4px}
-.model-name{font-weight:600}.cpu{margin:4px 0;padding-left:18px;font-size:12px}
+.model-name,.pool-name{font-weight:600}.cpu{margin:4px 0;padding-left:18px;font-size:12px}
+.members{list-style:none;margin:0 0 0 14px;padding:0}.members li{margin:1px 0}.power{margin:2px 0;font-size:12px}
+.seg.pool{background-image:repeating-linear-gradient(135deg,transparent,transparent 6px,#fff3 6px,#fff3 12px)}
 table{border-collapse:collapse;font-size:12px;background:#fff}
 td,th{padding:2px 8px;text-align:left;border-bottom:1px solid #eef}
 .rm{padding:0 4px;border-radius:3px;background:#eee}.rm.up{background:#c8e6c9}.rm.down{background:#ffcdd2}

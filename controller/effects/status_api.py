@@ -14,7 +14,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +39,13 @@ from controller.effects.gpu_use import GpuReality, ModelVram, match_gpu
 from controller.effects.health import ANSWERING, HealthReport, Probe, mark_asleep, tier_verdict
 from controller.effects.hostcpu import host_cpus
 from controller.effects.observe import observe
-from controller.effects.power import asleep_nodes
+from controller.effects.pools import PoolNow, observe_pools
+from controller.effects.power import ASLEEP, AWAKE, WAKING, PowerStore
 from controller.effects.route_probe import Probed, endpoint_health
 from controller.effects.vram_status import StatusKey, placed_vs_actual
 from controller.effects.watch import read_status
-from solver.problem import PlacementResult
-from specs.enums import Category
+from solver.problem import PlacementResult, Pool
+from specs.enums import Category, Runtime
 from specs.model import ClusterSpec, Node
 
 EVENTS_KEPT = 30
@@ -152,6 +153,10 @@ class Found:
     desired: ClusterState | None
     report: HealthReport | None
     warnings: tuple[str, ...] = ()
+    pools: Mapping[tuple[str, str], PoolNow] = field(default_factory=dict)
+    """(node, container) → the swap pool's members now (`observe_pools`)."""
+    power: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """The nodes homelab put to sleep: STATE_DIR/power.json ({node: {state, since, reason}})."""
 
 
 def _node_state(name: str, node: Mapping[str, Any], probes: Sequence[Probe], report: bool) -> tuple[str, list[str]]:
@@ -252,23 +257,6 @@ def _gpus_json(spec_node: Node, found: Found, vram_status: Mapping[str, Any]) ->
                     "over_plan": v.over_plan if v is not None else False,
                 }
             )
-        for pool in placement.pools:
-            if pool.node != spec_node.name or pool.gpu != gpu.index:
-                continue
-            cname = pool_container_name(pool.key)
-            v = found.vram.get((spec_node.name, cname)) if cname in containers else None
-            models.append(
-                {
-                    "model": f"swap pool: {', '.join(pool.members)} (max {pool.max_loaded} loaded)",
-                    "replica": 0,
-                    "container": cname if cname in containers else None,
-                    "gpu_layers": 0,
-                    "layers": 0,
-                    "planned_bytes": pool.size_bytes,
-                    "actual_bytes": v.actual_bytes if v is not None else None,
-                    "over_plan": v.over_plan if v is not None else False,
-                }
-            )
         out.append(
             {
                 "index": gpu.index,
@@ -281,9 +269,89 @@ def _gpus_json(spec_node: Node, found: Found, vram_status: Mapping[str, Any]) ->
                 "planned_bytes": use.used_bytes if use is not None else 0,
                 "used_bytes": info.used_bytes if info is not None else None,
                 "models": models,
+                "pools": [
+                    pool_json(p, found, containers)
+                    for p in placement.pools
+                    if p.node == spec_node.name and p.gpu == gpu.index
+                ],
             }
         )
     return out
+
+
+def pool_json(pool: Pool, found: Found, containers: set[str]) -> dict[str, Any]:
+    """A swap pool: its size, `max_loaded`, and each member's state now — a llama.cpp pool's from its router
+    (`observe_pools`: loaded, loading, sleeping, unloaded, failed; `unknown` when not observed), an Ollama
+    pool's from `/api/ps` (loaded or unloaded)."""
+    node = pool.node
+    cname = pool_container_name(pool.key) if pool.runtime is Runtime.LLAMACPP else None
+    running = cname if cname is not None and cname in containers else None
+    now = found.pools.get((node, cname)) if cname is not None else None
+    error: str | None = None
+    states: dict[str, tuple[str, float | None]] = {}
+    if now is not None:
+        states = {m.model: (m.state, m.since) for m in now.members}
+        error = now.error
+    elif pool.runtime is Runtime.OLLAMA:
+        observed = found.observed.nodes.get(node)
+        ollama = observed.ollama if observed is not None else None
+        if ollama is not None and ollama.reachable:
+            loaded = {m.model for m in ollama.models if m.preload}
+            states = {m: ("loaded" if m in loaded else "unloaded", None) for m in pool.members}
+        else:
+            error = "Ollama not observed"
+    else:
+        error = "its router is not running" if running is None else "its router was not asked"
+    members = [
+        {"model": m, "state": states.get(m, ("unknown", None))[0], "since": states.get(m, ("unknown", None))[1]}
+        for m in pool.members
+    ]
+    v = found.vram.get((node, running)) if running is not None else None
+    return {
+        "pool": pool.key,
+        "runtime": pool.runtime.value,
+        "container": running,
+        "max_loaded": pool.max_loaded,
+        "loaded": sum(1 for m in members if m["state"] == "loaded"),
+        "members": members,
+        "planned_bytes": pool.size_bytes,
+        "ram_bytes": pool.ram_bytes,
+        "actual_bytes": v.actual_bytes if v is not None else None,
+        "over_plan": v.over_plan if v is not None else False,
+        "error": error,
+    }
+
+
+def power_json(
+    spec_node: Node, record: Mapping[str, Any] | None, watch: Mapping[str, Any] | None
+) -> dict[str, Any] | None:
+    """A node's power state: asleep or waking (STATE_DIR/power.json), else awake; with the spec's `sleep_after`
+    and, from a running `homelab watch`'s last sweep (watch.json `power`), how long it had been idle then.
+    None for a node with no `power` section that homelab never put to sleep (always on)."""
+    if spec_node.power is None and record is None:
+        return None
+    watched_all = (watch or {}).get("power")
+    watched = watched_all.get(spec_node.name) if isinstance(watched_all, Mapping) else None
+    watched = watched if isinstance(watched, Mapping) else {}
+    updated = (watch or {}).get("updated")
+    if record is not None and record.get("state") in (ASLEEP, WAKING):
+        state, since, reason = str(record["state"]), record.get("since"), record.get("reason")
+    elif watched.get("state") == WAKING:
+        state, since, reason = WAKING, watched.get("since"), watched.get("reason")
+    else:
+        state, since, reason = AWAKE, None, watched.get("reason")
+    idle = watched.get("idle_s") if state == AWAKE else None
+    number = (int, float)
+    last_use = updated - idle if isinstance(idle, number) and isinstance(updated, number) else None
+    return {
+        "state": state,
+        "since": since,
+        "reason": reason,
+        "sleep_after": spec_node.power.sleep_after if spec_node.power is not None else None,
+        "idle_s": idle,
+        "last_use": last_use,
+        "checked": updated if watched else None,
+    }
 
 
 def build(
@@ -325,8 +393,13 @@ def build(
                 "status": (by_model.get(a.model) or {}).get("status"),
             }
             for a in found.placement.assignments
-            if a.node == spec_node.name and not a.gpus
+            if a.node == spec_node.name and not a.gpus and not a.on_demand
         ]
+        running = {c["name"] for c in n["containers"]}
+        n["cpu_pools"] = [
+            pool_json(p, found, running) for p in found.placement.pools if p.node == spec_node.name and p.gpu is None
+        ]
+        n["power"] = power_json(spec_node, found.power.get(spec_node.name), watch)
     order = {n.name: i for i, n in enumerate(spec.nodes)}
     return {
         "cluster": spec.cluster.name,
@@ -361,11 +434,14 @@ def find(spec: ClusterSpec, wiring: Wiring) -> Found:
     """Observe, place (as a reconcile places: the wiring's solver settings), render and probe: the cluster now.
     Never raises for a node that does not answer."""
     warnings: list[str] = []
+    names = {n.name for n in spec.nodes}
     with Session(spec, wiring) as session:
         observed = observe(spec, session.connect, session.ollama)
         vram, reality, placement = placed_vs_actual(
             spec, observed, session.connect, wiring.gpu_probe, wiring.solve, host_cpus(spec, wiring.host_cpu)
         )
+        pools = observe_pools(spec, observed, session.connect)
+    power = PowerStore.of(spec, state_dir(spec, None)).load()
     warnings.extend(reality.warnings)
     desired: ClusterState | None
     try:
@@ -375,13 +451,11 @@ def find(spec: ClusterSpec, wiring: Wiring) -> Found:
         warnings.append(f"cannot render the desired state: {exc}")
     try:
         # a node homelab put to sleep on purpose shows ASLEEP, not DOWN
-        report: HealthReport | None = mark_asleep(
-            wiring.health(spec, desired), asleep_nodes(spec, state_dir(spec, None))
-        )
+        report: HealthReport | None = mark_asleep(wiring.health(spec, desired), set(power) & names)
     except (DriverError, OSError) as exc:
         report = None
         warnings.append(f"health not probed: {exc}")
-    return Found(observed, vram, reality, placement, desired, report, tuple(warnings))
+    return Found(observed, vram, reality, placement, desired, report, tuple(warnings), pools, power)
 
 
 def collect(

@@ -50,6 +50,13 @@ def sample(**over: Any) -> dict[str, Any]:
                             {"model": "chat<b>", "gpu_layers": 10, "layers": 33, "planned_bytes": 4 * GIB,
                              "actual_bytes": None, "over_plan": False},
                         ],
+                        "pools": [
+                            {"pool": "remote-gpu0", "runtime": "llamacpp", "container": "homelab-pool-remote-gpu0",
+                             "max_loaded": 1, "loaded": 1, "planned_bytes": 4 * GIB, "ram_bytes": 0,
+                             "actual_bytes": None, "over_plan": False, "error": None,
+                             "members": [{"model": "od<i>", "state": "loaded", "since": 1_699_999_000.0},
+                                         {"model": "od-b", "state": "<weird>", "since": None}]},
+                        ],
                     }
                 ],
                 "cpu_models": [],
@@ -60,6 +67,13 @@ def sample(**over: Any) -> dict[str, Any]:
                 "reasons": [],
                 "gpus": [],
                 "cpu_models": [{"model": "generalist", "runtime": "ollama", "ram_bytes": 400 * MIB}],
+                "cpu_pools": [
+                    {"pool": "nas-cpu", "runtime": "llamacpp", "container": None, "max_loaded": 2, "loaded": 0,
+                     "planned_bytes": 0, "ram_bytes": 6 * GIB, "error": "router <down>",
+                     "members": [{"model": "cpu-od", "state": "unknown", "since": None}]},
+                ],
+                "power": {"state": "asleep", "since": 1_699_999_500.0, "reason": "idle <u>", "sleep_after": 600.0,
+                          "idle_s": None, "last_use": None, "checked": None},
             },
         },
         "health": {
@@ -95,9 +109,12 @@ def test_every_node_gpu_and_model_is_drawn() -> None:
     assert 'data-node="remote"' in html and 'data-node="nas"' in html
     assert 'data-state="DEGRADED"' in html
     assert html.count('class="bar planned"') == 1 and html.count('class="bar actual"') == 1
-    # reserve 1 of 24 GiB, other processes 2, coder 8, chat 4, free 9: widths in % of the whole card
+    # reserve 1 of 24 GiB, other processes 2, coder 8, chat 4, the swap pool 4, free 5: widths in % of the card
     widths = [float(w) for w in re.findall(r'class="seg [a-z ]+" style="width:([0-9.]+)%', html.split("bar actual")[0])]
-    assert widths == pytest.approx([100 / 24, 200 / 24, 800 / 24, 400 / 24, 900 / 24], abs=1e-3)
+    assert widths == pytest.approx([100 / 24, 200 / 24, 800 / 24, 400 / 24, 400 / 24, 500 / 24], abs=1e-3)
+    assert "swap pool remote-gpu0</span> (llamacpp) planned 4.0 GiB VRAM: 1 of 2 loaded (max 1)" in html
+    assert "swap pool nas-cpu</span> (llamacpp) CPU only, RAM 6.0 GiB: members unknown" in html
+    assert '<p class="power" data-power="asleep">power <span class="badge muted">asleep</span>' in html
     assert "29/29 GPU layers" in html and "10/33 GPU layers" in html
     assert "measured 9.0 GiB" in html and "OVER PLAN" in html
     assert model_colour("coder") in html and model_colour("coder") == model_colour("coder")
@@ -113,7 +130,7 @@ def test_every_node_gpu_and_model_is_drawn() -> None:
 def test_untrusted_text_is_escaped() -> None:
     html = render_page(sample())
     main = render_main(sample())
-    for raw in ("<b>", "<script>", "<img src=x>", "<bad>", "<3090>"):
+    for raw in ("<b>", "<script>", "<img src=x>", "<bad>", "<3090>", "<i>", "<weird>", "<down>", "<u>"):
         assert raw not in main, raw
     assert "chat&lt;b&gt;" in html and "boom &lt;script&gt;" in html and "&lt;img src=x&gt;" in html
     assert html.count("<script>") == 1  # only the page's own
@@ -124,6 +141,8 @@ def test_works_with_missing_parts() -> None:
     assert "health not probed" in html and "no events" in html
     assert "no <code>homelab watch</code>" in html
     assert render_main({}) in render_page({})
+    bare = {"nodes": {"x": {"gpus": [{"pools": [{}, {"members": [{}]}]}], "cpu_pools": [{}], "power": {}}}}
+    assert 'data-power="awake"' in render_main(bare)  # a pool or power with nothing in it still renders
 
 
 def test_read_events_tail(tmp_path: Any) -> None:
