@@ -6,7 +6,7 @@ types never leave this module.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -126,8 +126,22 @@ def _field(path: str) -> str:
     return path.removeprefix("root").replace("['", ".").replace("']", "").lstrip(".")
 
 
-def diff(desired: ClusterState, observed: ClusterState) -> DiffResult:
-    """Every change that would make `observed` match `desired`, node by node."""
+def diff(desired: ClusterState, observed: ClusterState, *, unplaced: Collection[str] = ()) -> DiffResult:
+    """Every change that would make `observed` match `desired`, node by node (`unplaced`: the spec's models the
+    placement left out, so that their containers' removal says why)."""
+    runs_on: dict[str, set[str]] = {}
+    for node_name, node_state in desired.nodes.items():
+        for c in node_state.containers:
+            runs_on.setdefault(c.model, set()).add(node_name)
+
+    def why_gone(c: ContainerState) -> str:
+        if c.model in unplaced:
+            return "not placed: see the warnings"
+        others = sorted(runs_on.get(c.model, set()) - {c.node})
+        if others:
+            return f"{c.model} is placed on {', '.join(others)} now"
+        return f"fewer replicas of {c.model} wanted" if c.model in runs_on else "not in spec"
+
     changes: list[Change] = []
     deferred: list[Change] = []
     unreachable: dict[str, str] = {}
@@ -138,10 +152,10 @@ def diff(desired: ClusterState, observed: ClusterState) -> DiffResult:
         if not have.reachable:
             if want.containers or want.volumes or want.files:
                 unreachable[name] = have.error or "unreachable"
-                deferred.extend(_node_changes(want, NodeState(node=name)))
+                deferred.extend(_node_changes(want, NodeState(node=name), why_gone))
         else:
             _check_user_volumes(want, have)
-            changes.extend(_node_changes(want, have))
+            changes.extend(_node_changes(want, have, why_gone))
         if want.ollama is not None:
             got = have.ollama  # observed over HTTP whether or not the node's Docker engine answered
             if got is None or not got.reachable:
@@ -282,7 +296,7 @@ def _model_files(config: ContainerConfig) -> list[str]:
     return [m.model_file for m in config.members] if config.pool else [config.model_file]
 
 
-def _node_changes(want: NodeState, have: NodeState) -> list[Change]:
+def _node_changes(want: NodeState, have: NodeState, why_gone: Callable[[ContainerState], str]) -> list[Change]:
     out: list[Change] = []
     node = want.node
     have_volumes = {v.name for v in have.volumes}
@@ -344,5 +358,5 @@ def _node_changes(want: NodeState, have: NodeState) -> list[Change]:
     wanted = {c.name for c in want.containers}
     for extra in have.containers:
         if extra.name not in wanted:
-            out.append(Change(Action.DELETE, "container", node, extra.name, "not in spec", before=extra))
+            out.append(Change(Action.DELETE, "container", node, extra.name, why_gone(extra), before=extra))
     return out

@@ -193,7 +193,7 @@ def prepare(
         observed = replace(observed, gateway=observe_gateway(desired.gateway, gateway(desired.gateway)))
     else:
         planned = replace(desired, gateway=None)
-    result = diff(planned, observed)
+    result = diff(planned, observed, unplaced={u.model for u in placement.unplaced})
     plan = make_plan(spec.cluster.name, result, observed.fingerprint())
     notes = tuple(ollama_requirements(spec, placement))
     return Prepared(placement, desired, observed, result, plan, gpus, lines, warnings, notes)

@@ -142,7 +142,7 @@ def test_a_model_measured_over_what_its_node_has_left_is_a_plan_warning(
         "warning: tiny: measured 13.00 GiB RAM on spare, estimate 4.00 GiB (reserved 13.65 GiB):"
         " coder (running beside it) fits nowhere now and is not placed"
     ) in err
-    assert "  - container homelab-coder  (not in spec)" in out
+    assert "  - container homelab-coder  (not placed: see the warnings)" in out
     # Measured beyond the whole node: the measured model itself no longer fits.
     engines["spare"].memory["homelab-tiny"] = 17 * GIB
     code, out, err = wired.run("reconcile", "--dry-run")

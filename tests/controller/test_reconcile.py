@@ -260,6 +260,14 @@ def test_file_copy_failure_stops_everything_and_says_what_was_not_done(tmp_path:
     assert "FAILED at copy-file models/coder.gguf" in result.summary()
 
 
+def test_a_moved_model_says_where_it_went(tmp_path: Path) -> None:
+    lab = Lab()
+    lab.apply(spec_of(), tmp_path)
+    moved = SPEC.replace("placement: {node: spare, cpu_only: true}", "placement: {node: box, cpu_only: true}")
+    plan = lab.prepare(spec_of(moved)).plan
+    gone = [(c.node, c.name, c.reason) for c in plan.changes if c.action is Action.DELETE and c.kind == "container"]
+    assert gone == [("spare", "homelab-tiny", "tiny is placed on box now")]
+
 def test_health_timeout_fails_the_step(tmp_path: Path) -> None:
     lab = Lab()
     spec = spec_of()
