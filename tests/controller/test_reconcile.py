@@ -268,6 +268,7 @@ def test_a_moved_model_says_where_it_went(tmp_path: Path) -> None:
     gone = [(c.node, c.name, c.reason) for c in plan.changes if c.action is Action.DELETE and c.kind == "container"]
     assert gone == [("spare", "homelab-tiny", "tiny is placed on box now")]
 
+
 def test_health_timeout_fails_the_step(tmp_path: Path) -> None:
     lab = Lab()
     spec = spec_of()
