@@ -34,6 +34,9 @@ GIB = 1 << 30
 
 
 def gib(n: int) -> str:
+    """GiB with one decimal; MiB below a tenth of a GiB, which would read "0.0 GiB"."""
+    if 0 < abs(n) < GIB // 10:
+        return f"{n / (1 << 20):.1f} MiB"
     return f"{n / GIB:.1f} GiB"
 
 

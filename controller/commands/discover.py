@@ -58,8 +58,8 @@ from controller.commands.common import (
 )
 from controller.drivers.gpu import GpuInfo, NodeGpus
 from controller.drivers.ssh import is_local
-from controller.effects.gpu_use import gib
 from solver.cpu import cpu_flags, cpu_kind, kind_flags
+from solver.explain import gib
 from specs import SpecError
 from specs.load import SpecDocument, dump_document, parse_spec, save_document
 from specs.model import ClusterSpec, Node

@@ -19,6 +19,7 @@ from controller.core.plan import Plan, render_text
 from controller.drivers.base import DriverError
 from controller.effects.apply import LockHeld
 from controller.effects.engine import STATE_ENV, Prepared, Session, state_dir
+from solver.explain import gib
 from specs.files import atomic_write
 from specs.model import ClusterSpec
 
@@ -41,12 +42,11 @@ def placement_summary(prepared: Prepared) -> list[str]:
         )
     cpu = [a for a in prepared.placement.assignments if not a.gpus and not a.on_demand]
     for a in cpu:
-        lines.append(f"  {a.node} CPU: {a.model} ({a.ram_bytes / 2**30:.1f} GiB RAM)")
+        lines.append(f"  {a.node} CPU: {a.model} ({gib(a.ram_bytes)} RAM)")
     for p in prepared.placement.pools:
         if p.gpu is None:
             lines.append(
-                f"  {p.node} CPU: swap pool [{', '.join(p.members)}] max {p.max_loaded} loaded"
-                f" ({p.ram_bytes / 2**30:.1f} GiB RAM)"
+                f"  {p.node} CPU: swap pool [{', '.join(p.members)}] max {p.max_loaded} loaded ({gib(p.ram_bytes)} RAM)"
             )
     for u in prepared.placement.unplaced:
         lines.append(f"  not placed: {u.reason}")

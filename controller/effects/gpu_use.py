@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from controller.core.state import ClusterState
 from controller.drivers.base import DockerNode, DriverError
 from controller.drivers.gpu import GpuInfo, GpuProbe, GpuProcess, NodeGpus
+from solver.explain import gib
 from specs.model import ClusterSpec, Gpu, Node
 
 GIB = 2**30
@@ -50,10 +51,6 @@ FOREIGN_MARGIN_FRACTION = 0.05
 
 ManagedPids = Mapping[str, Mapping[str, frozenset[int]]]
 """node → managed container name → its host PIDs."""
-
-
-def gib(n: int) -> str:
-    return f"{n / GIB:.1f} GiB"
 
 
 def with_margin(foreign: int) -> int:

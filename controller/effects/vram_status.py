@@ -17,7 +17,8 @@ from controller.core.state import ClusterState, pool_container_name
 from controller.drivers.base import DockerNode
 from controller.drivers.gpu import GpuProbe
 from controller.effects.engine import current_placement
-from controller.effects.gpu_use import GpuReality, ModelVram, actual_vram, gib, managed_pids, observe_gpus
+from controller.effects.gpu_use import GpuReality, ModelVram, actual_vram, managed_pids, observe_gpus
+from solver.explain import gib
 from solver.gguf import read_header
 from solver.place import SolveParams, place
 from solver.problem import PlacementResult

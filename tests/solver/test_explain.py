@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from solver.estimate import layer_curve, shape_from_header
-from solver.explain import ctx_text, gib
+from solver.explain import GIB, ctx_text, gib
 from solver.gguf import GGUFHeader, read_header
 from solver.place import SolveParams, place
 from solver.profiles import MemoryProfile, params_for, profiles_for
@@ -78,3 +78,10 @@ def test_partly_offloaded_gguf_model_note(synth_files: dict[str, tuple[SynthShap
         f"m has {a.gpu_layers} of {top} layers on GPU box:0: full offload needs {gib(need32)} at 32k context"
         f" and the GPU has {gib(cap)} for it besides the other models; it fits fully at 8k context"
     )
+
+
+def test_gib_says_mib_where_a_tenth_of_a_gib_would_read_zero() -> None:
+    assert gib(0) == "0.0 GiB"
+    assert gib(17 << 20) == "17.0 MiB"
+    assert gib(2 * GIB) == "2.0 GiB"
+    assert gib(GIB // 10) == "0.1 GiB"
