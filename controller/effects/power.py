@@ -25,6 +25,8 @@ Recovery never recovers a node that is there; `homelab health` and `homelab stat
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -77,7 +79,17 @@ class PowerStore:
             return {}
         if not isinstance(raw, dict):
             return {}
-        return {str(k): v for k, v in raw.items() if isinstance(v, dict) and v.get("state") in (ASLEEP, WAKING)}
+        out = {str(k): v for k, v in raw.items() if isinstance(v, dict) and v.get("state") in (ASLEEP, WAKING)}
+        for name, record in out.items():
+            if record["state"] == WAKING and _waker_gone(record):
+                # `homelab wake` (or a watch) killed mid-wake: asleep as far as anyone knows, so a request or the
+                # next `homelab wake` wakes it again (waking forever would keep both away, and recovery too)
+                out[name] = {
+                    **record,
+                    "state": ASLEEP,
+                    "reason": f"the wake by process {record.get('pid')} stopped before it finished",
+                }
+        return out
 
     def asleep(self) -> set[str]:
         return set(self.load())
@@ -94,12 +106,28 @@ class PowerStore:
                 "since": since if since is not None else float(old.get("since") or time.time()),
                 "reason": reason,
             }
+            if state == WAKING:  # who is waking it: a record whose process is gone is not waking any more
+                records[node].update(pid=os.getpid(), host=socket.gethostname())
         text = json.dumps(records, indent=2, sort_keys=True) + "\n"
         self.state_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(self.state_dir / STATE_FILE, text, keep_previous=False)
         if self.gateway is not None:
             self.gateway.mkdir(parents=True, exist_ok=True)
             atomic_write(self.gateway / POWER_STATE, text, keep_previous=False)
+
+
+def _waker_gone(record: dict[str, Any]) -> bool:
+    """Whether the process that recorded a wake is known to be gone (on this machine; elsewhere: not known)."""
+    pid = record.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or record.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    return False
 
 
 def asleep_nodes(spec: ClusterSpec, state_dir: Path) -> set[str]:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,7 +24,7 @@ from controller.core.gateway_config import render_gateway
 from controller.core.power_plugin import POWER_EVENTS, POWER_FILE, POWER_STATE, PowerHandler, power_plugin_source
 from controller.effects.engine import desired_state
 from controller.effects.health import EXIT_CODES, Endpoint, Probe, Status, Verdict, classify, mark_asleep
-from controller.effects.power import IdleTracker, PowerStore, Usage, sleep_due
+from controller.effects.power import ASLEEP, WAKING, IdleTracker, PowerStore, Usage, sleep_due
 from specs import parse_spec
 from specs.model import ClusterSpec
 
@@ -130,6 +133,23 @@ def test_the_power_state_is_written_for_homelab_and_next_to_the_gateway_config(t
     assert json.loads((tmp_path / "litellm" / POWER_STATE).read_text()) == mine
     store.put("box", None)
     assert store.asleep() == set() and json.loads((tmp_path / "litellm" / POWER_STATE).read_text()) == {}
+
+
+def test_a_wake_whose_process_is_gone_is_asleep_again(tmp_path: Path) -> None:
+    store = PowerStore(tmp_path / "state")
+    store.put("box", WAKING, "homelab wake")
+    [record] = store.load().values()
+    assert (record["state"], record["pid"]) == (WAKING, os.getpid())  # this process: still waking
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True)
+    gone = int(done.stdout)
+    path = tmp_path / "state" / "power.json"
+    path.write_text(json.dumps({"box": {**record, "pid": gone}}))
+    [record] = store.load().values()
+    assert record["state"] == ASLEEP
+    assert record["reason"] == f"the wake by process {gone} stopped before it finished"
+    # another machine's process: not known to be gone
+    path.write_text(json.dumps({"box": {**record, "state": WAKING, "pid": gone, "host": "elsewhere"}}))
+    assert store.load()["box"]["state"] == WAKING
 
 
 # --------------------------------------------------------------------------- the gateway's plugin
