@@ -229,7 +229,7 @@ def test_measured_above_an_under_declared_estimate_is_reserved_and_shown(
     try:
         code, out, err = homelab("reconcile", "--yes")
         assert code == 0, out + err
-        assert "box CPU: tiny (0.0 GiB RAM)" in out  # planned with the declared 6 MiB
+        assert "box CPU: tiny (6.0 MiB RAM)" in out  # planned with the declared 6 MiB
         assert docker_client.containers.get("homelab-tiny").status == "running"
         first = kept()
         assert first > DECLARED  # the real server holds more than the spec says
