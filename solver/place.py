@@ -91,6 +91,7 @@ from dataclasses import dataclass
 from ortools.sat.python import cp_model
 
 from solver.explain import explain
+from solver.fill import exact_fill
 from solver.greedy import greedy_assign
 from solver.problem import (
     Assignment,
@@ -643,6 +644,7 @@ def solve(problem: Problem, params: SolveParams, start: float | None = None) -> 
         stable = greedy_assign(problem, keep_current=True)
         if choice_score(problem, stable) >= choice_score(problem, baseline):
             baseline = stable
+    baseline = _with_fill(problem, baseline)
     if _pairs(problem) > LNS_MIN_PAIRS:
         return _solve_lns(problem, params, start, baseline)
     mm = _build(problem)
@@ -651,17 +653,29 @@ def solve(problem: Problem, params: SolveParams, start: float | None = None) -> 
 
     # Stage 1: priority-weighted placement.
     mm.model.maximize(mm.placement)
-    _hint(mm, problem, baseline)
-    s1 = clock.solver(STAGE_SHARES[0], len(mm.x))
-    st1 = s1.solve(mm.model)
-    clock.spent(s1)
-    if st1 not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        # No solution in time (or the model is broken): fall back to first-fit decreasing.
-        return _result(problem, baseline, "FEASIBLE", "greedy")
-    placed_best = round(s1.objective_value)
-    placed_bound = round(s1.best_objective_bound)
-    chosen = _extract(problem, mm, s1)
-    optimal = st1 == cp_model.OPTIMAL
+    base_placed = choice_placement(problem, baseline)
+    pw = placed_weights(problem)
+    somewhere = {k for k, _ in mm.x} | {k for k, _ in mm.c} | {k for k, _ in mm.sp}
+    if base_placed >= sum(pw[k[0]] for k in somewhere):
+        # The start places every replica that has anywhere to go: stage 1 has nothing to find.
+        placed_best = placed_bound = base_placed
+        chosen = baseline
+        optimal = True
+    else:
+        _hint(mm, problem, baseline)
+        s1 = clock.solver(STAGE_SHARES[0], len(mm.x))
+        st1 = s1.solve(mm.model)
+        clock.spent(s1)
+        if st1 not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            # No solution in time (or the model is broken): fall back to the start (first-fit's, or better).
+            return _result(problem, baseline, "FEASIBLE", "greedy")
+        placed_best = round(s1.objective_value)
+        placed_bound = round(s1.best_objective_bound)
+        chosen = _extract(problem, mm, s1)
+        optimal = st1 == cp_model.OPTIMAL
+        if base_placed > placed_best:
+            # CP-SAT's presolve may lose a complete hint (its symmetry reductions): the start is still a plan.
+            placed_best, chosen = base_placed, baseline
 
     # Stage 2: keep stage 1's value; move as few running replicas as possible, then the most GPU layers
     # (of pinned models), then the fewest on-demand models in CPU pools (a GPU pool loads and answers faster):
@@ -707,6 +721,31 @@ def solve(problem: Problem, params: SolveParams, start: float | None = None) -> 
     # `layers_bound` (known only when stages 1 and 2 are optimal; else all layers of all replicas).
     bound = w * placed_bound + layers_bound
     return _result(problem, chosen, "OPTIMAL" if optimal else "FEASIBLE", "cp-sat", bound)
+
+
+def _with_fill(problem: Problem, baseline: list[Choice]) -> list[Choice]:
+    """`baseline`, or first-fit after `solver.fill.exact_fill` where that scores strictly better (stages 1
+    and 2's objectives, moves included). Tried only where `baseline` leaves a pinned replica that may run
+    fully offloaded on one GPU anything less (not placed, partly offloaded, on the CPU)."""
+    by_key = {ch.key: ch for ch in baseline}
+    short = any(
+        not r.model.on_demand
+        and r.ngl_range()[1] == r.n_layers
+        and problem.gpu_cands.get(r.key)
+        and ((ch := by_key.get(r.key)) is None or not ch.on_gpu or ch.ngl < r.n_layers)
+        for r in problem.replicas
+        if r.key not in problem.blocked
+    )
+    if not short:
+        return baseline
+    fill = exact_fill(problem)
+    best, value = baseline, _plan_value(problem, baseline)
+    # With a current placement, also with the replicas that still fit where they run kept there first.
+    for keep in (True, False) if problem.current else (False,):
+        plan = greedy_assign(problem, keep_current=keep, preset=fill)
+        if _plan_value(problem, plan) > value:
+            best, value = plan, _plan_value(problem, plan)
+    return best
 
 
 # --------------------------------------------------------------------------- large clusters
