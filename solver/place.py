@@ -690,25 +690,49 @@ def solve(problem: Problem, params: SolveParams, start: float | None = None) -> 
     ):
         # First-fit places as much and has more layers: start from it, so the plan is never worse than it.
         chosen = baseline
-    _hint(mm, problem, chosen)
-    s2 = clock.solver(STAGE_SHARES[1], len(mm.x))
-    st2 = s2.solve(mm.model)
-    clock.spent(s2)
+
+    def stage2_of(plan: list[Choice]) -> int:
+        return scale * _stage2_value(problem, plan) - sum(reps[ch.key].model.on_demand and not ch.on_gpu for ch in plan)
+
+    reps = {r.key: r for r in problem.replicas}
+    start2 = stage2_of(chosen)
+    top2 = scale * sum(
+        (r.model.priority + 1) * r.n_layers for r in reps.values() if r.key in somewhere and not r.model.on_demand
+    )
     layers_bound = w - 1
+    if optimal and not problem.current and start2 >= top2:
+        # Every replica placed, each pinned one with all its layers on GPUs: stage 2 has nothing to find.
+        st2 = cp_model.OPTIMAL
+        value2 = start2
+        layers_bound = top2 // scale
+    else:
+        _hint(mm, problem, chosen)
+        s2 = clock.solver(STAGE_SHARES[1], len(mm.x))
+        st2 = s2.solve(mm.model)
+        clock.spent(s2)
+        if st2 in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            value2 = round(s2.objective_value)
+            if value2 < start2:
+                # The search lost its (complete) hint and found worse: keep the start.
+                st2, value2 = cp_model.FEASIBLE, start2
+            else:
+                chosen = _extract(problem, mm, s2)
+            optimal = optimal and st2 == cp_model.OPTIMAL
+            if optimal and not problem.current:
+                # scale · layers − (members in CPU pools, at most scale − 1) ≤ the proven bound.
+                layers_bound = math.floor((s2.best_objective_bound + scale - 1) / scale + 1e-9)
     if st2 in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        chosen = _extract(problem, mm, s2)
-        optimal = optimal and st2 == cp_model.OPTIMAL
-        if optimal and not problem.current:
-            # scale · layers − (members in CPU pools, at most scale − 1) ≤ the proven bound.
-            layers_bound = math.floor((s2.best_objective_bound + scale - 1) / scale + 1e-9)
         # Stage 3: keep stage 2's value; balance headroom.
-        mm.model.add(stage2 >= round(s2.objective_value))
+        mm.model.add(stage2 >= value2)
         _hint(mm, problem, chosen)
         # Fewest split replicas first (a split pays a compute buffer and overhead again on every GPU
         # it uses), then the balance.
         splits = cp_model.LinearExpr.sum([spl.on for spl in mm.sp.values()])
         mm.model.minimize((UTIL_SCALE + 1) * splits + mm.util)
         s3 = clock.solver(STAGE_SHARES[2], len(mm.x))
+        # Symmetry reductions in presolve may lose the hint, which here is a plan of stage 2's value: without
+        # it a perfect packing (triplets) is searched for again only to balance headroom.
+        s3.parameters.symmetry_level = 0
         st3 = s3.solve(mm.model)
         if st3 in (cp_model.OPTIMAL, cp_model.FEASIBLE):
             chosen = _extract(problem, mm, s3)
@@ -801,8 +825,16 @@ def _solve_lns(problem: Problem, params: SolveParams, start: float, plan: list[C
     used = bound_solver.deterministic_time
     order: list[str] = []
     value = _plan_value(problem, plan)
+    # Every replica that has anywhere to go placed, each pinned one with all its layers and none moved: no
+    # neighbourhood can do better.
+    somewhere = [r for k, r in reps.items() if cands_on[k]]
+    pw = placed_weights(problem)
+    best = (
+        sum(pw[r.model.name] for r in somewhere),
+        sum((r.model.priority + 1) * r.n_layers for r in somewhere if not r.model.on_demand),
+    )
     may_improve = True
-    while used < budget and time.monotonic() < wall_end:
+    while used < budget and time.monotonic() < wall_end and value < best:
         if not order:
             if not may_improve:
                 break  # a whole pass over the nodes, each proven optimal, changed nothing: a local optimum
