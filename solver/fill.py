@@ -30,15 +30,16 @@ from dataclasses import dataclass
 from solver.problem import Choice, Problem, Replica, units_down
 from specs.enums import Runtime
 
-FILL_STEPS = 200_000
-"""Search steps (subsets tried) at most for bin completion, over every GPU and every backtrack."""
-MBS_STEPS = 100_000
+FILL_STEPS = 1_000_000
+"""Search steps at most for bin completion, over every GPU and every backtrack (an item looked at in a
+subset search is one step): about 1.5–3 s on a small machine. The default of `exact_fill(steps=…)`."""
+MBS_STEPS = 50_000
 """Steps at most for Minimum Bin Slack (each GPU past them takes its largest candidate alone)."""
 COMPLETIONS = 24
 """Per GPU and visit, the completions (least slack first) kept to try."""
-DIVE_STEPS = 5_000
+DIVE_STEPS = 25_000
 """Steps of the first depth-first search of bin completion, before repairs."""
-REPAIR_STEPS = 2_000
+REPAIR_STEPS = 10_000
 """Steps of one repair (a few GPUs emptied and completed again)."""
 REPAIR_GPUS = 10
 """The most GPUs of the plan one repair empties."""
@@ -73,6 +74,10 @@ class _Cands:
         self.suffix = [0] * (len(self.sizes) + 1)
         for i in range(len(self.sizes) - 1, -1, -1):
             self.suffix[i] = self.suffix[i + 1] + self.sizes[i]
+        self.name = [it.replica.model.name for _, it in self.items]
+        self.ram_of = [it.replica.needs[self.node].r_full for _, it in self.items]
+        self.llama = [it.llama for _, it in self.items]
+        self.port = [it.port if it.llama else None for _, it in self.items]
         # Items alike on this GPU (size, RAM, port): one of them tried in a place stands for all.
         self.sig = [
             (s, it.replica.needs[self.node].r_full, it.llama, it.port, it.replica.model.name if it.llama else "")
@@ -107,9 +112,10 @@ class _State:
 
 
 class _Search:
-    def __init__(self, problem: Problem) -> None:
+    def __init__(self, problem: Problem, limit: int = FILL_STEPS) -> None:
         self.problem = problem
         self.steps = 0
+        self.limit = limit
         self.items: list[_Item] = []
         for r in problem.replicas:
             if r.key in problem.blocked or r.model.on_demand:
@@ -144,6 +150,7 @@ class _Search:
         """The items of `left` that may go on GPU `gi` now, largest first."""
         node = self.problem.gpus[gi].node
         cap = self.cap[gi]
+        self.steps += len(left) // 4  # a look at every item left counts too
         cands: list[tuple[int, _Item]] = []
         for it in left:
             r = it.replica
@@ -164,25 +171,35 @@ class _Search:
         """Subsets of the candidates `c` holding `c.items[anchor]` that fit on the GPU with at most
         `max_slack` units free, least slack first (at most `want`; with `count_only`, the first `want`
         found). At most `steps` subsets are tried."""
-        cands, sizes, neg, suffix, sig, node = c.items, c.sizes, c.neg, c.suffix, c.sig, c.node
+        cands, sizes, neg, suffix, sig = c.items, c.sizes, c.neg, c.suffix, c.sig
         n = len(cands)
         smallest = sizes[-1]
         found: list[tuple[int, list[int]]] = []
         budget = [steps]
 
-        def ok(t: int, chosen: list[int]) -> bool:
-            it = cands[t][1]
-            if any(cands[i][1].replica.model.name == it.replica.model.name for i in chosen):
+        name, ram, llama, port = c.name, c.ram_of, c.llama, c.port
+        # What the subset being built holds: models, RAM, llama.cpp replicas (ports) and fixed ports.
+        names: set[str] = set()
+        fixed: set[int] = set()
+        used = [0, 0]
+
+        def ok(t: int) -> bool:
+            if name[t] in names or used[0] + ram[t] > c.ram:
                 return False
-            ram = sum(cands[i][1].replica.needs[node].r_full for i in chosen) + it.replica.needs[node].r_full
-            if ram > c.ram:
-                return False
-            if it.llama:
-                if sum(cands[i][1].llama for i in chosen) + 1 > c.ports:
-                    return False
-                if it.port is not None and any(cands[i][1].port == it.port for i in chosen if cands[i][1].llama):
-                    return False
-            return True
+            return not llama[t] or (used[1] + 1 <= c.ports and port[t] not in fixed)
+
+        def push(t: int, sign: int) -> None:
+            p = port[t]
+            if sign > 0:
+                names.add(name[t])
+                if p is not None:
+                    fixed.add(p)
+            else:
+                names.discard(name[t])
+                if p is not None:
+                    fixed.discard(p)
+            used[0] += sign * ram[t]
+            used[1] += sign * llama[t]
 
         def done() -> bool:
             if count_only:
@@ -197,22 +214,29 @@ class _Search:
             e2 = bisect.bisect_left(neg, -(room - smallest))
             prev: tuple[object, ...] | None = None
             for t in itertools.chain(range(start, e1), range(max(start, e1, e2), n)):
+                budget[0] -= 1
                 if suffix[t] < room - max_slack or budget[0] <= 0:
                     break  # the items left cannot bring the slack down to max_slack
-                if t == anchor or sig[t] == prev or not ok(t, chosen):
+                if t == anchor or sig[t] == prev or not ok(t):
                     continue  # an item like the one just tried adds nothing new
                 prev = sig[t]
                 chosen.append(t)
+                push(t, 1)
                 rest = room - sizes[t]
                 if rest <= max_slack:
                     found.append((rest, chosen[:]))
+                    if not count_only and len(found) > 4 * want + 64:
+                        found.sort(key=lambda f: (f[0], sorted(f[1])))  # keep the least slack only
+                        del found[want:]
                 if rest >= smallest and not done():
                     enum(t + 1, rest, chosen)
                 chosen.pop()
+                push(t, -1)
                 if done():
                     return
 
         room = c.cap - sizes[anchor]
+        push(anchor, 1)
         if room <= max_slack:
             found.append((room, [anchor]))
         if room >= smallest and not done():
@@ -234,11 +258,11 @@ class _Search:
         the GPUs not filled yet with their items and those left over; a repair that fills as many GPUs
         or more is kept."""
         problem = self.problem
-        if not self.items or self.waste(self.bins, self.items) < 0:
-            return None
-        ok, plan = self.dfs(self.bins, self.items, _State(problem), min(FILL_STEPS, DIVE_STEPS))
+        if not self.items or not 0 <= self.waste(self.bins, self.items) <= max(self.cap):
+            return None  # not all fit, or with a GPU's worth to spare (first-fit does well there)
+        ok, plan = self.dfs(self.bins, self.items, _State(problem), min(self.limit, DIVE_STEPS))
         rng = random.Random(0)
-        while not ok and self.steps < FILL_STEPS and plan:
+        while not ok and self.steps < self.limit and plan:
             freed = set(rng.sample(sorted(plan), min(len(plan), rng.randint(2, REPAIR_GPUS))))
             kept = {g: sub for g, sub in plan.items() if g not in freed}
             state = _State(problem)
@@ -247,7 +271,10 @@ class _Search:
             placed = {id(it) for sub in kept.values() for it in sub}
             bins = [g for g in self.bins if g not in kept]
             ok, part = self.dfs(
-                bins, [it for it in self.items if id(it) not in placed], state, self.steps + REPAIR_STEPS
+                bins,
+                [it for it in self.items if id(it) not in placed],
+                state,
+                min(self.limit, self.steps + REPAIR_STEPS),
             )
             if ok or len(kept) + len(part) >= len(plan):
                 plan = kept | part
@@ -322,7 +349,7 @@ class _Search:
                 return None
             if n and (best is None or n < best[0]):
                 best = (n, a)
-            if self.steps >= FILL_STEPS:
+            if self.steps >= self.limit:
                 break
         return None if best is None else best[1]
 
@@ -349,11 +376,11 @@ class _Search:
         return plan
 
 
-def exact_fill(problem: Problem) -> list[Choice]:
+def exact_fill(problem: Problem, steps: int = FILL_STEPS) -> list[Choice]:
     """Full-offload choices for the pinned replicas that fill GPUs with the least slack (see the module
     docstring): the perfect packing where the search finds one, else Minimum Bin Slack's plan. The
     replicas it leaves out are not in the list (first-fit places them after)."""
-    search = _Search(problem)
+    search = _Search(problem, steps)
     plan = search.complete()
     if plan is None:
         plan = search.min_slack()

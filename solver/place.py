@@ -91,7 +91,7 @@ from dataclasses import dataclass
 from ortools.sat.python import cp_model
 
 from solver.explain import explain
-from solver.fill import exact_fill
+from solver.fill import FILL_STEPS, exact_fill
 from solver.greedy import greedy_assign
 from solver.problem import (
     Assignment,
@@ -644,7 +644,7 @@ def solve(problem: Problem, params: SolveParams, start: float | None = None) -> 
         stable = greedy_assign(problem, keep_current=True)
         if choice_score(problem, stable) >= choice_score(problem, baseline):
             baseline = stable
-    baseline = _with_fill(problem, baseline)
+    baseline = _with_fill(problem, baseline, params)
     if _pairs(problem) > LNS_MIN_PAIRS:
         return _solve_lns(problem, params, start, baseline)
     mm = _build(problem)
@@ -747,10 +747,11 @@ def solve(problem: Problem, params: SolveParams, start: float | None = None) -> 
     return _result(problem, chosen, "OPTIMAL" if optimal else "FEASIBLE", "cp-sat", bound)
 
 
-def _with_fill(problem: Problem, baseline: list[Choice]) -> list[Choice]:
+def _with_fill(problem: Problem, baseline: list[Choice], params: SolveParams) -> list[Choice]:
     """`baseline`, or first-fit after `solver.fill.exact_fill` where that scores strictly better (stages 1
     and 2's objectives, moves included). Tried only where `baseline` leaves a pinned replica that may run
-    fully offloaded on one GPU anything less (not placed, partly offloaded, on the CPU)."""
+    fully offloaded on one GPU anything less (not placed, partly offloaded, on the CPU). Its search has
+    `FILL_STEPS` per 10 s of the time limit."""
     by_key = {ch.key: ch for ch in baseline}
     short = any(
         not r.model.on_demand
@@ -762,7 +763,7 @@ def _with_fill(problem: Problem, baseline: list[Choice]) -> list[Choice]:
     )
     if not short:
         return baseline
-    fill = exact_fill(problem)
+    fill = exact_fill(problem, round(FILL_STEPS * params.time_limit / 10))
     best, value = baseline, _plan_value(problem, baseline)
     # With a current placement, also with the replicas that still fit where they run kept there first.
     for keep in (True, False) if problem.current else (False,):
