@@ -30,15 +30,15 @@ from dataclasses import dataclass
 from solver.problem import Choice, Problem, Replica, units_down
 from specs.enums import Runtime
 
-FILL_STEPS = 1_000_000
+FILL_STEPS = 1_500_000
 """Search steps at most for bin completion, over every GPU and every backtrack (an item looked at in a
-subset search is one step): about 1.5–3 s on a small machine. The default of `exact_fill(steps=…)`."""
+subset search is one step): about 2–4 s on a small machine. The default of `exact_fill(steps=…)`."""
 MBS_STEPS = 50_000
 """Steps at most for Minimum Bin Slack (each GPU past them takes its largest candidate alone)."""
 COMPLETIONS = 24
 """Per GPU and visit, the completions (least slack first) kept to try."""
 DIVE_STEPS = 25_000
-"""Steps of the first depth-first search of bin completion, before repairs."""
+"""Steps of bin completion's depth-first search whose deepest plan the repairs start from."""
 REPAIR_STEPS = 10_000
 """Steps of one repair (a few GPUs emptied and completed again)."""
 REPAIR_GPUS = 10
@@ -252,15 +252,18 @@ class _Search:
         """Bin completion: every item on the GPUs with at most the total slack there is; None when the
         steps run out first or it cannot be done this way.
 
-        A depth-first search thrashes below a wrong early choice: it dives first with part of the steps
-        (`DIVE_STEPS`), and then repairs the deepest plan it reached, a neighbourhood at a time: a few of
-        its GPUs (drawn by a generator seeded with 0) are emptied, and the same search completes them and
-        the GPUs not filled yet with their items and those left over; a repair that fills as many GPUs
-        or more is kept."""
+        A depth-first search thrashes below a wrong early choice. It runs with a fifth of the steps; if it
+        does not finish, the deepest plan it had reached in its first `DIVE_STEPS` is repaired, a
+        neighbourhood at a time: a few of its GPUs (drawn by a generator seeded with 0) are emptied, and
+        the same search completes them and the GPUs not filled yet with their items and those left over;
+        a repair that fills as many GPUs or more is kept. (On 20 seeds of triplets, the plain search packed
+        every K = 20 instance and few of K = 40; the repairs from an early plan most of K = 40 but not every
+        K = 20: a neighbourhood of random GPUs may never free what the items left over need.)
+        """
         problem = self.problem
         if not self.items or not 0 <= self.waste(self.bins, self.items) <= max(self.cap):
             return None  # not all fit, or with a GPU's worth to spare (first-fit does well there)
-        ok, plan = self.dfs(self.bins, self.items, _State(problem), min(self.limit, DIVE_STEPS))
+        ok, plan = self.dfs(self.bins, self.items, _State(problem), self.limit // 5, DIVE_STEPS)
         rng = random.Random(0)
         while not ok and self.steps < self.limit and plan:
             freed = set(rng.sample(sorted(plan), min(len(plan), rng.randint(2, REPAIR_GPUS))))
@@ -288,17 +291,19 @@ class _Search:
         return sum(self.cap[g] for g in bins) - least
 
     def dfs(
-        self, bins: list[int], items: list[_Item], state: _State, limit: int
+        self, bins: list[int], items: list[_Item], state: _State, limit: int, early: int | None = None
     ) -> tuple[bool, dict[int, list[_Item]]]:
         """Depth-first bin completion of `bins` with `items` from `state` until `self.steps` reaches `limit`:
-        whether every item went on them, and that plan (or the deepest one reached)."""
+        whether every item went on them, and that plan (or the deepest one reached, in its first `early`
+        steps where given)."""
         problem = self.problem
         plan: dict[int, list[_Item]] = {}
         deepest: dict[int, list[_Item]] = {}
+        record_until = self.steps + (limit if early is None else early)
 
         def go(b: int, left: list[_Item], waste: int) -> bool:
             nonlocal deepest
-            if len(plan) > len(deepest):
+            if len(plan) > len(deepest) and self.steps <= record_until:
                 deepest = dict(plan)
             if not left:
                 return True
