@@ -33,7 +33,11 @@ GPU layers runs without a GPU (RAM only).
 
 Stage 1 starts from a complete hint: first-fit decreasing, or, when a current
 placement is given and scores no worse, the current placement kept where it
-still fits. Stage 2 starts from stage 1's plan, or from that hint when it places
+still fits; or, where that scores strictly better, first-fit around `solver.fill`'s
+exact fill (GPUs filled with the least slack: tight packings such as Falkenauer's
+triplets, where first-fit leaves models out). A stage whose start already has the
+best value possible is not solved, and a stage that ends below its start (CP-SAT's
+presolve can lose a complete hint) keeps the start. Stage 2 starts from stage 1's plan, or from that hint when it places
 as much and scores better, so the result never scores below first-fit's (with
 no current placement). OPTIMAL means CP-SAT proved every stage optimal;
 otherwise the result is FEASIBLE and `PlacementResult.bound` is what is proven:

@@ -303,6 +303,23 @@ def test_exact_fill_packs_triplets(k: int, seed: int) -> None:
     assert exact_fill(problem) == plan
 
 
+def test_triplets_packed_stay_packed() -> None:
+    # A perfect packing placed again, and again without one model: nothing moves (the start is kept
+    # even where CP-SAT's presolve would lose it as a hint).
+    from tests.support.clusters import triplet_spec
+
+    s = triplet_spec(20, 0)
+    r = place(s, profiles_for(s), params=SolveParams())
+    assert not r.unplaced
+    current = {(a.model, a.replica): CurrentAssignment(a.node, a.gpus, a.gpu_layers) for a in r.assignments}
+    again = place(s, profiles_for(s), current=current, params=SolveParams())
+    assert again.moves == 0 and not again.unplaced
+    fewer = s.model_copy(update={"models": s.models[1:]})
+    kept = {k: c for k, c in current.items() if k[0] != s.models[0].name}
+    r2 = place(fewer, profiles_for(fewer), current=kept, params=SolveParams())
+    assert r2.moves == 0 and not r2.unplaced
+
+
 def test_exact_fill_keeps_the_hard_rules() -> None:
     # Two 4 GiB replicas of one model and a 4 GiB model fill an 8 GiB GPU exactly in pairs, but replicas
     # of one model go to different nodes, and the llama.cpp node has one port: every plan keeps both rules.
