@@ -5,10 +5,12 @@ Falkenauer's "triplet" instances (3K models each between a quarter and half a GP
 exactly) it needs K + 2 GPUs or more, and CP-SAT started from its plan may not find the perfect
 packing in its budget. Minimum Bin Slack (Gupta & Ho 1999) fills one bin at a time with the subset
 of the remaining items that leaves the least slack, the largest remaining item always in it (bins
-of one size: it must go somewhere, and here is as good as anywhere); bin completion (Korf 2002)
-adds backtracking: when the items fit in all, the total slack is bounded by the capacity less the
-items' sizes, so each GPU tries its completions from the least slack up, and a dead end takes the
-next completion of an earlier GPU.
+of one size: it must go somewhere, and here is as good as anywhere). Bin completion (Korf 2002)
+adds backtracking where the items fit in all: the total slack is then bounded by the capacity less
+the items' sizes, each GPU tries its completions from the least slack up, and a dead end takes the
+next completion of an earlier GPU. Here each GPU is completed around the item with the fewest
+completions (fail first), and the search is repaired a few GPUs at a time when it thrashes
+(`_Search.complete`); where it finds no packing of every item, Minimum Bin Slack's plan is the answer.
 
 It applies only where it is valid: pinned (not on-demand) replicas that may run fully offloaded,
 each counted on a GPU at its full-offload VRAM and RAM on that GPU's node, with the hard rules
@@ -27,7 +29,7 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass
 
-from solver.problem import Choice, Problem, Replica, units_down
+from solver.problem import Choice, Problem, Replica, ReplicaKey, units_down
 from specs.enums import Runtime
 
 FILL_STEPS = 1_500_000
@@ -44,9 +46,9 @@ REPAIR_STEPS = 10_000
 REPAIR_GPUS = 10
 """The most GPUs of the plan one repair empties."""
 ENUM_STEPS = 4_000
+"""Per GPU and visit, steps at most while enumerating its completions."""
 COUNT_STEPS = 400
 """Per candidate anchor, steps to count its completions (up to two) when choosing the anchor."""
-"""Per GPU and visit, subsets tried at most while enumerating its completions."""
 
 
 @dataclass(frozen=True)
@@ -111,22 +113,30 @@ class _State:
                 self.models[node].discard(r.model.name)
 
 
+def full_gpus(problem: Problem, r: Replica) -> list[int]:
+    """The candidate GPUs where replica `r` may go fully offloaded and fits alone (VRAM): none for an
+    on-demand replica (its pool is first-fit's), one that must keep layers on the CPU, or a blocked one."""
+    if r.key in problem.blocked or r.model.on_demand or r.ngl_range()[1] != r.n_layers:
+        return []
+    gpus = problem.gpus
+    return [g for g in problem.gpu_cands.get(r.key, []) if r.needs[gpus[g].node].v_full <= units_down(gpus[g].capacity)]
+
+
 class _Search:
     def __init__(self, problem: Problem, limit: int = FILL_STEPS) -> None:
         self.problem = problem
         self.steps = 0
         self.limit = limit
-        self.items: list[_Item] = []
-        for r in problem.replicas:
-            if r.key in problem.blocked or r.model.on_demand:
-                continue
-            if r.ngl_range()[1] != r.n_layers or not problem.gpu_cands.get(r.key):
-                continue
-            llama = r.model.runtime is Runtime.LLAMACPP
-            self.items.append(_Item(r, llama, r.model.port if llama else None))
-        self.cands = {it.replica.key: set(problem.gpu_cands[it.replica.key]) for it in self.items}
         caps = [units_down(g.capacity) for g in problem.gpus]
         self.cap = caps
+        self.items: list[_Item] = []
+        self.cands: dict[ReplicaKey, set[int]] = {}
+        for r in problem.replicas:
+            full = full_gpus(problem, r)
+            if full:
+                llama = r.model.runtime is Runtime.LLAMACPP
+                self.items.append(_Item(r, llama, r.model.port if llama else None))
+                self.cands[r.key] = set(full)
         # GPUs largest first (then in spec order): the large bins take the large items.
         self.bins = sorted((gi for gi, c in enumerate(caps) if c > 0), key=lambda gi: (-caps[gi], gi))
         # Every GPU alike for every item (one size, all its candidates, one VRAM need, no ports, no two
@@ -170,7 +180,7 @@ class _Search:
     ) -> list[tuple[int, list[_Item]]]:
         """Subsets of the candidates `c` holding `c.items[anchor]` that fit on the GPU with at most
         `max_slack` units free, least slack first (at most `want`; with `count_only`, the first `want`
-        found). At most `steps` subsets are tried."""
+        found). At most `steps` steps (items looked at)."""
         cands, sizes, neg, suffix, sig = c.items, c.sizes, c.neg, c.suffix, c.sig
         n = len(cands)
         smallest = sizes[-1]
@@ -370,7 +380,7 @@ class _Search:
             if not c.items:
                 continue
             steps = min(ENUM_STEPS, max(0, base + MBS_STEPS - self.steps))
-            best = self.completions(c, 0, self.cap[gi], 1, steps) if steps else [(0, [c.items[0][1]])]
+            best = self.completions(c, 0, self.cap[gi], 1, steps) if steps else [(0, [c.items[0][1]])]  # slack unused
             if not best or not best[0][1]:
                 continue
             sub = best[0][1]

@@ -95,7 +95,7 @@ from dataclasses import dataclass
 from ortools.sat.python import cp_model
 
 from solver.explain import explain
-from solver.fill import FILL_STEPS, exact_fill
+from solver.fill import FILL_STEPS, exact_fill, full_gpus
 from solver.greedy import greedy_assign
 from solver.problem import (
     Assignment,
@@ -758,12 +758,8 @@ def _with_fill(problem: Problem, baseline: list[Choice], params: SolveParams) ->
     `FILL_STEPS` per 10 s of the time limit."""
     by_key = {ch.key: ch for ch in baseline}
     short = any(
-        not r.model.on_demand
-        and r.ngl_range()[1] == r.n_layers
-        and problem.gpu_cands.get(r.key)
-        and ((ch := by_key.get(r.key)) is None or not ch.on_gpu or ch.ngl < r.n_layers)
+        ((ch := by_key.get(r.key)) is None or not ch.on_gpu or ch.ngl < r.n_layers) and full_gpus(problem, r)
         for r in problem.replicas
-        if r.key not in problem.blocked
     )
     if not short:
         return baseline
