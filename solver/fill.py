@@ -274,6 +274,8 @@ class _Search:
         if not self.items or not 0 <= self.waste(self.bins, self.items) <= max(self.cap):
             return None  # not all fit, or with a GPU's worth to spare (first-fit does well there)
         ok, plan = self.dfs(self.bins, self.items, _State(problem), self.limit // 5, DIVE_STEPS)
+        if not ok and self.steps < self.limit // 5:
+            return None  # the search ended before its steps did: no packing of every item it would find
         rng = random.Random(0)
         while not ok and self.steps < self.limit and plan:
             freed = set(rng.sample(sorted(plan), min(len(plan), rng.randint(2, REPAIR_GPUS))))
