@@ -23,12 +23,14 @@ def _full_vram(r: Replica) -> int:
     return max((vram_at(c, r.n_layers) for c in r.curves.values()), default=0)
 
 
-def greedy_assign(problem: Problem, keep_current: bool = False) -> list[Choice]:
+def greedy_assign(problem: Problem, keep_current: bool = False, preset: list[Choice] | None = None) -> list[Choice]:
     """Choices of the first-fit-decreasing heuristic (see the module docstring).
 
     With `keep_current`, replicas that run somewhere now are first put back where
     they run (by priority, with as many GPU layers as fit there), and the rest
     then go first-fit decreasing: the stable starting point for CP-SAT.
+    With `preset` (single-GPU choices, e.g. `solver.fill.exact_fill`'s), those are
+    taken first where they fit, and the rest go first-fit decreasing.
     """
     free = [units_down(g.capacity) for g in problem.gpus]
     ram_free = {n: units_down(b) for n, b in problem.node_ram.items()}
@@ -142,7 +144,21 @@ def greedy_assign(problem: Problem, keep_current: bool = False) -> list[Choice]:
             return True
         return False
 
+    def at_preset(r: Replica, ch: Choice) -> bool:
+        if r.model.on_demand or ch.gpu is None or ch.split or not node_ok(r, ch.node):
+            return False
+        if ch.gpu not in problem.gpu_cands[r.key]:
+            return False
+        need = r.needs[ch.node]
+        if need.vram(ch.ngl) > free[ch.gpu] or need.ram(ch.ngl) > ram_free[ch.node]:
+            return False
+        take(r, ch.node, ch.gpu, ch.ngl)
+        return True
+
     kept = {r.key for r in order if keep_current and at_current(r)}
+    if preset:
+        by_key = {r.key: r for r in order}
+        kept |= {ch.key for ch in preset if ch.key in by_key and ch.key not in kept and at_preset(by_key[ch.key], ch)}
     for r in order:
         if r.key in kept:
             continue

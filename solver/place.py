@@ -33,7 +33,11 @@ GPU layers runs without a GPU (RAM only).
 
 Stage 1 starts from a complete hint: first-fit decreasing, or, when a current
 placement is given and scores no worse, the current placement kept where it
-still fits. Stage 2 starts from stage 1's plan, or from that hint when it places
+still fits; or, where that scores strictly better, first-fit around `solver.fill`'s
+exact fill (GPUs filled with the least slack: tight packings such as Falkenauer's
+triplets, where first-fit leaves models out). A stage whose start already has the
+best value possible is not solved, and a stage that ends below its start (CP-SAT's
+presolve can lose a complete hint) keeps the start. Stage 2 starts from stage 1's plan, or from that hint when it places
 as much and scores better, so the result never scores below first-fit's (with
 no current placement). OPTIMAL means CP-SAT proved every stage optimal;
 otherwise the result is FEASIBLE and `PlacementResult.bound` is what is proven:
@@ -91,6 +95,7 @@ from dataclasses import dataclass
 from ortools.sat.python import cp_model
 
 from solver.explain import explain
+from solver.fill import FILL_STEPS, exact_fill, full_gpus
 from solver.greedy import greedy_assign
 from solver.problem import (
     Assignment,
@@ -643,6 +648,7 @@ def solve(problem: Problem, params: SolveParams, start: float | None = None) -> 
         stable = greedy_assign(problem, keep_current=True)
         if choice_score(problem, stable) >= choice_score(problem, baseline):
             baseline = stable
+    baseline = _with_fill(problem, baseline, params)
     if _pairs(problem) > LNS_MIN_PAIRS:
         return _solve_lns(problem, params, start, baseline)
     mm = _build(problem)
@@ -651,17 +657,29 @@ def solve(problem: Problem, params: SolveParams, start: float | None = None) -> 
 
     # Stage 1: priority-weighted placement.
     mm.model.maximize(mm.placement)
-    _hint(mm, problem, baseline)
-    s1 = clock.solver(STAGE_SHARES[0], len(mm.x))
-    st1 = s1.solve(mm.model)
-    clock.spent(s1)
-    if st1 not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        # No solution in time (or the model is broken): fall back to first-fit decreasing.
-        return _result(problem, baseline, "FEASIBLE", "greedy")
-    placed_best = round(s1.objective_value)
-    placed_bound = round(s1.best_objective_bound)
-    chosen = _extract(problem, mm, s1)
-    optimal = st1 == cp_model.OPTIMAL
+    base_placed = choice_placement(problem, baseline)
+    pw = placed_weights(problem)
+    somewhere = {k for k, _ in mm.x} | {k for k, _ in mm.c} | {k for k, _ in mm.sp}
+    if base_placed >= sum(pw[k[0]] for k in somewhere):
+        # The start places every replica that has anywhere to go: stage 1 has nothing to find.
+        placed_best = placed_bound = base_placed
+        chosen = baseline
+        optimal = True
+    else:
+        _hint(mm, problem, baseline)
+        s1 = clock.solver(STAGE_SHARES[0], len(mm.x))
+        st1 = s1.solve(mm.model)
+        clock.spent(s1)
+        if st1 not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            # No solution in time (or the model is broken): fall back to the start (first-fit's, or better).
+            return _result(problem, baseline, "FEASIBLE", "greedy")
+        placed_best = round(s1.objective_value)
+        placed_bound = round(s1.best_objective_bound)
+        chosen = _extract(problem, mm, s1)
+        optimal = st1 == cp_model.OPTIMAL
+        if base_placed > placed_best:
+            # CP-SAT's presolve may lose a complete hint (its symmetry reductions): the start is still a plan.
+            placed_best, chosen = base_placed, baseline
 
     # Stage 2: keep stage 1's value; move as few running replicas as possible, then the most GPU layers
     # (of pinned models), then the fewest on-demand models in CPU pools (a GPU pool loads and answers faster):
@@ -676,25 +694,49 @@ def solve(problem: Problem, params: SolveParams, start: float | None = None) -> 
     ):
         # First-fit places as much and has more layers: start from it, so the plan is never worse than it.
         chosen = baseline
-    _hint(mm, problem, chosen)
-    s2 = clock.solver(STAGE_SHARES[1], len(mm.x))
-    st2 = s2.solve(mm.model)
-    clock.spent(s2)
+
+    def stage2_of(plan: list[Choice]) -> int:
+        return scale * _stage2_value(problem, plan) - sum(reps[ch.key].model.on_demand and not ch.on_gpu for ch in plan)
+
+    reps = {r.key: r for r in problem.replicas}
+    start2 = stage2_of(chosen)
+    top2 = scale * sum(
+        (r.model.priority + 1) * r.n_layers for r in reps.values() if r.key in somewhere and not r.model.on_demand
+    )
     layers_bound = w - 1
+    if optimal and not problem.current and start2 >= top2:
+        # Every replica placed, each pinned one with all its layers on GPUs: stage 2 has nothing to find.
+        st2 = cp_model.OPTIMAL
+        value2 = start2
+        layers_bound = top2 // scale
+    else:
+        _hint(mm, problem, chosen)
+        s2 = clock.solver(STAGE_SHARES[1], len(mm.x))
+        st2 = s2.solve(mm.model)
+        clock.spent(s2)
+        if st2 in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            value2 = round(s2.objective_value)
+            if value2 < start2:
+                # The search lost its (complete) hint and found worse: keep the start.
+                st2, value2 = cp_model.FEASIBLE, start2
+            else:
+                chosen = _extract(problem, mm, s2)
+            optimal = optimal and st2 == cp_model.OPTIMAL
+            if optimal and not problem.current:
+                # scale · layers − (members in CPU pools, at most scale − 1) ≤ the proven bound.
+                layers_bound = math.floor((s2.best_objective_bound + scale - 1) / scale + 1e-9)
     if st2 in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        chosen = _extract(problem, mm, s2)
-        optimal = optimal and st2 == cp_model.OPTIMAL
-        if optimal and not problem.current:
-            # scale · layers − (members in CPU pools, at most scale − 1) ≤ the proven bound.
-            layers_bound = math.floor((s2.best_objective_bound + scale - 1) / scale + 1e-9)
         # Stage 3: keep stage 2's value; balance headroom.
-        mm.model.add(stage2 >= round(s2.objective_value))
+        mm.model.add(stage2 >= value2)
         _hint(mm, problem, chosen)
         # Fewest split replicas first (a split pays a compute buffer and overhead again on every GPU
         # it uses), then the balance.
         splits = cp_model.LinearExpr.sum([spl.on for spl in mm.sp.values()])
         mm.model.minimize((UTIL_SCALE + 1) * splits + mm.util)
         s3 = clock.solver(STAGE_SHARES[2], len(mm.x))
+        # Symmetry reductions in presolve may lose the hint, which here is a plan of stage 2's value: without
+        # it a perfect packing (triplets) is searched for again only to balance headroom.
+        s3.parameters.symmetry_level = 0
         st3 = s3.solve(mm.model)
         if st3 in (cp_model.OPTIMAL, cp_model.FEASIBLE):
             chosen = _extract(problem, mm, s3)
@@ -707,6 +749,28 @@ def solve(problem: Problem, params: SolveParams, start: float | None = None) -> 
     # `layers_bound` (known only when stages 1 and 2 are optimal; else all layers of all replicas).
     bound = w * placed_bound + layers_bound
     return _result(problem, chosen, "OPTIMAL" if optimal else "FEASIBLE", "cp-sat", bound)
+
+
+def _with_fill(problem: Problem, baseline: list[Choice], params: SolveParams) -> list[Choice]:
+    """`baseline`, or first-fit after `solver.fill.exact_fill` where that scores strictly better (stages 1
+    and 2's objectives, moves included). Tried only where `baseline` leaves a pinned replica that may run
+    fully offloaded on one GPU anything less (not placed, partly offloaded, on the CPU). Its search has
+    `FILL_STEPS` per 10 s of the time limit."""
+    by_key = {ch.key: ch for ch in baseline}
+    short = any(
+        ((ch := by_key.get(r.key)) is None or not ch.on_gpu or ch.ngl < r.n_layers) and full_gpus(problem, r)
+        for r in problem.replicas
+    )
+    if not short:
+        return baseline
+    fill = exact_fill(problem, round(FILL_STEPS * params.time_limit / 10))
+    best, value = baseline, _plan_value(problem, baseline)
+    # With a current placement, also with the replicas that still fit where they run kept there first.
+    for keep in (True, False) if problem.current else (False,):
+        plan = greedy_assign(problem, keep_current=keep, preset=fill)
+        if _plan_value(problem, plan) > value:
+            best, value = plan, _plan_value(problem, plan)
+    return best
 
 
 # --------------------------------------------------------------------------- large clusters
@@ -762,8 +826,16 @@ def _solve_lns(problem: Problem, params: SolveParams, start: float, plan: list[C
     used = bound_solver.deterministic_time
     order: list[str] = []
     value = _plan_value(problem, plan)
+    # Every replica that has anywhere to go placed, each pinned one with all its layers and none moved: no
+    # neighbourhood can do better.
+    somewhere = [r for k, r in reps.items() if cands_on[k]]
+    pw = placed_weights(problem)
+    best = (
+        sum(pw[r.model.name] for r in somewhere),
+        sum((r.model.priority + 1) * r.n_layers for r in somewhere if not r.model.on_demand),
+    )
     may_improve = True
-    while used < budget and time.monotonic() < wall_end:
+    while used < budget and time.monotonic() < wall_end and value < best:
         if not order:
             if not may_improve:
                 break  # a whole pass over the nodes, each proven optimal, changed nothing: a local optimum

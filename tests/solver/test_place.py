@@ -263,18 +263,80 @@ def test_a_move_that_places_another_model_is_made() -> None:
     assert r.moves == 1
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_triplets_k10_packed_perfectly(seed: int) -> None:
-    # Falkenauer-style triplets: 30 models, each between a quarter and half a GPU, filling 10 GPUs
-    # exactly. First-fit decreasing leaves models out; CP-SAT places every one, each GPU full.
+@pytest.mark.parametrize(("k", "seed"), [(10, 0), (10, 1), (10, 2), (20, 0), (20, 1), (20, 2)])
+def test_triplets_packed_perfectly(k: int, seed: int) -> None:
+    # Falkenauer-style triplets: 3k models, each between a quarter and half a GPU, filling k GPUs
+    # exactly. First-fit decreasing leaves models out; the default solve places every one, each GPU full.
     from solver.place import greedy_place
     from tests.support.clusters import TRIPLET_CAPACITY, triplet_spec
 
-    s = triplet_spec(10, seed)
+    s = triplet_spec(k, seed)
     assert greedy_place(s, profiles_for(s)).unplaced, "the instance must be hard for first-fit"
     r = place(s, profiles_for(s), params=SolveParams())
     assert not r.unplaced
-    assert len(r.assignments) == 30
+    assert len(r.assignments) == 3 * k
+    assert len(r.gpus) == k
     for g in r.gpus:
         assert g.used_bytes <= g.capacity_bytes
         assert g.used_bytes >= TRIPLET_CAPACITY * MIB - (1 << 16)
+
+
+@pytest.mark.parametrize(("k", "seed"), [(20, 0), (20, 1), (20, 2), (40, 0), (40, 1), (40, 2)])
+def test_exact_fill_packs_triplets(k: int, seed: int) -> None:
+    # The heuristic alone (solver.fill): every model on one of the k GPUs, each GPU filled to the unit,
+    # and the same plan again for the same input.
+    from solver.fill import exact_fill
+    from solver.problem import build_problem, units_down
+    from tests.support.clusters import triplet_spec
+
+    s = triplet_spec(k, seed)
+    problem = build_problem(s, profiles_for(s))
+    plan = exact_fill(problem)
+    assert len(plan) == 3 * k
+    assert all(ch.gpu is not None and ch.ngl == 1 for ch in plan)  # full offload (a memory-only model: 1 layer)
+    used = [0] * k
+    reps = {r.key: r for r in problem.replicas}
+    for ch in plan:
+        assert ch.gpu is not None
+        used[ch.gpu] += reps[ch.key].needs[ch.node].v_full
+    assert used == [units_down(g.capacity) for g in problem.gpus]
+    assert exact_fill(problem) == plan
+
+
+def test_triplets_packed_stay_packed() -> None:
+    # A perfect packing placed again, and again without one model: nothing moves (the start is kept
+    # even where CP-SAT's presolve would lose it as a hint).
+    from tests.support.clusters import triplet_spec
+
+    s = triplet_spec(20, 0)
+    r = place(s, profiles_for(s), params=SolveParams())
+    assert not r.unplaced
+    current = {(a.model, a.replica): CurrentAssignment(a.node, a.gpus, a.gpu_layers) for a in r.assignments}
+    again = place(s, profiles_for(s), current=current, params=SolveParams())
+    assert again.moves == 0 and not again.unplaced
+    fewer = s.model_copy(update={"models": s.models[1:]})
+    kept = {k: c for k, c in current.items() if k[0] != s.models[0].name}
+    r2 = place(fewer, profiles_for(fewer), current=kept, params=SolveParams())
+    assert r2.moves == 0 and not r2.unplaced
+
+
+def test_exact_fill_keeps_the_hard_rules() -> None:
+    # Two 4 GiB replicas of one model and a 4 GiB model fill an 8 GiB GPU exactly in pairs, but replicas
+    # of one model go to different nodes, and the llama.cpp node has one port: every plan keeps both rules.
+    from solver.fill import exact_fill
+    from solver.problem import build_problem
+
+    no_cpu = "    placement: {cpu_offload: false}\n"
+    s = spec(
+        llama_node("a", ["8GiB"], ports="3000-3000") + llama_node("b", ["8GiB"], ports="3000-3000"),
+        model("m", "4GiB", runtime="llamacpp", extra=no_cpu + "    replicas: 2\n")
+        + model("o", "4GiB", runtime="llamacpp", extra=no_cpu),
+    )
+    problem = build_problem(s, profiles_for(s))
+    plan = exact_fill(problem)
+    nodes = [ch.node for ch in plan]
+    assert len(nodes) == len(set(nodes)), "one port per node: one llama.cpp model each"
+    assert len(plan) == 2
+    r = solve(s)
+    assert len(r.assignments) == 2
+    assert len({a.node for a in r.assignments if a.model == "m"}) == len([a for a in r.assignments if a.model == "m"])
