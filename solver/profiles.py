@@ -118,18 +118,18 @@ class Calibration:
         m = self.measured
         if m.vram_bytes is not None and self.vram_reserved > self.vram_estimate:
             parts.append(
-                f"measured {_gib(m.vram_bytes)} VRAM on {self.where()}, estimate {_gib(self.vram_estimate)}"
-                f" (reserved {_gib(self.vram_reserved)})"
+                f"measured {precise_gib(m.vram_bytes)} VRAM on {self.where()},"
+                f" estimate {precise_gib(self.vram_estimate)} (reserved {precise_gib(self.vram_reserved)})"
             )
         if m.ram_bytes is not None and self.ram_reserved > self.ram_estimate:
             parts.append(
-                f"measured {_gib(m.ram_bytes)} RAM on {self.where()}, estimate {_gib(self.ram_estimate)}"
-                f" (reserved {_gib(self.ram_reserved)})"
+                f"measured {precise_gib(m.ram_bytes)} RAM on {self.where()}, estimate {precise_gib(self.ram_estimate)}"
+                f" (reserved {precise_gib(self.ram_reserved)})"
             )
         return f"{model}: " + "; ".join(parts)
 
 
-def _gib(n: int) -> str:
+def precise_gib(n: int) -> str:
     """GiB with two decimals; MiB below 1 GiB, where two decimals of a GiB say little."""
     return f"{n / (1 << 30):.2f} GiB" if abs(n) >= 1 << 30 else f"{n / (1 << 20):.1f} MiB"
 

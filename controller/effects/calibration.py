@@ -30,7 +30,7 @@ from controller.drivers.base import DockerNode, DriverError
 from controller.effects.gpu_use import GpuReality, actual_vram, managed_pids
 from solver.gguf import GGUFHeader
 from solver.problem import PlacementResult
-from solver.profiles import Measured, MemoryProfile, PlannedCpu, Profile, as_profile, profiles_for
+from solver.profiles import Measured, MemoryProfile, PlannedCpu, Profile, as_profile, precise_gib, profiles_for
 from specs.errors import HomelabError
 from specs.files import atomic_write
 from specs.model import ClusterSpec, Node
@@ -327,7 +327,7 @@ class ContainerCalibration:
         ):
             if got is None:
                 continue
-            text = f"{what} estimate {_gib(est) if est is not None else 'unknown'}, measured {_gib(got)}"
+            text = f"{what} estimate {precise_gib(est) if est is not None else 'unknown'}, measured {precise_gib(got)}"
             if est:
                 text += f" ({_signed_gib(got - est)}, {got / est - 1:+.0%})"
             out.append(text)
@@ -348,13 +348,8 @@ def _diff(a: int | None, b: int | None) -> int | None:
     return a - b if a is not None and b is not None else None
 
 
-def _gib(n: int) -> str:
-    """GiB with two decimals; MiB below 1 GiB, where two decimals of a GiB say little."""
-    return f"{n / (1 << 30):.2f} GiB" if abs(n) >= 1 << 30 else f"{n / (1 << 20):.1f} MiB"
-
-
 def _signed_gib(n: int) -> str:
-    return f"{'+' if n >= 0 else '-'}{_gib(abs(n))}"
+    return f"{'+' if n >= 0 else '-'}{precise_gib(abs(n))}"
 
 
 def estimate_vs_measured(
