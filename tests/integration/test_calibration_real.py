@@ -53,12 +53,12 @@ models:
     source: {{gguf: {models}/alpha.gguf}}
     context: 512
     placement: {{cpu_only: true}}
-    args: ["{extra}"]
+    args: {extra}
 """
 
 REPO = Path(__file__).resolve().parents[2]
 MIB = 1 << 20
-EXTRA = "--no-mmap"
+EXTRA = '["--load-mode", "none"]'
 """Read the weights into the process's own memory instead of mapping the file (the page cache is not counted)."""
 
 
@@ -147,7 +147,7 @@ models:
     context: {context}
     placement: {{cpu_only: true}}
     memory: {{vram: 4MiB, ram: 2MiB}}
-    args: ["{extra}"]
+    args: {extra}
 """
 
 DECLARED = 6 * MIB

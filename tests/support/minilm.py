@@ -22,7 +22,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from tests.support.llama_server import DEFAULT_BINARY, find_binary
+from tests.support.llama_server import exit_reason, find_binary
 from tests.support.ports import free_port
 
 MODEL_NAME = "minilm"
@@ -110,7 +110,7 @@ def write_minilm_gguf(path: Path) -> Path:
 
 @contextmanager
 def embedding_server(
-    model: Path, binary: str = DEFAULT_BINARY, timeout: float = 120.0, pooling: str | None = None
+    model: Path, binary: str | None = None, timeout: float = 120.0, pooling: str | None = None
 ) -> Iterator[str]:
     """A real llama-server with `--embedding` on `model` at 127.0.0.1; yields its base URL (`…/v1`)."""
     port = free_port()
@@ -127,7 +127,8 @@ def embedding_server(
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited {proc.returncode}: {log.read_text(errors='replace')[-2000:]}")
+                why = exit_reason(proc.returncode)
+                raise RuntimeError(f"llama-server ended ({why}): {log.read_text(errors='replace')[-2000:]}")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
                     if r.status == 200:
