@@ -45,7 +45,7 @@ def test_the_served_kind_is_the_loaded_variants(gemma_file: Path) -> None:
     result = run_case(CASES[0], gemma_file)
     build = llamacpp_build.ensure()
     variant = llamacpp_build.loaded_variant(result.report.log)
-    assert variant == llamacpp_build.best_variant(build.variants, local_cpu_flags())
+    assert variant is not None and variant == llamacpp_build.best_variant(build.variants, local_cpu_flags())
     assert result.cpu is llamacpp_build.variant_cpu_kind(build.variants[variant])
     if result.cpu is CpuKind.X86_AMX:
         assert "AMX" in result.report.model
