@@ -342,8 +342,9 @@ class Worker:
     say: Print
     wiring: Wiring = field(default_factory=Wiring)
     allow_spec_commands: bool = False
-    """Git mode: accept a spec with keys that run commands (`specs.validate.command_keys`). Off by default there:
-    whoever can push to the repository would otherwise run commands on this machine."""
+    """Git mode: accept a spec with keys that run commands or choose files homelab writes
+    (`specs.validate.command_keys`). Off by default there: whoever can push to the repository would otherwise run
+    commands on this machine, or overwrite its files."""
     good: Good | None = None
     bad_hash: str | None = None
     spec_errors: list[str] = field(default_factory=list)
@@ -398,7 +399,10 @@ class Worker:
         out = []
         for path, what in command_keys(loaded.spec):
             line, col, _ = doc.locate(list(path), at_key=True)
-            why = f"{what}; a spec from git may not run commands (homelab watch --allow-spec-commands allows it)"
+            why = (
+                f"{what}; a spec from git may not run commands or choose files to write"
+                " (homelab watch --allow-spec-commands allows it)"
+            )
             out.append(Diagnostic(doc.display_name, line, col, path, why))
         return out
 

@@ -589,6 +589,44 @@ def test_a_spec_from_git_may_not_run_commands_unless_allowed(tmp_path: Path) -> 
     assert file_worker.refresh_spec() is not None  # a local file is the operator's own: allowed
 
 
+def test_a_gateway_process_from_git_is_refused_unless_allowed(tmp_path: Path) -> None:
+    """`gateway.command` (mode process: started on this machine) and `gateway.config_path` (a file homelab
+    overwrites, keeping the old text as .bak) in a pushed spec are refused like a `cmd:` secret, each located;
+    `--allow-spec-commands` accepts them."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    gateway = (
+        f"gateway: {{mode: process, command: [sh, -c, 'touch {tmp_path}/pwned'], config_path: {victim},"
+        " master_key: env:KEY}\n"
+    )
+    bare, work = tmp_path / "repo.git", tmp_path / "work"
+    git(tmp_path, "init", "--quiet", "--bare", "--initial-branch=main", str(bare))
+    git(tmp_path, "clone", "--quiet", str(bare), str(work))
+    git(work, "checkout", "--quiet", "-b", "main")
+    (work / "cluster.yaml").write_text(SPEC + gateway)
+    git(work, "add", "cluster.yaml")
+    git(work, "commit", "--quiet", "-m", "first")
+    git(work, "push", "--quiet", "origin", "main")
+    for allowed in (False, True):
+        clone = watch.clone_dir(tmp_path / f"s-{allowed}", str(bare), "main")
+        source = GitSource(str(bare), "main", "cluster.yaml", clone)
+        source.open()
+        worker = Worker(source, tmp_path / "state", True, Metrics(), Said(), Wiring(), allow_spec_commands=allowed)
+        chosen = worker.refresh_spec()
+        if allowed:
+            assert chosen is not None and worker.spec_errors == []
+            continue
+        assert chosen is None
+        assert len(worker.spec_errors) == 2
+        line = len(SPEC.splitlines()) + 1
+        config, command = worker.spec_errors
+        assert command.startswith(f"{source.spec_path}:{line}:")
+        assert "gateway.command: mode process: the gateway's command runs here" in command
+        assert "gateway.config_path: homelab writes the gateway's config" in config
+        assert "--allow-spec-commands" in config
+    assert victim.read_text() == "precious\n" and not (tmp_path / "pwned").exists()
+
+
 def test_a_sleep_command_is_a_command_key() -> None:
     """`power.sleep_command` runs on the node over SSH: git mode refuses it like a Docker restart command; the
     default (`sudo -S systemctl suspend`) is not the spec's own command and passes."""
