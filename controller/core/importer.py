@@ -592,6 +592,20 @@ def _q(value: Any) -> str:
     return json.dumps(text)
 
 
+_UNSAFE_IN_COMMENT = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff\ufff9-\ufffb]")
+"""What may not go into a `#` comment as it is: control characters (a newline or carriage return would end the
+comment and start YAML of the imported config's choosing), Unicode line and paragraph separators (a line break
+to some YAML readers) and the invisible format characters (bidi overrides) that make a line read as another."""
+
+
+def _comment(before: str, text: str) -> str:
+    """One comment line: `before` (indent, or a value and spaces) then `# text`, with every character of `text`
+    that could end the line or disguise it written as an escape (`\\x0a`, `\\u2028`): whatever an imported
+    config names, it stays inside the comment."""
+    safe = _UNSAFE_IN_COMMENT.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text)
+    return f"{before}# {safe}"
+
+
 def _emit(lines: list[str], indent: str, key: str, value: Any) -> None:
     if isinstance(value, Mapping):
         lines.append(f"{indent}{key}:")
@@ -723,7 +737,7 @@ def build_spec(
     lines = [
         "# Written by `homelab import` from what the cluster runs now.",
         "# Entries marked `guessed` were not observed: check them before `homelab reconcile`.",
-        *(f"# not imported: {note}" for note in skipped),
+        *(_comment("", f"not imported: {note}") for note in skipped),
         "version: 1",
         "cluster:",
         f"  name: {_q(cluster)}",
@@ -731,7 +745,7 @@ def build_spec(
     ]
     for name, entry in nodes.items():
         for note in node_notes[name]:
-            lines.append(f"  # {note}")
+            lines.append(_comment("  ", note))
         items = list(entry.items())
         k0, v0 = items[0]
         lines.append(f"  - {k0}: {_q(v0)}")
@@ -740,9 +754,9 @@ def build_spec(
     lines.append("models:" if found else "models: []")
     for m in found:
         for note in m.origin:
-            lines.append(f"  # {note}")
+            lines.append(_comment("  ", note))
         for note in m.guesses:
-            lines.append(f"  # guessed: {note}")
+            lines.append(_comment("  ", f"guessed: {note}"))
         items = list(m.fields.items())
         lines.append(f"  - name: {_q(m.name)}")
         for k, v in items[1:]:
@@ -765,5 +779,7 @@ def build_spec(
             lines.append(f"      models: [{', '.join(_q(n) for n in cats[cat])}]")
             if cat in fb_of:
                 to, src, dst = fb_of[cat]
-                lines.append(f"      fallback: {to.value}  # guessed from LiteLLM's fallback {src} → {dst}")
+                lines.append(
+                    _comment(f"      fallback: {to.value}  ", f"guessed from LiteLLM's fallback {src} → {dst}")
+                )
     return "\n".join(lines) + "\n"
