@@ -344,3 +344,19 @@ def test_a_newline_in_a_llama_swap_model_id_stays_in_its_comment() -> None:
     text, spec = _spec(**_injected("llama-swap model ID", "\n"))
     assert spec.gateway is None
     assert f"  # from llama-swap model x\\x0a{INJECT}\n" in text
+
+
+def test_import_force_never_writes_through_a_bak_symlink(wired: Wired, tmp_path: Path) -> None:
+    """A symlink planted at cluster.yaml.bak is replaced by the backup, not followed (its target kept as it was)."""
+    from controller.drivers.fake import FakeDockerNode
+
+    fake = FakeDockerNode("gpu1", inspected={"mark-i": MARK_I})
+    wired.set(connect=lambda spec: lambda node: fake)
+    victim, out = tmp_path / "victim", tmp_path / "cluster.yaml"
+    victim.write_text("precious\n")
+    out.write_text("old\n")
+    (tmp_path / "cluster.yaml.bak").symlink_to(victim)
+    code, _, stderr = wired.run("import", "--from-docker", "gpu1=unix:///x", "-o", str(out), "--force")
+    assert code == 0, stderr
+    assert victim.read_text() == "precious\n"
+    assert (tmp_path / "cluster.yaml.bak").read_text() == "old\n"
