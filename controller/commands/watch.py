@@ -96,7 +96,7 @@ def register(app: typer.Typer) -> None:
                 source.open()
             except SourceError as exc:
                 fail(f"git: {exc}")
-            out.print(f"watching {git_url} ({branch}) {path} at {source.head[:12]}", markup=False)
+            out.print(f"watching {source.shown_url} ({branch}) {path} at {source.head[:12]}", markup=False)
             state = state if state is not None else sdir
         else:
             source = FileSource(spec_path(file))

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
@@ -659,3 +661,74 @@ def test_a_node_homelab_put_to_sleep_is_not_reconciled_until_it_wakes(
     PowerStore(state).put("box", None)
     assert worker.run("interval")["ok"]
     assert engines["box"].containers
+
+
+TOKEN = "tok3n-s3cret"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (f"https://user:{TOKEN}@git.example.lan/h/c.git", "https://user:***@git.example.lan/h/c.git"),
+        (f"https://{TOKEN}@github.com/h/c.git", "https://***@github.com/h/c.git"),
+        (f"fatal: unable to access 'http://u:{TOKEN}@127.0.0.1:1/r/'", "fatal: unable to access 'http://u:***@127.0.0.1:1/r/'"),
+        ("ssh://git@git.example.lan/h/c.git", "ssh://git@git.example.lan/h/c.git"),
+        ("git@git.example.lan:h/c.git", "git@git.example.lan:h/c.git"),
+        ("/srv/git/c.git", "/srv/git/c.git"),
+    ],
+)  # fmt: skip
+def test_a_credential_in_a_git_url_is_redacted(url: str, shown: str) -> None:
+    assert watch.redact_url(url) == shown
+
+
+def test_a_git_credential_is_never_printed_or_stored(tmp_path: Path) -> None:
+    """`homelab watch --git https://user:TOKEN@…`: the start line, watch.json (0600) and `homelab status`'s text
+    show `user:***`. The repository is a local one the URL is rewritten to (git's insteadOf): no network."""
+    bare, work = tmp_path / "repo.git", tmp_path / "work"
+    git(tmp_path, "init", "--quiet", "--bare", "--initial-branch=main", str(bare))
+    git(tmp_path, "clone", "--quiet", str(bare), str(work))
+    git(work, "checkout", "--quiet", "-b", "main")
+    (work / "cluster.yaml").write_text(SPEC)
+    git(work, "add", "cluster.yaml")
+    git(work, "commit", "--quiet", "-m", "first")
+    git(work, "push", "--quiet", "origin", "main")
+    url = f"https://user:{TOKEN}@git.example.invalid/h/c.git"
+    env = {
+        **os.environ,
+        "GIT_CONFIG_COUNT": "1",
+        "GIT_CONFIG_KEY_0": f"url.{bare}.insteadOf",
+        "GIT_CONFIG_VALUE_0": url,
+        "HOMELAB_LOCK_DIR": str(tmp_path / "locks"),
+    }
+    (tmp_path / "locks").mkdir()
+    state = tmp_path / "state"
+    argv = ["watch", "--git", url, "--branch", "main", "--path", "cluster.yaml", "--state-dir", str(state)]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from controller.cli import main; main()", *argv, "--dry-run", "--interval", "1h"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        deadline = time.monotonic() + 60
+        while not (state / watch.STATUS_FILE).exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+    finally:
+        proc.terminate()
+        rest, _ = proc.communicate(timeout=30)
+    assert first.startswith("watching https://user:***@git.example.invalid/h/c.git (main) cluster.yaml at "), first
+    assert TOKEN not in first + rest
+    status_file = state / watch.STATUS_FILE
+    assert (status_file.stat().st_mode & 0o777) == 0o600
+    text = status_file.read_text()
+    assert TOKEN not in text and "https://user:***@git.example.invalid/h/c.git" in text
+    status = watch.read_status(state)
+    assert status is not None
+    lines = watch.describe_watch(status)
+    assert lines[0].endswith("https://user:***@git.example.invalid/h/c.git (main) cluster.yaml")
+    assert not any(TOKEN in line for line in lines)
+    old = {**status, "source": {**status["source"], "url": url}}  # a watch.json written by an older homelab
+    assert not any(TOKEN in line for line in watch.describe_watch(old))
