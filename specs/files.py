@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -32,11 +33,10 @@ def atomic_write(path: Path, data: str | bytes, *, keep_previous: bool = True, m
     previous: Path | None = None
     if mode is None:
         try:
-            mode = path.stat().st_mode & 0o7777
+            st = os.lstat(path)  # a symlink's target is not ours: its mode is not taken either
+            mode = st.st_mode & 0o7777 if stat.S_ISREG(st.st_mode) else 0o666 & ~_umask()
         except FileNotFoundError:
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o666 & ~umask
+            mode = 0o666 & ~_umask()
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -44,15 +44,51 @@ def atomic_write(path: Path, data: str | bytes, *, keep_previous: bool = True, m
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp_name, mode)
-        if keep_previous and path.exists():
-            previous = backup_path(path)
-            shutil.copy2(path, previous)
-        os.replace(tmp_name, path)
+        if keep_previous and os.path.lexists(path):
+            previous = _keep(path, backup_path(path), directory)
+        os.replace(tmp_name, path)  # replaces a symlink at `path` itself, never writes through it
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
     _fsync_directory(directory)
+    return previous
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _keep(path: Path, previous: Path, directory: Path) -> Path | None:
+    """Copy `path` to `previous` without following a symlink at either; where it was kept (None: `path` is
+    neither a file nor a link, nothing to keep). The copy is written to a new temporary file (created
+    exclusively) and renamed over `previous`, so a symlink planted there is replaced and its target untouched;
+    a symlink at `path` is kept as the link it is, its target not read."""
+    st = os.lstat(path)
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+        return None
+    fd, tmp = tempfile.mkstemp(prefix=f".{previous.name}.", suffix=".tmp", dir=directory)
+    try:
+        if stat.S_ISLNK(st.st_mode):
+            os.close(fd)
+            os.unlink(tmp)
+            os.symlink(os.readlink(path), tmp)  # fails, rather than follows, if anything took the name
+        else:
+            try:
+                src = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except BaseException:
+                os.close(fd)
+                raise
+            with os.fdopen(src, "rb") as source, os.fdopen(fd, "wb") as target:
+                shutil.copyfileobj(source, target)
+            shutil.copystat(path, tmp, follow_symlinks=False)
+        os.replace(tmp, previous)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
     return previous
 
 

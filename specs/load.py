@@ -140,12 +140,13 @@ def _yaml() -> YAML:
     return yaml
 
 
-def read_document(path: str | Path) -> SpecDocument:
+def read_document(path: str | Path, what: str = "spec") -> SpecDocument:
     """Read and parse a YAML file, keeping comments; raise SpecError on I/O or syntax errors.
 
     Only a regular file of at most MAX_SPEC_BYTES is read: a FIFO, a device (/dev/zero), a socket
     or a directory is refused after a stat, before it is opened, and the file is opened without
-    blocking, so that a FIFO swapped in between cannot hang the reader either.
+    blocking, so that a FIFO swapped in between cannot hang the reader either. `what` names the kind of
+    file in the messages (`homelab import` reads LiteLLM and llama-swap configs with the same limits).
     """
     path = Path(path)
     name = str(path)
@@ -154,10 +155,10 @@ def read_document(path: str | Path) -> SpecDocument:
         return SpecError([Diagnostic(name, 0, 0, (), message)])
 
     try:
-        _check_regular(os.stat(path), fail)
+        _check_regular(os.stat(path), fail, what)
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
         try:
-            _check_regular(os.fstat(fd), fail)
+            _check_regular(os.fstat(fd), fail, what)
             with os.fdopen(fd, "rb", closefd=False) as handle:
                 raw = handle.read(MAX_SPEC_BYTES + 1)
         finally:
@@ -165,33 +166,33 @@ def read_document(path: str | Path) -> SpecDocument:
     except FileNotFoundError:
         raise fail("no such file") from None
     except IsADirectoryError:
-        raise fail("is a directory, not a spec file") from None
+        raise fail(f"is a directory, not a {what} file") from None
     except ValueError:  # a NUL byte in the path
         raise fail("not a valid file name") from None
     except OSError as exc:
         raise fail(f"cannot read: {exc.strerror or exc}") from None
     if len(raw) > MAX_SPEC_BYTES:
-        raise fail(f"is larger than {MAX_SPEC_BYTES // 1024} KiB; a spec is a few KiB")
+        raise fail(f"is larger than {MAX_SPEC_BYTES // 1024} KiB; a {what} is a few KiB")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise SpecError([Diagnostic(name, line, 1, (), "not UTF-8 text")]) from None
-    return parse_document(text, path)
+    return parse_document(text, path, what)
 
 
-def _check_regular(st: os.stat_result, fail: typing.Callable[[str], SpecError]) -> None:
+def _check_regular(st: os.stat_result, fail: typing.Callable[[str], SpecError], what: str) -> None:
     mode = st.st_mode
     if stat.S_ISDIR(mode):
-        raise fail("is a directory, not a spec file")
+        raise fail(f"is a directory, not a {what} file")
     if not stat.S_ISREG(mode):
         kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else None
-        raise fail(f"is {kind or 'not a regular file'}, not a spec file" if kind else "is not a regular file")
+        raise fail(f"is {kind}, not a {what} file" if kind else "is not a regular file")
     if st.st_size > MAX_SPEC_BYTES:
-        raise fail(f"is larger than {MAX_SPEC_BYTES // 1024} KiB ({st.st_size} bytes); a spec is a few KiB")
+        raise fail(f"is larger than {MAX_SPEC_BYTES // 1024} KiB ({st.st_size} bytes); a {what} is a few KiB")
 
 
-def parse_document(text: str, path: str | Path = "<string>") -> SpecDocument:
+def parse_document(text: str, path: str | Path = "<string>", what: str = "spec") -> SpecDocument:
     """Parse YAML text into a round-trip document; raise SpecError on syntax errors."""
     path = Path(path)
     name = str(path)
@@ -199,7 +200,7 @@ def parse_document(text: str, path: str | Path = "<string>") -> SpecDocument:
         text = text[1:]
     if len(text.encode("utf-8", "surrogatepass")) > MAX_SPEC_BYTES:
         raise SpecError(
-            [Diagnostic(name, 0, 0, (), f"is larger than {MAX_SPEC_BYTES // 1024} KiB; a spec is a few KiB")]
+            [Diagnostic(name, 0, 0, (), f"is larger than {MAX_SPEC_BYTES // 1024} KiB; a {what} is a few KiB")]
         )
     try:
         with warnings.catch_warnings():

@@ -11,7 +11,9 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterator, Mapping
-from typing import Annotated, ClassVar, Literal, Self, get_origin
+from dataclasses import dataclass
+from types import UnionType
+from typing import Annotated, ClassVar, Literal, Self, Union, get_args, get_origin
 
 from pydantic import (
     AfterValidator,
@@ -189,6 +191,37 @@ def _strings(key: str, value: object, *, mapping: bool) -> Iterator[tuple[str, s
                     yield key, item
 
 
+@dataclass(frozen=True)
+class Effect:
+    """What a spec key makes homelab do besides reading it. Every key that runs a command or chooses a file
+    homelab writes is marked with one (in its section's `EFFECTS`): `homelab watch --git`'s guard
+    (`specs.validate.command_keys`) and the README's list are derived from these marks, and a test fails when a
+    key that looks like one (a name with command, cmd, path, file, script or exec; a secret reference; a list or
+    mapping of strings) is not marked."""
+
+    kind: Literal["command", "file", "secret", "harmless"]
+    """command: runs a command (here or on a node) when set to other than its default; file: homelab writes a
+    file there when set to other than its default; secret: a secret reference, which runs a command when it is
+    `cmd:`; harmless: looked at and found to do neither."""
+    what: str
+    """Says what it does, for the guard's error and the README (`runs a command here`)."""
+
+
+def runs(what: str) -> Effect:
+    return Effect("command", what)
+
+
+def writes(what: str) -> Effect:
+    return Effect("file", what)
+
+
+SECRET_EFFECT = Effect("secret", "a `cmd:` secret runs a command here")
+
+
+def harmless(why: str) -> Effect:
+    return Effect("harmless", why)
+
+
 class _Spec(BaseModel):
     """Base of every spec section: frozen, unknown keys are errors, numbers finite, and no string
     holds a control character (a newline in a name would forge lines of a plan; an escape sequence
@@ -198,6 +231,9 @@ class _Spec(BaseModel):
 
     MULTILINE: ClassVar[frozenset[str]] = frozenset()
     """Fields that may hold newlines and tabs (shell commands)."""
+    EFFECTS: ClassVar[Mapping[str, Effect]] = {}
+    """The section's keys that run a command or choose a file homelab writes, and the look-alikes that do neither
+    (see `Effect`)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -280,6 +316,11 @@ class SshAccess(_Spec):
     user: str = Field(min_length=1)
     port: Port = 22
     MULTILINE = frozenset({"sudo_password"})
+    EFFECTS = {
+        "key_file": harmless("read by SSH, never written"),
+        "known_hosts": harmless("read by SSH, never written"),
+        "sudo_password": SECRET_EFFECT,
+    }
     key_file: str | None = Field(default=None, description="private key; default: the SSH agent")
     known_hosts: str = Field(default="~/.ssh/known_hosts", description="host keys are checked, never auto-accepted")
     sudo_password: SecretRef | None = Field(default=None, description="for `sudo -S`; passed through stdin only")
@@ -306,6 +347,8 @@ class Gpu(_Spec):
 
 class NodeCpu(_Spec):
     """A node's CPU, as far as llama.cpp's memory depends on it."""
+
+    EFFECTS = {"features": harmless("CPU flag names")}
 
     features: list[str] = Field(
         description="feature flags as /proc/cpuinfo spells them (x86 `flags`, ARM `Features`), e.g."
@@ -399,6 +442,7 @@ class LlamaCppRuntime(_Spec):
         description="how this node's llama.cpp build assigns -ngl layers",
     )
     server_args: list[str] = Field(default_factory=list, description="extra llama-server args")
+    EFFECTS = {"server_args": harmless("llama-server's arguments inside its container, never through a shell")}
     helper_image: str = Field(
         default="busybox:latest",
         min_length=1,
@@ -424,6 +468,7 @@ class DockerEndpoint(_Spec):
     restart_command: str | None = Field(default=None, description="overrides recovery.docker_restart for this node")
     timeout: Duration = 10.0
     MULTILINE = frozenset({"restart_command"})
+    EFFECTS = {"restart_command": runs("runs on the node over SSH")}
 
 
 class WakeOnLan(_Spec):
@@ -453,6 +498,7 @@ class Wake(_Spec):
         " never on its command line",
     )
     MULTILINE = frozenset({"command", "stdin"})
+    EFFECTS = {"command": runs("a wake command runs here"), "stdin": SECRET_EFFECT}
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Self:
@@ -494,6 +540,7 @@ class Power(_Spec):
         " fallback answer at once while it wakes",
     )
     MULTILINE = frozenset({"sleep_command"})
+    EFFECTS = {"sleep_command": runs("runs on the node over SSH")}
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -664,6 +711,7 @@ class Model(_Spec):
     )
     preload: bool = Field(default=False, description="keep loaded (Ollama keep-alive)")
     args: list[str] = Field(default_factory=list, description="extra server arguments")
+    EFFECTS = {"args": harmless("the server's arguments inside its container, never through a shell")}
     adopt: Name | None = Field(
         default=None,
         description="an existing container started by hand (no homelab labels) that serves this model now:"
@@ -742,6 +790,11 @@ class Gateway(_Spec):
     )
     master_key: SecretRef = Field(description="secret:NAME or env:NAME, never the key itself")
     MULTILINE = frozenset({"master_key"})
+    EFFECTS = {
+        "command": runs("mode process: the gateway's command runs here"),
+        "config_path": writes("homelab writes the gateway's config (and its .bak, and files beside it) there"),
+        "master_key": SECRET_EFFECT,
+    }
     auto_model: str = Field(default="auto", min_length=1, description="model name routed by content")
 
     @model_validator(mode="after")
@@ -759,6 +812,7 @@ class CategoryRoute(_Spec):
 
     models: list[Name] = Field(default_factory=list)
     fallback: Category | None = None
+    EFFECTS = {"models": harmless("model names")}
 
 
 class ClassifierRule(_Spec):
@@ -769,6 +823,11 @@ class ClassifierRule(_Spec):
     file_extensions: list[Annotated[str, Field(pattern=FILE_EXTENSION_PATTERN)]] = Field(default_factory=list)
     weight: Annotated[float, Field(gt=0)] = 1.0
     replace_defaults: bool = False
+    EFFECTS = {
+        "keywords": harmless("words matched in a request"),
+        "patterns": harmless("regular expressions matched in a request"),
+        "file_extensions": harmless("matched in a request"),
+    }
 
     @model_validator(mode="after")
     def _patterns_compile(self) -> Self:
@@ -876,6 +935,7 @@ class Recovery(_Spec):
     backoff: Backoff = Field(default_factory=Backoff)
     docker_restart: dict[OsFamily, str] = Field(default_factory=_default_restart)
     MULTILINE = frozenset({"docker_restart"})
+    EFFECTS = {"docker_restart": runs("runs on a node over SSH")}
     wait_ssh: Duration = Field(default=300.0, description="how long to wait for a woken node")
     wait_docker: Duration = Field(default=120.0, description="how long to wait for Docker")
 
@@ -883,6 +943,7 @@ class Recovery(_Spec):
 class Watch(_Spec):
     interval: Duration = Field(default=60.0, description="drift check and health every")
     state_dir: str = Field(default="~/.local/state/homelab", description="events, status, lock")
+    EFFECTS = {"state_dir": writes("homelab writes its state files (events, status, lock, power) there")}
     metrics_port: Port | None = None
 
 
@@ -907,6 +968,7 @@ class ClusterSpec(_Spec):
     watch: Watch = Field(default_factory=Watch)
     secrets: dict[Name, ProviderRef] = Field(default_factory=dict, description="named references to secret providers")
     MULTILINE = frozenset({"secrets"})
+    EFFECTS = {"secrets": SECRET_EFFECT}
 
     def node(self, name: str) -> Node:
         for node in self.nodes:
@@ -919,3 +981,43 @@ class ClusterSpec(_Spec):
             if model.name == name:
                 return model
         raise KeyError(name)
+
+
+def marked_keys(root: type[_Spec] = ClusterSpec) -> list[tuple[str, Effect]]:
+    """Every key of the spec marked as running a command or writing a file (not the harmless ones), spelt as the
+    README lists them (`nodes[].wake.command`, `secrets.NAME`), in the order of the model's fields."""
+    out: list[tuple[str, Effect]] = []
+
+    def walk(cls: type[_Spec], prefix: str) -> None:
+        for name, info in cls.model_fields.items():
+            key = f"{prefix}{name}"
+            effect = cls.EFFECTS.get(name)
+            if effect is not None and effect.kind != "harmless":
+                dict_of = get_origin(_optional(info.annotation)) is dict
+                out.append((f"{key}.{'NAME' if effect.kind == 'secret' else 'KEY'}" if dict_of else key, effect))
+            for sub, many in _sections_of(info.annotation):
+                walk(sub, f"{key}{'[]' if many == 'list' else '.KEY' if many == 'dict' else ''}.")
+
+    walk(root, "")
+    return out
+
+
+def _optional(annotation: object) -> object:
+    """`X | None` → X."""
+    if get_origin(annotation) not in (Union, UnionType):
+        return annotation
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    return args[0] if len(args) == 1 else annotation
+
+
+def _sections_of(annotation: object) -> list[tuple[type[_Spec], str]]:
+    """The spec sections a field holds: itself (`one`), a list of them or a mapping to them."""
+    inner = _optional(annotation)
+    origin = get_origin(inner)
+    if isinstance(inner, type) and issubclass(inner, _Spec):
+        return [(inner, "one")]
+    if origin in (list, dict):
+        item = _optional(get_args(inner)[-1])
+        if isinstance(item, type) and issubclass(item, _Spec):
+            return [(item, "list" if origin is list else "dict")]
+    return []

@@ -8,12 +8,15 @@ user fixes them all at once.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from enum import Enum
+
+from pydantic import BaseModel
 
 from specs.enums import Category, Runtime
 from specs.errors import Path, Severity
-from specs.model import ClusterSpec, Model, Node, Recovery, gguf_file_name
+from specs.model import ClusterSpec, Effect, Model, Node, gguf_file_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -453,22 +456,49 @@ def _owned_args(spec: ClusterSpec) -> Iterator[Problem]:
 
 
 def command_keys(spec: ClusterSpec) -> list[tuple[Path, str]]:
-    """Every key of the spec that makes homelab run a command through a shell on the machine it runs on or on a
-    node: `cmd:` secrets, wake commands, Docker restart commands (the defaults of `recovery.docker_restart`
-    excepted). A spec is code: whoever can change the spec can run these. (path, what) each."""
+    """Every key of the spec that makes homelab run a command (through a shell, on the machine it runs on or on a
+    node) or write a file where the spec says: the keys marked in the model's `EFFECTS` (`specs.model.Effect`) set
+    to other than their default, and every `cmd:` secret reference. A spec is code: whoever can change the spec
+    can run these. (path, what) each, in the order of the model's fields."""
     found: list[tuple[Path, str]] = []
-    for name, ref in spec.secrets.items():
-        if ref.startswith("cmd:"):
-            found.append((("secrets", name), "a `cmd:` secret runs a command here"))
-    for i, node in enumerate(spec.nodes):
-        if node.wake is not None and node.wake.command is not None:
-            found.append((("nodes", i, "wake", "command"), "a wake command runs here"))
-        if node.docker is not None and node.docker.restart_command is not None:
-            found.append((("nodes", i, "docker", "restart_command"), "runs on the node over SSH"))
-        if node.power is not None and node.power.sleep_command is not None:
-            found.append((("nodes", i, "power", "sleep_command"), "runs on the node over SSH"))
-    defaults = Recovery().docker_restart
-    for os_family, command in spec.recovery.docker_restart.items():
-        if defaults.get(os_family) != command:
-            found.append((("recovery", "docker_restart", os_family.value), "runs on a node over SSH"))
+    _effects_of(spec, (), found)
     return found
+
+
+def _effects_of(section: BaseModel, base: Path, found: list[tuple[Path, str]]) -> None:
+    cls = type(section)
+    effects: Mapping[str, Effect] = getattr(cls, "EFFECTS", {})
+    for name, info in cls.model_fields.items():
+        value = getattr(section, name)
+        path = (*base, name)
+        effect = effects.get(name)
+        if effect is not None and effect.kind != "harmless":
+            default = info.get_default(call_default_factory=True)
+            for sub, item in _items(value, path):
+                if effect.kind == "secret":
+                    hit = isinstance(item, str) and item.startswith("cmd:")
+                else:
+                    was = default.get(sub[-1]) if isinstance(default, Mapping) and sub != path else default
+                    hit = item is not None and item != was
+                if hit:
+                    found.append((sub, effect.what))
+        for sub, item in _items(value, path):
+            if isinstance(item, BaseModel):
+                _effects_of(item, sub, found)
+
+
+def _items(value: object, path: Path) -> Iterator[tuple[Path, object]]:
+    """A field's value, or each item of a list or mapping field, with its path (an enum key by its value)."""
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            yield (*path, key.value if isinstance(key, Enum) else key), item
+    elif isinstance(value, (list, tuple)) and not _is_command_list(value):
+        for i, item in enumerate(value):
+            yield (*path, i), item
+    else:
+        yield path, value
+
+
+def _is_command_list(value: list[object] | tuple[object, ...]) -> bool:
+    """A list of words (gateway.command, args): one value, not a list of sections."""
+    return all(isinstance(item, str) for item in value) and bool(value)

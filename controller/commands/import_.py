@@ -10,12 +10,11 @@ version is kept as NAME.bak).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from ruamel.yaml import YAML
-from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from controller.commands.common import err, fail, print_diagnostics, wiring_of
 from controller.core.importer import ImportError_, build_spec
@@ -23,7 +22,9 @@ from controller.effects.engine import CachingOllama
 from controller.effects.importing import gather, probe_spec
 from specs import SpecError
 from specs.files import atomic_write
-from specs.load import parse_spec
+from specs.load import parse_spec, read_document, to_plain
+
+_LINE_BREAK = re.compile("[\n\r\x85\u2028\u2029]")
 
 
 def _pairs(values: list[str], what: str) -> list[tuple[str, str]]:
@@ -37,21 +38,13 @@ def _pairs(values: list[str], what: str) -> list[tuple[str, str]]:
 
 
 def read_yaml(path: Path) -> Any:
-    """A YAML input file, or one located error line."""
+    """An input file, read with the spec loader's limits (a regular file only, 128 KiB, 25,000 values, 32 levels,
+    no recursive alias), as plain data; or one located error line."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        fail(f"{path}: cannot read: {exc.strerror}")
-    except UnicodeDecodeError:
-        fail(f"{path}: not UTF-8 text")
-    try:
-        data = YAML(typ="safe").load(text)
-    except MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-        fail(f"{where}: {exc.problem or exc.context or 'not valid YAML'}")
-    except YAMLError as exc:
-        fail(f"{path}: not valid YAML: {exc}")
+        doc = read_document(path, "config")
+    except SpecError as exc:
+        fail(str(exc.diagnostics[0]))
+    data = to_plain(doc.data)
     if not isinstance(data, dict):
         fail(f"{path}:1:1: must be a mapping")
     return data
@@ -103,8 +96,9 @@ def register(app: typer.Typer) -> None:
         try:
             text = build_spec(cluster, dfacts, ofacts, litellm_config, swap_config, sources)
         except ImportError_ as exc:
-            path = llama_swap if str(exc).startswith("llama-swap") else litellm
-            fail(f"{path}: {exc}" if path is not None and not str(exc).startswith("--") else str(exc))
+            message = _LINE_BREAK.sub(lambda m: repr(m[0])[1:-1], str(exc))  # a name's newline: still one line
+            path = llama_swap if message.startswith("llama-swap") else litellm
+            fail(f"{path}: {message}" if path is not None and not message.startswith("--") else message)
         try:
             parse_spec(text, output)
         except SpecError as exc:

@@ -61,7 +61,8 @@ def register(app: typer.Typer) -> None:
             bool,
             typer.Option(
                 "--allow-spec-commands",
-                help="Git mode: accept `cmd:` secrets, wake and restart commands from the repository's spec.",
+                help="Git mode: accept keys that run commands or choose files to write (`cmd:` secrets, wake,"
+                " restart and gateway commands, gateway.config_path, watch.state_dir) from the repository's spec.",
             ),
         ] = False,
         metrics_port: Annotated[
@@ -95,7 +96,7 @@ def register(app: typer.Typer) -> None:
                 source.open()
             except SourceError as exc:
                 fail(f"git: {exc}")
-            out.print(f"watching {git_url} ({branch}) {path} at {source.head[:12]}", markup=False)
+            out.print(f"watching {source.shown_url} ({branch}) {path} at {source.head[:12]}", markup=False)
             state = state if state is not None else sdir
         else:
             source = FileSource(spec_path(file))

@@ -412,15 +412,42 @@ _MACRO_RE = re.compile(r"\$\{([A-Za-z0-9_.-]+)\}")
 _SET_WORD_RE = re.compile(r"\+?[^\s&|()]+")
 
 
-def _expand(text: str, macros: Mapping[str, str]) -> str:
+MAX_EXPANDED = 64 * 1024
+"""The longest text a llama-swap macro, `cmd` or `proxy` may expand to: a command line is a few hundred
+characters; macros that use each other twice over double at every step (a 1 KB file would fill the memory)."""
+
+
+def _expand(text: str, macros: Mapping[str, str], where: str) -> str:
     """llama-swap's `${name}` macros (a macro may use those defined before it); `${PORT}`, `${MODEL_ID}` given by
-    the caller, `${env.X}` and unknown names left as they are."""
+    the caller, `${env.X}` and unknown names left as they are. Raises ImportError_ (naming `where`) past
+    MAX_EXPANDED characters, before building the longer text."""
     for _ in range(8):
-        new = _MACRO_RE.sub(lambda m: macros.get(m[1], m[0]), text)
+        size = len(text)
+
+        def one(m: re.Match[str]) -> str:
+            nonlocal size
+            value = macros.get(m[1], m[0])
+            size += len(value) - len(m[0])
+            if size > MAX_EXPANDED:
+                raise ImportError_(
+                    f"llama-swap config: {where}: its macros expand to more than {MAX_EXPANDED // 1024} KiB"
+                )
+            return value
+
+        new = _MACRO_RE.sub(one, text)
         if new == text:
             break
         text = new
     return text
+
+
+def _url_port(url: str, where: str) -> int | None:
+    """The port of a URL (None without one), or ImportError_ naming `where` for a URL that has none to give
+    (a port above 65535 or not a number, a broken IPv6 address)."""
+    try:
+        return urlparse(url).port
+    except ValueError as exc:
+        raise ImportError_(f"{where}: {url!r} is not a valid URL ({exc})") from None
 
 
 def _macros(block: Any, inherited: Mapping[str, str], where: str) -> dict[str, str]:
@@ -431,7 +458,7 @@ def _macros(block: Any, inherited: Mapping[str, str], where: str) -> dict[str, s
     out = dict(inherited)
     for k, v in block.items():
         value = ("true" if v else "false") if isinstance(v, bool) else str(v)
-        out[str(k)] = _expand(value, out)
+        out[str(k)] = _expand(value, out, f"{where}.{k}")
     return out
 
 
@@ -498,7 +525,7 @@ def llama_swap_models(config: Mapping[str, Any], node: str, notes: list[str] | N
         macros = _macros(entry.get("macros"), {**global_macros, "MODEL_ID": str(mid)}, f"models.{mid}.macros")
         cmd = re.sub(r"\\\n", " ", entry["cmd"])
         cmd = "\n".join(line.split("#", 1)[0] if line.lstrip().startswith("#") else line for line in cmd.splitlines())
-        cmd = _expand(cmd, macros)
+        cmd = _expand(cmd, macros, f"models.{mid}.cmd")
         try:
             argv = shlex.split(cmd, comments=True)
         except ValueError as exc:
@@ -518,9 +545,9 @@ def llama_swap_models(config: Mapping[str, Any], node: str, notes: list[str] | N
         port = None
         proxy = entry.get("proxy")
         if isinstance(proxy, str):
-            proxy = _expand(proxy, macros)
+            proxy = _expand(proxy, macros, f"models.{mid}.proxy")
             if "${" not in proxy:
-                port = urlparse(proxy).port
+                port = _url_port(proxy, f"llama-swap config: models.{mid}.proxy")
         if port is not None:
             fields["port"] = port
         if parsed.context:
@@ -558,14 +585,17 @@ def litellm_routes(config: Mapping[str, Any]) -> tuple[dict[str, set[str]], list
             keys.add(upstream.split("/", 1)[-1])
             base = params.get("api_base")
             if isinstance(base, str):
-                port = urlparse(base).port
+                port = _url_port(base, f"LiteLLM config: model_list[{i}].litellm_params.api_base")
                 if port is not None:
                     keys.add(f":{port}")
         routes.setdefault(entry["model_name"], set()).update(keys)
     fallbacks: list[tuple[str, str]] = []
     for section in ("router_settings", "litellm_settings"):
         block = config.get(section) or {}
-        for item in (block.get("fallbacks") or []) if isinstance(block, Mapping) else []:
+        items = (block.get("fallbacks") or []) if isinstance(block, Mapping) else []
+        if not isinstance(items, list):
+            raise ImportError_(f"LiteLLM config: {section}.fallbacks: must be a list of {{model: [fallbacks]}}")
+        for item in items:
             if isinstance(item, Mapping):
                 for src, targets in item.items():
                     for t in targets if isinstance(targets, list) else [targets]:
@@ -590,6 +620,20 @@ def _q(value: Any) -> str:
     if plain and text.lower() not in _YAML_WORDS:
         return text
     return json.dumps(text)
+
+
+_UNSAFE_IN_COMMENT = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff\ufff9-\ufffb]")
+"""What may not go into a `#` comment as it is: control characters (a newline or carriage return would end the
+comment and start YAML of the imported config's choosing), Unicode line and paragraph separators (a line break
+to some YAML readers) and the invisible format characters (bidi overrides) that make a line read as another."""
+
+
+def _comment(before: str, text: str) -> str:
+    """One comment line: `before` (indent, or a value and spaces) then `# text`, with every character of `text`
+    that could end the line or disguise it written as an escape (`\\x0a`, `\\u2028`): whatever an imported
+    config names, it stays inside the comment."""
+    safe = _UNSAFE_IN_COMMENT.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text)
+    return f"{before}# {safe}"
 
 
 def _emit(lines: list[str], indent: str, key: str, value: Any) -> None:
@@ -723,7 +767,7 @@ def build_spec(
     lines = [
         "# Written by `homelab import` from what the cluster runs now.",
         "# Entries marked `guessed` were not observed: check them before `homelab reconcile`.",
-        *(f"# not imported: {note}" for note in skipped),
+        *(_comment("", f"not imported: {note}") for note in skipped),
         "version: 1",
         "cluster:",
         f"  name: {_q(cluster)}",
@@ -731,7 +775,7 @@ def build_spec(
     ]
     for name, entry in nodes.items():
         for note in node_notes[name]:
-            lines.append(f"  # {note}")
+            lines.append(_comment("  ", note))
         items = list(entry.items())
         k0, v0 = items[0]
         lines.append(f"  - {k0}: {_q(v0)}")
@@ -740,9 +784,9 @@ def build_spec(
     lines.append("models:" if found else "models: []")
     for m in found:
         for note in m.origin:
-            lines.append(f"  # {note}")
+            lines.append(_comment("  ", note))
         for note in m.guesses:
-            lines.append(f"  # guessed: {note}")
+            lines.append(_comment("  ", f"guessed: {note}"))
         items = list(m.fields.items())
         lines.append(f"  - name: {_q(m.name)}")
         for k, v in items[1:]:
@@ -765,5 +809,7 @@ def build_spec(
             lines.append(f"      models: [{', '.join(_q(n) for n in cats[cat])}]")
             if cat in fb_of:
                 to, src, dst = fb_of[cat]
-                lines.append(f"      fallback: {to.value}  # guessed from LiteLLM's fallback {src} → {dst}")
+                lines.append(
+                    _comment(f"      fallback: {to.value}  ", f"guessed from LiteLLM's fallback {src} → {dst}")
+                )
     return "\n".join(lines) + "\n"

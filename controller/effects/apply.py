@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import json
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -145,20 +146,61 @@ def cluster_lock_path(cluster: str) -> Path:
     return base / f"homelab-{hashlib.sha256(cluster.encode()).hexdigest()[:16]}.lock"
 
 
+class LockUnsafe(HomelabError):
+    """A lock file homelab will not use: a symbolic link, not a regular file, or another user's."""
+
+
+_NOFOLLOW = os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+HOLDER_MAX = 32
+"""The most characters of a lock holder's text (its pid, or whatever another user wrote there) an error shows."""
+
+
+def _holder(raw: bytes) -> str:
+    """The pid written in a lock file, or what is there instead, escaped and cut: never a terminal's escape
+    sequence or a forged line in the error."""
+    text = raw.decode(errors="replace").strip()
+    if text.isascii() and text.isdigit() and len(text) <= 10:
+        return text
+    if not text:
+        return "unknown"
+    return "unknown: " + ascii(text[:HOLDER_MAX])
+
+
+def _open_lock(path: Path) -> int:
+    """Open (creating it if need be) the lock file without following a symlink and without truncating it;
+    refuse one that is not a regular file or is owned by another user than us or root."""
+    try:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o644)
+        except PermissionError:  # another user's (root's) lock file: locking needs no write access
+            fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+    except OSError as exc:
+        if os.path.islink(path):
+            raise LockUnsafe(f"lock file {path} is a symbolic link; not followed (remove it)") from None
+        raise LockUnsafe(f"lock file {path}: {exc.strerror or exc}") from None
+    st = os.fstat(fd)
+    why = None
+    if not stat.S_ISREG(st.st_mode):
+        why = "is not a regular file"
+    elif st.st_uid not in (os.geteuid(), 0):
+        why = f"belongs to another user (uid {st.st_uid}); not used (remove it)"
+    if why is not None:
+        os.close(fd)
+        raise LockUnsafe(f"lock file {path} {why}")
+    return fd
+
+
 @contextmanager
 def _flock(path: Path, message: str) -> Iterator[None]:
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except PermissionError:  # another user's lock file: locking needs no write access
-        fd = os.open(path, os.O_RDONLY)
+    fd = _open_lock(path)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            holder = _holder(os.pread(fd, 64, 0))
             raise LockHeld(message.format(holder=holder, path=path)) from None
         try:
-            os.ftruncate(fd, 0)
+            os.ftruncate(fd, 0)  # only now that the lock is ours
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         except OSError:
             pass  # opened read-only: the lock holds all the same, only the pid is not written

@@ -30,6 +30,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import subprocess
 import threading
 import time
@@ -184,8 +185,20 @@ def git(args: Sequence[str], cwd: Path | None = None, timeout: float = GIT_TIMEO
         raise SourceError(f"git {args[0]} did not finish within {timeout:g} s") from None
     if done.returncode != 0:
         why = (done.stderr or done.stdout).strip().splitlines()
-        raise SourceError(f"git {args[0]} failed: {why[-1] if why else f'exit {done.returncode}'}")
+        raise SourceError(redact_url(f"git {args[0]} failed: {why[-1] if why else f'exit {done.returncode}'}"))
     return done.stdout.strip()
+
+
+_USER_PASSWORD_RE = re.compile(r"\b(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*):[^@/\s]*@")
+_HTTP_TOKEN_RE = re.compile(r"\b(?P<head>https?://)[^/\s:@]+@")
+
+
+def redact_url(text: str) -> str:
+    """A repository URL (or any text holding one, such as git's error) without its credential:
+    `https://user:token@host/repo` → `https://user:***@host/repo`, `https://token@host/repo` → `https://***@host/repo`
+    (an ssh user name, `ssh://git@host`, is no secret and stays). What `--git` is given is shown, stored in
+    watch.json and served only through this."""
+    return _HTTP_TOKEN_RE.sub(r"\g<head>***@", _USER_PASSWORD_RE.sub(r"\g<head>:***@", text))
 
 
 @dataclass
@@ -216,6 +229,11 @@ class GitSource:
         return self.workdir / self.path
 
     @property
+    def shown_url(self) -> str:
+        """The URL as it may be printed or stored: without its credential (`redact_url`)."""
+        return redact_url(self.url)
+
+    @property
     def revision(self) -> str | None:
         return self.head or None
 
@@ -236,7 +254,13 @@ class GitSource:
         return self.head
 
     def describe(self) -> dict[str, Any]:
-        return {"mode": "git", "url": self.url, "branch": self.branch, "path": self.path, "clone": str(self.workdir)}
+        return {
+            "mode": "git",
+            "url": self.shown_url,
+            "branch": self.branch,
+            "path": self.path,
+            "clone": str(self.workdir),
+        }
 
 
 def clone_dir(state_dir: Path, url: str, branch: str) -> Path:
@@ -342,8 +366,9 @@ class Worker:
     say: Print
     wiring: Wiring = field(default_factory=Wiring)
     allow_spec_commands: bool = False
-    """Git mode: accept a spec with keys that run commands (`specs.validate.command_keys`). Off by default there:
-    whoever can push to the repository would otherwise run commands on this machine."""
+    """Git mode: accept a spec with keys that run commands or choose files homelab writes
+    (`specs.validate.command_keys`). Off by default there: whoever can push to the repository would otherwise run
+    commands on this machine, or overwrite its files."""
     good: Good | None = None
     bad_hash: str | None = None
     spec_errors: list[str] = field(default_factory=list)
@@ -398,7 +423,10 @@ class Worker:
         out = []
         for path, what in command_keys(loaded.spec):
             line, col, _ = doc.locate(list(path), at_key=True)
-            why = f"{what}; a spec from git may not run commands (homelab watch --allow-spec-commands allows it)"
+            why = (
+                f"{what}; a spec from git may not run commands or choose files to write"
+                " (homelab watch --allow-spec-commands allows it)"
+            )
             out.append(Diagnostic(doc.display_name, line, col, path, why))
         return out
 
@@ -892,7 +920,7 @@ class WatchLoop:
         with contextlib.suppress(OSError):
             sdir.mkdir(parents=True, exist_ok=True)
             text = json.dumps(self.status(next_run), indent=2, sort_keys=True, default=str) + "\n"
-            atomic_write(sdir / STATUS_FILE, text, keep_previous=False)
+            atomic_write(sdir / STATUS_FILE, text, keep_previous=False, mode=0o600)
 
 
 async def watch_file(loop: WatchLoop, path: Path, stop: asyncio.Event) -> None:
@@ -952,7 +980,8 @@ def read_status(state_dir: Path) -> dict[str, Any] | None:
 def describe_watch(status: dict[str, Any]) -> list[str]:
     """The watch status file in a few lines, for `homelab status`."""
     src = status.get("source") or {}
-    where = f"{src.get('url')} ({src.get('branch')}) {src.get('path')}" if src.get("mode") == "git" else src.get("path")
+    url = redact_url(str(src.get("url")))  # a watch.json written before URLs were redacted
+    where = f"{url} ({src.get('branch')}) {src.get('path')}" if src.get("mode") == "git" else src.get("path")
     applied = status.get("applied") or {}
     what = applied.get("commit") or applied.get("spec_hash")
     lines = [f"watch (pid {status.get('pid')}{', dry run' if status.get('dry_run') else ''}): {where}"]

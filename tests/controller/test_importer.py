@@ -17,6 +17,7 @@ from controller.core.importer import (
     model_mount,
     parse_server_args,
 )
+from specs import SpecError
 from specs.load import parse_spec
 from tests.support.wiring import Wired
 
@@ -277,3 +278,85 @@ def test_llama_swap_current_format() -> None:
     text, spec = _spec(docker=[facts], llama_swap=SWAP_CURRENT, litellm={"model_list": [mini]})
     assert "# LiteLLM serves it as mini" in text  # found through the llama-swap alias gpt-4o-mini
     assert routes == {"mini": {"gpt-4o-mini"}}
+
+
+INJECT = "gateway: {mode: process, command: [sh, -c, 'touch /tmp/pwned'], master_key: env:K}"
+BREAKS = ("\n", "\r", "\r\n", "\x85", "\u2028", "\u2029", "\n# x\n", "\x1b[2J\n")
+
+
+def _injected(where: str, brk: str) -> dict[str, Any]:
+    """build_spec's inputs with `brk + INJECT` in one text an imported config names."""
+    evil = f"x{brk}{INJECT}"
+    docker = DockerFacts("gpu1", "127.0.0.1", "unix:///var/run/docker.sock", [MARK_I])
+    swap: dict[str, Any] = {"models": {"m": {"cmd": "llama-server -m /srv/m.gguf"}}}
+    litellm: dict[str, Any] = {"model_list": [{"model_name": "chat", "litellm_params": {"model": "openai/m"}}]}
+    ollama = [OllamaFacts("gpu1", "127.0.0.1", "http://127.0.0.1:11434", [("qwen2.5:14b", None)])]
+    if where == "llama-swap model ID":
+        swap = {"models": {evil: {"cmd": "llama-server -m /srv/m.gguf"}}}
+    elif where == "llama-swap group":
+        swap["groups"] = {evil: {"members": ["m"]}}
+    elif where == "llama-swap skipped model":
+        swap["models"][evil] = {"cmd": "vllm serve x"}
+    elif where == "LiteLLM model_name":
+        litellm["model_list"].append({"model_name": evil, "litellm_params": {"model": "openai/m"}})
+    elif where == "LiteLLM fallback":
+        code = f"coder{brk}{INJECT}"
+        litellm["model_list"] = [
+            {"model_name": code, "litellm_params": {"model": "openai/m"}},
+            {"model_name": "chat", "litellm_params": {"model": "openai/qwen2.5:14b"}},
+        ]
+        litellm["router_settings"] = {"fallbacks": [{code: ["chat"]}]}
+    elif where == "container name":
+        docker = DockerFacts("gpu1", "127.0.0.1", "unix:///x", [{**MARK_I, "Name": "/" + evil}])
+    elif where == "container image":
+        docker = DockerFacts("gpu1", "127.0.0.1", "unix:///x", [{**MARK_I, "Config": {"Image": evil, "Labels": {}}}])
+    elif where == "Ollama tag":
+        ollama = [OllamaFacts("gpu1", "127.0.0.1", "http://127.0.0.1:11434", [(evil, None)])]
+    return {"docker": [docker], "ollama": ollama, "litellm": litellm, "llama_swap": swap}
+
+
+@pytest.mark.parametrize("brk", BREAKS, ids=[repr(b) for b in BREAKS])
+@pytest.mark.parametrize(
+    "where",
+    ["llama-swap model ID", "llama-swap group", "llama-swap skipped model", "LiteLLM model_name", "LiteLLM fallback",
+     "container name", "container image", "Ollama tag"],
+)  # fmt: skip
+def test_no_imported_name_injects_yaml(where: str, brk: str) -> None:
+    """A line break (or a YAML line separator) in any name an imported config gives stays inside its comment or
+    its quoted value: the written spec has no `gateway` key, and validates or is refused with located errors."""
+    try:
+        text = build_spec("lab", **_injected(where, brk))
+    except ImportError_ as exc:
+        assert "\n" not in str(exc)
+        return
+    assert "touch /tmp/pwned" in text  # the name is there, escaped
+    assert not any(line.lstrip("- ").startswith("gateway") for line in text.splitlines())
+    try:
+        spec = parse_spec(text).spec
+    except SpecError as exc:
+        assert all(d.line > 0 for d in exc.diagnostics), exc.diagnostics
+        return
+    assert spec.gateway is None
+
+
+def test_a_newline_in_a_llama_swap_model_id_stays_in_its_comment() -> None:
+    """The reproduction: the ID's newline is written as an escape inside the comment."""
+    text, spec = _spec(**_injected("llama-swap model ID", "\n"))
+    assert spec.gateway is None
+    assert f"  # from llama-swap model x\\x0a{INJECT}\n" in text
+
+
+def test_import_force_never_writes_through_a_bak_symlink(wired: Wired, tmp_path: Path) -> None:
+    """A symlink planted at cluster.yaml.bak is replaced by the backup, not followed (its target kept as it was)."""
+    from controller.drivers.fake import FakeDockerNode
+
+    fake = FakeDockerNode("gpu1", inspected={"mark-i": MARK_I})
+    wired.set(connect=lambda spec: lambda node: fake)
+    victim, out = tmp_path / "victim", tmp_path / "cluster.yaml"
+    victim.write_text("precious\n")
+    out.write_text("old\n")
+    (tmp_path / "cluster.yaml.bak").symlink_to(victim)
+    code, _, stderr = wired.run("import", "--from-docker", "gpu1=unix:///x", "-o", str(out), "--force")
+    assert code == 0, stderr
+    assert victim.read_text() == "precious\n"
+    assert (tmp_path / "cluster.yaml.bak").read_text() == "old\n"

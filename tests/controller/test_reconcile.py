@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,7 +13,17 @@ from controller.core.diff import Action, describe_config_change
 from controller.core.plan import Plan, StepKind, render_text
 from controller.core.state import ContainerConfig
 from controller.drivers.fake import FakeDockerNode
-from controller.effects.apply import EVENTS_FILE, Executor, LockHeld, StalePlan, StepFailed, apply_lock
+from controller.effects.apply import (
+    EVENTS_FILE,
+    LOCK_DIR_ENV,
+    Executor,
+    LockHeld,
+    LockUnsafe,
+    StalePlan,
+    StepFailed,
+    apply_lock,
+    cluster_lock_path,
+)
 from controller.effects.engine import CachingConnect, Prepared, Session, Wiring, prepare
 from solver.place import SolveParams
 from specs import parse_spec
@@ -290,6 +301,55 @@ def test_health_timeout_fails_the_step(tmp_path: Path) -> None:
 def test_one_apply_at_a_time(tmp_path: Path) -> None:
     with apply_lock(tmp_path), pytest.raises(LockHeld, match="another homelab apply is running"):
         Executor("lab", {}, tmp_path).apply(Plan("lab", "x", (), ()))
+
+
+def test_a_symlink_at_the_cluster_lock_is_not_followed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A symlink planted in the lock directory (another local user's, in /run/lock) is never opened: its target is
+    neither created, truncated nor written with our pid, and the error says why."""
+    monkeypatch.setenv(LOCK_DIR_ENV, str(tmp_path / "locks"))
+    (tmp_path / "locks").mkdir()
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    cluster_lock_path("lab").symlink_to(victim)
+    with pytest.raises(LockUnsafe, match=r"lock file .* is a symbolic link; not followed"):
+        Executor("lab", {}, tmp_path / "state").apply(Plan("lab", "x", (), ()))
+    assert victim.read_text() == "precious\n"
+    cluster_lock_path("lab").unlink()
+    cluster_lock_path("lab").symlink_to(tmp_path / "would-be-created")  # dangling: O_CREAT would make it
+    with pytest.raises(LockUnsafe, match="symbolic link"):
+        Executor("lab", {}, tmp_path / "state").apply(Plan("lab", "x", (), ()))
+    assert not (tmp_path / "would-be-created").exists()
+
+
+def test_a_lock_that_is_not_a_regular_file_is_refused(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "apply.lock")
+    with pytest.raises(LockUnsafe, match="is not a regular file"):
+        Executor("lab", {}, tmp_path).apply(Plan("lab", "x", (), ()))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_another_users_lock_file_is_refused(tmp_path: Path) -> None:
+    """A lock file another (non-root) user made first is not ours to trust: refused, not written."""
+    lock = tmp_path / "apply.lock"
+    lock.write_text("4242\n")
+    os.chown(lock, 54321, 54321)
+    with pytest.raises(LockUnsafe, match=r"belongs to another user \(uid 54321\)"):
+        Executor("lab", {}, tmp_path).apply(Plan("lab", "x", (), ()))
+    assert lock.read_text() == "4242\n"
+
+
+def test_a_held_lock_shows_its_holder_escaped_and_bounded(tmp_path: Path) -> None:
+    """Another process holds the lock (the existing message); the text in the lock file, were it not a pid, is shown
+    escaped and cut, never as terminal control or a second line."""
+    with apply_lock(tmp_path):
+        with pytest.raises(LockHeld, match=rf"another homelab apply is running \(pid {os.getpid()}\)"):
+            Executor("lab", {}, tmp_path).apply(Plan("lab", "x", (), ()))
+        (tmp_path / "apply.lock").write_text("\x1b]0;pwned\x07\nerror: all is fine" + "x" * 500)
+        with pytest.raises(LockHeld) as info:
+            Executor("lab", {}, tmp_path).apply(Plan("lab", "x", (), ()))
+    message = str(info.value)
+    assert message.startswith("another homelab apply is running (pid unknown: '\\x1b]0;pwned\\x07\\nerror")
+    assert "\n" not in message and "\x1b" not in message and len(message) < 200 + len(str(tmp_path))
 
 
 def test_saved_plan_round_trips() -> None:

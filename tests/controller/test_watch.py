@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
@@ -589,6 +591,44 @@ def test_a_spec_from_git_may_not_run_commands_unless_allowed(tmp_path: Path) -> 
     assert file_worker.refresh_spec() is not None  # a local file is the operator's own: allowed
 
 
+def test_a_gateway_process_from_git_is_refused_unless_allowed(tmp_path: Path) -> None:
+    """`gateway.command` (mode process: started on this machine) and `gateway.config_path` (a file homelab
+    overwrites, keeping the old text as .bak) in a pushed spec are refused like a `cmd:` secret, each located;
+    `--allow-spec-commands` accepts them."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    gateway = (
+        f"gateway: {{mode: process, command: [sh, -c, 'touch {tmp_path}/pwned'], config_path: {victim},"
+        " master_key: env:KEY}\n"
+    )
+    bare, work = tmp_path / "repo.git", tmp_path / "work"
+    git(tmp_path, "init", "--quiet", "--bare", "--initial-branch=main", str(bare))
+    git(tmp_path, "clone", "--quiet", str(bare), str(work))
+    git(work, "checkout", "--quiet", "-b", "main")
+    (work / "cluster.yaml").write_text(SPEC + gateway)
+    git(work, "add", "cluster.yaml")
+    git(work, "commit", "--quiet", "-m", "first")
+    git(work, "push", "--quiet", "origin", "main")
+    for allowed in (False, True):
+        clone = watch.clone_dir(tmp_path / f"s-{allowed}", str(bare), "main")
+        source = GitSource(str(bare), "main", "cluster.yaml", clone)
+        source.open()
+        worker = Worker(source, tmp_path / "state", True, Metrics(), Said(), Wiring(), allow_spec_commands=allowed)
+        chosen = worker.refresh_spec()
+        if allowed:
+            assert chosen is not None and worker.spec_errors == []
+            continue
+        assert chosen is None
+        assert len(worker.spec_errors) == 2
+        line = len(SPEC.splitlines()) + 1
+        config, command = worker.spec_errors
+        assert command.startswith(f"{source.spec_path}:{line}:")
+        assert "gateway.command: mode process: the gateway's command runs here" in command
+        assert "gateway.config_path: homelab writes the gateway's config" in config
+        assert "--allow-spec-commands" in config
+    assert victim.read_text() == "precious\n" and not (tmp_path / "pwned").exists()
+
+
 def test_a_sleep_command_is_a_command_key() -> None:
     """`power.sleep_command` runs on the node over SSH: git mode refuses it like a Docker restart command; the
     default (`sudo -S systemctl suspend`) is not the spec's own command and passes."""
@@ -621,3 +661,74 @@ def test_a_node_homelab_put_to_sleep_is_not_reconciled_until_it_wakes(
     PowerStore(state).put("box", None)
     assert worker.run("interval")["ok"]
     assert engines["box"].containers
+
+
+TOKEN = "tok3n-s3cret"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (f"https://user:{TOKEN}@git.example.lan/h/c.git", "https://user:***@git.example.lan/h/c.git"),
+        (f"https://{TOKEN}@github.com/h/c.git", "https://***@github.com/h/c.git"),
+        (f"fatal: unable to access 'http://u:{TOKEN}@127.0.0.1:1/r/'", "fatal: unable to access 'http://u:***@127.0.0.1:1/r/'"),
+        ("ssh://git@git.example.lan/h/c.git", "ssh://git@git.example.lan/h/c.git"),
+        ("git@git.example.lan:h/c.git", "git@git.example.lan:h/c.git"),
+        ("/srv/git/c.git", "/srv/git/c.git"),
+    ],
+)  # fmt: skip
+def test_a_credential_in_a_git_url_is_redacted(url: str, shown: str) -> None:
+    assert watch.redact_url(url) == shown
+
+
+def test_a_git_credential_is_never_printed_or_stored(tmp_path: Path) -> None:
+    """`homelab watch --git https://user:TOKEN@…`: the start line, watch.json (0600) and `homelab status`'s text
+    show `user:***`. The repository is a local one the URL is rewritten to (git's insteadOf): no network."""
+    bare, work = tmp_path / "repo.git", tmp_path / "work"
+    git(tmp_path, "init", "--quiet", "--bare", "--initial-branch=main", str(bare))
+    git(tmp_path, "clone", "--quiet", str(bare), str(work))
+    git(work, "checkout", "--quiet", "-b", "main")
+    (work / "cluster.yaml").write_text(SPEC)
+    git(work, "add", "cluster.yaml")
+    git(work, "commit", "--quiet", "-m", "first")
+    git(work, "push", "--quiet", "origin", "main")
+    url = f"https://user:{TOKEN}@git.example.invalid/h/c.git"
+    env = {
+        **os.environ,
+        "GIT_CONFIG_COUNT": "1",
+        "GIT_CONFIG_KEY_0": f"url.{bare}.insteadOf",
+        "GIT_CONFIG_VALUE_0": url,
+        "HOMELAB_LOCK_DIR": str(tmp_path / "locks"),
+    }
+    (tmp_path / "locks").mkdir()
+    state = tmp_path / "state"
+    argv = ["watch", "--git", url, "--branch", "main", "--path", "cluster.yaml", "--state-dir", str(state)]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from controller.cli import main; main()", *argv, "--dry-run", "--interval", "1h"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        deadline = time.monotonic() + 60
+        while not (state / watch.STATUS_FILE).exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+    finally:
+        proc.terminate()
+        rest, _ = proc.communicate(timeout=30)
+    assert first.startswith("watching https://user:***@git.example.invalid/h/c.git (main) cluster.yaml at "), first
+    assert TOKEN not in first + rest
+    status_file = state / watch.STATUS_FILE
+    assert (status_file.stat().st_mode & 0o777) == 0o600
+    text = status_file.read_text()
+    assert TOKEN not in text and "https://user:***@git.example.invalid/h/c.git" in text
+    status = watch.read_status(state)
+    assert status is not None
+    lines = watch.describe_watch(status)
+    assert lines[0].endswith("https://user:***@git.example.invalid/h/c.git (main) cluster.yaml")
+    assert not any(TOKEN in line for line in lines)
+    old = {**status, "source": {**status["source"], "url": url}}  # a watch.json written by an older homelab
+    assert not any(TOKEN in line for line in watch.describe_watch(old))
