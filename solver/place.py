@@ -91,8 +91,7 @@ import time
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
-
-from ortools.sat.python import cp_model
+from typing import TYPE_CHECKING
 
 from solver.explain import explain
 from solver.fill import FILL_STEPS, exact_fill, full_gpus
@@ -120,9 +119,15 @@ from solver.problem import (
 )
 from solver.profiles import Profile
 from specs.enums import Runtime
+from specs.lazy import LazyModule
 from specs.model import ClusterSpec
 
-Expr = cp_model.LinearExpr
+if TYPE_CHECKING:
+    from ortools.sat.python import cp_model
+
+    Expr = cp_model.LinearExpr
+else:  # OR-Tools only when a command places
+    cp_model = LazyModule("ortools.sat.python.cp_model")
 UTIL_SCALE = 1000
 """GPU utilisation is measured in permille in the balance objective."""
 PRESOLVE_MAX_PAIRS = 8000

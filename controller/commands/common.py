@@ -6,6 +6,7 @@ and exit status 1 — never a traceback.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -53,9 +54,13 @@ SpecFileOption = Annotated[
 ]
 
 
-def fail(message: str, code: int = 1) -> NoReturn:
-    """Print one `error:` line to stderr and exit."""
-    err.print(f"[red]error:[/red] {escape(message)}", markup=True, highlight=False)
+def fail(message: str, code: int = 1, *, as_json: bool = False) -> NoReturn:
+    """Print one `error:` line to stderr and exit; `as_json` (a command's `--json`): print `{"error": message}` on
+    stdout instead, so that what reads the JSON reads the error too."""
+    if as_json:
+        out.print(json.dumps({"error": message}, ensure_ascii=False), markup=False)
+    else:
+        err.print(f"[red]error:[/red] {escape(message)}", markup=True, highlight=False)
     raise typer.Exit(code)
 
 
@@ -82,14 +87,20 @@ def print_diagnostics(diagnostics: tuple[Diagnostic, ...] | list[Diagnostic]) ->
         err.print(str(diagnostic), markup=False)
 
 
-def load_or_exit(path: Path) -> LoadedSpec:
-    """Load and validate the spec, or print every error and exit 1."""
+def load_or_exit(path: Path, *, as_json: bool = False) -> LoadedSpec:
+    """Load and validate the spec, or print every error and exit 1 (`as_json`: `{"error": "N errors in PATH",
+    "diagnostics": [...]}` on stdout)."""
     try:
         loaded = load_spec(path)
     except SpecError as exc:
-        print_diagnostics(exc.diagnostics)
         n = len(exc.diagnostics)
-        err.print(f"{n} error{'s' if n != 1 else ''} in {path}", markup=False)
+        summary = f"{n} error{'s' if n != 1 else ''} in {path}"
+        if as_json:
+            doc = {"error": summary, "diagnostics": [str(d) for d in exc.diagnostics]}
+            out.print(json.dumps(doc, ensure_ascii=False), markup=False)
+            raise typer.Exit(1) from None
+        print_diagnostics(exc.diagnostics)
+        err.print(summary, markup=False)
         raise typer.Exit(1) from None
     print_diagnostics(loaded.warnings)
     return loaded

@@ -6,7 +6,7 @@ Classifies the request with the spec's routing rules, places the cluster the way
 `homelab reconcile` does (solver, then the rendered desired state: ports, Ollama
 models) to know each model's endpoint, probes only the candidates' endpoints (unless
 `--no-health`: every endpoint is taken as healthy) and prints the chosen one.
-Exit 0 with a route, 1 on an error (one line on stderr).
+Exit 0 with a route, 1 on an error (one line on stderr; with `--json`, `{"error": "..."}` on stdout).
 
 `controller/cli.py` calls `register(app)`.
 """
@@ -23,8 +23,6 @@ from typing import Annotated
 import typer
 
 from controller.commands.common import SpecFileOption, fail, load_or_exit, out, spec_path, wiring_of
-from controller.core.desired import RenderError
-from controller.core.gateway_config import GatewayError
 from controller.core.routing import (
     Classifier,
     Endpoint,
@@ -33,7 +31,6 @@ from controller.core.routing import (
     HealthView,
     RequestError,
     Route,
-    RouteError,
     _health_of,
     candidates,
     choose,
@@ -47,6 +44,7 @@ from controller.effects.observe import observe
 from controller.effects.power import asleep_nodes
 from controller.effects.route_probe import HealthCache, embedding_stage_for, probe
 from specs.enums import Category
+from specs.errors import HomelabError
 from specs.model import ClusterSpec
 
 CACHE_FILE = "route-health.json"
@@ -70,12 +68,9 @@ def endpoints_for(
 
     With `running` (the observed llama.cpp containers), replicas stay where they run and keep their
     ports, as in a reconcile; without it, ports are those a reconcile from scratch would give (a fixed
-    `port:`, else the lowest free one in the node's range)."""
-    try:
-        wired = wiring or Wiring()
-        desired = desired_state(spec, wired.solve, running, host_cpus(spec, wired.host_cpu))
-    except (RenderError, GatewayError) as exc:
-        fail(str(exc))
+    `port:`, else the lowest free one in the node's range). Raises RenderError/GatewayError."""
+    wired = wiring or Wiring()
+    desired = desired_state(spec, wired.solve, running, host_cpus(spec, wired.host_cpu))
     return endpoints_from_state(spec, desired)
 
 
@@ -116,11 +111,12 @@ def _power_lines(
 
 
 def _read_request(prompt: str | None, request_file: str | None) -> object:
+    """The request to route: the prompt, or the JSON body in the file (or stdin). Raises RequestError."""
     if prompt is not None and request_file is not None:
-        fail("give a prompt or --request, not both")
+        raise RequestError("give a prompt or --request, not both")
     if request_file is None:
         if prompt is None:
-            fail("give a prompt, or --request FILE (- for stdin) with a JSON request body")
+            raise RequestError("give a prompt, or --request FILE (- for stdin) with a JSON request body")
         return prompt
     if request_file == "-":
         text = sys.stdin.read()
@@ -129,14 +125,14 @@ def _read_request(prompt: str | None, request_file: str | None) -> object:
         try:
             text = Path(request_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            fail(f"{request_file}: cannot read: {getattr(exc, 'strerror', None) or exc}")
+            raise RequestError(f"{request_file}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
         where = request_file
     if not text.strip():
-        fail(f"{where}: empty request")
+        raise RequestError(f"{where}: empty request")
     try:
         return parse_json(text)
     except RequestError as exc:
-        fail(f"{where}: {exc}")
+        raise RequestError(f"{where}: {exc}") from None
 
 
 def _print(route: Route) -> None:
@@ -179,39 +175,15 @@ def register(app: typer.Typer) -> None:
         ] = False,
     ) -> None:
         """Classify a request and choose the healthy model that should serve it."""
-        body = _read_request(prompt, request)
-        spec = load_or_exit(spec_path(file)).spec
         try:
-            classification = Classifier.from_spec(spec.routing).classify(body)
+            body = _read_request(prompt, request)
         except RequestError as exc:
-            fail(str(exc))
-        # With health checks, where the llama.cpp containers run now decides their ports (as in a reconcile);
-        # --no-health touches no network: ports as a reconcile from scratch would give them.
-        wiring = wiring_of(ctx)
-        endpoints = endpoints_for(spec, None if no_health else running_llamacpp(spec, wiring), wiring)
-        health = None
-        if not no_health:
-            cache = HealthCache(state_dir(spec, None) / CACHE_FILE, ttl=spec.health.interval)
-            if not classification.confident:  # the rules are unsure: ask the nearest labelled examples
-                embedders = [e for _, m in candidates(spec, Category.EMBED) for e in endpoints.get(m, ())]
-                if spec.routing.embedding_model is not None:
-                    embedders += endpoints.get(spec.routing.embedding_model, ())
-                embed_health = probe(spec, embedders, cache).get
-                stage, why = embedding_stage_for(spec, endpoints, embed_health, state_dir(spec, None))
-                if stage is not None:
-                    classification = Classifier.from_spec(spec.routing, stage).classify(body)
-                else:
-                    classification = replace(classification, note=why)
-            wanted = [e for _, model in candidates(spec, classification.category) for e in endpoints.get(model, ())]
-            found = probe(spec, wanted, cache)
-            health = found.get
-        asleep = set() if no_health else asleep_nodes(spec, state_dir(spec, None))
-        seen: HealthInput = _with_power(spec, asleep, health) if asleep else health
+            fail(str(exc), as_json=as_json)
+        spec = load_or_exit(spec_path(file), as_json=as_json).spec
         try:
-            chosen = choose(spec, classification.category, endpoints, seen, classification)
-        except RouteError as exc:
-            fail(str(exc))
-        power = _power_lines(spec, asleep, chosen, endpoints)
+            chosen, power = _route(ctx, spec, body, no_health)
+        except (RequestError, HomelabError) as exc:
+            fail(str(exc), as_json=as_json)
         if as_json:
             data = chosen.to_json()
             if power:
@@ -223,3 +195,32 @@ def register(app: typer.Typer) -> None:
                 out.print(f"  power:    {line}", markup=False)
 
     app.command(name="route")(route_cmd)
+
+
+def _route(ctx: typer.Context, spec: ClusterSpec, body: object, no_health: bool) -> tuple[Route, list[str]]:
+    """The route for `body` and its power lines. Raises RequestError, HomelabError (RouteError, RenderError …)."""
+    classification = Classifier.from_spec(spec.routing).classify(body)
+    # With health checks, where the llama.cpp containers run now decides their ports (as in a reconcile);
+    # --no-health touches no network: ports as a reconcile from scratch would give them.
+    wiring = wiring_of(ctx)
+    endpoints = endpoints_for(spec, None if no_health else running_llamacpp(spec, wiring), wiring)
+    health = None
+    if not no_health:
+        cache = HealthCache(state_dir(spec, None) / CACHE_FILE, ttl=spec.health.interval)
+        if not classification.confident:  # the rules are unsure: ask the nearest labelled examples
+            embedders = [e for _, m in candidates(spec, Category.EMBED) for e in endpoints.get(m, ())]
+            if spec.routing.embedding_model is not None:
+                embedders += endpoints.get(spec.routing.embedding_model, ())
+            embed_health = probe(spec, embedders, cache).get
+            stage, why = embedding_stage_for(spec, endpoints, embed_health, state_dir(spec, None))
+            if stage is not None:
+                classification = Classifier.from_spec(spec.routing, stage).classify(body)
+            else:
+                classification = replace(classification, note=why)
+        wanted = [e for _, model in candidates(spec, classification.category) for e in endpoints.get(model, ())]
+        found = probe(spec, wanted, cache)
+        health = found.get
+    asleep = set() if no_health else asleep_nodes(spec, state_dir(spec, None))
+    seen: HealthInput = _with_power(spec, asleep, health) if asleep else health
+    chosen = choose(spec, classification.category, endpoints, seen, classification)
+    return chosen, _power_lines(spec, asleep, chosen, endpoints)

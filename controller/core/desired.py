@@ -294,7 +294,11 @@ def _ports(
     spec: ClusterSpec, placement: PlacementResult, current_ports: Mapping[tuple[str, str], int]
 ) -> dict[tuple[str, str], int]:
     """A port for every llama.cpp container ((node, container name) → port): a model's fixed port, else the one
-    the container has now, else the lowest free. A swap pool's router takes one port for all its members."""
+    the container has now, else the lowest free. A swap pool's router takes one port for all its members.
+
+    Every container that keeps its current port is given it before any new one is given a port: a new
+    container (or one whose port is taken by a fixed port) takes the lowest port nobody keeps, so adding a
+    model whose name sorts first moves no running container (issue 28, item 1)."""
     out: dict[tuple[str, str], int] = {}
     taken: dict[str, set[int]] = {}
     wanted: list[tuple[str, str]] = []
@@ -307,6 +311,7 @@ def _ports(
             out[a.node, container_name(a.model)] = model.port
             taken.setdefault(a.node, set()).add(model.port)
     wanted += [(p.node, pool_container_name(p.key)) for p in placement.pools if p.runtime is Runtime.LLAMACPP]
+    new: list[tuple[str, str]] = []
     for node_name, cname in sorted(wanted):
         if (node_name, cname) in out:
             continue
@@ -315,12 +320,17 @@ def _ports(
         used = taken.setdefault(node_name, set())
         now = current_ports.get((node_name, cname))
         if now is not None and now in rt.ports and now not in used:
-            port = now
+            used.add(now)
+            out[node_name, cname] = now
         else:
-            free = (p for p in range(rt.ports.start, rt.ports.end + 1) if p not in used)
-            port = next(free, -1)
-            if port < 0:
-                raise RenderError(f"node '{node_name}' has no free port left in {rt.ports.start}-{rt.ports.end}")
+            new.append((node_name, cname))
+    for node_name, cname in new:
+        rt = spec.node(node_name).llamacpp
+        assert rt is not None
+        used = taken.setdefault(node_name, set())
+        port = next((p for p in range(rt.ports.start, rt.ports.end + 1) if p not in used), -1)
+        if port < 0:
+            raise RenderError(f"node '{node_name}' has no free port left in {rt.ports.start}-{rt.ports.end}")
         used.add(port)
         out[node_name, cname] = port
     return out

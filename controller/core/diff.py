@@ -9,9 +9,14 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from deepdiff import DeepDiff
+from specs.lazy import LazyModule
+
+if TYPE_CHECKING:
+    import deepdiff
+else:  # deepdiff (and pandas, numpy under it) only when a command diffs states
+    deepdiff = LazyModule("deepdiff")
 
 from controller.core.gateway_config import config_diff
 from controller.core.state import (
@@ -97,7 +102,9 @@ def describe_config_change(old: ContainerConfig | None, new: ContainerConfig) ->
         return "its configuration label is missing or unreadable"
     before, after = old.to_json(), new.to_json()
     # the command and a pool's preset are derived from the other fields: they are described only when nothing else is
-    parts = _describe(DeepDiff(before, after, exclude_paths=["root['command']", "root['preset']"], verbose_level=2))
+    parts = _describe(
+        deepdiff.DeepDiff(before, after, exclude_paths=["root['command']", "root['preset']"], verbose_level=2)
+    )
     if not parts:
         removed = [a for a in before["command"] if a not in after["command"]]
         added = [a for a in after["command"] if a not in before["command"]]

@@ -24,6 +24,14 @@ the plugin never fails a request: anything unexpected lets the request through u
 LiteLLM mechanism (1.108): `litellm_settings.callbacks: [homelab_power.handler]` loads this file from the
 config's directory; a `CustomLogger`'s `async_pre_call_hook(user_api_key_dict, cache, data, call_type)` sees
 every request's body before routing and may return a changed body.
+
+An answer from a fallback says so. The proxy stamps the name the client asked for on every response's `model`
+unless the request's metadata carries `_complexity_router_return_raw_model_name` (LiteLLM's own flag for a
+plugin that rewrites the model). The rewritten body carries that flag and `homelab_fallback` ({"requested",
+"model"}) in its metadata; the same body reaches `async_post_call_success_hook`, which sets the response's
+`model` to the fallback that answered, and `async_post_call_response_headers_hook`, which adds
+`x-homelab-model` (who answered) and `x-homelab-requested-model` (what was asked for) — on streamed answers
+too, whose chunks then carry the answering server's own model name.
 """
 
 from __future__ import annotations
@@ -45,6 +53,12 @@ POWER_STATE = "homelab_power.json"
 """Written by homelab next to the config: {node: {"state": "asleep"|"waking", "since": epoch seconds}}."""
 POWER_EVENTS = "homelab_power_events.jsonl"
 POLL_S = 0.25
+FALLBACK_KEY = "homelab_fallback"
+"""In the rewritten request's metadata: {"requested": the name asked for, "model": the fallback sent to}."""
+RAW_MODEL_KEY = "_complexity_router_return_raw_model_name"
+"""LiteLLM's metadata flag (litellm.constants.RETURN_RAW_MODEL_NAME_METADATA_KEY): do not restamp `model`."""
+MODEL_HEADER = "x-homelab-model"
+REQUESTED_HEADER = "x-homelab-requested-model"
 
 _Base: type = object
 try:  # in the proxy: a CustomLogger, so LiteLLM calls its hooks
@@ -67,6 +81,39 @@ def resolve_ref(ref: str) -> str:
         done = subprocess.run(rest, shell=True, capture_output=True, text=True, timeout=60, check=False)
         return done.stdout.rstrip("\n")
     raise ValueError(f"unknown secret provider {kind!r}")
+
+
+def mark_fallback(data: Mapping[str, Any], requested: str, model: str) -> dict[str, Any]:
+    """`data` sent to `model` instead, its metadata saying so (LiteLLM's `litellm_metadata` where the request has
+    one, else `metadata`): what the response hooks read back."""
+    key = "litellm_metadata" if isinstance(data.get("litellm_metadata"), dict) else "metadata"
+    old = data.get(key)
+    metadata = {**(old if isinstance(old, dict) else {}), FALLBACK_KEY: {"requested": requested, "model": model}}
+    metadata[RAW_MODEL_KEY] = True
+    return {**data, "model": model, key: metadata}
+
+
+def fallback_of(data: Any) -> dict[str, str] | None:
+    """What `mark_fallback` wrote into this request's metadata ({"requested", "model"}), or None."""
+    if not isinstance(data, Mapping):
+        return None
+    for key in ("litellm_metadata", "metadata"):
+        metadata = data.get(key)
+        mark = metadata.get(FALLBACK_KEY) if isinstance(metadata, Mapping) else None
+        if isinstance(mark, Mapping) and isinstance(mark.get("model"), str) and isinstance(mark.get("requested"), str):
+            return {"requested": mark["requested"], "model": mark["model"]}
+    return None
+
+
+def say_who_answered(response: Any, model: str) -> Any:
+    """`response` (LiteLLM's ModelResponse, or a dict) with its OpenAI `model` field set to `model`; a response
+    without one (an image, a file) is left as it is."""
+    if isinstance(response, dict):
+        if "model" in response:
+            response["model"] = model
+    elif response is not None and hasattr(response, "model"):
+        response.model = model
+    return response
 
 
 def magic_packet(mac: str) -> bytes:
@@ -202,7 +249,7 @@ class PowerHandler(_Base):  # type: ignore[misc]
                 alt_models = self.first.get(alt, [alt])
                 if not all(self.sleeping_model(m) for m in alt_models):
                     self._event(event="fallback", model=name, to=alt, nodes=nodes)
-                    return {**data, "model": alt}
+                    return mark_fallback(data, str(name), alt)
         started = time.monotonic()
         await asyncio.gather(*wakes)
         timeout = max(float(self.nodes[n]["wake_timeout"]) for n in nodes)
@@ -218,6 +265,29 @@ class PowerHandler(_Base):  # type: ignore[misc]
         except Exception as exc:  # the plugin never fails a request
             self._event(event="error", detail=f"{type(exc).__name__}: {exc}")
             return data
+
+    async def async_post_call_success_hook(self, data: dict[str, Any], user_api_key_dict: Any, response: Any) -> Any:
+        """A fallback's answer names the fallback, not the model that was asked for."""
+        try:
+            mark = fallback_of(data)
+            return say_who_answered(response, mark["model"]) if mark is not None else response
+        except Exception as exc:  # the plugin never fails a request
+            self._event(event="error", detail=f"{type(exc).__name__}: {exc}")
+            return response
+
+    async def async_post_call_response_headers_hook(
+        self,
+        data: dict[str, Any],
+        user_api_key_dict: Any,
+        response: Any,
+        request_headers: Any = None,
+        litellm_call_info: Any = None,
+    ) -> dict[str, str] | None:
+        """`x-homelab-model` / `x-homelab-requested-model` on an answer from a fallback (streamed or not)."""
+        mark = fallback_of(data)
+        if mark is None:
+            return None
+        return {MODEL_HEADER: mark["model"], REQUESTED_HEADER: mark["requested"]}
 
 
 def power_plugin_source(config: Mapping[str, Any]) -> str:

@@ -43,12 +43,17 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import docker
-import docker.constants
-import docker.errors
-import docker.types
+from specs.lazy import LazyModule
+
+if TYPE_CHECKING:
+    import docker
+    import docker.constants
+    import docker.errors
+    import docker.types
+else:  # Docker's SDK (and paramiko under it) only when a command talks to an engine
+    docker = LazyModule("docker", "docker.constants", "docker.errors", "docker.types")
 
 from controller.core.state import (
     LABEL_CLUSTER,

@@ -36,17 +36,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from controller.drivers.base import CommandFailed, HostKeyRejected, SshFailed
+from specs.lazy import LazyModule
 from specs.model import Node
 
-with warnings.catch_warnings():
-    # asyncssh builds its DSA key types at import time, and cryptography >= 51 warns about
-    # DSA there. homelab never offers or accepts DSA keys; the warning would reach every
-    # user's terminal (and fails the test suite, which turns warnings into errors).
-    warnings.filterwarnings("ignore", message="DSA is deprecated")
+if TYPE_CHECKING:
     import asyncssh
+else:  # asyncssh only when a command opens an SSH session (`SshShell.__aenter__` imports it)
+    asyncssh = LazyModule("asyncssh")
 
 DEFAULT_TIMEOUT_S = 30.0
 NOT_FOUND = 127
@@ -192,8 +191,15 @@ class SshShell:
             if not key_file.is_file():
                 raise self._fail(f"key_file {key_file} does not exist")
             keys = {"client_keys": [str(key_file)], "agent_path": None}
+        with warnings.catch_warnings():
+            # asyncssh builds its DSA key types at import time (this first use imports it), and
+            # cryptography >= 51 warns about DSA there. homelab never offers or accepts DSA keys; the
+            # warning would reach every user's terminal (and fails the test suite, which turns warnings
+            # into errors).
+            warnings.filterwarnings("ignore", message="DSA is deprecated")
+            connect = asyncssh.connect
         try:
-            self._conn = await asyncssh.connect(
+            self._conn = await connect(
                 self.address,
                 port=self.ssh.port,
                 username=self.ssh.user,

@@ -9,6 +9,9 @@
   per module), except the shared `commands.common`.
 - No first-party import inside a function (an import moved into a function to dodge a cycle hides the cycle),
   and no cycle between modules.
+- No heavy third-party library (`specs.lazy.HEAVY`) imported when a module is: it is a `specs.lazy.LazyModule`
+  (imported on first use; the real import only under `TYPE_CHECKING`), so that the light commands start fast
+  (`tests/architecture/test_startup.py` checks the result in a fresh interpreter).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from specs.lazy import HEAVY
 
 REPO = Path(__file__).resolve().parents[2]
 FIRST_PARTY = ("specs", "solver", "controller")
@@ -137,6 +142,40 @@ def test_no_import_cycle() -> None:
     assert cycles == []
 
 
+def eager_imports(path: Path) -> Iterator[tuple[str, int]]:
+    """(third-party top-level package, line) for each import run when the module is imported: at module level,
+    in any block but an `if TYPE_CHECKING:` one, not inside a function or class."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+
+    def walk(body: list[ast.stmt]) -> Iterator[tuple[str, int]]:
+        for node in body:
+            if isinstance(node, ast.Import):
+                yield from ((a.name.split(".")[0], node.lineno) for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module is not None and node.level == 0:
+                yield node.module.split(".")[0], node.lineno
+            elif isinstance(node, ast.If):
+                if not (isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"):
+                    yield from walk(node.body)
+                yield from walk(node.orelse)
+            elif isinstance(node, ast.Try):
+                for part in (node.body, node.orelse, node.finalbody, *(h.body for h in node.handlers)):
+                    yield from walk(part)
+            elif isinstance(node, ast.With):
+                yield from walk(node.body)
+
+    yield from walk(tree.body)
+
+
+def test_no_heavy_library_imported_at_module_level() -> None:
+    wrong = [
+        f"{mod}:{line} imports {name} when it is imported (use specs.lazy.LazyModule)"
+        for mod, path in modules().items()
+        for name, line in eager_imports(path)
+        if name in HEAVY
+    ]
+    assert wrong == []
+
+
 @pytest.mark.parametrize(
     "package", ["specs", "solver", "controller.core", "controller.drivers", "controller.effects", "controller.commands"]
 )
@@ -157,3 +196,9 @@ def test_the_checks_see_a_violation(tmp_path: Path) -> None:
     assert ("controller.commands.common", False, 1) in found
     assert ("controller.cli", True, 4) in found
     assert layer("controller.core.state") == "core" and "commands" not in ALLOWED["core"]
+    heavy = tmp_path / "heavy.py"
+    heavy.write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import docker\nelse:\n    docker = 1\n"
+        "with open('x'):\n    import deepdiff.diff\ndef f():\n    import ortools\n"
+    )
+    assert list(eager_imports(heavy)) == [("typing", 1), ("deepdiff", 7)]

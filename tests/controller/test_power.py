@@ -21,7 +21,16 @@ from typing import Any
 import pytest
 
 from controller.core.gateway_config import render_gateway
-from controller.core.power_plugin import POWER_EVENTS, POWER_FILE, POWER_STATE, PowerHandler, power_plugin_source
+from controller.core.power_plugin import (
+    POWER_EVENTS,
+    POWER_FILE,
+    POWER_STATE,
+    PowerHandler,
+    fallback_of,
+    mark_fallback,
+    power_plugin_source,
+    say_who_answered,
+)
 from controller.effects.engine import desired_state
 from controller.effects.health import EXIT_CODES, Endpoint, Probe, Status, Verdict, classify, mark_asleep
 from controller.effects.power import ASLEEP, WAKING, IdleTracker, PowerStore, Usage, sleep_due
@@ -263,6 +272,60 @@ def test_fallback_answers_at_once_while_the_node_wakes(tmp_path: Path, health: _
     assert count.read_text().splitlines() == ["wake"]
 
 
+class _FakeResponse:
+    """What the proxy hands the success hook: LiteLLM's ModelResponse, an object with an OpenAI `model` field."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.choices = [{"message": {"role": "assistant", "content": "hi"}}]
+
+
+def test_a_fallback_answer_says_which_model_answered(tmp_path: Path, health: _Health) -> None:
+    """Issue 28, item 7: a request for `coder` answered by `helper` says `helper` (body and headers)."""
+    handler = _handler(tmp_path, health, "fallback", f"echo wake >> {tmp_path / 'wakes'}")
+
+    async def scenario() -> tuple[Any, Any, Any, Any]:
+        sent = await handler.async_pre_call_hook(
+            None, None, {"model": "coder", "metadata": {"user_api_key": "k"}}, "completion"
+        )
+        # the proxy restamps the name asked for unless LiteLLM's own flag is set: it is, and ours with it
+        assert sent["model"] == "helper"
+        assert sent["metadata"]["user_api_key"] == "k" and sent["metadata"]["_complexity_router_return_raw_model_name"]
+        answered = await handler.async_post_call_success_hook(sent, None, _FakeResponse("coder"))
+        as_dict = await handler.async_post_call_success_hook(sent, None, {"model": "coder", "data": []})
+        headers = await handler.async_post_call_response_headers_hook(sent, None, answered, {}, None)
+        await asyncio.sleep(0.3)  # the wake runs in the background
+        return answered, as_dict, headers, sent
+
+    answered, as_dict, headers, sent = asyncio.run(scenario())
+    assert answered.model == "helper" and answered.choices[0]["message"]["content"] == "hi"
+    assert as_dict == {"model": "helper", "data": []}
+    assert headers == {"x-homelab-model": "helper", "x-homelab-requested-model": "coder"}
+    assert fallback_of(sent) == {"requested": "coder", "model": "helper"}
+
+
+def test_an_answer_from_the_model_asked_for_is_left_alone(tmp_path: Path, health: _Health) -> None:
+    handler = _handler(tmp_path, health, "fallback", f"echo wake >> {tmp_path / 'wakes'}")
+    (tmp_path / POWER_STATE).write_text("{}")
+
+    async def scenario() -> tuple[Any, Any, Any]:
+        sent = await handler.async_pre_call_hook(None, None, {"model": "coder", "metadata": {}}, "completion")
+        response = _FakeResponse("coder-served-name")
+        answered = await handler.async_post_call_success_hook(sent, None, response)
+        return sent, answered, await handler.async_post_call_response_headers_hook(sent, None, response)
+
+    sent, answered, headers = asyncio.run(scenario())
+    assert sent == {"model": "coder", "metadata": {}}
+    assert answered.model == "coder-served-name" and headers is None
+
+
+def test_the_mark_goes_where_the_request_keeps_litellm_metadata() -> None:
+    sent = mark_fallback({"model": "a", "litellm_metadata": {"x": 1}}, "a", "b")
+    assert sent["litellm_metadata"]["homelab_fallback"] == {"requested": "a", "model": "b"} and "metadata" not in sent
+    assert fallback_of({"model": "b", "metadata": "not a dict"}) is None
+    assert say_who_answered(None, "b") is None and say_who_answered({"data": []}, "b") == {"data": []}
+
+
 def test_an_awake_node_is_left_alone(tmp_path: Path, health: _Health) -> None:
     handler = _handler(tmp_path, health, "wait", f"echo wake >> {tmp_path / 'wakes'}")
     (tmp_path / POWER_STATE).write_text("{}")
@@ -274,6 +337,8 @@ def test_the_plugin_source_runs_standalone() -> None:
     ns: dict[str, Any] = {"__name__": "homelab_power", "__file__": "/nowhere/homelab_power.py"}
     exec(compile(power_plugin_source({"nodes": {}, "models": {}}), POWER_FILE, "exec"), ns)
     assert asyncio.run(ns["handler"].async_pre_call_hook(None, None, {"model": "x"}, "completion")) == {"model": "x"}
+    response = _FakeResponse("x")
+    assert asyncio.run(ns["handler"].async_post_call_success_hook({"model": "x"}, None, response)) is response
 
 
 # --------------------------------------------------------------------------- homelab wake

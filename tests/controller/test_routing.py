@@ -422,6 +422,41 @@ def test_cli_errors_are_one_line(
     assert r.output.count("\n") == 1, r.output
 
 
+@pytest.mark.parametrize(
+    ("args", "stdin", "message"),
+    [
+        (["--request", "-"], '{"messages": [', "stdin: malformed JSON request: Expecting"),
+        (["--request", "-"], "", "stdin: empty request"),
+        (["--request", "-"], '{"messages": []}', "messages: must be a non-empty list"),
+        ([], None, "give a prompt, or --request FILE"),
+        (["--request", "/nonexistent/body.json"], None, "/nonexistent/body.json: cannot read"),
+        (["--request", "-"], '{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}',
+         "no model serves 'vision'"),
+    ],
+)  # fmt: skip
+def test_cli_json_errors_are_json(
+    spec_file: Path, args: list[str], stdin: str | None, message: str, wired: Wired
+) -> None:
+    """`route --json` with an error: one JSON object `{"error": ...}` on stdout, exit 1 (issue 28, item 9)."""
+    r = wired.invoke(["route", "-f", str(spec_file), "--no-health", "--json", *args], input=stdin)
+    assert r.exit_code == 1
+    assert r.exception is None or isinstance(r.exception, SystemExit)
+    doc = json.loads(r.stdout)
+    assert list(doc) == ["error"] and doc["error"].startswith(message), r.stdout
+    assert r.stderr == ""
+
+
+def test_cli_json_spec_errors_are_json(tmp_path: Path, wired: Wired) -> None:
+    f = tmp_path / "cluster.yaml"
+    f.write_text(spec_text().replace("fast: {models: [tiny, coder-1b]}", "quick: {models: [tiny]}"))
+    r = wired.invoke(["route", "-f", str(f), "--no-health", "--json", "hi"])
+    assert r.exit_code == 1
+    doc = json.loads(r.stdout)
+    assert doc["error"] == f"1 error in {f}"
+    [diagnostic] = doc["diagnostics"]
+    assert "routing.categories" in diagnostic and "quick" in diagnostic
+
+
 def test_cli_unknown_category_in_spec(tmp_path: Path, wired: Wired) -> None:
     f = tmp_path / "cluster.yaml"
     f.write_text(spec_text().replace("fast: {models: [tiny, coder-1b]}", "quick: {models: [tiny]}"))
