@@ -36,6 +36,10 @@ class LockHeld(HomelabError):
     """Another apply holds the lock."""
 
 
+class LockUnavailable(HomelabError):
+    """A lock file cannot be opened (its directory is missing or not writable): blamed on that directory."""
+
+
 class StalePlan(LockHeld):
     """The cluster is no longer what the plan was made from (found once the apply lock was held)."""
 
@@ -122,12 +126,14 @@ def apply_lock(state_dir: Path, cluster: str | None = None) -> Iterator[None]:
     lock for that cluster (`cluster_lock_path`), so two state directories — the service's and a shell user's —
     cannot apply to one cluster at once."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    with _flock(state_dir / LOCK_FILE, "another homelab apply is running (pid {holder}); lock file {path}"):
+    held = "another homelab apply is running (pid {holder}); lock file {path}"
+    with _flock(state_dir / LOCK_FILE, held, "state directory"):
         if cluster is None:
             yield
             return
-        message = "another homelab apply to cluster '" + cluster + "' is running (pid {holder}); lock file {path}"
-        with _flock(cluster_lock_path(cluster), message):
+        held = "another homelab apply to cluster '" + cluster + "' is running (pid {holder}); lock file {path}"
+        where = f"lock directory (${LOCK_DIR_ENV})" if os.environ.get(LOCK_DIR_ENV) else "lock directory"
+        with _flock(cluster_lock_path(cluster), held, where):
             yield
 
 
@@ -146,11 +152,16 @@ def cluster_lock_path(cluster: str) -> Path:
 
 
 @contextmanager
-def _flock(path: Path, message: str) -> Iterator[None]:
+def _flock(path: Path, message: str, where: str) -> Iterator[None]:
+    """`where` names the directory the lock file lives in, for the error when it cannot be opened."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except PermissionError:  # another user's lock file: locking needs no write access
-        fd = os.open(path, os.O_RDONLY)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except PermissionError:  # another user's lock file: locking needs no write access
+            fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise LockUnavailable(f"{where} {path.parent}: cannot open the lock file {path.name}: {reason}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
