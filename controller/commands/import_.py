@@ -90,7 +90,7 @@ def register(app: typer.Typer) -> None:
         try:
             probe = probe_spec(cluster, docker_nodes, ollama_nodes)
         except ValueError as exc:
-            fail(f"--from-docker/--from-ollama: {str(exc).splitlines()[-1].strip()}")
+            fail(f"--from-docker/--from-ollama: {exc}")
         wiring = wiring_of(ctx)
         ollama = CachingOllama(wiring.ollama)
         try:

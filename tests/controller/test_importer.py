@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from controller.commands.common import err
 from controller.core.importer import (
     DockerFacts,
     ImportError_,
@@ -277,3 +278,28 @@ def test_llama_swap_current_format() -> None:
     text, spec = _spec(docker=[facts], llama_swap=SWAP_CURRENT, litellm={"model_list": [mini]})
     assert "# LiteLLM serves it as mini" in text  # found through the llama-swap alias gpt-4o-mini
     assert routes == {"mini": {"gpt-4o-mini"}}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--from-docker", "gpu1=ftp://x"], "node gpu1: docker.endpoint: String should match pattern"),
+        (["--from-ollama", "BAD NAME=http://127.0.0.1:1"], "node BAD NAME: name: String should match pattern"),
+    ],
+)
+def test_cli_errors_name_the_node_and_never_end_in_a_pydantic_url(
+    wired: Wired, tmp_path: Path, args: list[str], message: str
+) -> None:
+    code, _, stderr = wired.run("import", *args, "-o", str(tmp_path / "cluster.yaml"))
+    assert code == 1 and stderr.count("\n") == 1, stderr
+    assert stderr.startswith("error: --from-docker/--from-ollama: ") and message in stderr, stderr
+    assert "pydantic" not in stderr and "http" not in stderr.split("String should")[1], stderr
+    assert not (tmp_path / "cluster.yaml").exists()
+
+
+def test_no_message_on_stderr_ends_in_a_pydantic_url() -> None:
+    """The one place: whatever message carries pydantic's "For further information visit" line, stderr drops it."""
+    with err.capture() as captured:
+        err.print("warning: x\n  Input should be a valid integer [type=int_parsing]\n"
+                  "    For further information visit https://errors.pydantic.dev/2.14/v/int_parsing")  # fmt: skip
+    assert captured.get() == "warning: x\n  Input should be a valid integer [type=int_parsing]\n"
