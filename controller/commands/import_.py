@@ -100,8 +100,9 @@ def register(app: typer.Typer) -> None:
         finally:
             ollama.close()
         sources = {k: str(v) for k, v in (("litellm", litellm), ("llama-swap", llama_swap)) if v is not None}
+        skipped: list[str] = []
         try:
-            text = build_spec(cluster, dfacts, ofacts, litellm_config, swap_config, sources)
+            text = build_spec(cluster, dfacts, ofacts, litellm_config, swap_config, sources, skipped)
         except ImportError_ as exc:
             path = llama_swap if str(exc).startswith("llama-swap") else litellm
             fail(f"{path}: {exc}" if path is not None and not str(exc).startswith("--") else str(exc))
@@ -114,4 +115,6 @@ def register(app: typer.Typer) -> None:
             atomic_write(output, text)
         except OSError as exc:
             fail(f"{output}: cannot write: {exc.strerror}")
+        for note in skipped:
+            err.print(f"warning: not imported: {note}", markup=False)
         err.print(f"wrote {output}", markup=False)
