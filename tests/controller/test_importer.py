@@ -337,10 +337,10 @@ def test_one_odd_container_is_skipped_with_a_warning_naming_it(wired: Wired, tmp
     assert [m.adopt for m in parse_spec(out.read_text()).spec.models] == ["mark-i"]
     warnings = sorted(line for line in stderr.splitlines() if line.startswith("warning: not imported: container "))
     assert len(warnings) == 3, stderr
-    bad_port, no_path, relative = warnings
-    assert bad_port.startswith("warning: not imported: container bad-port on gpu1: port: "), bad_port
-    assert no_path.startswith("warning: not imported: container no-path on gpu1: its model path (none)"), no_path
-    assert relative.startswith("warning: not imported: container relative on gpu1: its model path models/x.gguf")
+    w_port, w_path, w_relative = warnings
+    assert w_port.startswith("warning: not imported: container bad-port on gpu1: port: "), w_port
+    assert w_path.startswith("warning: not imported: container no-path on gpu1: its model path (none)"), w_path
+    assert w_relative.startswith("warning: not imported: container relative on gpu1: its model path models/x.gguf")
     assert "cluster.yaml:" not in stderr  # no location in a file that was never written
     assert "# not imported: container relative on gpu1" in out.read_text()
 
