@@ -336,7 +336,7 @@ def calibration_lines(
                 subject = "it" if name == model else f"{label} (running beside it)"
                 if got is None:
                     fate = f"{subject} fits nowhere now and is not placed"
-                elif got.node != now.node or got.gpus != now.gpus:
+                elif not now.same_place(got.node, got.gpus):
                     where = f"{got.node}:{','.join(map(str, got.gpus))}" if got.gpus else f"{got.node} (CPU)"
                     fate = f"{subject} no longer fits there; the plan moves {label} to {where}"
                 elif now.gpu_layers is not None and got.gpu_layers < now.gpu_layers:

@@ -1032,8 +1032,7 @@ def _stage2_value(problem: Problem, chosen: list[Choice]) -> int:
 
 def _same_place(problem: Problem, ch: Choice, cur: CurrentAssignment) -> bool:
     """Whether a choice keeps a replica on its current node and exactly its current GPUs."""
-    gpus = tuple(sorted(problem.gpus[gi].index for gi in ch.gpu_slots()))
-    return ch.node == cur.node and gpus == tuple(sorted(cur.gpus))
+    return cur.same_place(ch.node, tuple(problem.gpus[gi].index for gi in ch.gpu_slots()))
 
 
 def choice_score(problem: Problem, chosen: list[Choice]) -> int:

@@ -31,6 +31,17 @@ class CurrentAssignment:
     gpus: tuple[int, ...] = ()
     gpu_layers: int | None = None
     """Its -ngl now; None when unknown. Changing it restarts the replica as surely as moving it."""
+    any_gpu: bool = False
+    """It has GPU layers but was given no GPU device (its node's `gpu_access: none`): which of its node's GPUs the
+    placement counts them on does not show in how it runs, so any of them is where it runs now."""
+
+    def same_place(self, node: str, gpus: tuple[int, ...]) -> bool:
+        """Whether a placement on `node` and `gpus` leaves it where it runs now."""
+        if node != self.node:
+            return False
+        if self.any_gpu:
+            return bool(gpus)
+        return tuple(sorted(gpus)) == tuple(sorted(self.gpus))
 
 
 # --------------------------------------------------------------------------- result

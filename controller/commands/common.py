@@ -31,12 +31,22 @@ def printable(text: str) -> str:
     return CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
+PYDANTIC_URL = re.compile(r"\s*For further information visit https?://errors\.pydantic\.dev/\S*")
+"""The line pydantic ends each of its errors with: noise to a user (the message before it says it all)."""
+
+
+def without_pydantic_urls(text: str) -> str:
+    return PYDANTIC_URL.sub("", text)
+
+
 class _Console(Console):
     """A console that prints text as text: no markup, no `:emoji:` codes, no control characters. The few messages
-    that style themselves pass `markup=True` and escape what they interpolate."""
+    that style themselves pass `markup=True` and escape what they interpolate. On stderr (errors, warnings) no
+    pydantic "For further information visit" URL either, whichever message carried it."""
 
     def print(self, *objects: Any, **kwargs: Any) -> None:
-        super().print(*(printable(o) if isinstance(o, str) else o for o in objects), **kwargs)
+        clean = without_pydantic_urls if self.stderr else (lambda t: t)
+        super().print(*(printable(clean(o)) if isinstance(o, str) else o for o in objects), **kwargs)
 
 
 out = _Console(highlight=False, soft_wrap=True, markup=False, emoji=False)

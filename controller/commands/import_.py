@@ -83,7 +83,7 @@ def register(app: typer.Typer) -> None:
         try:
             probe = probe_spec(cluster, docker_nodes, ollama_nodes)
         except ValueError as exc:
-            fail(f"--from-docker/--from-ollama: {str(exc).splitlines()[-1].strip()}")
+            fail(f"--from-docker/--from-ollama: {exc}")
         wiring = wiring_of(ctx)
         ollama = CachingOllama(wiring.ollama)
         try:
@@ -93,8 +93,9 @@ def register(app: typer.Typer) -> None:
         finally:
             ollama.close()
         sources = {k: str(v) for k, v in (("litellm", litellm), ("llama-swap", llama_swap)) if v is not None}
+        skipped: list[str] = []
         try:
-            text = build_spec(cluster, dfacts, ofacts, litellm_config, swap_config, sources)
+            text = build_spec(cluster, dfacts, ofacts, litellm_config, swap_config, sources, skipped)
         except ImportError_ as exc:
             message = _LINE_BREAK.sub(lambda m: repr(m[0])[1:-1], str(exc))  # a name's newline: still one line
             path = llama_swap if message.startswith("llama-swap") else litellm
@@ -108,4 +109,6 @@ def register(app: typer.Typer) -> None:
             atomic_write(output, text)
         except OSError as exc:
             fail(f"{output}: cannot write: {exc.strerror}")
+        for note in skipped:
+            err.print(f"warning: not imported: {note}", markup=False)
         err.print(f"wrote {output}", markup=False)

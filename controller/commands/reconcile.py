@@ -17,7 +17,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColum
 from controller.commands.common import SpecFileOption, err, fail, load_or_exit, out, spec_path, wiring_of
 from controller.core.plan import Plan, render_text
 from controller.drivers.base import DriverError
-from controller.effects.apply import LockHeld
+from controller.effects.apply import LockHeld, LockUnavailable
 from controller.effects.engine import STATE_ENV, Prepared, Session, state_dir
 from solver.explain import gib
 from specs.files import atomic_write
@@ -127,7 +127,7 @@ def _reconcile(
     try:
         with progress:
             result = executor.apply(plan)
-    except LockHeld as exc:
+    except (LockHeld, LockUnavailable) as exc:
         fail(str(exc))
     except OSError as exc:  # the state directory: a file, not writable, a full disk
         fail(f"state directory {session.state_dir}: {exc.strerror or exc}")

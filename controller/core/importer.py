@@ -19,6 +19,7 @@ Docker hosts) and copied into the node's model volume.
 from __future__ import annotations
 
 import json
+import posixpath
 import re
 import shlex
 from collections.abc import Mapping, Sequence
@@ -26,9 +27,11 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
+from pydantic import ValidationError
+
 from controller.core.state import LABEL_CLUSTER, OLLAMA_PREFIX
 from specs.enums import Category, KVCacheType
-from specs.model import NAME_PATTERN, gguf_file_name, volume_file
+from specs.model import NAME_PATTERN, Model, gguf_file_name, volume_file
 from specs.validate import owned_flag
 
 DEFAULT_LLAMA_PORT = 8080
@@ -49,6 +52,18 @@ _FA_VALUES = frozenset({"on", "off", "auto"})
 
 class ImportError_(ValueError):
     """An input file does not have the shape its program reads (one line, for the user)."""
+
+
+class NotImported(ValueError):
+    """One container, or one llama-swap model, that cannot become a model: skipped with a warning naming it."""
+
+
+def unsafe_model_path(path: str) -> str | None:
+    """Why a model path read from an imported config must not be copied (None when it may): one that climbs
+    out of its directory (`/models/../../etc/shadow`) would have homelab copy whatever file it lands on."""
+    if ".." in re.split(r"[\\/]", path):
+        return f"its model path {path} climbs out of its directory (`..`); never copied"
+    return None
 
 
 # --------------------------------------------------------------------------- llama-server command lines
@@ -211,6 +226,8 @@ class Found:
     """The address a hand-started llama-server listened on (`--host`)."""
     threads: int | None = None
     """Its `-t`."""
+    held: str | None = None
+    """Why it is written commented out (it cannot be a model of the spec as it is), else None."""
 
 
 @dataclass(frozen=True)
@@ -309,7 +326,17 @@ def llama_container(node: str, inspect: Mapping[str, Any]) -> Found | None:
     status = str((inspect.get("State") or {}).get("Status", "unknown"))
     origin = [f"from container {cname} on {node} ({status}, image {image})"]
     guesses: list[str] = []
+    if not parsed.model.startswith("/"):
+        raise NotImported(f"its model path {parsed.model or '(none)'} is not an absolute path in the container")
+    unsafe = unsafe_model_path(parsed.model)
+    if unsafe is not None:
+        raise NotImported(unsafe)
     mount = model_mount(inspect, parsed.model)
+    if mount is not None and mount.kind == "bind" and re.fullmatch(r"[\\/]*|[A-Za-z]:[\\/]*", mount.name):
+        raise NotImported(
+            f"its model {parsed.model} is read through a bind mount of the host's root directory"
+            f" {mount.name or '/'}; homelab copies model files only from a model directory, never from there"
+        )
     if mount is None:
         origin.append(f"its model {parsed.model} is inside the image, not in a volume or bind mount: copy it out")
         source: dict[str, Any] = {"gguf": parsed.model, "node": node}
@@ -360,6 +387,17 @@ def llama_container(node: str, inspect: Mapping[str, Any]) -> Found | None:
     found = Found(name, fields, origin, guesses, guess_category(name, alias or ""), served, port, node)
     found.host, found.threads = parsed.host, parsed.threads
     return found
+
+
+def _check_model(m: Found) -> None:
+    """Raise NotImported, with the spec's own message, when a found model's fields would not validate as a
+    spec model (one odd container must not fail the whole import at a line of a file never written)."""
+    try:
+        Model.model_validate({**m.fields, "categories": [m.category.value]})
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise NotImported(f"{where}: {first['msg']}" if where else str(first["msg"])) from None
 
 
 def _kv_cache(parsed: ServerArgs) -> str | None:
@@ -540,6 +578,10 @@ def llama_swap_models(config: Mapping[str, Any], node: str, notes: list[str] | N
         if not parsed.model.startswith("/"):
             notes.append(f"llama-swap model {mid}: its model path {parsed.model} is not absolute; add it by hand")
             continue
+        unsafe = unsafe_model_path(parsed.model)
+        if unsafe is not None:
+            notes.append(f"llama-swap model {mid}: {unsafe}")
+            continue
         name = model_name(str(mid))
         fields: dict[str, Any] = {"name": name, "runtime": "llamacpp", "source": {"gguf": parsed.model, "node": node}}
         port = None
@@ -647,14 +689,35 @@ def _emit(lines: list[str], indent: str, key: str, value: Any) -> None:
         lines.append(f"{indent}{key}: {_q(value)}")
 
 
+def _source_key(src: Mapping[str, Any]) -> str:
+    """What makes two found models one: the same Ollama tag, or the same file on the same node (its whole path:
+    `q4/model.gguf` and `q8/model.gguf` are two models)."""
+    if "ollama" in src:
+        return f"ollama:{src['ollama']}"
+    path = str(src["gguf"]).replace("\\", "/")
+    return f"gguf:{src.get('node', '')}:{posixpath.normpath(path)}"
+
+
 def _dedupe(models: list[Found]) -> list[Found]:
     """One model per file or tag (no model served twice), names made unique."""
     seen: dict[str, Found] = {}
     names: set[str] = set()
     out: list[Found] = []
+    same_base: dict[tuple[str, str], set[str]] = {}
     for m in models:
         src = m.fields["source"]
-        key = f"ollama:{src['ollama']}" if "ollama" in src else f"gguf:{gguf_file_name(src['gguf'])}"
+        if "gguf" in src:
+            same_base.setdefault((src.get("node", ""), gguf_file_name(src["gguf"])), set()).add(_source_key(src))
+    for m in models:
+        src = m.fields["source"]
+        key = _source_key(src)
+        if "gguf" in src and "alias" not in m.fields:
+            base = gguf_file_name(src["gguf"])
+            others = same_base[src.get("node", ""), base] - {key}
+            if others and m.name == model_name(src["gguf"]):
+                # Named after a file name another file on the node shares: its directory tells them apart.
+                parent = gguf_file_name(posixpath.dirname(str(src["gguf"]).replace("\\", "/")) or "")
+                m.name = model_name(f"{parent}-{base}") if parent else m.name
         kept = seen.get(key)
         if kept is not None:
             # The same file seen again (a llama-swap model of a running container's file): one model, which
@@ -673,6 +736,21 @@ def _dedupe(models: list[Found]) -> list[Found]:
         m.name = name
         m.fields["name"] = name
         out.append(m)
+    # A node's model volume holds one file of a name (`specs.validate`): of different files that share a base
+    # name on one node, the first is a model, the others are written commented out, to rename and uncomment.
+    first_of: dict[tuple[str, str], Found] = {}
+    for m in out:
+        src = m.fields["source"]
+        if "gguf" not in src:
+            continue
+        base = gguf_file_name(src["gguf"])
+        first = first_of.setdefault((src.get("node", ""), base), m)
+        if first is not m:
+            m.held = (
+                f"not a model yet: its file {src['gguf']} has the name {base} of {first.name}'s"
+                f" ({first.fields['source']['gguf']}), and a node's model volume holds one file of a name;"
+                " rename one of the files, then uncomment this model"
+            )
     return out
 
 
@@ -683,23 +761,37 @@ def build_spec(
     litellm: Mapping[str, Any] | None = None,
     llama_swap: Mapping[str, Any] | None = None,
     sources: Mapping[str, str] | None = None,
+    skipped: list[str] | None = None,
 ) -> str:
-    """The spec text. `sources` names the input files in comments (`litellm`, `llama-swap` → path)."""
+    """The spec text. `sources` names the input files in comments (`litellm`, `llama-swap` → path); `skipped`,
+    when given, gets what was not imported and why (also written as `# not imported:` comments)."""
     sources = sources or {}
     found: list[Found] = []
-    skipped: list[str] = []
+    skipped = skipped if skipped is not None else []
     for facts in docker:
         for c in sorted(facts.containers, key=lambda c: str(c.get("Name", ""))):
-            m = llama_container(facts.node, c)
-            if m is not None:
-                found.append(m)
+            try:
+                m = llama_container(facts.node, c)
+                if m is not None:
+                    _check_model(m)
+                    found.append(m)
+            except NotImported as exc:
+                skipped.append(f"container {str(c.get('Name', '?')).lstrip('/')} on {facts.node}: {exc}")
     if llama_swap is not None:
         if not docker:
             raise ImportError_("--llama-swap needs a --from-docker node to run its models on")
-        found.extend(llama_swap_models(llama_swap, docker[0].node, skipped))
+        for m in llama_swap_models(llama_swap, docker[0].node, skipped):
+            try:
+                _check_model(m)
+                found.append(m)
+            except NotImported as exc:
+                skipped.append(f"{m.origin[0].removeprefix('from ')}: {exc}")
     for ofacts in ollama:
         found.extend(ollama_models(ofacts))
     found = _dedupe(found)
+    held = [m for m in found if m.held is not None]
+    found = [m for m in found if m.held is None]
+    skipped.extend(f"{m.name} ({m.origin[0].removeprefix('from ')}): {m.held}" for m in held)
     # LiteLLM: names clients use, and fallbacks between them.
     fallbacks: list[tuple[str, str]] = []
     if litellm is not None:
@@ -792,6 +884,13 @@ def build_spec(
         for k, v in items[1:]:
             _emit(lines, "    ", k, v)
         lines.append(f"    categories: [{m.category.value}]  # guessed from its names")
+    for m in held:
+        block = [_comment("  ", note) for note in (*m.origin, f"{m.held}:")]
+        body = [f"  - name: {_q(m.name)}"]
+        for k, v in list(m.fields.items())[1:]:
+            _emit(body, "    ", k, v)
+        body.append(f"    categories: [{m.category.value}]")
+        lines.extend(block + [f"  # {line[2:]}" for line in body])
     # Routing: each category's models; a LiteLLM fallback to a model of another category becomes its fallback.
     cats: dict[Category, list[str]] = {}
     for m in found:

@@ -333,10 +333,13 @@ def render_text(plan: Plan) -> str:
     lines: list[str] = []
     for node, err in sorted(plan.unreachable.items()):
         lines.append(f"node {node}: UNREACHABLE ({err})")
+        deferred = [c for c in plan.deferred if c.node == node]
+        if not deferred:
+            lines.append("  nothing is planned here until it answers")
+            continue
         lines.append("  nothing is planned here; if the node turns out empty, the next run will:")
-        for c in plan.deferred:
-            if c.node == node:
-                lines.append(f"  {GLYPH[c.action]:>3} {c.kind} {c.name}  ({c.reason})")
+        for c in deferred:
+            lines.append(f"  {GLYPH[c.action]:>3} {c.kind} {c.name}  ({c.reason})")
     current = None
     for c in plan.changes:
         if c.node != current:

@@ -37,6 +37,10 @@ class LockHeld(HomelabError):
     """Another apply holds the lock."""
 
 
+class LockUnavailable(HomelabError):
+    """A lock file cannot be opened (its directory is missing or not writable): blamed on that directory."""
+
+
 class StalePlan(LockHeld):
     """The cluster is no longer what the plan was made from (found once the apply lock was held)."""
 
@@ -123,12 +127,14 @@ def apply_lock(state_dir: Path, cluster: str | None = None) -> Iterator[None]:
     lock for that cluster (`cluster_lock_path`), so two state directories — the service's and a shell user's —
     cannot apply to one cluster at once."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    with _flock(state_dir / LOCK_FILE, "another homelab apply is running (pid {holder}); lock file {path}"):
+    held = "another homelab apply is running (pid {holder}); lock file {path}"
+    with _flock(state_dir / LOCK_FILE, held, "state directory"):
         if cluster is None:
             yield
             return
-        message = "another homelab apply to cluster '" + cluster + "' is running (pid {holder}); lock file {path}"
-        with _flock(cluster_lock_path(cluster), message):
+        held = "another homelab apply to cluster '" + cluster + "' is running (pid {holder}); lock file {path}"
+        where = f"lock directory (${LOCK_DIR_ENV})" if os.environ.get(LOCK_DIR_ENV) else "lock directory"
+        with _flock(cluster_lock_path(cluster), held, where):
             yield
 
 
@@ -166,7 +172,7 @@ def _holder(raw: bytes) -> str:
     return "unknown: " + ascii(text[:HOLDER_MAX])
 
 
-def _open_lock(path: Path) -> int:
+def _open_lock(path: Path, where: str) -> int:
     """Open (creating it if need be) the lock file without following a symlink and without truncating it;
     refuse one that is not a regular file or is owned by another user than us or root."""
     try:
@@ -177,7 +183,8 @@ def _open_lock(path: Path) -> int:
     except OSError as exc:
         if os.path.islink(path):
             raise LockUnsafe(f"lock file {path} is a symbolic link; not followed (remove it)") from None
-        raise LockUnsafe(f"lock file {path}: {exc.strerror or exc}") from None
+        reason = exc.strerror or str(exc)
+        raise LockUnavailable(f"{where} {path.parent}: cannot open the lock file {path.name}: {reason}") from None
     st = os.fstat(fd)
     why = None
     if not stat.S_ISREG(st.st_mode):
@@ -191,8 +198,9 @@ def _open_lock(path: Path) -> int:
 
 
 @contextmanager
-def _flock(path: Path, message: str) -> Iterator[None]:
-    fd = _open_lock(path)
+def _flock(path: Path, message: str, where: str) -> Iterator[None]:
+    """`where` names the directory the lock file lives in, for the error when it cannot be opened."""
+    fd = _open_lock(path, where)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

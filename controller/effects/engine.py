@@ -138,10 +138,14 @@ def current_placement(observed: ClusterState) -> dict[tuple[str, int], CurrentAs
         for c in node.containers:
             if c.config is None:
                 continue  # unreadable config label: its place is unknown, and it will be replaced anyway
+            gpus = c.config.gpus
             for m in c.config.members:  # a swap pool's members are where their pool is
-                out[m.model, 0] = CurrentAssignment(node.node, c.config.gpus, m.gpu_layers)
+                out[m.model, 0] = CurrentAssignment(
+                    node.node, gpus, m.gpu_layers, any_gpu=not gpus and m.gpu_layers > 0
+                )
             if not c.pool:
-                out[c.model, c.replica] = CurrentAssignment(node.node, c.config.gpus, c.config.gpu_layers)
+                layers = c.config.gpu_layers
+                out[c.model, c.replica] = CurrentAssignment(node.node, gpus, layers, any_gpu=not gpus and layers > 0)
     return out
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from urllib.parse import urlparse
 
+from pydantic import ValidationError
+
 from controller.core.importer import DockerFacts, OllamaFacts
 from controller.drivers.base import DockerNode, OllamaNode
 from specs.model import ClusterSpec, Node
@@ -33,7 +35,20 @@ def probe_spec(cluster: str, docker: Sequence[tuple[str, str]], ollama: Sequence
     for name, url in ollama:
         entry = nodes.setdefault(name, {"name": name, "tier": "local", "address": endpoint_address(url), "ram": 1})
         entry["ollama"] = {"url": url}
-    return ClusterSpec.model_validate({"cluster": {"name": cluster}, "nodes": list(nodes.values())})
+    try:
+        return ClusterSpec.model_validate({"cluster": {"name": cluster}, "nodes": list(nodes.values())})
+    except ValidationError as exc:
+        # one line per problem, naming the node and its field (never pydantic's own text, which ends in a URL)
+        names = list(nodes)
+        problems: list[str] = []
+        for e in exc.errors(include_url=False):
+            loc = list(e["loc"])
+            if loc[:1] == ["nodes"] and len(loc) > 1 and isinstance(loc[1], int) and loc[1] < len(names):
+                where = f"node {names[loc[1]]}: " + ".".join(str(p) for p in loc[2:])
+            else:
+                where = ".".join(str(p) for p in loc)
+            problems.append(f"{where}: {e['msg']}")
+        raise ValueError("; ".join(problems)) from None
 
 
 def gather(

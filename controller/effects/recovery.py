@@ -45,7 +45,7 @@ from controller.drivers.base import CommandFailed, DockerNode, DriverError, Host
 from controller.drivers.secrets import Redactor, resolve
 from controller.drivers.ssh import is_local, node_shell
 from controller.drivers.wake import run_wake_command, send_magic_packet
-from controller.effects.apply import LockHeld
+from controller.effects.apply import LockHeld, LockUnavailable
 from controller.effects.engine import Prepared, Session, Wiring
 from controller.effects.health import Status as ProbeStatus
 from controller.effects.health import endpoints, probe_all
@@ -630,7 +630,7 @@ class NodeActions:
         fn = self._restart_containers_fn or self._restart_with_engine
         try:
             detail = await asyncio.to_thread(fn)
-        except (DriverError, LockHeld) as exc:  # another apply holds the lock: a failed step, retried later
+        except (DriverError, LockHeld, LockUnavailable) as exc:  # another apply holds the lock: a step failed, retried
             return Observation(ok=False, detail=self.redactor(str(exc)))
         return Observation(ok=True, detail=detail)
 

@@ -34,7 +34,7 @@ from controller.core.state import ClusterState, OllamaNodeState, pool_container_
 from controller.drivers.base import DriverError
 from controller.effects.apply import EVENTS_FILE
 from controller.effects.calibration import ContainerCalibration
-from controller.effects.engine import Session, Wiring, current_ports, state_dir
+from controller.effects.engine import Session, Wiring, current_ports
 from controller.effects.gpu_use import GpuReality, ModelVram, match_gpu
 from controller.effects.health import ANSWERING, HealthReport, Probe, mark_asleep, tier_verdict
 from controller.effects.hostcpu import host_cpus
@@ -430,9 +430,9 @@ def spec_digest(path: Path) -> str:
         return "unreadable"
 
 
-def find(spec: ClusterSpec, wiring: Wiring) -> Found:
-    """Observe, place (as a reconcile places: the wiring's solver settings), render and probe: the cluster now.
-    Never raises for a node that does not answer."""
+def find(spec: ClusterSpec, wiring: Wiring, sdir: Path) -> Found:
+    """Observe, place (as a reconcile places: the wiring's solver settings), render and probe: the cluster now,
+    with the power state kept in the state directory `sdir`. Never raises for a node that does not answer."""
     warnings: list[str] = []
     names = {n.name for n in spec.nodes}
     with Session(spec, wiring) as session:
@@ -441,7 +441,7 @@ def find(spec: ClusterSpec, wiring: Wiring) -> Found:
             spec, observed, session.connect, wiring.gpu_probe, wiring.solve, host_cpus(spec, wiring.host_cpu)
         )
         pools = observe_pools(spec, observed, session.connect)
-    power = PowerStore.of(spec, state_dir(spec, None)).load()
+    power = PowerStore.of(spec, sdir).load()
     warnings.extend(reality.warnings)
     desired: ClusterState | None
     try:
@@ -465,7 +465,7 @@ def collect(
     wiring: Wiring,
 ) -> dict[str, Any]:
     """The `/api/status` dict for `spec`, as the cluster and the state directory are now."""
-    found = find(spec, wiring)
+    found = find(spec, wiring, state_dir)
     return build(
         spec,
         found,

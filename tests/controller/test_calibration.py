@@ -220,3 +220,23 @@ def test_after_an_apply_a_container_that_gave_no_figure_is_asked_again(
         m for m in got if m.node == "box"
     ]
     assert pauses == [1.0, 1.0]  # given up after the third pass
+
+
+def test_with_gpu_access_none_a_model_that_stays_is_not_said_to_move(
+    engines: dict[str, FakeDockerNode], tmp_path: Path, wired: Wired
+) -> None:
+    """Containers on a `gpu_access: none` node are given no GPU device, so where they run says no GPU: that is
+    not a move to the GPU the placement counts their layers on, and no plan may warn that they "no longer fit"."""
+    spec = SPEC.replace(
+        'docker: {endpoint: "unix:///tmp/none.sock"}', 'docker: {endpoint: "unix:///tmp/none.sock", gpu_access: none}'
+    )
+    assert spec != SPEC
+    (tmp_path / "cluster.yaml").write_text(spec)
+    code, _, err = wired.run("reconcile", "--yes")
+    assert code == 0, err
+    assert engines["box"].containers["homelab-chat"].config.gpus == ()  # type: ignore[union-attr]
+    engines["box"].memory["homelab-chat"] = 3 * GIB  # above its RAM estimate; the node has room for it
+    code, out, err = wired.run("reconcile", "--dry-run")
+    assert "chat: measured 3.00 GiB RAM on box" in out
+    assert "no longer fits" not in err and "warning: chat" not in err, err
+    assert code == 0 and "No changes. The cluster matches the spec." in out, out

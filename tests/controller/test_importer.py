@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from controller.commands.common import err
 from controller.core.importer import (
     DockerFacts,
     ImportError_,
@@ -360,3 +361,86 @@ def test_import_force_never_writes_through_a_bak_symlink(wired: Wired, tmp_path:
     assert code == 0, stderr
     assert victim.read_text() == "precious\n"
     assert (tmp_path / "cluster.yaml.bak").read_text() == "old\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--from-docker", "gpu1=ftp://x"], "node gpu1: docker.endpoint: String should match pattern"),
+        (["--from-ollama", "BAD NAME=http://127.0.0.1:1"], "node BAD NAME: name: String should match pattern"),
+    ],
+)
+def test_cli_errors_name_the_node_and_never_end_in_a_pydantic_url(
+    wired: Wired, tmp_path: Path, args: list[str], message: str
+) -> None:
+    code, _, stderr = wired.run("import", *args, "-o", str(tmp_path / "cluster.yaml"))
+    assert code == 1 and stderr.count("\n") == 1, stderr
+    assert stderr.startswith("error: --from-docker/--from-ollama: ") and message in stderr, stderr
+    assert "pydantic" not in stderr and "http" not in stderr.split("String should")[1], stderr
+    assert not (tmp_path / "cluster.yaml").exists()
+
+
+def test_no_message_on_stderr_ends_in_a_pydantic_url() -> None:
+    """The one place: whatever message carries pydantic's "For further information visit" line, stderr drops it."""
+    with err.capture() as captured:
+        err.print("warning: x\n  Input should be a valid integer [type=int_parsing]\n"
+                  "    For further information visit https://errors.pydantic.dev/2.14/v/int_parsing")  # fmt: skip
+    assert captured.get() == "warning: x\n  Input should be a valid integer [type=int_parsing]\n"
+
+
+def test_two_files_that_share_a_base_name_are_two_models() -> None:
+    q4 = inspect("q4", ["llama-server", "-m", "/models/q4/model.gguf", "--port", "3001"], mounts=[BIND])
+    q8 = inspect("q8", ["llama-server", "-m", "/models/q8/model.gguf", "--port", "3002"], mounts=[BIND])
+    text, spec = _spec(docker=[DockerFacts("n", "127.0.0.1", "unix:///x", [q4, q8])])
+    # A node's model volume holds one file of a name (the spec refuses two): the second is written commented out,
+    # under its own name, with what to do — not merged into the first and lost.
+    assert [(m.name, m.adopt, m.source.gguf) for m in spec.models] == [("q4-model", "q4", "/srv/models/q4/model.gguf")]
+    assert "  # not a model yet: its file /srv/models/q8/model.gguf has the name model.gguf of q4-model's" in text
+    held = text.split("then uncomment this model:\n")[1].split("routing:")[0]
+    assert held.startswith("  # - name: q8-model\n  #   runtime: llamacpp\n  #   adopt: q8\n")
+    uncommented = text.replace("  # - name: q8-model", "  - name: q8-model").replace("  #   ", "    ")
+    renamed = uncommented.replace("/srv/models/q8/model.gguf", "/srv/models/q8/model-q8.gguf")
+    assert [m.name for m in parse_spec(renamed).spec.models] == ["q4-model", "q8-model"]
+
+
+def test_one_odd_container_is_skipped_with_a_warning_naming_it(wired: Wired, tmp_path: Path) -> None:
+    from controller.drivers.fake import FakeDockerNode
+
+    no_path = inspect("no-path", ["llama-server", "--port", "3005", "-m"], mounts=[BIND])
+    relative = inspect("relative", ["llama-server", "-m", "models/x.gguf"], mounts=[BIND])
+    bad_port = inspect("bad-port", ["llama-server", "-m", "/models/y.gguf", "--port", "3006"], mounts=[BIND],
+                       network="bridge", ports={"3006/tcp": [{"HostIp": "", "HostPort": "99999"}]})  # fmt: skip
+    fake = FakeDockerNode(
+        "gpu1", inspected={"mark-i": MARK_I, "no-path": no_path, "relative": relative, "bad-port": bad_port}
+    )
+    wired.set(connect=lambda spec: lambda node: fake)
+    out = tmp_path / "cluster.yaml"
+    code, _, stderr = wired.run("import", "--from-docker", "gpu1=unix:///var/run/docker.sock", "-o", str(out))
+    assert code == 0, stderr
+    assert [m.adopt for m in parse_spec(out.read_text()).spec.models] == ["mark-i"]
+    warnings = sorted(line for line in stderr.splitlines() if line.startswith("warning: not imported: container "))
+    assert len(warnings) == 3, stderr
+    w_port, w_path, w_relative = warnings
+    assert w_port.startswith("warning: not imported: container bad-port on gpu1: port: "), w_port
+    assert w_path.startswith("warning: not imported: container no-path on gpu1: its model path (none)"), w_path
+    assert w_relative.startswith("warning: not imported: container relative on gpu1: its model path models/x.gguf")
+    assert "cluster.yaml:" not in stderr  # no location in a file that was never written
+    assert "# not imported: container relative on gpu1" in out.read_text()
+
+
+def test_model_paths_that_climb_out_or_into_a_bind_mounted_root_are_refused() -> None:
+    climb = inspect("climb", ["llama-server", "-m", "/models/../../etc/shadow", "--port", "3001"], mounts=[BIND])
+    vol_climb = inspect("vol-climb", ["llama-server", "-m", "/data/../../../etc/shadow"], mounts=[VOLUME])
+    root = {"Type": "bind", "Source": "/", "Destination": "/host", "RW": False}
+    rooted = inspect("rooted", ["llama-server", "-m", "/host/etc/shadow", "--port", "3002"], mounts=[root])
+    swap = {"models": {"sneaky": {"cmd": "llama-server --port ${PORT} -m /srv/models/../../etc/shadow"}}}
+    text = build_spec(
+        "lab", docker=[DockerFacts("n", "127.0.0.1", "unix:///x", [climb, vol_climb, rooted, MARK_I])], llama_swap=swap
+    )
+    spec = parse_spec(text).spec
+    assert [m.adopt for m in spec.models] == ["mark-i"]  # nothing else, and so nothing else is ever copied
+    assert "/etc/shadow" not in "".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    assert "# not imported: container climb on n: its model path /models/../../etc/shadow climbs out" in text
+    assert "# not imported: container vol-climb on n: its model path /data/../../../etc/shadow climbs out" in text
+    assert "# not imported: container rooted on n: its model /host/etc/shadow is read through a bind mount of" in text
+    assert "# not imported: llama-swap model sneaky: its model path /srv/models/../../etc/shadow climbs out" in text

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from controller.drivers.fake import FakeDockerNode
+from controller.drivers.fake_ollama import FakeOllamaNode
 from specs.model import ClusterSpec, Node
 from tests.controller.test_reconcile import SOURCES, SPEC
 from tests.support.wiring import Wired
@@ -95,3 +96,33 @@ def test_example_spec_with_no_node_reachable(
     assert "  + container homelab-qwen2.5-coder-7b  (not running on this node)" in out
     assert "workstation GPU 0: 20.9 of 23.0 GiB" in out
     assert out.endswith("No changes on the nodes that answered.\nPlan: 0 to add, 0 to change, 0 to destroy.\n")
+
+
+def test_minimal_example_with_its_ollama_down_names_the_node_and_exits_2(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, wired: Wired
+) -> None:
+    """The README's smallest cluster with Ollama down: its model has no estimate (nothing placed), yet the
+    node is reported unreachable and the dry run exits 2, never "the cluster matches the spec"."""
+    down = FakeOllamaNode("desktop", reachable=False)
+    wired.set(ollama=lambda node: down, gpu_probe=lambda nodes: {})
+    monkeypatch.setenv("HOMELAB_STATE_DIR", str(tmp_path / "state"))
+    minimal = Path(__file__).resolve().parents[2] / "examples" / "minimal.yaml"
+    code, out, _ = wired.run("reconcile", "--dry-run", "-f", str(minimal))
+    assert code == 2
+    assert "No changes. The cluster matches the spec." not in out
+    assert "node desktop: UNREACHABLE (Ollama on desktop does not answer (ConnectError))" in out
+    assert "  nothing is planned here until it answers\n" in out
+    assert "No changes on the nodes that answered." in out
+
+
+def test_a_missing_lock_directory_is_blamed_on_the_lock_directory(
+    engines: dict[str, FakeDockerNode], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, wired: Wired
+) -> None:
+    missing = tmp_path / "no-such-lock-dir"
+    monkeypatch.setenv("HOMELAB_LOCK_DIR", str(missing))
+    code, _, err = wired.run("reconcile", "--yes")
+    assert code == 1
+    assert f"error: lock directory ($HOMELAB_LOCK_DIR) {missing}: cannot open the lock file homelab-" in err
+    assert "No such file or directory" in err
+    assert "state directory" not in err
+    assert engines["box"].containers == {}

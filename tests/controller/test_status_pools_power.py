@@ -8,10 +8,16 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from controller.core.status_page import STATE_CLASS, render_main, tiers_section
+from controller.drivers.base import DriverError
+from controller.effects.engine import STATE_ENV, Wiring
 from controller.effects.gpu_use import GpuReality
+from controller.effects.health import HealthReport
 from controller.effects.pools import pool_now
-from controller.effects.status_api import Found, build
+from controller.effects.power import ASLEEP, PowerStore
+from controller.effects.status_api import Found, build, collect
 from specs.model import ClusterSpec
 from tests.controller.test_pools import POOL, SPEC, Lab, spec_of
 
@@ -171,3 +177,24 @@ def test_idle_is_not_down() -> None:
     assert "box/llamacpp/chat: connection refused" in reasons
     assert '<li class="idle"><span class="badge idle">idle</span> box/llamapool/od-a (on demand' in reasons
     assert "od-a: not loaded" not in reasons
+
+
+def test_collect_reads_the_power_state_of_the_state_directory_it_is_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`homelab ui --state-dir DIR` hands DIR to `collect`: the power state comes from there, not from the
+    default state directory ($HOMELAB_STATE_DIR here, which says nothing)."""
+    spec = spec_of(POWER_SPEC)
+    lab = Lab()
+    lab.box.source_files["/srv/models/cpu.gguf"] = 2000
+    monkeypatch.setenv(STATE_ENV, str(tmp_path / "default-state"))
+    given = tmp_path / "given-state"
+    PowerStore.of(spec, given).put("box", ASLEEP, "idle 31 min")
+
+    def no_health(spec: ClusterSpec, desired: object) -> HealthReport:
+        raise DriverError("not probed in this test")
+
+    wiring = Wiring(connect=lambda spec: lab.connect, gpu_probe=lambda nodes: {}, health=no_health)
+    status = collect(spec, tmp_path / "c.yaml", given, wiring)
+    assert status["nodes"]["box"]["power"]["state"] == "asleep"
+    assert status["nodes"]["box"]["power"]["reason"] == "idle 31 min"
