@@ -90,6 +90,17 @@ class DockerNode(Protocol):
         """Files in a managed volume, with their sizes (a short-lived helper container reads them)."""
         ...
 
+    def scan_files(self, volume: str, sources: Sequence[str] = ()) -> tuple[list[FileState], dict[str, int]]:
+        """In one helper run: the files of a managed volume (size and mtime), and the size of each of `sources`
+        (absolute paths on the node) that is a regular file there — one that is missing, a link or not a file is
+        left out (so is every one whose directory is missing)."""
+        ...
+
+    def hash_files(self, volume: str, names: Sequence[str]) -> dict[str, str]:
+        """The sha256 (lower-case hex) of each named file of a managed volume, in one helper run; a name that is
+        not a regular file there is left out."""
+        ...
+
     def create_volume(self, name: str, labels: dict[str, str]) -> None: ...
 
     def copy_file(

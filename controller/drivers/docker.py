@@ -87,11 +87,28 @@ _EXIT_SIZE = 4
 _EXIT_SHA = 5
 _EXIT_SYMLINK = 7
 
+# The volume's files as `f SIZE MTIME/NAME\0`, then each source (`$2…`: /src/I/NAME, the directory of source I
+# mounted at /src/I) that is a regular file, not a link, as `s SIZE/I\0`.
 _LIST_SCRIPT = r"""
 cd "$1" || exit 3
 for f in * .[!.]* ..?*; do
   [ -f "$f" ] && [ ! -L "$f" ] || continue
-  printf '%s/%s\0' "$(stat -c %s "$f")" "$f"
+  printf 'f %s/%s\0' "$(stat -c '%s %Y' "$f")" "$f"
+done
+shift
+i=0
+for p in "$@"; do
+  [ -f "$p" ] && [ ! -L "$p" ] && printf 's %s/%s\0' "$(stat -c %s "$p")" "$i"
+  i=$((i+1))
+done
+exit 0
+"""
+
+_HASH_SCRIPT = r"""
+cd /models || exit 3
+for f in "$@"; do
+  [ -f "$f" ] && [ ! -L "$f" ] || continue
+  printf '%s/%s\0' "$(sha256sum "$f" | cut -d ' ' -f 1)" "$f"
 done
 """
 
@@ -487,21 +504,70 @@ class DockerEngine:
                 raise NotManaged(f"volume {name} on node {self.node} exists and is not this cluster's")
 
     def list_files(self, volume: str) -> list[FileState]:
+        return self.scan_files(volume)[0]
+
+    def scan_files(self, volume: str, sources: Sequence[str] = ()) -> tuple[list[FileState], dict[str, int]]:
+        paths = [posixpath.normpath(p) for p in sources if posixpath.isabs(p) and "\0" not in p]
+        try:
+            return self._scan(volume, paths)
+        except DriverError as exc:
+            if not paths or "no directory" not in str(exc):
+                raise
+        return self._scan(volume, [])  # a source's directory is not on the node: its size is not known
+
+    def _scan(self, volume: str, sources: list[str]) -> tuple[list[FileState], dict[str, int]]:
+        dirs = sorted({posixpath.dirname(p) for p in sources})
+        mounts = [docker.types.Mount(target=MODELS_MOUNT, source=volume, type="volume", read_only=True)]
+        mounts += [
+            docker.types.Mount(target=f"{SRC_MOUNT}/{i}", source=d or "/", type="bind", read_only=True)
+            for i, d in enumerate(dirs)
+        ]
+        args = [f"{SRC_MOUNT}/{dirs.index(posixpath.dirname(p))}/{posixpath.basename(p)}" for p in sources]
         code, out, err = self._helper(
-            [_LIST_SCRIPT, "sh", MODELS_MOUNT],
-            mounts=[docker.types.Mount(target=MODELS_MOUNT, source=volume, type="volume", read_only=True)],
+            [_LIST_SCRIPT, "sh", MODELS_MOUNT, *args],
+            mounts=mounts,
             doing=f"list files of volume {volume}",
             require_volume=volume,
         )
         if code != 0:
             raise DriverError(f"node {self.node}: cannot list volume {volume}: {_one_line(err) or f'exit {code}'}")
         files = []
+        sizes: dict[str, int] = {}
         for record in out.split("\0"):
-            size, sep, name = record.lstrip("\n").partition("/")
-            if not sep or not size.isdigit() or not name or name.startswith("."):
+            kind, _, rest = record.lstrip("\n").partition(" ")
+            head, sep, name = rest.partition("/")
+            if kind == "s" and head.isdigit() and name.isdigit() and int(name) < len(sources):
+                sizes[sources[int(name)]] = int(head)
                 continue
-            files.append(FileState(node=self.node, volume=volume, name=name, size=int(size)))
-        return sorted(files, key=lambda f: f.name)
+            size, _, mtime = head.partition(" ")
+            if kind != "f" or not sep or not size.isdigit() or not name or name.startswith("."):
+                continue
+            when = int(mtime) if mtime.isdigit() else None
+            files.append(FileState(node=self.node, volume=volume, name=name, size=int(size), mtime=when))
+        return sorted(files, key=lambda f: f.name), sizes
+
+    def hash_files(self, volume: str, names: Sequence[str]) -> dict[str, str]:
+        for name in names:
+            _check_file_name(name, "model file")
+        if not names:
+            return {}
+        code, out, err = self._helper(
+            [_HASH_SCRIPT, "sh", *names],
+            mounts=[docker.types.Mount(target=MODELS_MOUNT, source=volume, type="volume", read_only=True)],
+            doing=f"check the sha256 of {', '.join(names)} in volume {volume}",
+            require_volume=volume,
+            timeout=None,  # tens of gigabytes take minutes; a hash is made once per copy (observe caches it)
+        )
+        if code != 0:
+            raise DriverError(
+                f"node {self.node}: cannot hash files of volume {volume}: {_one_line(err) or f'exit {code}'}"
+            )
+        sums: dict[str, str] = {}
+        for record in out.split("\0"):
+            digest, sep, name = record.lstrip("\n").partition("/")
+            if sep and name in names and re.fullmatch(r"[0-9a-f]{64}", digest):
+                sums[name] = digest
+        return sums
 
     def copy_file(
         self,

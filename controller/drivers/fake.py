@@ -44,6 +44,10 @@ class FakeDockerNode:
     """Service containers (the gateway): name → (how it runs, Docker status, its environment)."""
     pool_children: dict[str, dict[str, float]] = field(default_factory=dict)
     """A swap pool's container name → {member alias: seconds since its process started}."""
+    hashes: dict[tuple[str, str], str] = field(default_factory=dict)
+    """(volume, file name) → the sha256 its content has (a copy with a checksum sets it; absent: `"0" * 64`)."""
+    mtimes: dict[tuple[str, str], int] = field(default_factory=dict)
+    """(volume, file name) → its modification time (each copy moves it on; absent: 0)."""
 
     def _check(self, method: str, name: str) -> None:
         if not self.reachable:
@@ -80,7 +84,22 @@ class FakeDockerNode:
 
     def list_files(self, volume: str) -> list[FileState]:
         self._check("list_files", volume)
-        return [FileState(self.node, volume, n, size) for n, size in self.volumes.get(volume, {}).items()]
+        return self._files(volume)
+
+    def _files(self, volume: str) -> list[FileState]:
+        return [
+            FileState(self.node, volume, n, size, mtime=self.mtimes.get((volume, n), 0))
+            for n, size in self.volumes.get(volume, {}).items()
+        ]
+
+    def scan_files(self, volume: str, sources: Sequence[str] = ()) -> tuple[list[FileState], dict[str, int]]:
+        self._check("scan_files", volume)
+        return self._files(volume), {p: self.source_files[p] for p in sources if p in self.source_files}
+
+    def hash_files(self, volume: str, names: Sequence[str]) -> dict[str, str]:
+        self._check("hash_files", volume)
+        files = self.volumes.get(volume, {})
+        return {n: self.hashes.get((volume, n), "0" * 64) for n in names if n in files}
 
     def create_volume(self, name: str, labels: dict[str, str]) -> None:
         self._check("create_volume", name)
@@ -100,6 +119,11 @@ class FakeDockerNode:
         if progress is not None:
             progress(size, size)
         self.volumes[volume][name] = size
+        self.mtimes[volume, name] = self.mtimes.get((volume, name), 0) + 1
+        if sha256 is not None:
+            self.hashes[volume, name] = sha256.lower()
+        else:
+            self.hashes.pop((volume, name), None)
         return size
 
     def remove_file(self, volume: str, name: str) -> None:
