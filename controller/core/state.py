@@ -24,6 +24,10 @@ LABEL_CONFIG = "homelab.config"
 """The container's desired configuration as compact JSON, so a diff can say what changed."""
 LABEL_ROLE = "homelab.role"
 """On containers (and volumes) that are not model servers: `helper` (short-lived file copies), `gateway`."""
+LABEL_WRITES = "homelab.writes"
+"""On a helper container that writes into a volume: `VOLUME/NAME` (a model file it copies or removes) or `VOLUME`
+(text files it installs). A running one whose apply is gone (killed) is stopped before that file is written again,
+and at the start of the next apply."""
 LABEL_POOL = "homelab.pool"
 """On a swap pool's router container: the pool's key (NODE-gpuI or NODE-cpu)."""
 

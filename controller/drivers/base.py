@@ -114,14 +114,21 @@ class DockerNode(Protocol):
     ) -> int:
         """Copy `source` (a path on the node) into `volume` as `name`; return its size.
 
-        Copies to a temporary name, verifies the size against the source (and the
-        checksum when given), then renames: a half-copied file is never visible
-        under `name`. Raises VerifyFailed, DriverError.
+        Copies to a temporary name of its own, verifies the size against the source
+        (and the checksum when given), then renames: a half-copied file is never
+        visible under `name`. A helper still writing `name` (a killed apply's) is
+        stopped first, and its partial copies removed. Raises VerifyFailed, DriverError.
         """
         ...
 
     def remove_file(self, volume: str, name: str) -> None:
         """Delete a file (or a leftover partial copy of it) from a managed volume."""
+
+    def clean_helpers(self) -> list[str]:
+        """Remove this cluster's helper containers that have finished, and those that write (a killed apply's copy
+        goes on writing its partial file): called at the start of each apply, with the apply lock held. Returns
+        their names."""
+        ...
 
     def run_container(self, desired: ContainerState) -> None:
         """Create and start a container from its desired state (labels, GPUs, volume read-only)."""

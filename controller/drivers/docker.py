@@ -16,9 +16,16 @@
   image with `sh`, `stat`, `cp`, `mv`, `sha256sum`), with no network, removed
   afterwards. A copy goes to `/models/.NAME.partial`, is checked (size, and
   sha256 when given) and renamed to `/models/NAME` in the same volume, so a
-  half-copied file never appears under its name. Names starting with `.` are
-  never model files: `list_files` ignores them (a stale `.NAME.partial` left by
-  a killed copy is overwritten by the next copy of NAME).
+  half-copied file never appears under its name. Each copy writes its own
+  `/models/.NAME.TOKEN.partial`. Names starting with `.` are never model files:
+  `list_files` ignores them.
+- **Orphaned helpers are stopped.** A helper that writes carries
+  `homelab.writes=VOLUME/NAME` (or `VOLUME`). A killed apply (kill -9) leaves its
+  copy running: before NAME is copied again, every helper of this cluster that
+  writes VOLUME/NAME is stopped and removed, and so are the partial copies of NAME
+  it left; at the start of each apply `clean_helpers` removes this cluster's
+  finished helpers and every one that writes (only an apply writes, and it holds
+  the lock).
 
 - **ssh:// with the node's own SSH settings.** The SDK talks to a private local
   socket piped through `ssh … HOST docker system dial-stdio` with the spec's
@@ -31,6 +38,7 @@ neither managed containers nor foreign ones for `list_containers`.
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import math
@@ -58,6 +66,7 @@ from controller.core.state import (
     LABEL_NODE,
     LABEL_REPLICA,
     LABEL_ROLE,
+    LABEL_WRITES,
     MODELS_MOUNT,
     PRESET_PATH,
     ContainerConfig,
@@ -79,6 +88,8 @@ DATA_MOUNT = "/data"
 SRC_MOUNT = "/src"
 PARTIAL_SUFFIX = ".partial"
 POLL_INTERVAL_S = 0.5
+STALE_HELPER_S = 3600.0
+"""A helper created but never started this long ago was left by a killed homelab (a reader's is removed at once)."""
 MAX_SYMLINK_HOPS = 8
 
 # Exit codes of the helper scripts.
@@ -113,12 +124,12 @@ done
 """
 
 _COPY_SCRIPT = r"""
-src="/src/$1"; part="/models/.$2.partial"; dst="/models/$2"
+src="/src/$1"; part="/models/.$2.$4.partial"; dst="/models/$2"
 if [ -L "$src" ]; then printf 'link %s\n' "$(readlink "$src")"; exit 7; fi
 if [ ! -f "$src" ]; then echo "not a regular file" >&2; exit 3; fi
 size=$(stat -c %s "$src") || exit 3
 echo "size $size"
-rm -f "$part"
+rm -f "/models/.$2.partial" "/models/.$2".*.partial
 if ! cp "$src" "$part"; then rm -f "$part"; exit 6; fi
 got=$(stat -c %s "$part")
 if [ "$got" != "$size" ]; then rm -f "$part"; echo "copied $got of $size bytes" >&2; exit 4; fi
@@ -130,7 +141,7 @@ mv -f "$part" "$dst" || { rm -f "$part"; exit 6; }
 echo "done $size"
 """
 
-_REMOVE_SCRIPT = r"""rm -f "/models/$1" "/models/.$1.partial" """
+_REMOVE_SCRIPT = r"""rm -f "/models/$1" "/models/.$1.partial" "/models/.$1".*.partial"""
 
 # Text files (the gateway's config) arrive as /data/.NAME.partial (put_archive into the helper before it
 # starts); each is renamed over NAME in order, the previous NAME kept as NAME.bak.
@@ -582,6 +593,7 @@ class DockerEngine:
         if not posixpath.isabs(source):
             raise DriverError(f"source {source} must be an absolute path on node {self.node}")
         path = posixpath.normpath(source)
+        self.stop_writers(volume, name)  # a killed apply's copy of the same file would still be writing
         for _ in range(MAX_SYMLINK_HOPS):
             code, out, err = self._copy_once(volume, path, name, sha256, progress)
             if code == _EXIT_SYMLINK:
@@ -608,7 +620,8 @@ class DockerEngine:
         self, volume: str, source: str, name: str, sha256: str | None, progress: ProgressFn | None
     ) -> tuple[int, str, str]:
         directory, base = posixpath.split(source)
-        partial = f"{MODELS_MOUNT}/.{name}{PARTIAL_SUFFIX}"
+        token = uuid.uuid4().hex[:12]
+        partial = f"{MODELS_MOUNT}/.{name}.{token}{PARTIAL_SUFFIX}"
         total: int | None = None
         done = -1
 
@@ -628,7 +641,8 @@ class DockerEngine:
                 progress(min(done, total), total)
 
         return self._helper(
-            [_COPY_SCRIPT, "sh", base, name, (sha256 or "").lower()],
+            [_COPY_SCRIPT, "sh", base, name, (sha256 or "").lower(), token],
+            writes=f"{volume}/{name}",
             mounts=[
                 docker.types.Mount(target=SRC_MOUNT, source=directory or "/", type="bind", read_only=True),
                 docker.types.Mount(target=MODELS_MOUNT, source=volume, type="volume", read_only=False),
@@ -642,8 +656,10 @@ class DockerEngine:
     def remove_file(self, volume: str, name: str) -> None:
         """Delete `name` (and a stale partial copy of it) from a volume; a missing file is no error."""
         _check_file_name(name, "model file")
+        self.stop_writers(volume, name)
         code, _, err = self._helper(
             [_REMOVE_SCRIPT, "sh", name],
+            writes=f"{volume}/{name}",
             mounts=[docker.types.Mount(target=MODELS_MOUNT, source=volume, type="volume", read_only=False)],
             doing=f"remove {name} from volume {volume}",
             require_volume=volume,
@@ -823,6 +839,7 @@ class DockerEngine:
                 tar.addfile(info, io.BytesIO(data))
         code, _, err = self._helper(
             [_INSTALL_SCRIPT, "sh", *(name for name, _ in files)],
+            writes=volume,
             mounts=[docker.types.Mount(target=DATA_MOUNT, source=volume, type="volume", read_only=False)],
             doing=f"write {', '.join(n for n, _ in files)} into volume {volume}",
             require_volume=volume,
@@ -869,13 +886,51 @@ class DockerEngine:
 
     # ------------------------------------------------------------------ helper containers
 
-    def _create_helper(self, command: list[str], mounts: list[Any]) -> Any:
+    def _helpers(self, writes: str | None = None) -> list[Any]:
+        """This cluster's helper containers (`writes`: only those labelled as writing that)."""
+        wanted = [f"{LABEL_CLUSTER}={self.cluster}", f"{LABEL_ROLE}={HELPER_ROLE}"]
+        if writes is not None:
+            wanted.append(f"{LABEL_WRITES}={writes}")
+        return list(self.client.containers.list(all=True, filters={"label": wanted}))
+
+    def _remove_helper(self, container: Any) -> None:
+        with suppress(docker.errors.NotFound):
+            container.remove(force=True)  # SIGKILL: it writes nothing more, its partial file is removed after
+
+    def stop_writers(self, volume: str, name: str) -> list[str]:
+        """Stop and remove this cluster's helpers that write VOLUME/NAME (a killed apply's copy); their names."""
+        with self._errors(f"stop helper containers writing {volume}/{name}"):
+            found = self._helpers(f"{volume}/{name}")
+            for container in found:
+                self._remove_helper(container)
+        return sorted(str(c.name) for c in found)
+
+    def clean_helpers(self) -> list[str]:
+        """Remove this cluster's helpers that have finished (or never started, for an hour) and every one that
+        writes: run while the apply lock is held, when no other apply can be writing. Their names."""
+        removed: list[str] = []
+        with self._errors("remove leftover helper containers"):
+            for container in self._helpers():
+                labels = container.labels or {}
+                if (
+                    LABEL_WRITES in labels
+                    or container.status in ("exited", "dead")
+                    or (container.status == "created" and _age_s(container) > STALE_HELPER_S)
+                ):
+                    self._remove_helper(container)
+                    removed.append(str(container.name))
+        return sorted(removed)
+
+    def _create_helper(self, command: list[str], mounts: list[Any], writes: str | None = None) -> Any:
+        labels = {LABEL_CLUSTER: self.cluster, LABEL_ROLE: HELPER_ROLE, LABEL_NODE: self.node}
+        if writes is not None:
+            labels[LABEL_WRITES] = writes
         return self.client.containers.create(
             self.helper_image,
             entrypoint=["/bin/sh", "-c"],
             command=command,
             name=f"homelab-helper-{uuid.uuid4().hex[:12]}",
-            labels={LABEL_CLUSTER: self.cluster, LABEL_ROLE: HELPER_ROLE},
+            labels=labels,
             mounts=mounts,
             network_mode="none",
         )
@@ -890,10 +945,12 @@ class DockerEngine:
         tick: Callable[[Any], None] | None = None,
         timeout: float | None = 120.0,
         archive: tuple[str, bytes] | None = None,
+        writes: str | None = None,
     ) -> tuple[int, str, str]:
         """Run `sh -c SCRIPT ARGS…` in a throwaway helper container; (exit code, stdout, stderr).
 
-        `archive` (directory, tar bytes) is unpacked into the container (its volumes) before it starts."""
+        `archive` (directory, tar bytes) is unpacked into the container (its volumes) before it starts; `writes`
+        (VOLUME/NAME or VOLUME) labels a helper that writes there (LABEL_WRITES)."""
         self._require_image(self.helper_image)
         with self._errors(doing):
             if require_volume is not None:
@@ -902,7 +959,7 @@ class DockerEngine:
                 except docker.errors.NotFound:
                     raise DriverError(f"no volume {require_volume} on node {self.node}") from None
             try:
-                container = self._create_helper(command, mounts)
+                container = self._create_helper(command, mounts, writes)
             except docker.errors.APIError as exc:
                 text = _explain(exc)
                 if "bind source path does not exist" in text:
@@ -936,6 +993,16 @@ class DockerEngine:
             finally:
                 with suppress(docker.errors.DockerException, OSError):
                     container.remove(force=True)
+
+
+def _age_s(container: Any) -> float:
+    """Seconds since Docker created the container (0 when its `Created` time cannot be read)."""
+    created = str((container.attrs or {}).get("Created", ""))
+    try:
+        when = datetime.datetime.fromisoformat(created[:19]).replace(tzinfo=datetime.UTC)
+    except ValueError:
+        return 0.0
+    return (datetime.datetime.now(datetime.UTC) - when).total_seconds()
 
 
 def pool_children(top: Mapping[str, Any]) -> dict[str, float]:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from controller.core.diff import file_damage
 from controller.core.plan import Plan, render_text
-from controller.core.state import FileState
+from controller.core.state import LABEL_CLUSTER, LABEL_ROLE, LABEL_WRITES, FileState
 from controller.drivers.fake import FakeDockerNode
-from controller.effects.apply import Executor
+from controller.effects.apply import EVENTS_FILE, Executor
 from controller.effects.engine import CachingConnect, Prepared, prepare
 from controller.effects.observe import SHA256_CACHE_FILE, read_sha256_cache
 from solver.place import SolveParams
@@ -156,3 +156,35 @@ def test_file_damage() -> None:
     assert file_damage(want, FileState("box", "models", "m.gguf", size=5678)) is None  # not hashed: nothing says
     unknown = FileState("box", "models", "m.gguf", source="/srv/m.gguf")
     assert file_damage(unknown, FileState("box", "models", "m.gguf", size=1)) is None
+
+
+def test_an_apply_first_removes_orphaned_and_finished_helpers(tmp_path: Path) -> None:
+    lab = Lab({NODE_SOURCE: 5678})
+    spec = spec_of(NODE_SOURCE, node=True)
+    helper = {LABEL_CLUSTER: "lab", LABEL_ROLE: "helper"}
+    lab.box.helpers = {
+        # a killed apply's copy, still writing its partial file
+        "homelab-helper-orphan": ("running", {**helper, LABEL_WRITES: "models/chat.gguf"}),
+        "homelab-helper-done": ("exited", dict(helper)),
+        "homelab-helper-reading": ("running", dict(helper)),  # a `status` listing a volume: left alone
+    }
+    lab.box.volumes["models"] = {".chat.gguf.0123456789ab.partial": 77}
+    lab.apply(spec, tmp_path)
+    methods = [m for m, _ in lab.box.calls]
+    assert methods.count("clean_helpers") == 1
+    assert methods.index("clean_helpers") < methods.index("copy_file")  # before the apply's first step
+    assert set(lab.box.helpers) == {"homelab-helper-reading"}
+    assert lab.box.volumes["models"] == {"chat.gguf": 5678}  # the orphan's partial copy is gone
+    events = [json.loads(line) for line in (tmp_path / EVENTS_FILE).read_text().splitlines()]
+    removed = [e for e in events if e["event"] == "helpers-removed"]
+    assert [(e["node"], e["containers"]) for e in removed] == [
+        ("box", ["homelab-helper-done", "homelab-helper-orphan"])
+    ]
+
+
+def test_a_copy_stops_a_helper_still_writing_its_file(tmp_path: Path) -> None:
+    lab = Lab({NODE_SOURCE: 5678})
+    lab.box.volumes["models"] = {}
+    lab.box.helpers = {"homelab-helper-orphan": ("running", {LABEL_CLUSTER: "lab", LABEL_WRITES: "models/chat.gguf"})}
+    lab.box.copy_file("models", NODE_SOURCE, "chat.gguf")
+    assert lab.box.helpers == {} and lab.box.volumes["models"] == {"chat.gguf": 5678}
