@@ -340,8 +340,12 @@ def render(
     spec: ClusterSpec,
     placement: PlacementResult,
     current_ports: Mapping[tuple[str, str], int] | None = None,
+    source_sizes: Mapping[tuple[str, str], int] | None = None,
 ) -> ClusterState:
-    """The desired state of every node. `current_ports` ((node, container) → port) keeps ports stable."""
+    """The desired state of every node. `current_ports` ((node, container) → port) keeps ports stable;
+    `source_sizes` ((node, GGUF path) → bytes, `source_sizes(observed)`) gives each copied file its source's
+    size, so that a file of another size in the volume is planned to be copied again."""
+    sizes = source_sizes or {}
     ports = _ports(spec, placement, current_ports or {})
     volumes: dict[str, list[VolumeState]] = {n.name: [] for n in spec.nodes}
     files: dict[str, dict[str, FileState]] = {n.name: {} for n in spec.nodes}
@@ -371,7 +375,12 @@ def render(
                 f" ({known.source} and {model.source.gguf})"
             )
         files[node.name][name] = FileState(
-            node.name, rt.volume, name, sha256=model.source.sha256, source=model.source.gguf
+            node.name,
+            rt.volume,
+            name,
+            size=sizes.get((node.name, model.source.gguf)),
+            sha256=model.source.sha256,
+            source=model.source.gguf,
         )
         return name, rt.volume
 
@@ -458,6 +467,11 @@ def render(
         for n in spec.nodes
     }
     return ClusterState(cluster=spec.cluster.name, nodes=nodes, gateway=render_gateway(spec, nodes))
+
+
+def source_sizes(observed: ClusterState) -> dict[tuple[str, str], int]:
+    """(node, GGUF path) → bytes, as observed (`NodeState.source_sizes`): what `render` gives the desired files."""
+    return {(n.node, path): size for n in observed.nodes.values() for path, size in n.source_sizes}
 
 
 def derived_name(model: str) -> str:

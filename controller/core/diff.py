@@ -304,6 +304,16 @@ def _model_files(config: ContainerConfig) -> list[str]:
     return [m.model_file for m in config.members] if config.pool else [config.model_file]
 
 
+def file_damage(want: FileState, got: FileState) -> str | None:
+    """Why a model file in a volume is not its source (`size 1234 of 5678 bytes`, `sha256 differs`), or None when
+    nothing says so: its size is the source's (when known) and its sha256, when it was checked, the spec's."""
+    if want.size is not None and got.size != want.size:
+        return f"size {got.size} of {want.size} bytes"
+    if want.sha256 is not None and got.sha256 is not None and got.sha256.lower() != want.sha256.lower():
+        return "sha256 differs"
+    return None
+
+
 def _node_changes(want: NodeState, have: NodeState, why_gone: Callable[[ContainerState], str]) -> list[Change]:
     out: list[Change] = []
     node = want.node
@@ -318,18 +328,9 @@ def _node_changes(want: NodeState, have: NodeState, why_gone: Callable[[Containe
         if got is None:
             out.append(Change(Action.CREATE, "file", node, f"{f.volume}/{f.name}", f"copy from {f.source}", after=f))
             changed_files.add((f.volume, f.name))
-        elif f.size is not None and got.size != f.size:
-            out.append(
-                Change(
-                    Action.REPLACE,
-                    "file",
-                    node,
-                    f"{f.volume}/{f.name}",
-                    f"size {got.size} → {f.size} bytes",
-                    before=got,
-                    after=f,
-                )
-            )
+        elif (damage := file_damage(f, got)) is not None:
+            reason = f"damaged: {damage}: copy it again from {f.source}"
+            out.append(Change(Action.REPLACE, "file", node, f"{f.volume}/{f.name}", reason, before=got, after=f))
             changed_files.add((f.volume, f.name))
     wanted_files = {(f.volume, f.name) for f in want.files}
     for got in have.files:

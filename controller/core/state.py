@@ -24,6 +24,10 @@ LABEL_CONFIG = "homelab.config"
 """The container's desired configuration as compact JSON, so a diff can say what changed."""
 LABEL_ROLE = "homelab.role"
 """On containers (and volumes) that are not model servers: `helper` (short-lived file copies), `gateway`."""
+LABEL_WRITES = "homelab.writes"
+"""On a helper container that writes into a volume: `VOLUME/NAME` (a model file it copies or removes) or `VOLUME`
+(text files it installs). A running one whose apply is gone (killed) is stopped before that file is written again,
+and at the start of the next apply."""
 LABEL_POOL = "homelab.pool"
 """On a swap pool's router container: the pool's key (NODE-gpuI or NODE-cpu)."""
 
@@ -169,10 +173,14 @@ class FileState:
     volume: str
     name: str
     size: int | None = None
-    """Bytes; None when not known (desired, before the source was looked at)."""
+    """Bytes. Desired: the source's size (None when the source could not be looked at); observed: the file's."""
     sha256: str | None = None
+    """Desired: the spec's `source.sha256`. Observed: the file's, when it was checked (the spec gives one and the
+    size is right); None when not checked."""
     source: str | None = None
     """Path of the GGUF on the node (desired only)."""
+    mtime: int | None = None
+    """Observed only: the file's modification time (seconds), which keys the cache of its sha256."""
 
 
 OLLAMA_PREFIX = "homelab/"
@@ -304,6 +312,10 @@ class NodeState:
     observed, those that exist. One that exists where the spec no longer runs it is removed."""
     model_volume: str | None = None
     """Desired state only: the node's `llamacpp.volume`, the one volume whose files homelab prunes."""
+    source_sizes: tuple[tuple[str, int], ...] = ()
+    """Observed only: (GGUF path, bytes) of the model sources as they are now for this node — a `source.node`
+    file of this node (read by the helper that lists its volume), any other one as this machine sees it; a
+    source that could not be looked at is left out. The desired files carry these sizes (`desired.render`)."""
     spec_files: tuple[str, ...] = ()
     """Desired state only: every model file name the spec mentions, placed here or not. A file in a managed
     volume that is neither wanted here nor named in the spec is pruned; one of a model placed elsewhere

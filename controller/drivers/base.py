@@ -90,6 +90,17 @@ class DockerNode(Protocol):
         """Files in a managed volume, with their sizes (a short-lived helper container reads them)."""
         ...
 
+    def scan_files(self, volume: str, sources: Sequence[str] = ()) -> tuple[list[FileState], dict[str, int]]:
+        """In one helper run: the files of a managed volume (size and mtime), and the size of each of `sources`
+        (absolute paths on the node) that is a regular file there — one that is missing, a link or not a file is
+        left out (so is every one whose directory is missing)."""
+        ...
+
+    def hash_files(self, volume: str, names: Sequence[str]) -> dict[str, str]:
+        """The sha256 (lower-case hex) of each named file of a managed volume, in one helper run; a name that is
+        not a regular file there is left out."""
+        ...
+
     def create_volume(self, name: str, labels: dict[str, str]) -> None: ...
 
     def copy_file(
@@ -103,14 +114,21 @@ class DockerNode(Protocol):
     ) -> int:
         """Copy `source` (a path on the node) into `volume` as `name`; return its size.
 
-        Copies to a temporary name, verifies the size against the source (and the
-        checksum when given), then renames: a half-copied file is never visible
-        under `name`. Raises VerifyFailed, DriverError.
+        Copies to a temporary name of its own, verifies the size against the source
+        (and the checksum when given), then renames: a half-copied file is never
+        visible under `name`. A helper still writing `name` (a killed apply's) is
+        stopped first, and its partial copies removed. Raises VerifyFailed, DriverError.
         """
         ...
 
     def remove_file(self, volume: str, name: str) -> None:
         """Delete a file (or a leftover partial copy of it) from a managed volume."""
+
+    def clean_helpers(self) -> list[str]:
+        """Remove this cluster's helper containers that have finished, and those that write (a killed apply's copy
+        goes on writing its partial file): called at the start of each apply, with the apply lock held. Returns
+        their names."""
+        ...
 
     def run_container(self, desired: ContainerState) -> None:
         """Create and start a container from its desired state (labels, GPUs, volume read-only)."""

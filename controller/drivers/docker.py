@@ -16,9 +16,16 @@
   image with `sh`, `stat`, `cp`, `mv`, `sha256sum`), with no network, removed
   afterwards. A copy goes to `/models/.NAME.partial`, is checked (size, and
   sha256 when given) and renamed to `/models/NAME` in the same volume, so a
-  half-copied file never appears under its name. Names starting with `.` are
-  never model files: `list_files` ignores them (a stale `.NAME.partial` left by
-  a killed copy is overwritten by the next copy of NAME).
+  half-copied file never appears under its name. Each copy writes its own
+  `/models/.NAME.TOKEN.partial`. Names starting with `.` are never model files:
+  `list_files` ignores them.
+- **Orphaned helpers are stopped.** A helper that writes carries
+  `homelab.writes=VOLUME/NAME` (or `VOLUME`). A killed apply (kill -9) leaves its
+  copy running: before NAME is copied again, every helper of this cluster that
+  writes VOLUME/NAME is stopped and removed, and so are the partial copies of NAME
+  it left; at the start of each apply `clean_helpers` removes this cluster's
+  finished helpers and every one that writes (only an apply writes, and it holds
+  the lock).
 
 - **ssh:// with the node's own SSH settings.** The SDK talks to a private local
   socket piped through `ssh … HOST docker system dial-stdio` with the spec's
@@ -31,6 +38,7 @@ neither managed containers nor foreign ones for `list_containers`.
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import math
@@ -63,6 +71,7 @@ from controller.core.state import (
     LABEL_NODE,
     LABEL_REPLICA,
     LABEL_ROLE,
+    LABEL_WRITES,
     MODELS_MOUNT,
     PRESET_PATH,
     ContainerConfig,
@@ -84,6 +93,8 @@ DATA_MOUNT = "/data"
 SRC_MOUNT = "/src"
 PARTIAL_SUFFIX = ".partial"
 POLL_INTERVAL_S = 0.5
+STALE_HELPER_S = 3600.0
+"""A helper created but never started this long ago was left by a killed homelab (a reader's is removed at once)."""
 MAX_SYMLINK_HOPS = 8
 
 # Exit codes of the helper scripts.
@@ -92,21 +103,38 @@ _EXIT_SIZE = 4
 _EXIT_SHA = 5
 _EXIT_SYMLINK = 7
 
+# The volume's files as `f SIZE MTIME/NAME\0`, then each source (`$2…`: /src/I/NAME, the directory of source I
+# mounted at /src/I) that is a regular file, not a link, as `s SIZE/I\0`.
 _LIST_SCRIPT = r"""
 cd "$1" || exit 3
 for f in * .[!.]* ..?*; do
   [ -f "$f" ] && [ ! -L "$f" ] || continue
-  printf '%s/%s\0' "$(stat -c %s "$f")" "$f"
+  printf 'f %s/%s\0' "$(stat -c '%s %Y' "$f")" "$f"
+done
+shift
+i=0
+for p in "$@"; do
+  [ -f "$p" ] && [ ! -L "$p" ] && printf 's %s/%s\0' "$(stat -c %s "$p")" "$i"
+  i=$((i+1))
+done
+exit 0
+"""
+
+_HASH_SCRIPT = r"""
+cd /models || exit 3
+for f in "$@"; do
+  [ -f "$f" ] && [ ! -L "$f" ] || continue
+  printf '%s/%s\0' "$(sha256sum "$f" | cut -d ' ' -f 1)" "$f"
 done
 """
 
 _COPY_SCRIPT = r"""
-src="/src/$1"; part="/models/.$2.partial"; dst="/models/$2"
+src="/src/$1"; part="/models/.$2.$4.partial"; dst="/models/$2"
 if [ -L "$src" ]; then printf 'link %s\n' "$(readlink "$src")"; exit 7; fi
 if [ ! -f "$src" ]; then echo "not a regular file" >&2; exit 3; fi
 size=$(stat -c %s "$src") || exit 3
 echo "size $size"
-rm -f "$part"
+rm -f "/models/.$2.partial" "/models/.$2".*.partial
 if ! cp "$src" "$part"; then rm -f "$part"; exit 6; fi
 got=$(stat -c %s "$part")
 if [ "$got" != "$size" ]; then rm -f "$part"; echo "copied $got of $size bytes" >&2; exit 4; fi
@@ -118,7 +146,7 @@ mv -f "$part" "$dst" || { rm -f "$part"; exit 6; }
 echo "done $size"
 """
 
-_REMOVE_SCRIPT = r"""rm -f "/models/$1" "/models/.$1.partial" """
+_REMOVE_SCRIPT = r"""rm -f "/models/$1" "/models/.$1.partial" "/models/.$1".*.partial"""
 
 # Text files (the gateway's config) arrive as /data/.NAME.partial (put_archive into the helper before it
 # starts); each is renamed over NAME in order, the previous NAME kept as NAME.bak.
@@ -492,21 +520,70 @@ class DockerEngine:
                 raise NotManaged(f"volume {name} on node {self.node} exists and is not this cluster's")
 
     def list_files(self, volume: str) -> list[FileState]:
+        return self.scan_files(volume)[0]
+
+    def scan_files(self, volume: str, sources: Sequence[str] = ()) -> tuple[list[FileState], dict[str, int]]:
+        paths = [posixpath.normpath(p) for p in sources if posixpath.isabs(p) and "\0" not in p]
+        try:
+            return self._scan(volume, paths)
+        except DriverError as exc:
+            if not paths or "no directory" not in str(exc):
+                raise
+        return self._scan(volume, [])  # a source's directory is not on the node: its size is not known
+
+    def _scan(self, volume: str, sources: list[str]) -> tuple[list[FileState], dict[str, int]]:
+        dirs = sorted({posixpath.dirname(p) for p in sources})
+        mounts = [docker.types.Mount(target=MODELS_MOUNT, source=volume, type="volume", read_only=True)]
+        mounts += [
+            docker.types.Mount(target=f"{SRC_MOUNT}/{i}", source=d or "/", type="bind", read_only=True)
+            for i, d in enumerate(dirs)
+        ]
+        args = [f"{SRC_MOUNT}/{dirs.index(posixpath.dirname(p))}/{posixpath.basename(p)}" for p in sources]
         code, out, err = self._helper(
-            [_LIST_SCRIPT, "sh", MODELS_MOUNT],
-            mounts=[docker.types.Mount(target=MODELS_MOUNT, source=volume, type="volume", read_only=True)],
+            [_LIST_SCRIPT, "sh", MODELS_MOUNT, *args],
+            mounts=mounts,
             doing=f"list files of volume {volume}",
             require_volume=volume,
         )
         if code != 0:
             raise DriverError(f"node {self.node}: cannot list volume {volume}: {_one_line(err) or f'exit {code}'}")
         files = []
+        sizes: dict[str, int] = {}
         for record in out.split("\0"):
-            size, sep, name = record.lstrip("\n").partition("/")
-            if not sep or not size.isdigit() or not name or name.startswith("."):
+            kind, _, rest = record.lstrip("\n").partition(" ")
+            head, sep, name = rest.partition("/")
+            if kind == "s" and head.isdigit() and name.isdigit() and int(name) < len(sources):
+                sizes[sources[int(name)]] = int(head)
                 continue
-            files.append(FileState(node=self.node, volume=volume, name=name, size=int(size)))
-        return sorted(files, key=lambda f: f.name)
+            size, _, mtime = head.partition(" ")
+            if kind != "f" or not sep or not size.isdigit() or not name or name.startswith("."):
+                continue
+            when = int(mtime) if mtime.isdigit() else None
+            files.append(FileState(node=self.node, volume=volume, name=name, size=int(size), mtime=when))
+        return sorted(files, key=lambda f: f.name), sizes
+
+    def hash_files(self, volume: str, names: Sequence[str]) -> dict[str, str]:
+        for name in names:
+            _check_file_name(name, "model file")
+        if not names:
+            return {}
+        code, out, err = self._helper(
+            [_HASH_SCRIPT, "sh", *names],
+            mounts=[docker.types.Mount(target=MODELS_MOUNT, source=volume, type="volume", read_only=True)],
+            doing=f"check the sha256 of {', '.join(names)} in volume {volume}",
+            require_volume=volume,
+            timeout=None,  # tens of gigabytes take minutes; a hash is made once per copy (observe caches it)
+        )
+        if code != 0:
+            raise DriverError(
+                f"node {self.node}: cannot hash files of volume {volume}: {_one_line(err) or f'exit {code}'}"
+            )
+        sums: dict[str, str] = {}
+        for record in out.split("\0"):
+            digest, sep, name = record.lstrip("\n").partition("/")
+            if sep and name in names and re.fullmatch(r"[0-9a-f]{64}", digest):
+                sums[name] = digest
+        return sums
 
     def copy_file(
         self,
@@ -521,6 +598,7 @@ class DockerEngine:
         if not posixpath.isabs(source):
             raise DriverError(f"source {source} must be an absolute path on node {self.node}")
         path = posixpath.normpath(source)
+        self.stop_writers(volume, name)  # a killed apply's copy of the same file would still be writing
         for _ in range(MAX_SYMLINK_HOPS):
             code, out, err = self._copy_once(volume, path, name, sha256, progress)
             if code == _EXIT_SYMLINK:
@@ -547,7 +625,8 @@ class DockerEngine:
         self, volume: str, source: str, name: str, sha256: str | None, progress: ProgressFn | None
     ) -> tuple[int, str, str]:
         directory, base = posixpath.split(source)
-        partial = f"{MODELS_MOUNT}/.{name}{PARTIAL_SUFFIX}"
+        token = uuid.uuid4().hex[:12]
+        partial = f"{MODELS_MOUNT}/.{name}.{token}{PARTIAL_SUFFIX}"
         total: int | None = None
         done = -1
 
@@ -567,7 +646,8 @@ class DockerEngine:
                 progress(min(done, total), total)
 
         return self._helper(
-            [_COPY_SCRIPT, "sh", base, name, (sha256 or "").lower()],
+            [_COPY_SCRIPT, "sh", base, name, (sha256 or "").lower(), token],
+            writes=f"{volume}/{name}",
             mounts=[
                 docker.types.Mount(target=SRC_MOUNT, source=directory or "/", type="bind", read_only=True),
                 docker.types.Mount(target=MODELS_MOUNT, source=volume, type="volume", read_only=False),
@@ -581,8 +661,10 @@ class DockerEngine:
     def remove_file(self, volume: str, name: str) -> None:
         """Delete `name` (and a stale partial copy of it) from a volume; a missing file is no error."""
         _check_file_name(name, "model file")
+        self.stop_writers(volume, name)
         code, _, err = self._helper(
             [_REMOVE_SCRIPT, "sh", name],
+            writes=f"{volume}/{name}",
             mounts=[docker.types.Mount(target=MODELS_MOUNT, source=volume, type="volume", read_only=False)],
             doing=f"remove {name} from volume {volume}",
             require_volume=volume,
@@ -762,6 +844,7 @@ class DockerEngine:
                 tar.addfile(info, io.BytesIO(data))
         code, _, err = self._helper(
             [_INSTALL_SCRIPT, "sh", *(name for name, _ in files)],
+            writes=volume,
             mounts=[docker.types.Mount(target=DATA_MOUNT, source=volume, type="volume", read_only=False)],
             doing=f"write {', '.join(n for n, _ in files)} into volume {volume}",
             require_volume=volume,
@@ -808,13 +891,51 @@ class DockerEngine:
 
     # ------------------------------------------------------------------ helper containers
 
-    def _create_helper(self, command: list[str], mounts: list[Any]) -> Any:
+    def _helpers(self, writes: str | None = None) -> list[Any]:
+        """This cluster's helper containers (`writes`: only those labelled as writing that)."""
+        wanted = [f"{LABEL_CLUSTER}={self.cluster}", f"{LABEL_ROLE}={HELPER_ROLE}"]
+        if writes is not None:
+            wanted.append(f"{LABEL_WRITES}={writes}")
+        return list(self.client.containers.list(all=True, filters={"label": wanted}))
+
+    def _remove_helper(self, container: Any) -> None:
+        with suppress(docker.errors.NotFound):
+            container.remove(force=True)  # SIGKILL: it writes nothing more, its partial file is removed after
+
+    def stop_writers(self, volume: str, name: str) -> list[str]:
+        """Stop and remove this cluster's helpers that write VOLUME/NAME (a killed apply's copy); their names."""
+        with self._errors(f"stop helper containers writing {volume}/{name}"):
+            found = self._helpers(f"{volume}/{name}")
+            for container in found:
+                self._remove_helper(container)
+        return sorted(str(c.name) for c in found)
+
+    def clean_helpers(self) -> list[str]:
+        """Remove this cluster's helpers that have finished (or never started, for an hour) and every one that
+        writes: run while the apply lock is held, when no other apply can be writing. Their names."""
+        removed: list[str] = []
+        with self._errors("remove leftover helper containers"):
+            for container in self._helpers():
+                labels = container.labels or {}
+                if (
+                    LABEL_WRITES in labels
+                    or container.status in ("exited", "dead")
+                    or (container.status == "created" and _age_s(container) > STALE_HELPER_S)
+                ):
+                    self._remove_helper(container)
+                    removed.append(str(container.name))
+        return sorted(removed)
+
+    def _create_helper(self, command: list[str], mounts: list[Any], writes: str | None = None) -> Any:
+        labels = {LABEL_CLUSTER: self.cluster, LABEL_ROLE: HELPER_ROLE, LABEL_NODE: self.node}
+        if writes is not None:
+            labels[LABEL_WRITES] = writes
         return self.client.containers.create(
             self.helper_image,
             entrypoint=["/bin/sh", "-c"],
             command=command,
             name=f"homelab-helper-{uuid.uuid4().hex[:12]}",
-            labels={LABEL_CLUSTER: self.cluster, LABEL_ROLE: HELPER_ROLE},
+            labels=labels,
             mounts=mounts,
             network_mode="none",
         )
@@ -829,10 +950,12 @@ class DockerEngine:
         tick: Callable[[Any], None] | None = None,
         timeout: float | None = 120.0,
         archive: tuple[str, bytes] | None = None,
+        writes: str | None = None,
     ) -> tuple[int, str, str]:
         """Run `sh -c SCRIPT ARGS…` in a throwaway helper container; (exit code, stdout, stderr).
 
-        `archive` (directory, tar bytes) is unpacked into the container (its volumes) before it starts."""
+        `archive` (directory, tar bytes) is unpacked into the container (its volumes) before it starts; `writes`
+        (VOLUME/NAME or VOLUME) labels a helper that writes there (LABEL_WRITES)."""
         self._require_image(self.helper_image)
         with self._errors(doing):
             if require_volume is not None:
@@ -841,7 +964,7 @@ class DockerEngine:
                 except docker.errors.NotFound:
                     raise DriverError(f"no volume {require_volume} on node {self.node}") from None
             try:
-                container = self._create_helper(command, mounts)
+                container = self._create_helper(command, mounts, writes)
             except docker.errors.APIError as exc:
                 text = _explain(exc)
                 if "bind source path does not exist" in text:
@@ -875,6 +998,16 @@ class DockerEngine:
             finally:
                 with suppress(docker.errors.DockerException, OSError):
                     container.remove(force=True)
+
+
+def _age_s(container: Any) -> float:
+    """Seconds since Docker created the container (0 when its `Created` time cannot be read)."""
+    created = str((container.attrs or {}).get("Created", ""))
+    try:
+        when = datetime.datetime.fromisoformat(created[:19]).replace(tzinfo=datetime.UTC)
+    except ValueError:
+        return 0.0
+    return (datetime.datetime.now(datetime.UTC) - when).total_seconds()
 
 
 def pool_children(top: Mapping[str, Any]) -> dict[str, float]:

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from controller.core.state import LABEL_CLUSTER, ContainerState, FileState, ServiceContainer, VolumeState
+from controller.core.state import LABEL_CLUSTER, LABEL_WRITES, ContainerState, FileState, ServiceContainer, VolumeState
 from controller.drivers.base import DriverError, NodeUnreachable, NotManaged, ProgressFn, VerifyFailed
 
 
@@ -44,6 +44,13 @@ class FakeDockerNode:
     """Service containers (the gateway): name → (how it runs, Docker status, its environment)."""
     pool_children: dict[str, dict[str, float]] = field(default_factory=dict)
     """A swap pool's container name → {member alias: seconds since its process started}."""
+    hashes: dict[tuple[str, str], str] = field(default_factory=dict)
+    """(volume, file name) → the sha256 its content has (a copy with a checksum sets it; absent: `"0" * 64`)."""
+    helpers: dict[str, tuple[str, dict[str, str]]] = field(default_factory=dict)
+    """Helper containers left on the node: name → (Docker status, labels). A copy stops those that write its
+    target (`homelab.writes=VOLUME/NAME`); `clean_helpers` removes the finished ones and every writer."""
+    mtimes: dict[tuple[str, str], int] = field(default_factory=dict)
+    """(volume, file name) → its modification time (each copy moves it on; absent: 0)."""
 
     def _check(self, method: str, name: str) -> None:
         if not self.reachable:
@@ -80,7 +87,23 @@ class FakeDockerNode:
 
     def list_files(self, volume: str) -> list[FileState]:
         self._check("list_files", volume)
-        return [FileState(self.node, volume, n, size) for n, size in self.volumes.get(volume, {}).items()]
+        return self._files(volume)
+
+    def _files(self, volume: str) -> list[FileState]:
+        return [
+            FileState(self.node, volume, n, size, mtime=self.mtimes.get((volume, n), 0))
+            for n, size in self.volumes.get(volume, {}).items()
+            if not n.startswith(".")  # partial copies are never model files
+        ]
+
+    def scan_files(self, volume: str, sources: Sequence[str] = ()) -> tuple[list[FileState], dict[str, int]]:
+        self._check("scan_files", volume)
+        return self._files(volume), {p: self.source_files[p] for p in sources if p in self.source_files}
+
+    def hash_files(self, volume: str, names: Sequence[str]) -> dict[str, str]:
+        self._check("hash_files", volume)
+        files = self.volumes.get(volume, {})
+        return {n: self.hashes.get((volume, n), "0" * 64) for n in names if n in files}
 
     def create_volume(self, name: str, labels: dict[str, str]) -> None:
         self._check("create_volume", name)
@@ -90,6 +113,7 @@ class FakeDockerNode:
         self, volume: str, source: str, name: str, *, sha256: str | None = None, progress: ProgressFn | None = None
     ) -> int:
         self._check("copy_file", name)
+        self._stop_writers(volume, name)
         if source not in self.source_files:
             raise DriverError(f"{source}: no such file on node {self.node}")
         if volume not in self.volumes:
@@ -100,11 +124,37 @@ class FakeDockerNode:
         if progress is not None:
             progress(size, size)
         self.volumes[volume][name] = size
+        self.mtimes[volume, name] = self.mtimes.get((volume, name), 0) + 1
+        if sha256 is not None:
+            self.hashes[volume, name] = sha256.lower()
+        else:
+            self.hashes.pop((volume, name), None)
         return size
 
     def remove_file(self, volume: str, name: str) -> None:
         self._check("remove_file", name)
+        self._stop_writers(volume, name)
         self.volumes.get(volume, {}).pop(name, None)
+
+    def _stop_writers(self, volume: str, name: str) -> None:
+        """As the real driver: a helper writing VOLUME/NAME is stopped and removed, its partial copies with it."""
+        for helper, (_, labels) in list(self.helpers.items()):
+            if labels.get(LABEL_WRITES) == f"{volume}/{name}":
+                del self.helpers[helper]
+        files = self.volumes.get(volume, {})
+        for other in [n for n in files if n.startswith(f".{name}.") and n.endswith(".partial")]:
+            del files[other]
+
+    def clean_helpers(self) -> list[str]:
+        self._check("clean_helpers", "")
+        gone = [
+            name
+            for name, (status, labels) in self.helpers.items()
+            if LABEL_WRITES in labels or status in ("exited", "dead")
+        ]
+        for name in gone:
+            del self.helpers[name]
+        return sorted(gone)
 
     def run_container(self, desired: ContainerState) -> None:
         self._check("run_container", desired.name)

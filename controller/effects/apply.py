@@ -284,8 +284,23 @@ class Executor:
         if self.on_event is not None:
             self.on_event(record)
 
+    def _clean_helpers(self, node: str, log: EventLog) -> None:
+        """A node's finished or orphaned helper containers (a killed apply's copy still writing) go first: the
+        apply lock is held, so no other apply of this cluster from this machine can be using them."""
+        driver = self.drivers.get(node)
+        if driver is None:
+            return
+        try:
+            removed = driver.clean_helpers()
+        except DriverError:
+            return  # the node's first step says what is wrong with it
+        if removed:
+            self._emit(log, "helpers-removed", node=node, containers=removed)
+
     def _run_node(self, node: str, steps: list[Step], log: EventLog) -> NodeOutcome:
         outcome = NodeOutcome(node)
+        if not self._stop.is_set():
+            self._clean_helpers(node, log)
         for i, step in enumerate(steps):
             if self._stop.is_set():
                 outcome.not_run = steps[i:]

@@ -26,7 +26,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from controller.core.desired import ollama_requirements, render
+from controller.core.desired import ollama_requirements, render, source_sizes
 from controller.core.diff import DiffResult, diff
 from controller.core.plan import Plan, make_plan
 from controller.core.state import ClusterState, GatewayState
@@ -172,7 +172,7 @@ def prepare(
     # Ollama servers are observed through `ollama` (default: HTTP); the gateway through `gateway`
     # when given (without it, the gateway is neither observed nor planned).
     ollama = ollama if ollama is not None else CachingOllama()
-    observed = observe(spec, connect, ollama)
+    observed = observe(spec, connect, ollama, state=state)
     gpus = observe_gpus(spec, observed, connect, gpu_probe) if gpu_probe is not None else None
     measured = calibration.current(calibration.record(state, spec, observed, connect, gpus), observed) if state else []
     info = ollama_model_info(spec, observed, ollama)
@@ -191,7 +191,7 @@ def prepare(
         current_ports(observed),
     )
     lines, warnings = calibration_lines(profiles, placement, running)
-    desired = render(spec, placement, current_ports(observed))
+    desired = render(spec, placement, current_ports(observed), source_sizes(observed))
     planned = desired
     if gateway is not None and desired.gateway is not None:
         observed = replace(observed, gateway=observe_gateway(desired.gateway, gateway(desired.gateway)))

@@ -6,9 +6,15 @@ empty — so the plan does not try to recreate everything on it.
 
 from __future__ import annotations
 
+import json
+import os
+import posixpath
+import re
+import stat
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from controller.core.importer import container_argv, container_ports, model_mount, parse_server_args
@@ -27,7 +33,8 @@ from controller.core.state import (
 from controller.drivers.base import DockerNode, DriverError, Gateway, NodeUnreachable, OllamaNode
 from solver.profiles import OllamaInfo
 from specs.enums import Runtime
-from specs.model import ClusterSpec, Node
+from specs.files import atomic_write
+from specs.model import ClusterSpec, Node, gguf_file_name
 
 SERVICE_CONTAINERS = (GATEWAY_CONTAINER,)
 """Service containers homelab may run on a node."""
@@ -101,8 +108,115 @@ def observe_gateway(desired: GatewayState | None, driver: Gateway | None) -> Gat
     return replace(desired, text=text, running=alive, run_hash=run_hash)
 
 
-def observe_node(node: Node, cluster: str, connect: Connect, ollama: OllamaConnect | None = None) -> NodeState:
-    state = _observe_docker(node, cluster, connect)
+SHA256_CACHE_FILE = "sha256.json"
+"""In the state directory: the sha256 of each checked model file, keyed by node, volume, name, size and mtime, so
+that a file is hashed once (after each copy or change), not at every plan."""
+
+
+@dataclass(frozen=True)
+class FileChecks:
+    """What observing a node's model files needs besides the node: the sizes of the GGUFs this machine sees
+    (`local_source_sizes`), and the sha256s known already (`read_sha256_cache`; None: no file is hashed)."""
+
+    local_sizes: Mapping[str, int] = field(default_factory=dict)
+    sha256_cache: Mapping[tuple[str, str, str, int, int], str] | None = None
+
+
+def local_source_sizes(spec: ClusterSpec) -> dict[str, int]:
+    """GGUF path → bytes of each llama.cpp model source without `source.node`, as this machine sees it (a
+    regular file; one that is missing or not a file is left out)."""
+    out: dict[str, int] = {}
+    for m in spec.models:
+        gguf = m.source.gguf
+        if m.runtime is not Runtime.LLAMACPP or gguf is None or m.source.node is not None:
+            continue
+        try:
+            st = os.stat(gguf)
+        except (OSError, ValueError):
+            continue
+        if stat.S_ISREG(st.st_mode):
+            out[gguf] = st.st_size
+    return out
+
+
+def _node_sources(spec: ClusterSpec, node: str) -> list[str]:
+    """The GGUF paths of the llama.cpp models whose file is on `node` (`source.node`)."""
+    return sorted(
+        {
+            m.source.gguf
+            for m in spec.models
+            if m.runtime is Runtime.LLAMACPP
+            and m.source.gguf is not None
+            and m.source.node == node
+            and posixpath.isabs(m.source.gguf)
+        }
+    )
+
+
+def _expected(spec: ClusterSpec, node: str, sizes: Mapping[str, int]) -> dict[str, tuple[int | None, str]]:
+    """File name in the node's model volume → (its source's size or None, the spec's sha256), for the files the
+    spec gives a sha256 of."""
+    out: dict[str, tuple[int | None, str]] = {}
+    for m in spec.models:
+        src = m.source
+        if m.runtime is not Runtime.LLAMACPP or src.gguf is None or src.sha256 is None:
+            continue
+        if src.node is not None and src.node != node:
+            continue
+        out.setdefault(gguf_file_name(src.gguf), (sizes.get(src.gguf), src.sha256.lower()))
+    return out
+
+
+def read_sha256_cache(state: Path) -> dict[tuple[str, str, str, int, int], str]:
+    """The cache of checked sha256s (`SHA256_CACHE_FILE`); a missing or unreadable file, or an entry that is not
+    (node, volume, name, size, mtime) → 64 hex digits, counts as not cached."""
+    try:
+        data = json.loads((state / SHA256_CACHE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        return {}
+    out: dict[tuple[str, str, str, int, int], str] = {}
+    for entry in data.get("files", []) if isinstance(data, dict) and isinstance(data.get("files"), list) else []:
+        if not isinstance(entry, list) or len(entry) != 6:
+            continue
+        node, volume, name, size, mtime, digest = entry
+        if (
+            all(isinstance(v, str) for v in (node, volume, name, digest))
+            and all(type(v) is int for v in (size, mtime))
+            and re.fullmatch(r"[0-9a-f]{64}", digest)
+        ):
+            out[node, volume, name, size, mtime] = digest
+    return out
+
+
+def write_sha256_cache(state: Path, old: Mapping[tuple[str, str, str, int, int], str], observed: ClusterState) -> None:
+    """Keep the sha256 of every file observed with one (and the entries of nodes that did not answer)."""
+    entries = {k: v for k, v in old.items() if k[0] not in observed.nodes or not observed.nodes[k[0]].reachable}
+    for n in observed.nodes.values():
+        for f in n.files:
+            if f.sha256 is not None and f.size is not None and f.mtime is not None:
+                entries[f.node, f.volume, f.name, f.size, f.mtime] = f.sha256
+    if entries == dict(old):
+        return
+    rows = [[*key, digest] for key, digest in sorted(entries.items())]
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+        atomic_write(state / SHA256_CACHE_FILE, json.dumps({"files": rows}, indent=1) + "\n", keep_previous=False)
+    except OSError:
+        pass  # only a cache: the files are hashed again next time
+
+
+def observe_node(
+    node: Node,
+    cluster: str,
+    connect: Connect,
+    ollama: OllamaConnect | None = None,
+    *,
+    spec: ClusterSpec | None = None,
+    checks: FileChecks | None = None,
+) -> NodeState:
+    """`spec` (and `checks`): also read the sizes of the node's model sources and check its model files
+    (`FileChecks`)."""
+    state = _observe_docker(node, cluster, connect, spec, checks or FileChecks())
     if node.ollama is not None and ollama is not None:
         state = replace(state, ollama=observe_ollama(node, ollama))
     return state
@@ -121,9 +235,14 @@ def foreign_container(inspect: Mapping[str, Any]) -> ForeignContainer:
     return ForeignContainer(name, tuple(container_ports(inspect)), bind)
 
 
-def _observe_docker(node: Node, cluster: str, connect: Connect) -> NodeState:
+def _observe_docker(
+    node: Node, cluster: str, connect: Connect, spec: ClusterSpec | None, checks: FileChecks
+) -> NodeState:
     if node.docker is None:
         return NodeState(node=node.name)
+    model_volume = node.llamacpp.volume if node.llamacpp is not None else None
+    sources = _node_sources(spec, node.name) if spec is not None else []
+    sizes: dict[str, int] = dict(checks.local_sizes)
     try:
         engine = connect(node)
         engine.ping()
@@ -131,7 +250,12 @@ def _observe_docker(node: Node, cluster: str, connect: Connect) -> NodeState:
         volumes = engine.list_volumes(cluster)
         files: list[FileState] = []
         for v in volumes:
-            files.extend(engine.list_files(v.name))
+            # one helper run a volume; the model volume's also reads the sizes of the sources on the node
+            found, on_node = engine.scan_files(v.name, sources if v.name == model_volume else ())
+            sizes.update(on_node)
+            files.extend(found)
+        if spec is not None and checks.sha256_cache is not None:
+            files = _check_sha256(engine, node.name, files, _expected(spec, node.name, sizes), checks.sha256_cache)
         services = [name for name in SERVICE_CONTAINERS if engine.service_status(name) is not None]
         unlabelled = [foreign_container(c) for c in engine.inspect_all() if _unlabelled(c)]
         volume_names = engine.volume_names()
@@ -146,12 +270,56 @@ def _observe_docker(node: Node, cluster: str, connect: Connect) -> NodeState:
         foreign=tuple(sorted(unlabelled, key=lambda f: f.name)),
         volume_names=tuple(sorted(volume_names)),
         services=tuple(services),
+        source_sizes=tuple(sorted(sizes.items())),
     )
 
 
-def observe(spec: ClusterSpec, connect: Connect, ollama: OllamaConnect | None = None) -> ClusterState:
-    """Every node of the spec, observed in parallel (Ollama servers too, when `ollama` is given)."""
+def _check_sha256(
+    engine: DockerNode,
+    node: str,
+    files: list[FileState],
+    expected: Mapping[str, tuple[int | None, str]],
+    cache: Mapping[tuple[str, str, str, int, int], str],
+) -> list[FileState]:
+    """Each file the spec gives a sha256 of whose size is right (or not known) gets its sha256: from the cache
+    when its size and mtime are those it was hashed at, else hashed (one helper run a volume)."""
+    out: list[FileState] = []
+    todo: dict[str, list[str]] = {}
+    for f in files:
+        want = expected.get(f.name)
+        if want is None or f.size is None or f.mtime is None or (want[0] is not None and want[0] != f.size):
+            out.append(f)
+            continue
+        cached = cache.get((node, f.volume, f.name, f.size, f.mtime))
+        if cached is not None:
+            out.append(replace(f, sha256=cached))
+        else:
+            todo.setdefault(f.volume, []).append(f.name)
+            out.append(f)
+    if not todo:
+        return out
+    sums = {
+        (volume, name): digest
+        for volume, names in todo.items()
+        for name, digest in engine.hash_files(volume, names).items()
+    }
+    return [replace(f, sha256=sums[f.volume, f.name]) if (f.volume, f.name) in sums else f for f in out]
+
+
+def observe(
+    spec: ClusterSpec, connect: Connect, ollama: OllamaConnect | None = None, *, state: Path | None = None
+) -> ClusterState:
+    """Every node of the spec, observed in parallel (Ollama servers too, when `ollama` is given), with the sizes
+    of the model sources. With `state` (the state directory), model files the spec gives a sha256 of are checked
+    too (hashed once, then cached there: `SHA256_CACHE_FILE`)."""
     nodes = spec.nodes
+    cache = read_sha256_cache(state) if state is not None else None
+    checks = FileChecks(local_source_sizes(spec), cache)
     with ThreadPoolExecutor(max_workers=max(1, min(32, len(nodes)))) as pool:
-        states = list(pool.map(lambda n: observe_node(n, spec.cluster.name, connect, ollama), nodes))
-    return ClusterState(cluster=spec.cluster.name, nodes={s.node: s for s in states})
+        states = list(
+            pool.map(lambda n: observe_node(n, spec.cluster.name, connect, ollama, spec=spec, checks=checks), nodes)
+        )
+    observed = ClusterState(cluster=spec.cluster.name, nodes={s.node: s for s in states})
+    if state is not None and cache is not None:
+        write_sha256_cache(state, cache, observed)
+    return observed

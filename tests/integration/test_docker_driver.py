@@ -21,6 +21,8 @@ from controller.core.state import (
     LABEL_MODEL,
     LABEL_NODE,
     LABEL_REPLICA,
+    LABEL_ROLE,
+    LABEL_WRITES,
     MODELS_MOUNT,
     ContainerConfig,
     ContainerState,
@@ -290,6 +292,72 @@ def test_remove_file(engine: DockerEngine, small_gguf: Path, cluster: str) -> No
     engine.remove_file(VOLUME, "tiny.gguf")
     engine.remove_file(VOLUME, "tiny.gguf")
     assert engine.list_files(VOLUME) == []
+
+
+def _orphan(client: docker.DockerClient, image: str, cluster: str, labels: dict[str, str], script: str) -> str:
+    """A helper container as a killed homelab leaves it (running `script` with the volume mounted at /models)."""
+    container = client.containers.run(
+        image,
+        ["sh", "-c", script],
+        detach=True,
+        labels={LABEL_CLUSTER: cluster, LABEL_ROLE: "helper", **labels},
+        network_mode="none",
+        volumes={VOLUME: {"bind": "/models", "mode": "rw"}},
+    )
+    return str(container.name)
+
+
+def test_a_killed_copys_helper_is_stopped_and_its_partial_removed_before_the_next_copy(
+    engine: DockerEngine, docker_client: docker.DockerClient, busybox_image: str, small_gguf: Path, cluster: str
+) -> None:
+    engine.create_volume(VOLUME, _labels(cluster))
+    writer = "while true; do echo x >> /models/.tiny.gguf.partial; echo y >> /models/.tiny.gguf.0a1b.partial;"
+    orphan = _orphan(
+        docker_client, busybox_image, cluster, {LABEL_WRITES: f"{VOLUME}/tiny.gguf"}, writer + " sleep 0.05; done"
+    )
+    other = _orphan(docker_client, busybox_image, cluster, {LABEL_WRITES: f"{VOLUME}/other.gguf"}, "sleep 600")
+    size = small_gguf.stat().st_size
+    assert engine.copy_file(VOLUME, str(small_gguf), "tiny.gguf", sha256=_sha256(small_gguf)) == size
+    assert _ours(docker_client, cluster) == [other], "the writer of the same file is gone, no other"
+    assert _volume_listing(docker_client, busybox_image, VOLUME) == ["tiny.gguf"]
+    assert [(f.name, f.size) for f in engine.list_files(VOLUME)] == [("tiny.gguf", size)]
+    assert orphan not in _ours(docker_client, cluster)
+
+
+def test_clean_helpers_removes_finished_and_writing_helpers(
+    engine: DockerEngine, docker_client: docker.DockerClient, busybox_image: str, cluster: str
+) -> None:
+    engine.create_volume(VOLUME, _labels(cluster))
+    writing = _orphan(docker_client, busybox_image, cluster, {LABEL_WRITES: f"{VOLUME}/a.gguf"}, "sleep 600")
+    reading = _orphan(docker_client, busybox_image, cluster, {}, "sleep 600")  # a `status` run's listing
+    done = _orphan(docker_client, busybox_image, cluster, {}, "true")
+    docker_client.containers.get(done).wait(timeout=30)
+    other = _orphan(docker_client, busybox_image, "another", {LABEL_WRITES: f"{VOLUME}/a.gguf"}, "sleep 600")
+    try:
+        assert engine.clean_helpers() == sorted([writing, done])
+        assert _ours(docker_client, cluster) == [reading]
+        assert docker_client.containers.get(other).status == "running", "another cluster's helper is not ours"
+    finally:
+        docker_client.containers.get(other).remove(force=True)
+
+
+def test_scan_files_sizes_sources_and_hash_files_hashes(
+    engine: DockerEngine, tmp_path: Path, small_gguf: Path, cluster: str
+) -> None:
+    engine.create_volume(VOLUME, _labels(cluster))
+    engine.copy_file(VOLUME, str(small_gguf), "tiny.gguf")
+    (tmp_path / "link.gguf").symlink_to(small_gguf)
+    sources = [str(small_gguf), str(tmp_path / "absent.gguf"), str(tmp_path / "link.gguf")]
+    files, sizes = engine.scan_files(VOLUME, sources)
+    size = small_gguf.stat().st_size
+    assert [(f.name, f.size) for f in files] == [("tiny.gguf", size)] and files[0].mtime
+    assert sizes == {str(small_gguf): size}  # a missing file and a link are not sized
+    # a source whose directory is not on the node: the listing still answers, without sizes
+    files, sizes = engine.scan_files(VOLUME, [str(tmp_path / "no-dir" / "m.gguf")])
+    assert [f.name for f in files] == ["tiny.gguf"] and sizes == {}
+    assert not (tmp_path / "no-dir").exists()
+    assert engine.hash_files(VOLUME, ["tiny.gguf", "absent.gguf"]) == {"tiny.gguf": _sha256(small_gguf)}
+    assert not _ours(engine.client, cluster)
 
 
 def test_missing_helper_image_is_not_pulled(dockerd: Dockerd, cluster: str) -> None:
