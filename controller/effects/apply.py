@@ -26,6 +26,7 @@ from typing import Any, TextIO
 from controller.core.plan import Plan, Step, StepKind
 from controller.core.state import LABEL_CLUSTER, LABEL_NODE
 from controller.drivers.base import DockerNode, DriverError, Gateway, OllamaNode, ProgressFn
+from controller.drivers.llamacpp import identity
 from controller.drivers.poll import poll_200
 from specs.errors import HomelabError
 
@@ -49,12 +50,15 @@ class StepFailed(DriverError):
     pass
 
 
-HealthCheck = Callable[[str, float, Callable[[], bool]], None]
-"""health_check(url, timeout, cancelled): return once `url` answers 200; raise StepFailed otherwise."""
+HealthCheck = Callable[[str, float, Callable[[], bool], tuple[str, ...]], None]
+"""health_check(url, timeout, cancelled, serves): return once `url` answers 200 and the server there lists every
+name of `serves` on `/v1/models` (it is the container just started); raise StepFailed otherwise."""
 
 
-def wait_healthy(url: str, timeout: float, cancelled: Callable[[], bool]) -> None:
-    """Poll llama-server's /health until 200. 503 means loading; anything else, keep trying until timeout."""
+def wait_healthy(url: str, timeout: float, cancelled: Callable[[], bool], serves: tuple[str, ...] = ()) -> None:
+    """Poll llama-server's /health until 200 (503 means loading; anything else, keep trying until timeout), then
+    prove the answering server is the container just started: its `/v1/models` lists `serves` (its `--alias`, a
+    router's members). A server that squats the port fails the wait at once, naming what answered."""
 
     def stop_if_cancelled() -> None:
         if cancelled():
@@ -70,6 +74,10 @@ def wait_healthy(url: str, timeout: float, cancelled: Callable[[], bool]) -> Non
     )
     if last is not None:
         raise StepFailed(f"{url} did not answer 200 within {timeout:g}s (last: {last})")
+    if serves:
+        wrong = identity(url.removesuffix("/health"), serves, min(timeout, 5.0))
+        if wrong is not None:
+            raise StepFailed(f"not the container just started: {wrong}")
 
 
 @dataclass
@@ -384,7 +392,7 @@ class Executor:
             assert step.container is not None
             timeout = self.health_timeout.get(step.node, 300.0)
             try:
-                self.health_check(step.container.health_url, timeout, self._stop.is_set)
+                self.health_check(step.container.health_url, timeout, self._stop.is_set, step.container.serves)
             except StepFailed as exc:
                 logs = driver.container_logs(step.name, tail=3).strip().replace("\n", " | ")
                 raise StepFailed(f"{exc}" + (f"; last log lines: {logs}" if logs else "")) from None

@@ -93,7 +93,7 @@ class Lab:
         assert result.ok, result.summary()
         return plan
 
-    def _healthy(self, url: str, timeout: float, cancelled: object) -> None:
+    def _healthy(self, url: str, timeout: float, cancelled: object, serves: tuple[str, ...] = ()) -> None:
         self.health.append(url)
 
 
@@ -284,7 +284,7 @@ def test_health_timeout_fails_the_step(tmp_path: Path) -> None:
     lab = Lab()
     spec = spec_of()
 
-    def never(url: str, timeout: float, cancelled: object) -> None:
+    def never(url: str, timeout: float, cancelled: object, serves: tuple[str, ...] = ()) -> None:
         # Only box's servers never answer: were spare's to fail too, spare (no files to copy) could fail first
         # and stop box after its current step, with no error of its own (seen in CI).
         if "127.0.0.1" in url:
