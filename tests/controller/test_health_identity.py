@@ -7,20 +7,24 @@ import asyncio
 import json
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from controller.core.diff import PortConflict
 from controller.drivers.fake import FakeDockerNode
 from controller.drivers.llamacpp import identity
 from controller.effects.apply import Executor, StepFailed, wait_healthy
-from controller.effects.engine import CachingConnect, prepare
+from controller.effects.engine import CachingConnect, Session, Wiring, port_holder, prepare
 from controller.effects.health import Endpoint as HealthEndpoint
 from controller.effects.health import Status, probe_all
 from solver.place import SolveParams
 from specs import parse_spec
+from specs.errors import HomelabError
 from specs.model import Node
+from tests.support.ports import free_port
 
 
 class Squatter:
@@ -140,3 +144,56 @@ def test_a_health_probe_of_a_squatted_port_is_down_naming_what_answered(squatter
     assert down.status is Status.DOWN and down.error is not None
     assert "another server holds the port" in down.error and "generalist" in down.error and "SquatHTTP" in down.error
     assert up.status is Status.UP and up.error is None
+
+
+# --------------------------------------------------------------------------- a port held on the node: plan error
+
+
+@pytest.mark.parametrize("squatter", [["someone-else"]], indirect=True)
+def test_a_port_held_by_a_host_process_is_a_plan_error_naming_it(squatter: Squatter, tmp_path: Path) -> None:
+    """The real `port_holder` against a server on the port the plan would start chatter on (node on loopback)."""
+    spec = parse_spec(SPEC.format(port=squatter.port), "cluster.yaml").spec
+    box = FakeDockerNode("box", images={"llama:test"}, source_files={"/srv/models/chatter.gguf": 1000})
+    wiring = Wiring(connect=lambda s: lambda node: box, gpu_probe=lambda nodes: {}, port_holder=port_holder)
+    with Session(spec, wiring, tmp_path) as session, pytest.raises(PortConflict) as err:
+        session.prepare()
+    text = str(err.value)
+    assert f"127.0.0.1:{squatter.port}" in text and "homelab-chatter" in text and "SquatHTTP" in text
+    assert "\n" not in text
+    assert isinstance(err.value, HomelabError)  # the CLI's one `error:` line, exit 1 (`controller.cli.main`)
+
+
+def test_a_free_port_or_our_own_running_container_is_no_conflict(tmp_path: Path) -> None:
+    port = free_port()
+    spec = parse_spec(SPEC.format(port=port), "cluster.yaml").spec
+    box = FakeDockerNode("box", images={"llama:test"}, source_files={"/srv/models/chatter.gguf": 1000})
+    asked: list[tuple[str, int]] = []
+
+    def holder(address: str, p: int) -> str | None:
+        asked.append((address, p))
+        return "something"
+
+    wiring = Wiring(connect=lambda s: lambda node: box, gpu_probe=lambda nodes: {}, port_holder=port_holder)
+    with Session(spec, wiring, tmp_path) as session:
+        plan = session.prepare().plan
+    Executor(spec.cluster.name, {"box": box}, tmp_path, health_check=lambda *a: None).apply(plan)
+    # chatter runs now (homelab's own): its port is not asked about again
+    with Session(spec, replace(wiring, port_holder=holder), tmp_path) as session:
+        assert session.prepare().plan.steps == ()
+    assert asked == []
+
+
+def test_a_stopped_managed_container_on_a_foreign_containers_port_is_a_conflict(tmp_path: Path) -> None:
+    """The Docker case: an unlabelled container publishing the port of homelab's exited container."""
+    spec = parse_spec(SPEC.format(port=3000), "cluster.yaml").spec
+    box = FakeDockerNode("box", images={"llama:test"}, source_files={"/srv/models/chatter.gguf": 1000})
+    plan = prepare(spec, CachingConnect(lambda n: box), SolveParams(time_limit=5, workers=1)).plan
+    Executor(spec.cluster.name, {"box": box}, tmp_path, health_check=lambda *a: None).apply(plan)
+    box.containers["homelab-chatter"] = replace(box.containers["homelab-chatter"], status="exited", exit_code=1)
+    box.inspected["squat"] = {
+        "Name": "/squat",
+        "Config": {"Labels": {}, "Cmd": []},
+        "HostConfig": {"NetworkMode": "bridge", "PortBindings": {"3000/tcp": [{"HostPort": "3000"}]}},
+    }
+    with pytest.raises(PortConflict, match=r"which container squat .*not managed by homelab.* holds"):
+        prepare(spec, CachingConnect(lambda n: box), SolveParams(time_limit=5, workers=1))

@@ -404,7 +404,7 @@ def test_a_plan_made_before_another_apply_is_refused_once_the_lock_is_held(tmp_p
     runs nothing of its out-of-date plan."""
     lab = Lab()
     spec = spec_of()
-    wiring = Wiring(connect=lambda s: lab.connect, health_check=lab._healthy)
+    wiring = Wiring(connect=lambda s: lab.connect, health_check=lab._healthy, port_holder=lambda a, p: None)
     with Session(spec, wiring, tmp_path / "a") as first, Session(spec, wiring, tmp_path / "b") as late:
         plan_a, plan_b = first.prepare(), late.prepare()
         assert plan_a.plan.steps and plan_a.plan == plan_b.plan
