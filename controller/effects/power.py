@@ -24,6 +24,7 @@ Recovery never recovers a node that is there; `homelab health` and `homelab stat
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -40,7 +41,7 @@ from controller.core.state import ClusterState
 from controller.drivers.base import CommandFailed, DriverError, SshFailed
 from controller.drivers.secrets import Redactor
 from controller.effects.engine import Wiring
-from controller.effects.recovery import EventFn, NodeActions, Outcome, Recoverer, Status, Step, in_words
+from controller.effects.recovery import EventFn, NodeActions, Outcome, Reach, Recoverer, Status, Step, in_words
 from specs.files import atomic_write
 from specs.model import ClusterSpec, Node
 
@@ -228,6 +229,39 @@ def describe_sleep(node: Node) -> str:
 # --------------------------------------------------------------------------- sleep and wake
 
 
+SLEEP_GRACE_S = 20.0
+"""How long a sleep command whose connection dropped may take to make the node stop answering."""
+DROPPED_EXITS = frozenset({-1, 255})
+"""Exit statuses of a command whose connection dropped: killed by a signal or its session lost (-1), ssh's own
+failure (255). A sleep command that suspends the machine under its own SSH session ends like that."""
+
+
+async def node_answers(actions: NodeActions) -> str | None:
+    """What of the node still answers (its SSH server, its Docker engine), or None when nothing does."""
+    node = actions.node
+    if node.ssh is not None:
+        ssh = await actions.probe_ssh()
+        if ssh.ssh is Reach.UP:
+            return "its SSH server"
+    if node.docker is not None:
+        docker = await actions.probe_docker()
+        if docker.docker:
+            return "its Docker engine"
+    return None
+
+
+async def _stopped_answering(actions: NodeActions, grace: float, every: float) -> str | None:
+    """None once the node stops answering within `grace` seconds; else what still answers."""
+    deadline = time.monotonic() + grace
+    while True:
+        answering = await node_answers(actions)
+        if answering is None:
+            return None
+        if time.monotonic() >= deadline:
+            return answering
+        await asyncio.sleep(every)
+
+
 async def sleep_node(
     spec: ClusterSpec,
     node: Node,
@@ -237,23 +271,50 @@ async def sleep_node(
     emit: EventFn,
     reason: str,
     redactor: Redactor | None = None,
+    actions: NodeActions | None = None,
+    grace: float = SLEEP_GRACE_S,
+    every: float = 1.0,
 ) -> tuple[bool, str]:
-    """Run the node's sleep command over SSH and record it asleep. (ok, what happened)."""
+    """Run the node's sleep command over SSH and record it asleep. (ok, what happened).
+
+    The node is recorded asleep before the command runs, so that recovery and health, which may look while the
+    machine goes down under the command, see a sleep homelab ordered, not a DOWN node. A command that ends with
+    its connection dropping (exit -1 or 255, an SSH session lost, killed by its timeout) is a success when the
+    node then stops answering within `grace` seconds: that is how a suspend over SSH ends. Any other failure
+    takes the record back and says why (never an empty reason)."""
     assert node.power is not None
     redact = redactor or Redactor()
-    actions = NodeActions(spec, node, state_dir, wiring=wiring, redactor=redact)
+    actions = actions or NodeActions(spec, node, state_dir, wiring=wiring, redactor=redact)
+    store = PowerStore.of(spec, state_dir)
     command = node.power.command_for(node.os)
     emit("node-sleep", node=node.name, reason=reason, action=describe_sleep(node))
+    store.put(node.name, ASLEEP, reason)  # ordered: recovery leaves it alone from now on
+    dropped: str | None = None
+    failed: str | None = None
     try:
         obs = await actions.run_on_node(command, SLEEP_COMMAND_TIMEOUT_S)
-    except (SshFailed, CommandFailed, DriverError) as exc:
-        detail = redact(str(exc))
-        emit("node-sleep-failed", node=node.name, error=detail)
-        return False, f"node {node.name}: the sleep command failed: {detail}"
-    if not obs.ok:
-        emit("node-sleep-failed", node=node.name, error=obs.detail)
-        return False, f"node {node.name}: the sleep command failed: {obs.detail}"
-    PowerStore.of(spec, state_dir).put(node.name, ASLEEP, reason)
+    except (SshFailed, CommandFailed) as exc:
+        dropped = redact(str(exc)) or type(exc).__name__
+    except DriverError as exc:
+        failed = redact(str(exc)) or type(exc).__name__
+    else:
+        if not obs.ok:
+            detail = obs.detail.strip().rstrip(":").strip() or "no output"
+            if any(detail.startswith(f"exit {code}") for code in DROPPED_EXITS):
+                dropped = f"{detail} (the connection dropped)"
+            else:
+                failed = detail
+    if dropped is not None and failed is None:
+        still = await _stopped_answering(actions, grace, every)
+        if still is not None:
+            failed = f"{dropped}; {still} still answers {in_words(grace)} later"
+        else:
+            reason = f"{reason}; the sleep command's connection dropped and the node stopped answering"
+    if failed is not None:
+        store.put(node.name, None)
+        emit("node-sleep-failed", node=node.name, error=failed)
+        return False, f"node {node.name}: the sleep command failed: {failed}"
+    store.put(node.name, ASLEEP, reason)
     emit("node-asleep", node=node.name, reason=reason)
     return True, f"node {node.name}: asleep ({reason})"
 
