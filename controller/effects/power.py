@@ -6,6 +6,7 @@
               next sweep runs recovery's machine from PROBE (containers one at a time, health-gated) ──▶ AWAKE
 
 Last use. Each sweep asks every model server of a sleep-enabled node what it served: llama-server `GET /slots`
+(a swap pool's router: its members' states on `GET /v1/models` and each loaded member's `/slots?model=ALIAS`)
 (each slot's `id_task` changes when the slot takes a new request, `is_processing` is true while one is in
 flight) and Ollama `GET /api/ps` (each loaded model's `expires_at` moves forward with every request it serves).
 A signature of those values that changed since the last sweep, or a request in flight, is a use. Why these and
@@ -39,6 +40,7 @@ import httpx
 from controller.core.power_plugin import POWER_STATE
 from controller.core.state import ClusterState
 from controller.drivers.base import CommandFailed, DriverError, SshFailed
+from controller.drivers.llamacpp import LOADED, LOADING, parse_router_models
 from controller.drivers.secrets import Redactor
 from controller.effects.engine import Wiring
 from controller.effects.recovery import EventFn, NodeActions, Outcome, Reach, Recoverer, Status, Step, in_words
@@ -151,11 +153,15 @@ class Usage:
 
 
 async def probe_usage(node: Node, desired: ClusterState | None, timeout: float = 3.0) -> Usage:
-    """llama-server `/slots` of each of the node's containers and Ollama `/api/ps`."""
+    """llama-server `/slots` of each of the node's containers and Ollama `/api/ps`. A swap pool's router answers
+    `/slots` with 400 (`model name is missing from the request`): its use is read from its members' states on
+    `/v1/models` (a member loading is a request in flight; a change of state is a use) and, for each loaded
+    member, its own `/slots?model=ALIAS`."""
     urls: list[tuple[str, str]] = []
     if desired is not None and node.name in desired.nodes:
         for c in desired.nodes[node.name].containers:
-            urls.append(("slots", c.health_url.removesuffix("/health") + "/slots"))
+            base = c.health_url.removesuffix("/health")
+            urls.append(("pool", base) if c.pool else ("slots", base + "/slots"))
     if node.ollama is not None:
         urls.append(("ps", node.ollama.url.rstrip("/") + "/api/ps"))
     signature: list[str] = []
@@ -163,21 +169,61 @@ async def probe_usage(node: Node, desired: ClusterState | None, timeout: float =
     async with httpx.AsyncClient(trust_env=False, timeout=timeout) as client:
         for kind, url in urls:
             try:
+                if kind == "pool":
+                    busy, seen = await _pool_usage(client, url)
+                    in_flight = in_flight or busy
+                    signature.extend(seen)
+                    continue
                 r = await client.get(url)
                 r.raise_for_status()
                 data = r.json()
-            except (httpx.HTTPError, ValueError) as exc:
-                return Usage((), False, f"{url}: {type(exc).__name__}")
+            except (httpx.HTTPError, ValueError, DriverError) as exc:
+                return Usage((), False, f"{url}: {str(exc) if isinstance(exc, DriverError) else type(exc).__name__}")
             if kind == "slots":
-                for s in data if isinstance(data, list) else ():
-                    if isinstance(s, dict):
-                        in_flight = in_flight or bool(s.get("is_processing"))
-                        signature.append(f"{url}#{s.get('id')}={s.get('id_task')}")
+                busy, seen = _slots_usage(url, data)
+                in_flight = in_flight or busy
+                signature.extend(seen)
             else:
                 for m in data.get("models", []) if isinstance(data, dict) else ():
                     if isinstance(m, dict):
                         signature.append(f"{url}#{m.get('name')}={m.get('expires_at')}")
     return Usage(tuple(sorted(signature)), in_flight)
+
+
+def _slots_usage(url: str, data: Any) -> tuple[bool, list[str]]:
+    """(a request in flight, the slots' signature) from a `/slots` answer."""
+    busy = False
+    seen: list[str] = []
+    for s in data if isinstance(data, list) else ():
+        if isinstance(s, dict):
+            busy = busy or bool(s.get("is_processing"))
+            seen.append(f"{url}#{s.get('id')}={s.get('id_task')}")
+    return busy, seen
+
+
+async def _pool_usage(client: httpx.AsyncClient, base: str) -> tuple[bool, list[str]]:
+    """A router's use: its members' states on `/v1/models`, and each loaded member's `/slots?model=ALIAS` (a
+    member whose slots do not answer counts by its state alone). DriverError when `/v1/models` does not answer
+    a router's list."""
+    r = await client.get(base + "/v1/models")
+    if r.status_code != 200:
+        raise DriverError(f"HTTP {r.status_code}")
+    members = parse_router_models(r.json())
+    busy = any(m.state == LOADING for m in members.values())
+    seen = [f"{base}/v1/models#{alias}={m.state}" for alias, m in sorted(members.items())]
+    for alias, m in sorted(members.items()):
+        if m.state != LOADED:
+            continue
+        url = f"{base}/slots?model={alias}"
+        slots = await client.get(url)
+        if slots.status_code == 200:
+            try:
+                member_busy, member_seen = _slots_usage(url, slots.json())
+            except ValueError:
+                continue
+            busy = busy or member_busy
+            seen.extend(member_seen)
+    return busy, seen
 
 
 @dataclass
