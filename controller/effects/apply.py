@@ -136,7 +136,7 @@ def apply_lock(state_dir: Path, cluster: str | None = None) -> Iterator[None]:
     cannot apply to one cluster at once."""
     state_dir.mkdir(parents=True, exist_ok=True)
     held = "another homelab apply is running (pid {holder}); lock file {path}"
-    with _flock(state_dir / LOCK_FILE, held, "state directory"):
+    with _in_process(state_dir), _flock(state_dir / LOCK_FILE, held, "state directory"):
         if cluster is None:
             yield
             return
@@ -144,6 +144,33 @@ def apply_lock(state_dir: Path, cluster: str | None = None) -> Iterator[None]:
         where = f"lock directory (${LOCK_DIR_ENV})" if os.environ.get(LOCK_DIR_ENV) else "lock directory"
         with _flock(cluster_lock_path(cluster), held, where):
             yield
+
+
+_PROCESS_LOCKS: dict[str, threading.Lock] = {}
+_PROCESS_LOCKS_GUARD = threading.Lock()
+
+
+@contextmanager
+def _in_process(state_dir: Path) -> Iterator[None]:
+    """Applies of one process to one state directory take turns (the watch's reconcile and its own recovery run
+    in threads of one process: the second waits for the first instead of failing on its own pid's file lock)."""
+    key = str(state_dir.resolve())
+    with _PROCESS_LOCKS_GUARD:
+        lock = _PROCESS_LOCKS.setdefault(key, threading.Lock())
+    if not lock.acquire(blocking=False):  # this thread may hold it already: then the file lock says so
+        if any(t is threading.current_thread() for t in _OWNERS.get(key, ())):
+            yield
+            return
+        lock.acquire()
+    _OWNERS.setdefault(key, []).append(threading.current_thread())
+    try:
+        yield
+    finally:
+        _OWNERS[key].remove(threading.current_thread())
+        lock.release()
+
+
+_OWNERS: dict[str, list[threading.Thread]] = {}
 
 
 LOCK_DIR_ENV = "HOMELAB_LOCK_DIR"
