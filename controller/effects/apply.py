@@ -26,6 +26,7 @@ from typing import Any, TextIO
 from controller.core.plan import Plan, Step, StepKind
 from controller.core.state import LABEL_CLUSTER, LABEL_NODE
 from controller.drivers.base import DockerNode, DriverError, Gateway, OllamaNode, ProgressFn
+from controller.drivers.llamacpp import identity
 from controller.drivers.poll import poll_200
 from specs.errors import HomelabError
 
@@ -49,12 +50,15 @@ class StepFailed(DriverError):
     pass
 
 
-HealthCheck = Callable[[str, float, Callable[[], bool]], None]
-"""health_check(url, timeout, cancelled): return once `url` answers 200; raise StepFailed otherwise."""
+HealthCheck = Callable[[str, float, Callable[[], bool], tuple[str, ...]], None]
+"""health_check(url, timeout, cancelled, serves): return once `url` answers 200 and the server there lists every
+name of `serves` on `/v1/models` (it is the container just started); raise StepFailed otherwise."""
 
 
-def wait_healthy(url: str, timeout: float, cancelled: Callable[[], bool]) -> None:
-    """Poll llama-server's /health until 200. 503 means loading; anything else, keep trying until timeout."""
+def wait_healthy(url: str, timeout: float, cancelled: Callable[[], bool], serves: tuple[str, ...] = ()) -> None:
+    """Poll llama-server's /health until 200 (503 means loading; anything else, keep trying until timeout), then
+    prove the answering server is the container just started: its `/v1/models` lists `serves` (its `--alias`, a
+    router's members). A server that squats the port fails the wait at once, naming what answered."""
 
     def stop_if_cancelled() -> None:
         if cancelled():
@@ -70,6 +74,10 @@ def wait_healthy(url: str, timeout: float, cancelled: Callable[[], bool]) -> Non
     )
     if last is not None:
         raise StepFailed(f"{url} did not answer 200 within {timeout:g}s (last: {last})")
+    if serves:
+        wrong = identity(url.removesuffix("/health"), serves, min(timeout, 5.0))
+        if wrong is not None:
+            raise StepFailed(f"not the container just started: {wrong}")
 
 
 @dataclass
@@ -128,7 +136,7 @@ def apply_lock(state_dir: Path, cluster: str | None = None) -> Iterator[None]:
     cannot apply to one cluster at once."""
     state_dir.mkdir(parents=True, exist_ok=True)
     held = "another homelab apply is running (pid {holder}); lock file {path}"
-    with _flock(state_dir / LOCK_FILE, held, "state directory"):
+    with _in_process(state_dir), _flock(state_dir / LOCK_FILE, held, "state directory"):
         if cluster is None:
             yield
             return
@@ -136,6 +144,33 @@ def apply_lock(state_dir: Path, cluster: str | None = None) -> Iterator[None]:
         where = f"lock directory (${LOCK_DIR_ENV})" if os.environ.get(LOCK_DIR_ENV) else "lock directory"
         with _flock(cluster_lock_path(cluster), held, where):
             yield
+
+
+_PROCESS_LOCKS: dict[str, threading.Lock] = {}
+_PROCESS_LOCKS_GUARD = threading.Lock()
+
+
+@contextmanager
+def _in_process(state_dir: Path) -> Iterator[None]:
+    """Applies of one process to one state directory take turns (the watch's reconcile and its own recovery run
+    in threads of one process: the second waits for the first instead of failing on its own pid's file lock)."""
+    key = str(state_dir.resolve())
+    with _PROCESS_LOCKS_GUARD:
+        lock = _PROCESS_LOCKS.setdefault(key, threading.Lock())
+    if not lock.acquire(blocking=False):  # this thread may hold it already: then the file lock says so
+        if any(t is threading.current_thread() for t in _OWNERS.get(key, ())):
+            yield
+            return
+        lock.acquire()
+    _OWNERS.setdefault(key, []).append(threading.current_thread())
+    try:
+        yield
+    finally:
+        _OWNERS[key].remove(threading.current_thread())
+        lock.release()
+
+
+_OWNERS: dict[str, list[threading.Thread]] = {}
 
 
 LOCK_DIR_ENV = "HOMELAB_LOCK_DIR"
@@ -384,7 +419,7 @@ class Executor:
             assert step.container is not None
             timeout = self.health_timeout.get(step.node, 300.0)
             try:
-                self.health_check(step.container.health_url, timeout, self._stop.is_set)
+                self.health_check(step.container.health_url, timeout, self._stop.is_set, step.container.serves)
             except StepFailed as exc:
                 logs = driver.container_logs(step.name, tail=3).strip().replace("\n", " | ")
                 raise StepFailed(f"{exc}" + (f"; last log lines: {logs}" if logs else "")) from None

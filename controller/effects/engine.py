@@ -19,17 +19,21 @@ loop and recovery are handed it.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import httpx
+
 from controller.core.desired import ollama_requirements, render, source_sizes
-from controller.core.diff import DiffResult, diff
+from controller.core.diff import DiffResult, PortConflict, diff
 from controller.core.plan import Plan, make_plan
-from controller.core.state import ClusterState, GatewayState
+from controller.core.state import ClusterState, GatewayState, url_host
 from controller.drivers.base import DockerNode, Gateway, OllamaNode
 from controller.drivers.docker import DockerEngine
 from controller.drivers.gpu import GpuProbe, discover_gpus
@@ -221,6 +225,62 @@ def desired_state(
     return render(spec, placement, current_ports(running) if running is not None else None)
 
 
+# --------------------------------------------------------------------------- ports held on this machine
+
+PortHolder = Callable[[str, int], str | None]
+
+
+def is_this_machine(node: Node) -> bool:
+    """Whether the node is the machine homelab runs on: a loopback address, or a local Docker socket."""
+    if node.address == "localhost":
+        return True
+    try:
+        if ipaddress.ip_address(node.address.strip("[]")).is_loopback:
+            return True
+    except ValueError:
+        pass
+    return node.docker is not None and node.docker.endpoint.startswith("unix://")
+
+
+def port_holder(address: str, port: int) -> str | None:
+    """What listens on ADDRESS:PORT of this machine, in words (None: nothing answers a connect there)."""
+    host = address.strip("[]")
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            pass
+    except OSError:
+        return None
+    what = "a process that is not a container homelab manages"
+    try:
+        with httpx.Client(timeout=1.0, trust_env=False) as client:
+            server = client.get(f"http://{url_host(address)}:{port}/").headers.get("server")
+    except httpx.HTTPError:
+        server = None
+    return f"{what} (it answers HTTP, Server: {server[:60]})" if server else what
+
+
+def check_ports(spec: ClusterSpec, prepared: Prepared, holder: PortHolder) -> None:
+    """PortConflict when a container the plan starts (a new one, or one not running) would listen on a port of a
+    node that is this machine that something else holds already (a port held by one of homelab's own running
+    containers on that node is its own: a plan stops that one first)."""
+    for node in spec.nodes:
+        want = prepared.desired.nodes.get(node.name)
+        have = prepared.observed.nodes.get(node.name)
+        if want is None or have is None or not have.reachable or not is_this_machine(node):
+            continue
+        running = {c.name for c in have.containers if c.status == "running"}
+        ours = {c.config.port for c in have.containers if c.config is not None and c.status == "running"}
+        for c in want.containers:
+            if c.config is None or c.name in running or c.config.port in ours:
+                continue
+            held = holder(url_host(node.address), c.config.port)
+            if held is not None:
+                raise PortConflict(
+                    f"node {node.name}: container {c.name} would listen on {node.address}:{c.config.port}, which"
+                    f" {held} holds; stop it or give the node's llamacpp.ports another range"
+                )
+
+
 # --------------------------------------------------------------------------- wiring and the session
 
 STATE_ENV = "HOMELAB_STATE_DIR"
@@ -255,6 +315,9 @@ class Wiring:
     host_cpu: HostCpu = local_cpu_flags
     """This machine's CPU flags, for the nodes that are this machine and state no `cpu:` (`host_cpus`)."""
     solve: SolveParams = DEFAULT_SOLVE
+    port_holder: PortHolder = port_holder
+    """What holds ADDRESS:PORT on a node that is this machine (None: nothing; `Session.prepare` checks the
+    ports a plan would start a container on)."""
 
 
 def state_dir(spec: ClusterSpec | None, override: Path | None) -> Path:
@@ -310,8 +373,9 @@ class Session:
         self.close()
 
     def prepare(self, *, gateway: bool = True, gpus: bool = True) -> Prepared:
-        """Observe, place, render, diff and plan (`gateway`: observe and plan the gateway; `gpus`: probe them)."""
-        return prepare(
+        """Observe, place, render, diff and plan (`gateway`: observe and plan the gateway; `gpus`: probe them).
+        A port the plan starts a container on that a process of this machine holds is a PortConflict."""
+        prepared = prepare(
             self.spec,
             self.connect,
             self.wiring.solve,
@@ -321,6 +385,8 @@ class Session:
             state=self.state_dir,
             cpus=host_cpus(self.spec, self.wiring.host_cpu),
         )
+        check_ports(self.spec, prepared, self.wiring.port_holder)
+        return prepared
 
     def calibrate(self) -> list[calibration.Measurement]:
         """Measure what the running managed containers hold now and keep it in the state directory (after an

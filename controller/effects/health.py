@@ -1,7 +1,8 @@
 """Health per tier: probe every endpoint of the cluster at once, each with its own timeout.
 
     Ollama       GET {ollama.url}/api/tags
-    llama.cpp    GET http://NODE:PORT/health        (503 while loading: STARTING, not down)
+    llama.cpp    GET http://NODE:PORT/health        (503 while loading: STARTING, not down), then /v1/models must
+                                                    list its alias (else another server holds the port: DOWN)
     swap pool    GET http://NODE:PORT/v1/models     (per member: loaded UP, loading STARTING, unloaded or
                                                      asleep IDLE — it loads on request —, a failed load DOWN)
     LiteLLM      GET {gateway}/health/liveliness    (never /health: it calls every model and hangs)
@@ -28,7 +29,7 @@ from controller.core.gateway_config import gateway_url
 from controller.core.state import ClusterState, url_host
 from controller.drivers.base import DriverError
 from controller.drivers.docker import DockerEngine
-from controller.drivers.llamacpp import FAILED, LOADED, LOADING, SLEEPING, parse_router_models
+from controller.drivers.llamacpp import FAILED, LOADED, LOADING, SLEEPING, listed_ids, parse_router_models
 from specs.model import ClusterSpec, Node
 
 GATEWAY_TIER = "gateway"
@@ -75,7 +76,8 @@ class Endpoint:
     node: str | None = None
     model: str | None = None
     served: str | None = None
-    """kind `llamapool`: the member's alias in the router's `/v1/models`."""
+    """kind `llamapool`: the member's alias in the router's `/v1/models`; kind `llamacpp`: the container's
+    `--alias`, which its `/v1/models` must list (the server there is the one homelab started)."""
 
 
 @dataclass(frozen=True)
@@ -206,6 +208,7 @@ def endpoints(spec: ClusterSpec, desired: ClusterState | None = None) -> list[En
                         timeout_for(spec, c.model, node.name),
                         node.name,
                         c.model,
+                        c.config.alias if c.config is not None and c.config.alias else None,
                     )
                 )
     gw = spec.gateway
@@ -250,6 +253,8 @@ async def _probe_http(client: httpx.AsyncClient, e: Endpoint, slow: float) -> Pr
     if not 200 <= r.status_code < 300:
         return Probe(e, Status.DOWN, r.status_code, latency, f"HTTP {r.status_code}")
     status = Status.SLOW if latency > slow else Status.UP
+    if e.kind == "llamacpp" and e.served is not None:
+        return await _llamacpp_identity(client, e, status, r.status_code, latency)
     if e.kind == "llamapool":
         return _pool_member(e, r, status, latency)
     if e.kind == "ollama":
@@ -260,6 +265,30 @@ async def _probe_http(client: httpx.AsyncClient, e: Endpoint, slow: float) -> Pr
             return Probe(e, Status.DOWN, r.status_code, latency, "/api/tags did not answer JSON")
         return Probe(e, status, r.status_code, latency, models=names)
     return Probe(e, status, r.status_code, latency)
+
+
+async def _llamacpp_identity(
+    client: httpx.AsyncClient, e: Endpoint, answered: Status, code: int, latency: float
+) -> Probe:
+    """A model's container answered /health: it is up only if the server there is the one homelab started (its
+    `--alias` on `/v1/models`); a server squatting the port is DOWN, named."""
+    url = e.target.removesuffix("/health") + "/v1/models"
+    try:
+        r = await asyncio.wait_for(client.get(url, timeout=e.timeout), e.timeout)
+    except (TimeoutError, httpx.HTTPError) as exc:
+        return Probe(e, Status.DOWN, code, latency, f"{url}: {_short(exc) if str(exc) else 'no answer'}")
+    server = f" (Server: {r.headers['server'][:60]})" if r.headers.get("server") else ""
+    try:
+        got = listed_ids(r.json()) if r.status_code == 200 else None
+    except ValueError:
+        got = None
+    if got is None:
+        why = f"{url} answered HTTP {r.status_code}{server}: not its llama-server"
+        return Probe(e, Status.DOWN, code, latency, why)
+    if e.served not in got:
+        listed = ", ".join(sorted(got)[:5]) or "no models"
+        return Probe(e, Status.DOWN, code, latency, f"another server holds the port: it serves {listed}{server}")
+    return Probe(e, answered, code, latency)
 
 
 def _pool_member(e: Endpoint, r: httpx.Response, answered: Status, latency: float) -> Probe:

@@ -6,6 +6,7 @@
               next sweep runs recovery's machine from PROBE (containers one at a time, health-gated) ──▶ AWAKE
 
 Last use. Each sweep asks every model server of a sleep-enabled node what it served: llama-server `GET /slots`
+(a swap pool's router: its members' states on `GET /v1/models` and each loaded member's `/slots?model=ALIAS`)
 (each slot's `id_task` changes when the slot takes a new request, `is_processing` is true while one is in
 flight) and Ollama `GET /api/ps` (each loaded model's `expires_at` moves forward with every request it serves).
 A signature of those values that changed since the last sweep, or a request in flight, is a use. Why these and
@@ -24,6 +25,7 @@ Recovery never recovers a node that is there; `homelab health` and `homelab stat
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -38,9 +40,10 @@ import httpx
 from controller.core.power_plugin import POWER_STATE
 from controller.core.state import ClusterState
 from controller.drivers.base import CommandFailed, DriverError, SshFailed
+from controller.drivers.llamacpp import LOADED, LOADING, parse_router_models
 from controller.drivers.secrets import Redactor
 from controller.effects.engine import Wiring
-from controller.effects.recovery import EventFn, NodeActions, Outcome, Recoverer, Status, Step, in_words
+from controller.effects.recovery import EventFn, NodeActions, Outcome, Reach, Recoverer, Status, Step, in_words
 from specs.files import atomic_write
 from specs.model import ClusterSpec, Node
 
@@ -150,11 +153,15 @@ class Usage:
 
 
 async def probe_usage(node: Node, desired: ClusterState | None, timeout: float = 3.0) -> Usage:
-    """llama-server `/slots` of each of the node's containers and Ollama `/api/ps`."""
+    """llama-server `/slots` of each of the node's containers and Ollama `/api/ps`. A swap pool's router answers
+    `/slots` with 400 (`model name is missing from the request`): its use is read from its members' states on
+    `/v1/models` (a member loading is a request in flight; a change of state is a use) and, for each loaded
+    member, its own `/slots?model=ALIAS`."""
     urls: list[tuple[str, str]] = []
     if desired is not None and node.name in desired.nodes:
         for c in desired.nodes[node.name].containers:
-            urls.append(("slots", c.health_url.removesuffix("/health") + "/slots"))
+            base = c.health_url.removesuffix("/health")
+            urls.append(("pool", base) if c.pool else ("slots", base + "/slots"))
     if node.ollama is not None:
         urls.append(("ps", node.ollama.url.rstrip("/") + "/api/ps"))
     signature: list[str] = []
@@ -162,21 +169,61 @@ async def probe_usage(node: Node, desired: ClusterState | None, timeout: float =
     async with httpx.AsyncClient(trust_env=False, timeout=timeout) as client:
         for kind, url in urls:
             try:
+                if kind == "pool":
+                    busy, seen = await _pool_usage(client, url)
+                    in_flight = in_flight or busy
+                    signature.extend(seen)
+                    continue
                 r = await client.get(url)
                 r.raise_for_status()
                 data = r.json()
-            except (httpx.HTTPError, ValueError) as exc:
-                return Usage((), False, f"{url}: {type(exc).__name__}")
+            except (httpx.HTTPError, ValueError, DriverError) as exc:
+                return Usage((), False, f"{url}: {str(exc) if isinstance(exc, DriverError) else type(exc).__name__}")
             if kind == "slots":
-                for s in data if isinstance(data, list) else ():
-                    if isinstance(s, dict):
-                        in_flight = in_flight or bool(s.get("is_processing"))
-                        signature.append(f"{url}#{s.get('id')}={s.get('id_task')}")
+                busy, seen = _slots_usage(url, data)
+                in_flight = in_flight or busy
+                signature.extend(seen)
             else:
                 for m in data.get("models", []) if isinstance(data, dict) else ():
                     if isinstance(m, dict):
                         signature.append(f"{url}#{m.get('name')}={m.get('expires_at')}")
     return Usage(tuple(sorted(signature)), in_flight)
+
+
+def _slots_usage(url: str, data: Any) -> tuple[bool, list[str]]:
+    """(a request in flight, the slots' signature) from a `/slots` answer."""
+    busy = False
+    seen: list[str] = []
+    for s in data if isinstance(data, list) else ():
+        if isinstance(s, dict):
+            busy = busy or bool(s.get("is_processing"))
+            seen.append(f"{url}#{s.get('id')}={s.get('id_task')}")
+    return busy, seen
+
+
+async def _pool_usage(client: httpx.AsyncClient, base: str) -> tuple[bool, list[str]]:
+    """A router's use: its members' states on `/v1/models`, and each loaded member's `/slots?model=ALIAS` (a
+    member whose slots do not answer counts by its state alone). DriverError when `/v1/models` does not answer
+    a router's list."""
+    r = await client.get(base + "/v1/models")
+    if r.status_code != 200:
+        raise DriverError(f"HTTP {r.status_code}")
+    members = parse_router_models(r.json())
+    busy = any(m.state == LOADING for m in members.values())
+    seen = [f"{base}/v1/models#{alias}={m.state}" for alias, m in sorted(members.items())]
+    for alias, m in sorted(members.items()):
+        if m.state != LOADED:
+            continue
+        url = f"{base}/slots?model={alias}"
+        slots = await client.get(url)
+        if slots.status_code == 200:
+            try:
+                member_busy, member_seen = _slots_usage(url, slots.json())
+            except ValueError:
+                continue
+            busy = busy or member_busy
+            seen.extend(member_seen)
+    return busy, seen
 
 
 @dataclass
@@ -228,6 +275,39 @@ def describe_sleep(node: Node) -> str:
 # --------------------------------------------------------------------------- sleep and wake
 
 
+SLEEP_GRACE_S = 20.0
+"""How long a sleep command whose connection dropped may take to make the node stop answering."""
+DROPPED_EXITS = frozenset({-1, 255})
+"""Exit statuses of a command whose connection dropped: killed by a signal or its session lost (-1), ssh's own
+failure (255). A sleep command that suspends the machine under its own SSH session ends like that."""
+
+
+async def node_answers(actions: NodeActions) -> str | None:
+    """What of the node still answers (its SSH server, its Docker engine), or None when nothing does."""
+    node = actions.node
+    if node.ssh is not None:
+        ssh = await actions.probe_ssh()
+        if ssh.ssh is Reach.UP:
+            return "its SSH server"
+    if node.docker is not None:
+        docker = await actions.probe_docker()
+        if docker.docker:
+            return "its Docker engine"
+    return None
+
+
+async def _stopped_answering(actions: NodeActions, grace: float, every: float) -> str | None:
+    """None once the node stops answering within `grace` seconds; else what still answers."""
+    deadline = time.monotonic() + grace
+    while True:
+        answering = await node_answers(actions)
+        if answering is None:
+            return None
+        if time.monotonic() >= deadline:
+            return answering
+        await asyncio.sleep(every)
+
+
 async def sleep_node(
     spec: ClusterSpec,
     node: Node,
@@ -237,23 +317,50 @@ async def sleep_node(
     emit: EventFn,
     reason: str,
     redactor: Redactor | None = None,
+    actions: NodeActions | None = None,
+    grace: float = SLEEP_GRACE_S,
+    every: float = 1.0,
 ) -> tuple[bool, str]:
-    """Run the node's sleep command over SSH and record it asleep. (ok, what happened)."""
+    """Run the node's sleep command over SSH and record it asleep. (ok, what happened).
+
+    The node is recorded asleep before the command runs, so that recovery and health, which may look while the
+    machine goes down under the command, see a sleep homelab ordered, not a DOWN node. A command that ends with
+    its connection dropping (exit -1 or 255, an SSH session lost, killed by its timeout) is a success when the
+    node then stops answering within `grace` seconds: that is how a suspend over SSH ends. Any other failure
+    takes the record back and says why (never an empty reason)."""
     assert node.power is not None
     redact = redactor or Redactor()
-    actions = NodeActions(spec, node, state_dir, wiring=wiring, redactor=redact)
+    actions = actions or NodeActions(spec, node, state_dir, wiring=wiring, redactor=redact)
+    store = PowerStore.of(spec, state_dir)
     command = node.power.command_for(node.os)
     emit("node-sleep", node=node.name, reason=reason, action=describe_sleep(node))
+    store.put(node.name, ASLEEP, reason)  # ordered: recovery leaves it alone from now on
+    dropped: str | None = None
+    failed: str | None = None
     try:
         obs = await actions.run_on_node(command, SLEEP_COMMAND_TIMEOUT_S)
-    except (SshFailed, CommandFailed, DriverError) as exc:
-        detail = redact(str(exc))
-        emit("node-sleep-failed", node=node.name, error=detail)
-        return False, f"node {node.name}: the sleep command failed: {detail}"
-    if not obs.ok:
-        emit("node-sleep-failed", node=node.name, error=obs.detail)
-        return False, f"node {node.name}: the sleep command failed: {obs.detail}"
-    PowerStore.of(spec, state_dir).put(node.name, ASLEEP, reason)
+    except (SshFailed, CommandFailed) as exc:
+        dropped = redact(str(exc)) or type(exc).__name__
+    except DriverError as exc:
+        failed = redact(str(exc)) or type(exc).__name__
+    else:
+        if not obs.ok:
+            detail = obs.detail.strip().rstrip(":").strip() or "no output"
+            if any(detail.startswith(f"exit {code}") for code in DROPPED_EXITS):
+                dropped = f"{detail} (the connection dropped)"
+            else:
+                failed = detail
+    if dropped is not None and failed is None:
+        still = await _stopped_answering(actions, grace, every)
+        if still is not None:
+            failed = f"{dropped}; {still} still answers {in_words(grace)} later"
+        else:
+            reason = f"{reason}; the sleep command's connection dropped and the node stopped answering"
+    if failed is not None:
+        store.put(node.name, None)
+        emit("node-sleep-failed", node=node.name, error=failed)
+        return False, f"node {node.name}: the sleep command failed: {failed}"
+    store.put(node.name, ASLEEP, reason)
     emit("node-asleep", node=node.name, reason=reason)
     return True, f"node {node.name}: asleep ({reason})"
 

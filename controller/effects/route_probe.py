@@ -69,6 +69,7 @@ def health_endpoint(spec: ClusterSpec, endpoint: Endpoint) -> health.Endpoint:
         timeout=health.timeout_for(spec, endpoint.model, endpoint.node),
         node=endpoint.node,
         model=endpoint.model,
+        served=endpoint.served_model if kind == "llamacpp" else None,  # its /v1/models must list it
     )
 
 

@@ -35,7 +35,7 @@ def engines(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, wired: Wired) -> di
 
     wired.set(connect=factory)
     wired.set(gpu_probe=lambda nodes: {})
-    wired.set(health_check=lambda url, timeout, cancelled: None)
+    wired.set(health_check=lambda url, timeout, cancelled, serves: None)
     monkeypatch.setenv("HOMELAB_STATE_DIR", str(tmp_path / "state"))
     (tmp_path / "cluster.yaml").write_text(SPEC)
     monkeypatch.chdir(tmp_path)

@@ -103,7 +103,7 @@ def cli(wired: Wired, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Wired:
     def factory(spec: ClusterSpec) -> object:
         return lambda node: fakes.setdefault(node.name, FakeDockerNode(node.name, reachable=False))
 
-    wired.set(connect=factory, gpu_probe=lambda nodes: {}, health_check=lambda url, timeout, cancelled: None)
+    wired.set(connect=factory, gpu_probe=lambda nodes: {}, health_check=lambda url, timeout, cancelled, serves: None)
     (tmp_path / "cluster.yaml").write_text(SPEC)
     monkeypatch.chdir(tmp_path)
     return wired

@@ -93,7 +93,7 @@ class Lab:
             spec.cluster.name,
             {"box": self.docker},
             self.tmp / "state",
-            health_check=lambda url, timeout, cancelled: None,
+            health_check=lambda url, timeout, cancelled, serves: None,
             gateway=ContainerGateway(prepared.desired.gateway, self.docker, spec.cluster.name),
             gateway_timeout=5,
         )
@@ -216,7 +216,7 @@ def test_a_gateway_container_the_spec_no_longer_runs_is_removed_first(lab: Lab) 
     ]
     assert steps(plan) == [("box", "remove-service")]
     assert f"- service {GATEWAY_CONTAINER}" in render_text(plan)
-    Executor(without.cluster.name, {"box": lab.docker}, lab.tmp / "state", health_check=lambda u, t, c: None).apply(
+    Executor(without.cluster.name, {"box": lab.docker}, lab.tmp / "state", health_check=lambda u, t, c, s: None).apply(
         plan
     )
     assert GATEWAY_CONTAINER not in lab.docker.services

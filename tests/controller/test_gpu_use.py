@@ -155,7 +155,7 @@ def cli_lab(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, wired: Wired) -> La
         return lab.connect
 
     wired.set(connect=factory)
-    wired.set(health_check=lambda url, timeout, cancelled: None)
+    wired.set(health_check=lambda url, timeout, cancelled, serves: None)
     monkeypatch.setenv("HOMELAB_STATE_DIR", str(tmp_path / "state"))
     (tmp_path / "cluster.yaml").write_text(SPEC)
     monkeypatch.chdir(tmp_path)

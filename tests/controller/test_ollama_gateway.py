@@ -181,7 +181,7 @@ class Lab:
             spec.cluster.name,
             {"box": self.docker},
             tmp,
-            health_check=lambda url, timeout, cancelled: None,
+            health_check=lambda url, timeout, cancelled, serves: None,
             on_progress=lambda *a: self.progress.append(a),
             ollama={"desk": self.ollama},
             gateway=self.gateway,
@@ -436,7 +436,7 @@ def test_reconcile_command_applies_ollama_and_gateway(
 ) -> None:
     (tmp_path / "cluster.yaml").write_text(SPEC)
     monkeypatch.setenv("HOMELAB_STATE_DIR", str(tmp_path / "state"))
-    wired.set(health_check=lambda url, timeout, cancelled: None)
+    wired.set(health_check=lambda url, timeout, cancelled, serves: None)
     r = wired.invoke(["reconcile", "--yes", "-f", str(tmp_path / "cluster.yaml")])
     assert r.exit_code == 0, r.output
     assert "desk: pulling qwen2.5:14b: 4292/8583 MiB (50%)" in r.stdout

@@ -208,7 +208,7 @@ def test_idle_members_keep_the_tier_healthy(tmp_path: Path) -> None:
     eps = [e for e in endpoints(spec_of(), prepared.desired) if e.kind in ("llamacpp", "llamapool")]
     port = pool_config(lab).port
     assert [(e.name, e.kind, e.target, e.served) for e in eps] == [
-        ("box/llamacpp/chat", "llamacpp", "http://127.0.0.1:3000/health", None),
+        ("box/llamacpp/chat", "llamacpp", "http://127.0.0.1:3000/health", "chat"),
         ("box/llamacpp/od-a", "llamapool", f"http://127.0.0.1:{port}/v1/models", "od-a"),
         ("box/llamacpp/od-b", "llamapool", f"http://127.0.0.1:{port}/v1/models", "bee"),
         ("box/llamacpp/od-c", "llamapool", f"http://127.0.0.1:{port}/v1/models", "od-c"),

@@ -93,7 +93,7 @@ class Lab:
         assert result.ok, result.summary()
         return plan
 
-    def _healthy(self, url: str, timeout: float, cancelled: object) -> None:
+    def _healthy(self, url: str, timeout: float, cancelled: object, serves: tuple[str, ...] = ()) -> None:
         self.health.append(url)
 
 
@@ -284,7 +284,7 @@ def test_health_timeout_fails_the_step(tmp_path: Path) -> None:
     lab = Lab()
     spec = spec_of()
 
-    def never(url: str, timeout: float, cancelled: object) -> None:
+    def never(url: str, timeout: float, cancelled: object, serves: tuple[str, ...] = ()) -> None:
         # Only box's servers never answer: were spare's to fail too, spare (no files to copy) could fail first
         # and stop box after its current step, with no error of its own (seen in CI).
         if "127.0.0.1" in url:
@@ -404,7 +404,7 @@ def test_a_plan_made_before_another_apply_is_refused_once_the_lock_is_held(tmp_p
     runs nothing of its out-of-date plan."""
     lab = Lab()
     spec = spec_of()
-    wiring = Wiring(connect=lambda s: lab.connect, health_check=lab._healthy)
+    wiring = Wiring(connect=lambda s: lab.connect, health_check=lab._healthy, port_holder=lambda a, p: None)
     with Session(spec, wiring, tmp_path / "a") as first, Session(spec, wiring, tmp_path / "b") as late:
         plan_a, plan_b = first.prepare(), late.prepare()
         assert plan_a.plan.steps and plan_a.plan == plan_b.plan

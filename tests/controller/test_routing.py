@@ -473,8 +473,10 @@ class _Health(BaseHTTPRequestHandler):
     status = 200
 
     def do_GET(self) -> None:
-        code = self.server.status if self.path == "/health" else 404  # type: ignore[attr-defined]
+        code = self.server.status if self.path in ("/health", "/v1/models") else 404  # type: ignore[attr-defined]
         body = b'{"status": "ok"}' if code == 200 else b'{"error": {"code": 503, "message": "Loading model"}}'
+        if self.path == "/v1/models" and code == 200:  # llama-server lists its --alias
+            body = json.dumps({"object": "list", "data": [{"id": self.server.alias}]}).encode()  # type: ignore[attr-defined]
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -487,11 +489,13 @@ class _Health(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def llama_stand_ins() -> Iterator[tuple[int, int]]:
-    """Two stand-ins for llama-server's `/health`: one still loading (503), one ready (200)."""
+    """Two stand-ins for llama-server's `/health` and `/v1/models`: coder-7b still loading (503), coder-1b
+    ready (200)."""
     servers = []
-    for status in (503, 200):
+    for status, alias in ((503, "coder-7b"), (200, "coder-1b")):
         server = ThreadingHTTPServer(("127.0.0.1", 0), _Health)
         server.status = status  # type: ignore[attr-defined]
+        server.alias = alias  # type: ignore[attr-defined]
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
     yield servers[0].server_address[1], servers[1].server_address[1]

@@ -194,7 +194,9 @@ def test_collect_reads_the_power_state_of_the_state_directory_it_is_given(
     def no_health(spec: ClusterSpec, desired: object) -> HealthReport:
         raise DriverError("not probed in this test")
 
-    wiring = Wiring(connect=lambda spec: lab.connect, gpu_probe=lambda nodes: {}, health=no_health)
+    wiring = Wiring(
+        connect=lambda spec: lab.connect, gpu_probe=lambda nodes: {}, health=no_health, port_holder=lambda a, p: None
+    )
     status = collect(spec, tmp_path / "c.yaml", given, wiring)
     assert status["nodes"]["box"]["power"]["state"] == "asleep"
     assert status["nodes"]["box"]["power"]["reason"] == "idle 31 min"

@@ -270,7 +270,7 @@ def engines(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, wired: Wired) -> di
 
     wired.set(connect=factory)
     wired.set(gpu_probe=lambda nodes: {})
-    wired.set(health_check=lambda url, timeout, cancelled: None)
+    wired.set(health_check=lambda url, timeout, cancelled, serves: None)
     wired.set(health=fake_health(set()))
     monkeypatch.setenv("HOMELAB_STATE_DIR", str(tmp_path / "state"))
     (tmp_path / "cluster.yaml").write_text(SPEC)
