@@ -297,7 +297,11 @@ class Supervisor:
         for name, tags in OLLAMA_TAGS.items():
             address = NODES[name]
             standin = OllamaStandin(
-                {tag: gemma_path for tag in tags}, llama_url=llama_url, host=address, port=choose_port(address, 11434)
+                {tag: gemma_path for tag in tags},
+                llama_url=llama_url,
+                host=address,
+                port=choose_port(address, 11434),
+                gpu=name != "nas",  # the NAS is CPU-only: its loaded models report size_vram 0, as Ollama's would
             )
             standin.__enter__()
             self.standins.append(standin)
