@@ -64,6 +64,10 @@ MARKER = ".homelab-lab"
 NODES = {"local": "127.0.0.2", "remote": "127.0.0.3", "nas": "127.0.0.4"}
 OLLAMA_TAGS = {"local": ["lab/seer:270m", "lab/quick:270m"], "nas": ["lab/generalist:270m"]}
 GEMMA = "gemma-3-270m-q4_k_m.gguf"
+GEMMA_CHAT = ("--no-jinja", "--chat-template", "gemma")
+"""The Gemma file has no chat template: llama-server's built-in `gemma` one, so that answers read as text (the
+same flags as the Gemma models' `args` in examples/lab/cluster.yaml). `--no-jinja` first: with Jinja on, the
+default, `--chat-template gemma` is taken as a Jinja template whose whole text is "gemma"."""
 SYNTH_EMBED = "synth-embed.gguf"
 LLAMA_IMAGE = "homelab-lab/llama-server:latest"
 HELPER_IMAGE = "homelab-lab/busybox:latest"
@@ -269,6 +273,7 @@ class Supervisor:
                 "2",
                 "-t",
                 "1",
+                *GEMMA_CHAT,
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -292,7 +297,11 @@ class Supervisor:
         for name, tags in OLLAMA_TAGS.items():
             address = NODES[name]
             standin = OllamaStandin(
-                {tag: gemma_path for tag in tags}, llama_url=llama_url, host=address, port=choose_port(address, 11434)
+                {tag: gemma_path for tag in tags},
+                llama_url=llama_url,
+                host=address,
+                port=choose_port(address, 11434),
+                gpu=name != "nas",  # the NAS is CPU-only: its loaded models report size_vram 0, as Ollama's would
             )
             standin.__enter__()
             self.standins.append(standin)

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from dataclasses import replace
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
+import ollama
+import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from controller.core.state import GatewayState, OllamaModelState
 from controller.drivers.base import DriverError, NodeUnreachable
@@ -141,6 +147,160 @@ def test_standin_json_shapes_and_status_codes(standin: OllamaStandin) -> None:
         assert [m["name"] for m in ps] == ["mine:latest"] and {"expires_at", "size_vram"} <= set(ps[0])
         r = c.post("/api/chat", json={"model": "nope", "messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 404 and "not found" in r.json()["error"]
+
+
+class FakeLlama:
+    """A llama-server's `/apply-template` and streaming `/completion`, on 127.0.0.1 (no real llama-server in unit
+    tests): the answer is ANSWER's words, one SSE event per token, cut at `n_predict` (`stop_type: limit`)."""
+
+    ANSWER = ("Paris", " is", " the", " capital", ".")
+
+    def __init__(self) -> None:
+        self.prompts: list[str] = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.path == "/apply-template":
+                    prompt = "".join(f"<{m['role']}>{m['content']}" for m in body["messages"]) + "<model>"
+                    payload = json.dumps({"prompt": prompt}).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                assert self.path == "/completion" and body["stream"] is True
+                fake.prompts.append(body["prompt"])
+                n = int(body["n_predict"])
+                words = fake.ANSWER[:n]
+                events = [{"content": w, "stop": False} for w in words]
+                limit = n < len(fake.ANSWER)
+                events.append({"content": "", "stop": True, "stop_type": "limit" if limit else "eos",
+                               "tokens_evaluated": 7, "tokens_predicted": len(words)})  # fmt: skip
+                data = b"".join(f"data: {json.dumps(e)}\n\n".encode() for e in events)
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def talking(gguf: Path) -> Iterator[OllamaStandin]:
+    """A stand-in answering through FakeLlama, with `tiny:1b` present."""
+    fake = FakeLlama()
+    try:
+        with OllamaStandin({"tiny:1b": gguf}, llama_url=fake.url) as s:
+            s.add_local("tiny:1b")
+            yield s
+    finally:
+        fake.close()
+
+
+@pytest.fixture
+def client(talking: OllamaStandin) -> Iterator[ollama.Client]:
+    """The real `ollama` Python client, talking to the stand-in."""
+    with ollama.Client(host=talking.url, trust_env=False) as c:
+        yield c
+
+
+def test_generate_and_chat_stream_token_by_token_through_the_ollama_client(
+    talking: OllamaStandin, client: ollama.Client
+) -> None:
+    parts = list(client.generate(model="tiny:1b", prompt="Capital of France?", stream=True))
+    assert [p.response for p in parts[:-1]] == list(FakeLlama.ANSWER) and not any(p.done for p in parts[:-1])
+    assert parts[-1].done and parts[-1].done_reason == "stop" and parts[-1].response == ""
+    assert (parts[-1].prompt_eval_count, parts[-1].eval_count) == (7, 5)
+    chat = list(client.chat(model="tiny:1b", messages=[{"role": "user", "content": "hi"}], stream=True))
+    assert [c.message.content for c in chat[:-1]] == list(FakeLlama.ANSWER) and chat[-1].done
+    assert all(c.message.role == "assistant" for c in chat)
+    whole = client.chat(model="tiny:1b", messages=[{"role": "user", "content": "hi"}], options={"num_predict": 2})
+    assert whole.message.content == "Paris is" and whole.done_reason == "length" and whole.eval_count == 2
+    with httpx.Client(base_url=talking.url, trust_env=False) as c:  # the default is a stream, as in Ollama
+        r = c.post("/api/generate", json={"model": "tiny:1b", "prompt": "x"})
+        assert r.headers["content-type"] == "application/x-ndjson" and len(r.text.splitlines()) == 6
+
+
+def test_ps_embed_and_unknown_models_through_the_ollama_client(talking: OllamaStandin, client: ollama.Client) -> None:
+    assert client.ps().models == []
+    client.generate(model="tiny:1b", prompt="x", keep_alive="10m", stream=False)
+    (running,) = client.ps().models
+    size = talking.registry["tiny:1b"].stat().st_size
+    assert (running.model, running.size, running.size_vram) == ("tiny:1b", size, size)
+    assert running.expires_at is not None
+    left = (running.expires_at - datetime.now(UTC)).total_seconds()
+    assert 590 < left <= 600
+    one = client.embed(model="tiny:1b", input="hello")
+    two = client.embed(model="tiny:1b", input=["hello", "world"])
+    assert len(one.embeddings) == 1 and len(two.embeddings) == 2 and two.embeddings[0] == one.embeddings[0]
+    assert len(one.embeddings[0]) == 256 and abs(sum(v * v for v in one.embeddings[0]) - 1) < 1e-6
+    assert two.embeddings[0] != two.embeddings[1]
+    for call in (
+        lambda: client.chat(model="nope", messages=[{"role": "user", "content": "hi"}]),
+        lambda: list(client.generate(model="nope", prompt="x", stream=True)),
+        lambda: client.embed(model="nope", input="x"),
+    ):
+        with pytest.raises(ollama.ResponseError) as err:
+            call()
+        assert (err.value.status_code, err.value.error) == (404, "model 'nope' not found")
+
+
+def test_the_openai_routes_through_the_openai_client(talking: OllamaStandin) -> None:
+    http = openai.DefaultHttpxClient(trust_env=False)
+    with openai.OpenAI(base_url=f"{talking.url}/v1", api_key="ollama", http_client=http) as c:
+        openai_routes(talking, c)
+
+
+def openai_routes(talking: OllamaStandin, client: openai.OpenAI) -> None:
+    msgs: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Capital of France?"}]
+    done = client.chat.completions.create(model="tiny:1b", messages=msgs)
+    assert done.object == "chat.completion" and done.model == "tiny:1b"
+    assert done.choices[0].message.content == "Paris is the capital." and done.choices[0].finish_reason == "stop"
+    assert done.usage is not None and (done.usage.prompt_tokens, done.usage.completion_tokens) == (7, 5)
+    chunks = list(client.chat.completions.create(model="tiny:1b", messages=msgs, stream=True, max_tokens=3))
+    assert [c.choices[0].delta.content for c in chunks] == ["Paris", " is", " the", ""]
+    assert [c.choices[0].finish_reason for c in chunks] == [None, None, None, "length"]
+    assert {c.object for c in chunks} == {"chat.completion.chunk"}
+    text = client.completions.create(model="tiny:1b", prompt="Capital of France?", max_tokens=2)
+    assert text.object == "text_completion" and text.choices[0].text == "Paris is"
+    pieces = list(client.completions.create(model="tiny:1b", prompt="x", stream=True))
+    assert "".join(p.choices[0].text for p in pieces) == "Paris is the capital."
+    emb = client.embeddings.create(model="tiny:1b", input=["a", "b"])
+    assert [d.index for d in emb.data] == [0, 1] and len(emb.data[0].embedding) == 256
+    assert [m.id for m in client.models.list()] == ["tiny:1b"]
+    assert client.models.retrieve("tiny:1b").owned_by == "library"
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="nope", messages=msgs)
+    assert err.value.status_code == 404 and err.value.body == {
+        "message": "model 'nope' not found", "type": "not_found_error", "param": None, "code": None,
+    }  # fmt: skip
+    with httpx.Client(base_url=talking.url, trust_env=False) as c:
+        r = c.post("/v1/chat/completions", json={"model": "tiny:1b", "messages": msgs, "stream": True})
+        assert r.headers["content-type"] == "text/event-stream" and r.text.endswith("data: [DONE]\n\n")
+
+
+def test_no_llama_server_is_ollamas_500(talking: OllamaStandin) -> None:
+    talking.llama_url = f"http://127.0.0.1:{free_port()}"
+    with httpx.Client(base_url=talking.url, trust_env=False) as c:
+        r = c.post("/api/chat", json={"model": "tiny:1b", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 500 and r.json()["error"].startswith("llama runner: ")
+        r = c.post("/v1/completions", json={"model": "tiny:1b", "prompt": "hi"})
+        assert r.status_code == 500 and r.json()["error"]["type"] == "api_error"
 
 
 # ------------------------------------------------------------------ the local gateway driver

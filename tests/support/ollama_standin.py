@@ -5,7 +5,8 @@ uses, following Ollama's docs/api.md for the 0.6 line (the JSON form of
 `/api/create` with `model`, `from` and `parameters`, introduced in 0.5.5;
 `model` as the name field everywhere):
 
-- `GET /api/version`, `GET /api/tags`, `GET /api/ps`;
+- `GET /api/version`, `GET /api/tags`, `GET /api/ps` (each loaded model with `size`, `size_vram` and
+  `expires_at`: when its `keep_alive` runs out, moved forward by every request it serves);
 - `POST /api/show` — `details` (with `parent_model` for a derived model),
   `parameters` as Ollama prints them, `modelfile`, `template`, and `model_info`
   with the GGUF metadata keys (arrays left empty, as without `verbose`);
@@ -25,7 +26,22 @@ uses, following Ollama's docs/api.md for the 0.6 line (the JSON form of
   llama-server this stand-in is given: the point is that a request through the
   gateway reaches a real model): the messages through its chat template
   (`/apply-template`), then a plain `/completion`, as Ollama's runner does.
-  Streaming answers come as one content line and a final `done` line.
+  With `stream: true` (the default, as in Ollama) the answer comes token by
+  token, one NDJSON line per token llama-server streams, then a `done` line with
+  `done_reason` (`stop`, or `length` when `num_predict` ran out) and the counts;
+  `stream: false` gives one object. `num_predict` is 8 unless the request says
+  (Ollama's is unbounded: a stand-in keeps tests short);
+- `POST /api/embed` — `input` a string or a list of strings → `embeddings`, one
+  per input. The vectors are the stand-in's own, not a model's: a unit vector
+  from a hash of the text, `<arch>.embedding_length` long (same text, same
+  vector), as Ollama's are L2-normalised;
+- the OpenAI-compatible routes of Ollama's docs/openai.md: `POST
+  /v1/chat/completions` and `POST /v1/completions` (with `stream: true`:
+  server-sent events, one chunk per token, then `data: [DONE]`; `max_tokens`),
+  `POST /v1/embeddings`, `GET /v1/models` and `GET /v1/models/{model}`;
+- an unknown model: 404 `{"error": "model 'x' not found"}` on /api routes, and
+  on /v1 routes OpenAI's shape, `{"error": {"message": "model 'x' not found",
+  "type": "not_found_error", "param": null, "code": null}}`.
 
 Faults for tests: `drop_pull` (tags whose pull stream is cut half way: the
 connection closes without the end of the chunked body) and `fail_create`.
@@ -35,6 +51,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -51,6 +69,8 @@ from solver.gguf import read_header
 API_VERSION = "0.6.2"
 """The Ollama version whose API this stand-in follows (reported by /api/version)."""
 CHUNK = 1 << 20
+DEFAULT_NUM_PREDICT = 8
+"""Tokens generated when a request sets no `num_predict` / `max_tokens` (Ollama's default is unbounded)."""
 
 
 def full_name(name: str) -> str:
@@ -60,6 +80,22 @@ def full_name(name: str) -> str:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat()
+
+
+def embedding_of(text: str, dims: int) -> list[float]:
+    """The stand-in's embedding of `text`: a unit vector of `dims` floats from SHA-256 of the text (not a model's)."""
+    raw = b""
+    block = 0
+    while len(raw) < 4 * dims:
+        raw += hashlib.sha256(f"{block}:{text}".encode()).digest()
+        block += 1
+    values = [(v / 2**31) - 1.0 for v in struct.unpack(f"<{dims}I", raw[: 4 * dims])]
+    norm = math.sqrt(sum(v * v for v in values)) or 1.0
+    return [v / norm for v in values]
+
+
+class GenerationError(RuntimeError):
+    """llama-server could not answer (or there is none): Ollama's 500 `{"error": "llama runner: ..."}`."""
 
 
 def _file_digest(path: Path) -> str:
@@ -93,12 +129,15 @@ class OllamaStandin:
         *,
         host: str = "127.0.0.1",
         port: int = 0,
+        gpu: bool = True,
     ) -> None:
         self.registry = {full_name(k): Path(v) for k, v in registry.items()}
         self.llama_url = llama_url
         self.llama_options = dict(llama_options or {})
         """Extra fields for llama-server's /completion (e.g. a logit_bias that keeps a synthetic model's
         byte tokens out of its answers, which llama-server refuses as malformed output)."""
+        self.gpu = gpu
+        """Loaded models are reported in VRAM (`size_vram` = `size` on /api/ps), as on a GPU; 0 for a CPU node."""
         self.models: dict[str, StandinModel] = {}
         self.loaded: dict[str, float] = {}
         """name → expiry (monotonic seconds; inf: forever)."""
@@ -256,9 +295,11 @@ class _Handler(BaseHTTPRequestHandler):
                     left = 365 * 24 * 3600 * 100 if until == float("inf") else until - now
                     entry = st.tag_entry(m)
                     entry["expires_at"] = (datetime.now(UTC) + timedelta(seconds=left)).isoformat()
-                    entry["size_vram"] = 0
+                    entry["size_vram"] = m.size if st.gpu else 0
                     running.append(entry)
             self._json(200, {"models": running})
+        elif self.path == "/v1/models" or self.path.startswith("/v1/models/"):
+            self._openai_models(self.path)
         elif self.path in ("/", ""):
             payload = b"Ollama is running"
             self.send_response(200)
@@ -297,6 +338,10 @@ class _Handler(BaseHTTPRequestHandler):
             "/api/create": self._create,
             "/api/generate": self._generate,
             "/api/chat": self._chat,
+            "/api/embed": self._embed,
+            "/v1/chat/completions": lambda b: self._openai_generate(b, chat=True),
+            "/v1/completions": lambda b: self._openai_generate(b, chat=False),
+            "/v1/embeddings": self._openai_embeddings,
         }.get(self.path)
         if route is None:
             self._empty(404)
@@ -403,51 +448,141 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 st.loaded[name] = float("inf") if seconds < 0 else time.monotonic() + seconds
 
-    def _model_or_404(self, body: dict[str, Any]) -> str | None:
-        name = full_name(str(body.get("model") or ""))
+    def _model_or_404(self, body: dict[str, Any], openai: bool = False) -> str | None:
+        """The model's full name, or None after answering 404 as Ollama does (OpenAI's error shape on /v1)."""
+        given = str(body.get("model") or "")
+        name = full_name(given)
         if name not in self.server_state.models:
-            self._error(404, f'model "{body.get("model")}" not found, try pulling it first')
+            message = f"model '{given}' not found"
+            if openai:
+                self._json(404, {"error": {"message": message, "type": "not_found_error", "param": None, "code": None}})
+            else:
+                self._error(404, message)
             return None
         return name
 
-    def _forward(self, messages: list[dict[str, Any]], options: dict[str, Any]) -> str:
+    def _tokens(self, messages: list[dict[str, Any]], n_predict: int, counts: dict[str, Any]) -> Iterator[str]:
+        """The answer's pieces as llama-server streams them: the chat template applied by llama-server, then a
+        plain streaming `/completion`, as Ollama's runner does, with no parsing of the output (a tiny random
+        model's output is no well-formed anything). `counts` gets `prompt`, `predicted` and `reason`."""
         st = self.server_state
         if st.llama_url is None:
-            raise RuntimeError("this stand-in has no llama-server to generate with")
-        # The chat template applied by llama-server, then a plain completion: as Ollama's runner does,
-        # with no parsing of the output (a tiny random model's output is no well-formed anything).
+            raise GenerationError("this stand-in has no llama-server to generate with")
+        counts.update(prompt=0, predicted=0, reason="stop")
         with httpx.Client(base_url=st.llama_url, timeout=60, trust_env=False) as c:
             r = c.post("/apply-template", json={"messages": messages})
-            if r.status_code == 200:
-                n = int(options.get("num_predict") or 8)
-                body = {"prompt": r.json()["prompt"], "n_predict": n, **st.llama_options}
-                r = c.post("/completion", json=body)
-        if r.status_code != 200:
-            raise RuntimeError(f"llama-server answered {r.status_code}: {r.text[:200]}")
-        return str(r.json().get("content") or "")
+            if r.status_code != 200:
+                raise GenerationError(f"llama-server answered {r.status_code}: {r.text[:200]}")
+            body = {"prompt": r.json()["prompt"], "n_predict": n_predict, "stream": True, **st.llama_options}
+            with c.stream("POST", "/completion", json=body) as r:
+                if r.status_code != 200:
+                    raise GenerationError(f"llama-server answered {r.status_code}: {r.read().decode()[:200]}")
+                for line in r.iter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        raise GenerationError(f"llama-server: {event['error']}")
+                    piece = str(event.get("content") or "")
+                    if piece:
+                        counts["predicted"] += 1
+                        yield piece
+                    if event.get("stop"):
+                        counts["prompt"] = int(event.get("tokens_evaluated") or 0)
+                        counts["predicted"] = int(event.get("tokens_predicted") or counts["predicted"])
+                        counts["reason"] = "length" if event.get("stop_type") == "limit" else "stop"
 
-    def _answer(self, name: str, body: dict[str, Any], content: str, chat: bool) -> None:
-        base = {"model": body.get("model"), "created_at": _now()}
-        piece = {"role": "assistant", "content": content} if chat else None
-        final = {
-            **base,
-            "done": True,
-            "done_reason": "stop",
-            "total_duration": 1,
-            "load_duration": 1,
-            "prompt_eval_count": 1,
-            "prompt_eval_duration": 1,
-            "eval_count": max(1, len(content.split())),
-            "eval_duration": 1,
-        }
-        if body.get("stream", True) is False:
-            final["message" if chat else "response"] = piece if chat else content
-            self._json(200, final)
+    def _generation(self, messages: list[dict[str, Any]], n_predict: int) -> tuple[Iterator[str], dict[str, Any]]:
+        """`_tokens`, with the first piece fetched already: a llama-server that cannot answer is a GenerationError
+        here, before any status line is sent, rather than a broken stream."""
+        counts: dict[str, Any] = {}
+        tokens = self._tokens(messages, n_predict, counts)
+        try:
+            first = next(tokens)
+        except StopIteration:
+            return iter(()), counts
+        except httpx.HTTPError as exc:
+            raise GenerationError(str(exc)) from None
+
+        def pieces() -> Iterator[str]:
+            yield first
+            yield from tokens
+
+        return pieces(), counts
+
+    def _chunked(self, content_type: str, chunks: Iterator[bytes]) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for chunk in chunks:
+            self.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+            self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    # ------------------------------------------------------------------ Ollama's native generation
+
+    def _answer(self, body: dict[str, Any], messages: list[dict[str, Any]], chat: bool) -> None:
+        options = body.get("options") or {}
+        n_predict = int(options.get("num_predict") or DEFAULT_NUM_PREDICT)
+        started = time.monotonic_ns()
+        try:
+            pieces, counts = self._generation(messages, n_predict)
+        except GenerationError as exc:
+            self._error(500, f"llama runner: {exc}")
             return
-        first = {**base, "done": False}
-        first["message" if chat else "response"] = piece if chat else content
-        final["message" if chat else "response"] = {"role": "assistant", "content": ""} if chat else ""
-        self._stream(iter([first, final]), True)
+        key = "message" if chat else "response"
+
+        def part(text: str) -> Any:
+            return {"role": "assistant", "content": text} if chat else text
+
+        def final(text: str) -> dict[str, Any]:
+            took = max(1, time.monotonic_ns() - started)
+            return {
+                "model": body.get("model"),
+                "created_at": _now(),
+                key: part(text),
+                "done": True,
+                "done_reason": counts.get("reason", "stop"),
+                "total_duration": took,
+                "load_duration": 1,
+                "prompt_eval_count": counts.get("prompt", 0),
+                "prompt_eval_duration": 1,
+                "eval_count": counts.get("predicted", 0),
+                "eval_duration": took,
+            }
+
+        if body.get("stream", True) is False:
+            try:
+                text = "".join(pieces)
+            except (GenerationError, httpx.HTTPError) as exc:
+                self._error(500, f"llama runner: {exc}")
+                return
+            self._json(200, final(text))
+            return
+
+        def lines() -> Iterator[bytes]:
+            try:
+                for piece in pieces:
+                    event = {"model": body.get("model"), "created_at": _now(), key: part(piece), "done": False}
+                    yield (json.dumps(event) + "\n").encode()
+            except (GenerationError, httpx.HTTPError) as exc:  # mid-stream, as Ollama: an error line ends it
+                yield (json.dumps({"error": f"llama runner: {exc}"}) + "\n").encode()
+                return
+            yield (json.dumps(final("")) + "\n").encode()
+
+        self._chunked("application/x-ndjson", lines())
+
+    def _loaded_only(self, body: dict[str, Any], chat: bool) -> None:
+        """A request with nothing to generate: the model is loaded (or unloaded with keep_alive 0)."""
+        done_reason = "unload" if body.get("keep_alive") == 0 else "load"
+        key = "message" if chat else "response"
+        empty: Any = {"role": "assistant", "content": ""} if chat else ""
+        self._json(
+            200,
+            {"model": body.get("model"), "created_at": _now(), key: empty, "done": True, "done_reason": done_reason},
+        )
 
     def _generate(self, body: dict[str, Any]) -> None:
         name = self._model_or_404(body)
@@ -455,25 +590,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._keep(name, body.get("keep_alive"))
         if not body.get("prompt"):
-            done_reason = "unload" if body.get("keep_alive") == 0 else "load"
-            self._json(
-                200,
-                {
-                    "model": body.get("model"),
-                    "created_at": _now(),
-                    "response": "",
-                    "done": True,
-                    "done_reason": done_reason,
-                },
-            )
+            self._loaded_only(body, chat=False)
             return
-        messages = [{"role": "user", "content": str(body["prompt"])}]
-        try:
-            content = self._forward(messages, body.get("options") or {})
-        except (httpx.HTTPError, RuntimeError) as exc:
-            self._error(500, f"llama runner: {exc}")
-            return
-        self._answer(name, body, content, chat=False)
+        self._answer(body, [{"role": "user", "content": str(body["prompt"])}], chat=False)
 
     def _chat(self, body: dict[str, Any]) -> None:
         name = self._model_or_404(body)
@@ -482,21 +601,169 @@ class _Handler(BaseHTTPRequestHandler):
         self._keep(name, body.get("keep_alive"))
         messages = body.get("messages") or []
         if not messages:
-            self._json(
-                200,
-                {
-                    "model": body.get("model"),
-                    "created_at": _now(),
-                    "message": {"role": "assistant", "content": ""},
-                    "done_reason": "load",
-                    "done": True,
-                },
-            )
+            self._loaded_only(body, chat=True)
             return
-        plain = [{"role": str(m.get("role", "user")), "content": str(m.get("content") or "")} for m in messages]
+        self._answer(body, _plain(messages), chat=True)
+
+    def _inputs(self, value: Any) -> list[str] | None:
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+        return None
+
+    def _vectors(self, name: str, inputs: list[str]) -> list[list[float]]:
+        m = self.server_state.models[name]
+        md = read_header(m.gguf).metadata
+        dims = md.get(f"{md.get('general.architecture')}.embedding_length")
+        return [embedding_of(text, dims if isinstance(dims, int) and dims > 0 else 256) for text in inputs]
+
+    def _embed(self, body: dict[str, Any]) -> None:
+        name = self._model_or_404(body)
+        if name is None:
+            return
+        inputs = self._inputs(body.get("input"))
+        if inputs is None:
+            self._error(400, "invalid input type")
+            return
+        self._keep(name, body.get("keep_alive"))
+        self._json(
+            200,
+            {
+                "model": body.get("model"),
+                "embeddings": self._vectors(name, inputs),
+                "total_duration": 1,
+                "load_duration": 1,
+                "prompt_eval_count": sum(len(text.split()) for text in inputs),
+            },
+        )
+
+    # ------------------------------------------------------------------ the OpenAI-compatible routes
+
+    def _openai_error(self, status: int, message: str) -> None:
+        kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
+        self._json(status, {"error": {"message": message, "type": kind, "param": None, "code": None}})
+
+    def _openai_generate(self, body: dict[str, Any], chat: bool) -> None:
+        name = self._model_or_404(body, openai=True)
+        if name is None:
+            return
+        if chat:
+            if not isinstance(body.get("messages"), list) or not body["messages"]:
+                self._openai_error(400, "[] is too short - 'messages'")
+                return
+            messages = _plain(body["messages"])
+        else:
+            if not isinstance(body.get("prompt"), str):
+                self._openai_error(400, "invalid prompt")
+                return
+            messages = [{"role": "user", "content": body["prompt"]}]
+        self._keep(name, body.get("keep_alive"))
+        n_predict = int(body.get("max_tokens") or body.get("max_completion_tokens") or DEFAULT_NUM_PREDICT)
         try:
-            content = self._forward(plain, body.get("options") or {})
-        except (httpx.HTTPError, RuntimeError) as exc:
-            self._error(500, f"llama runner: {exc}")
+            pieces, counts = self._generation(messages, n_predict)
+        except GenerationError as exc:
+            self._openai_error(500, f"llama runner: {exc}")
             return
-        self._answer(name, body, content, chat=True)
+        ident = ("chatcmpl-" if chat else "cmpl-") + hashlib.sha256(f"{time.time_ns()}".encode()).hexdigest()[:8]
+        head = {
+            "id": ident,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": body.get("model"),
+            "system_fingerprint": "fp_ollama",
+        }
+
+        def usage() -> dict[str, int]:
+            p, c = int(counts.get("prompt", 0)), int(counts.get("predicted", 0))
+            return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+        def choice(text: str, finish: str | None, stream: bool) -> dict[str, Any]:
+            if not chat:
+                return {"text": text, "index": 0, "finish_reason": finish}
+            key = "delta" if stream else "message"
+            return {"index": 0, key: {"role": "assistant", "content": text}, "finish_reason": finish}
+
+        if body.get("stream") is not True:
+            try:
+                text = "".join(pieces)
+            except (GenerationError, httpx.HTTPError) as exc:
+                self._openai_error(500, f"llama runner: {exc}")
+                return
+            self._json(200, {**head, "choices": [choice(text, counts.get("reason", "stop"), False)], "usage": usage()})
+            return
+        if chat:
+            head["object"] = "chat.completion.chunk"
+        with_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+        def events() -> Iterator[bytes]:
+            def sse(data: Any) -> bytes:
+                return f"data: {json.dumps(data)}\n\n".encode()
+
+            try:
+                for piece in pieces:
+                    yield sse({**head, "choices": [choice(piece, None, True)]})
+            except (GenerationError, httpx.HTTPError) as exc:
+                message = f"llama runner: {exc}"
+                yield sse({"error": {"message": message, "type": "api_error", "param": None, "code": None}})
+                return
+            yield sse({**head, "choices": [choice("", counts.get("reason", "stop"), True)]})
+            if with_usage:
+                yield sse({**head, "choices": [], "usage": usage()})
+            yield b"data: [DONE]\n\n"
+
+        self._chunked("text/event-stream", events())
+
+    def _openai_embeddings(self, body: dict[str, Any]) -> None:
+        name = self._model_or_404(body, openai=True)
+        if name is None:
+            return
+        inputs = self._inputs(body.get("input"))
+        if inputs is None or not inputs:
+            self._openai_error(400, "invalid input")
+            return
+        self._keep(name, body.get("keep_alive"))
+        vectors = self._vectors(name, inputs)
+        tokens = sum(len(text.split()) for text in inputs)
+        self._json(
+            200,
+            {
+                "object": "list",
+                "data": [{"object": "embedding", "embedding": v, "index": i} for i, v in enumerate(vectors)],
+                "model": body.get("model"),
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            },
+        )
+
+    def _openai_model(self, m: StandinModel) -> dict[str, Any]:
+        created = int(datetime.fromisoformat(m.modified_at).timestamp())
+        owner = m.name.rsplit("/", 1)[0] if "/" in m.name else "library"
+        return {"id": m.name, "object": "model", "created": created, "owned_by": owner}
+
+    def _openai_models(self, path: str) -> None:
+        st = self.server_state
+        with st.lock:
+            models = list(st.models.values())
+        if path == "/v1/models":
+            self._json(200, {"object": "list", "data": [self._openai_model(m) for m in models]})
+            return
+        given = path.removeprefix("/v1/models/")
+        found = [m for m in models if m.name == full_name(given)]
+        if not found:
+            self._openai_error(404, f"model '{given}' not found")
+            return
+        self._json(200, self._openai_model(found[0]))
+
+
+def _plain(messages: list[Any]) -> list[dict[str, Any]]:
+    """Chat messages as llama-server's /apply-template takes them: role and text content (OpenAI's list of
+    content parts joined)."""
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        if not isinstance(m, dict):
+            continue
+        content = m.get("content")
+        if isinstance(content, list):
+            content = "".join(str(p.get("text") or "") for p in content if isinstance(p, dict))
+        out.append({"role": str(m.get("role", "user")), "content": str(content or "")})
+    return out
