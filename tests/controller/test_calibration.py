@@ -4,6 +4,7 @@ an unchanged cluster still plans nothing."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -253,3 +254,23 @@ def test_with_gpu_access_none_a_model_that_stays_is_not_said_to_move(
     assert "chat: measured 3.00 GiB RAM on box" in out
     assert "no longer fits" not in err and "warning: chat" not in err, err
     assert code == 0 and "No changes. The cluster matches the spec." in out, out
+
+
+def _files(state: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(state)): hashlib.sha256(p.read_bytes()).hexdigest() for p in state.rglob("*") if p.is_file()
+    }
+
+
+def test_planning_is_inert(engines: dict[str, FakeDockerNode], tmp_path: Path, wired: Wired) -> None:
+    """`reconcile --dry-run`, `place` and `status` leave the state directory byte-identical (a measurement to take
+    and a sha256 to cache are there to write, and are not written)."""
+    assert wired.run("reconcile", "--yes")[0] == 0
+    engines["spare"].memory["homelab-tiny"] = 3 * GIB
+    _record(tmp_path, wired)
+    engines["spare"].memory["homelab-tiny"] = 5 * GIB  # a new peak a plan could keep
+    before = _files(tmp_path / "state")
+    assert "measured.json" in before
+    for args in (("reconcile", "--dry-run"), ("place",), ("status",), ("status", "--json")):
+        wired.run(*args)
+        assert _files(tmp_path / "state") == before, args
