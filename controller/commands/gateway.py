@@ -30,8 +30,8 @@ def register(app: typer.Typer) -> None:
             fail("the spec has no `gateway` section")
         try:
             with Session(spec, wiring_of(ctx)) as session:
-                prepared = session.prepare(gateway=False)  # placed as `reconcile` places; the gateway is not asked
+                desired = session.resolve().desired()  # placed as `reconcile` places; the gateway is not asked
         except (DriverError, RenderError, GatewayError) as exc:
             fail(str(exc))
-        assert prepared.desired.gateway is not None and prepared.desired.gateway.text is not None
-        sys.stdout.write(prepared.desired.gateway.text)
+        assert desired.gateway is not None and desired.gateway.text is not None
+        sys.stdout.write(desired.gateway.text)

@@ -13,10 +13,10 @@ from rich.text import Text
 
 from controller.commands.common import SpecFileOption, fail, load_or_exit, out, spec_path, wiring_of
 from controller.core.state import ClusterState
-from controller.effects.engine import HealthProbe, desired_state, state_dir
+from controller.effects.engine import HealthProbe, Session, state_dir
 from controller.effects.health import EXIT_CODES, HealthReport, Status, mark_asleep
-from controller.effects.hostcpu import host_cpus
 from controller.effects.power import asleep_nodes
+from specs.errors import HomelabError
 from specs.model import ClusterSpec
 
 STATUS_STYLE = {
@@ -64,9 +64,10 @@ def register(app: typer.Typer) -> None:
         path: Path = spec_path(file)
         spec = load_or_exit(path).spec
         wiring = wiring_of(ctx)
-        try:
-            desired = desired_state(spec, wiring.solve, cpus=host_cpus(spec, wiring.host_cpu))
-        except ValueError as exc:
+        try:  # what runs where, as `reconcile` places it (the containers seen running keep their place and port)
+            with Session(spec, wiring) as session:
+                desired = session.resolve().desired()
+        except HomelabError as exc:
             fail(str(exc))
         report = _once(wiring.health, spec, desired, as_json)
         while watch is not None:

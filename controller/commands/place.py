@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -15,12 +16,10 @@ from rich.console import Console
 from rich.table import Table
 
 from controller.commands.common import fail, load_or_exit, out, spec_path, wiring_of
-from controller.effects import calibration
-from controller.effects.engine import state_dir
+from controller.effects.engine import Session
 from controller.effects.hostcpu import host_cpus
-from solver.explain import calibration_lines, gib
-from solver.gguf import read_header
-from solver.place import SolveParams, place
+from solver.explain import gib
+from solver.place import SolveParams
 from solver.problem import PlacementResult
 from solver.profiles import MemoryProfile, PlannedCpu, Profile
 
@@ -149,15 +148,11 @@ def register(app: typer.Typer) -> None:
         # The CPU each node's estimates are for: the spec's `cpu:`, this machine's for a node that is this
         # machine, else the kind that needs the most RAM.
         cpus = host_cpus(spec, wiring_of(ctx).host_cpu)
-        # What the running containers were measured holding (kept by reconcile, watch and status), for
-        # configurations the spec has not changed since.
-        result, profiles, _ = calibration.place_calibrated(
-            spec,
-            calibration.read(state_dir(spec, None)),
-            lambda profiles: place(spec, profiles, params=solve),
-            calibration.default_profiles(spec, read_header, cpus),
-        )
-        measured, _ = calibration_lines(profiles, result)
+        # Placed as `reconcile` places, without observing: the measurements kept by reconcile and the watch count
+        # for configurations the spec has not changed since.
+        with Session(spec, replace(wiring_of(ctx), solve=solve)) as session:
+            resolved = session.resolve(observe=False).resolved
+        result, profiles, measured = resolved.placement, resolved.profiles, resolved.calibration
         if as_json:
             data = result.to_json()
             if measured:

@@ -21,9 +21,8 @@ from controller.core.state import ClusterState
 from controller.drivers.base import DriverError
 from controller.drivers.secrets import Redactor
 from controller.effects.apply import EVENTS_FILE, EventLog
-from controller.effects.engine import Wiring, desired_state, state_dir
+from controller.effects.engine import Session, Wiring, state_dir
 from controller.effects.health import Status as ProbeStatus
-from controller.effects.hostcpu import host_cpus
 from controller.effects.power import asleep_nodes
 from controller.effects.recovery import (
     STATE_FILE,
@@ -38,13 +37,16 @@ from controller.effects.recovery import (
     predicted_path,
     run_all,
 )
+from specs.errors import HomelabError
 from specs.model import ClusterSpec, Node
 
 
-def _desired(spec: ClusterSpec, wiring: Wiring) -> ClusterState | None:
+def _desired(spec: ClusterSpec, wiring: Wiring, sdir: Path) -> ClusterState | None:
+    """What runs where, as `reconcile` places it (None when it cannot be worked out now)."""
     try:
-        return desired_state(spec, wiring.solve, cpus=host_cpus(spec, wiring.host_cpu))
-    except (ValueError, OSError):
+        with Session(spec, wiring, sdir) as session:
+            return session.resolve().desired()
+    except (HomelabError, OSError):
         return None
 
 
@@ -127,7 +129,7 @@ def register(app: typer.Typer) -> None:
         wiring = wiring_of(ctx)
         sdir = state_dir(spec, state)
         redactor = Redactor()
-        desired = _desired(spec, wiring)
+        desired = _desired(spec, wiring, sdir)
         store = AttemptStore(sdir / STATE_FILE)
         by_hand = bool(nodes)
         if by_hand:

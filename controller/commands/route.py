@@ -2,8 +2,8 @@
 
     homelab route [-f FILE] [--json] [--no-health] (PROMPT | --request FILE|-)
 
-Classifies the request with the spec's routing rules, places the cluster the way
-`homelab reconcile` does (solver, then the rendered desired state: ports, Ollama
+Classifies the request with the spec's routing rules, works out what runs where the way
+`homelab reconcile` does (`Session.resolve`: observed, placed, rendered: ports, Ollama
 models) to know each model's endpoint, probes only the candidates' endpoints (unless
 `--no-health`: every endpoint is taken as healthy) and prints the chosen one.
 Exit 0 with a route, 1 on an error (one line on stderr; with `--json`, `{"error": "..."}` on stdout).
@@ -37,10 +37,7 @@ from controller.core.routing import (
     endpoints_from_state,
     parse_json,
 )
-from controller.core.state import ClusterState
-from controller.effects.engine import Session, Wiring, desired_state, state_dir
-from controller.effects.hostcpu import host_cpus
-from controller.effects.observe import observe
+from controller.effects.engine import Session, Wiring, state_dir
 from controller.effects.power import asleep_nodes
 from controller.effects.route_probe import HealthCache, embedding_stage_for, probe
 from specs.enums import Category
@@ -50,27 +47,12 @@ from specs.model import ClusterSpec
 CACHE_FILE = "route-health.json"
 
 
-def running_llamacpp(spec: ClusterSpec, wiring: Wiring) -> ClusterState | None:
-    """The managed containers running on the llama.cpp nodes now (their Docker engines, concurrently);
-    None for a spec without any. A node that does not answer is simply absent."""
-    nodes = [n for n in spec.nodes if n.llamacpp is not None and n.docker is not None]
-    if not nodes:
-        return None
-    only = spec.model_copy(update={"nodes": nodes})
-    with Session(only, wiring) as session:
-        return observe(only, session.connect, None)
-
-
-def endpoints_for(
-    spec: ClusterSpec, running: ClusterState | None = None, wiring: Wiring | None = None
-) -> dict[str, tuple[Endpoint, ...]]:
-    """model → endpoints of its placed replicas: placement, then the desired state, as a reconcile plans them.
-
-    With `running` (the observed llama.cpp containers), replicas stay where they run and keep their
-    ports, as in a reconcile; without it, ports are those a reconcile from scratch would give (a fixed
-    `port:`, else the lowest free one in the node's range). Raises RenderError/GatewayError."""
-    wired = wiring or Wiring()
-    desired = desired_state(spec, wired.solve, running, host_cpus(spec, wired.host_cpu))
+def endpoints_for(spec: ClusterSpec, wiring: Wiring, *, observe: bool = True) -> dict[str, tuple[Endpoint, ...]]:
+    """model → endpoints of its placed replicas, where `reconcile` puts them (`Session.resolve`): the replicas
+    seen running stay and keep their ports. `observe=False` touches no network: ports as a reconcile from
+    scratch would give them. Raises HomelabError (RenderError, GatewayError …)."""
+    with Session(spec, wiring) as session:
+        desired = session.resolve(observe=observe, gpus=observe).desired()
     return endpoints_from_state(spec, desired)
 
 
@@ -200,10 +182,9 @@ def register(app: typer.Typer) -> None:
 def _route(ctx: typer.Context, spec: ClusterSpec, body: object, no_health: bool) -> tuple[Route, list[str]]:
     """The route for `body` and its power lines. Raises RequestError, HomelabError (RouteError, RenderError …)."""
     classification = Classifier.from_spec(spec.routing).classify(body)
-    # With health checks, where the llama.cpp containers run now decides their ports (as in a reconcile);
-    # --no-health touches no network: ports as a reconcile from scratch would give them.
-    wiring = wiring_of(ctx)
-    endpoints = endpoints_for(spec, None if no_health else running_llamacpp(spec, wiring), wiring)
+    # With health checks, the cluster is observed and placed as `reconcile` places it (replicas keep their
+    # nodes and ports); --no-health touches no network: ports as a reconcile from scratch would give them.
+    endpoints = endpoints_for(spec, wiring_of(ctx), observe=not no_health)
     health = None
     if not no_health:
         cache = HealthCache(state_dir(spec, None) / CACHE_FILE, ttl=spec.health.interval)

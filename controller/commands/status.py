@@ -15,7 +15,6 @@ from controller.core.state import OllamaNodeState
 from controller.effects import calibration
 from controller.effects.engine import Session, state_dir
 from controller.effects.hostcpu import host_cpus
-from controller.effects.observe import observe
 from controller.effects.pools import PoolNow, observe_pools
 from controller.effects.power import PowerStore
 from controller.effects.status_api import nodes_json
@@ -39,11 +38,16 @@ def register(app: typer.Typer) -> None:
         watching = read_status(state)  # what a running `homelab watch` last did, if any
         asleep = PowerStore.of(spec, state).load()  # nodes homelab put to sleep: ASLEEP, not failed
         with Session(spec, wiring_of(ctx)) as session:
-            observed = observe(spec, session.connect, session.ollama)
+            found = session.resolve()  # observed, and placed as `reconcile` places: the VRAM it plans
+            observed, reality = found.observed, found.gpus
+            assert observed is not None and reality is not None
             cpus = host_cpus(spec, session.wiring.host_cpu)
-            vram, reality = planned_vs_actual(spec, observed, session.connect, session.wiring.gpu_probe, cpus=cpus)
-            # What each container really holds, kept for the next placement; estimate vs measured per container.
-            measured = calibration.record(state, spec, observed, session.connect, reality)
+            vram = planned_vs_actual(spec, observed, session.connect, reality, found.placement)
+            # What each container really holds now, estimate vs measured per container (shown, not kept: a
+            # status writes nothing; reconcile and the watch keep the measurements).
+            measured = calibration.merge(
+                calibration.read(state), calibration.measure(spec, observed, session.connect, reality), observed
+            )
             pools = observe_pools(spec, observed, session.connect)
         calibrated = calibration.estimate_vs_measured(
             spec, observed, measured, profiles_for(spec, read_header=read_header, cpus=cpus)

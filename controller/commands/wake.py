@@ -16,11 +16,12 @@ from typing import Annotated, Any
 import typer
 
 from controller.commands.common import SpecFileOption, err, fail, load_or_exit, out, spec_path, wiring_of
+from controller.core.state import ClusterState
 from controller.drivers.secrets import Redactor
 from controller.effects.apply import EVENTS_FILE, EventLog
-from controller.effects.engine import desired_state, state_dir
-from controller.effects.hostcpu import host_cpus
+from controller.effects.engine import Session, state_dir
 from controller.effects.power import wake_node
+from specs.errors import HomelabError
 
 
 def register(app: typer.Typer) -> None:
@@ -45,9 +46,10 @@ def register(app: typer.Typer) -> None:
             fail(f"node '{node}' has no `wake` section: nothing can wake it (wake: {{wol: …}} or {{command: …}})")
         wiring = wiring_of(ctx)
         sdir = state_dir(spec, state)
-        try:
-            desired = desired_state(spec, wiring.solve, cpus=host_cpus(spec, wiring.host_cpu))
-        except (ValueError, OSError):
+        try:  # what runs where, as `reconcile` places it: the containers to bring back
+            with Session(spec, wiring, sdir) as session:
+                desired: ClusterState | None = session.resolve().desired()
+        except (HomelabError, OSError):
             desired = None
         log = EventLog(sdir / EVENTS_FILE)
 

@@ -1,15 +1,15 @@
 """Calibration from what ran: what each managed model server really holds, kept in the state directory.
 
-After an apply, and whenever a reconcile, `homelab watch` or `homelab status` observes the cluster, every
-running managed llama.cpp container is measured: its host memory through Docker's stats API
-(`DockerNode.container_memory`, what `docker stats` shows) and, on a node whose GPUs were probed, the VRAM
-nvidia-smi reports for its processes (`gpu_use.actual_vram`). The peak per container is kept in
+After an apply, and at each run of `homelab watch`, every running managed llama.cpp container is measured (a
+plan — `reconcile --dry-run`, `place`, `status` — reads the file and never writes it): its host memory through
+Docker's stats API (`DockerNode.container_memory`, what `docker stats` shows) and, on a node whose GPUs were
+probed, the VRAM nvidia-smi reports for its processes (`gpu_use.actual_vram`). The peak per container is kept in
 `STATE_DIR/measured.json` (written atomically), keyed by node, model, replica and the container's config hash:
 
 - a measurement counts only while the container it was taken from still runs with that config hash, and the
   spec still renders the same configuration for the model on that node (`spec_digest`: the config less what
   the placement chooses — GPUs, GPU layers, port): a changed config discards it;
-- the next placement reserves max(estimate, measured + margin) for it (`solver.profiles.calibrated`), which only
+- the next placement reserves max(estimate, measured + margin) for it (`controller.core.resolve`), which only
   raises a reservation: a model that still fits where it runs stays there, so an unchanged cluster still plans
   nothing; one that no longer fits is moved, with a warning (`solver.explain.calibration_lines`).
 """
@@ -24,14 +24,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from controller.core.desired import render
-from controller.core.state import ClusterState, ContainerConfig
+from controller.core.measured import Measurement as Measurement
+from controller.core.measured import current, spec_digest
+from controller.core.state import ClusterState
 from controller.drivers.base import DockerNode, DriverError
 from controller.effects.gpu_use import GpuReality, actual_vram, managed_pids
-from solver.gguf import GGUFHeader
-from solver.problem import PlacementResult
-from solver.profiles import Measured, MemoryProfile, PlannedCpu, Profile, as_profile, precise_gib, profiles_for
-from specs.errors import HomelabError
+from solver.profiles import MemoryProfile, Profile, as_profile, precise_gib
 from specs.files import atomic_write
 from specs.model import ClusterSpec, Node
 
@@ -40,81 +38,6 @@ MEASURED_FILE = "measured.json"
 AFTER_APPLY_ATTEMPTS = 3
 """Stats samples tried per container right after an apply before it is left to the next observe (a figure was
 missing once under load in CI)."""
-
-PLACEMENT_ARGS = {"--port", "-ngl", "--split-mode", "--tensor-split"}
-"""llama-server options whose value the placement chooses (each followed by its value)."""
-
-
-def spec_digest(config: ContainerConfig) -> str:
-    """The digest of a container config less what the placement chooses (GPUs, GPU layers, port, restart
-    policy): it changes only when the spec changes the model's configuration on that node."""
-    command: list[str] = []
-    skip = False
-    for arg in config.command:
-        if skip:
-            skip = False
-            continue
-        if arg in PLACEMENT_ARGS:
-            skip = True
-            continue
-        command.append(arg)
-    fixed = replace(config, command=tuple(command), gpu_layers=0, gpus=(), gpu_access="", port=0, restart_policy="")
-    return fixed.digest()
-
-
-@dataclass(frozen=True)
-class Measurement:
-    """The most a managed container was seen holding while it ran with `config_hash`."""
-
-    node: str
-    model: str
-    replica: int
-    container: str
-    config_hash: str
-    spec_digest: str
-    gpu_layers: int
-    gpus: tuple[int, ...]
-    ram_bytes: int | None
-    vram_bytes: int | None
-
-    @property
-    def key(self) -> tuple[str, str, int, str]:
-        return (self.node, self.model, self.replica, self.config_hash)
-
-    def measured(self) -> Measured:
-        return Measured(self.node, self.gpu_layers, self.gpus, self.ram_bytes, self.vram_bytes)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "node": self.node,
-            "model": self.model,
-            "replica": self.replica,
-            "container": self.container,
-            "config_hash": self.config_hash,
-            "spec_digest": self.spec_digest,
-            "gpu_layers": self.gpu_layers,
-            "gpus": list(self.gpus),
-            "ram_bytes": self.ram_bytes,
-            "vram_bytes": self.vram_bytes,
-        }
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> Measurement:
-        def size(v: object) -> int | None:
-            return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
-
-        return cls(
-            node=str(d["node"]),
-            model=str(d["model"]),
-            replica=int(d["replica"]),
-            container=str(d["container"]),
-            config_hash=str(d["config_hash"]),
-            spec_digest=str(d["spec_digest"]),
-            gpu_layers=int(d["gpu_layers"]),
-            gpus=tuple(int(g) for g in d.get("gpus", ())),
-            ram_bytes=size(d.get("ram_bytes")),
-            vram_bytes=size(d.get("vram_bytes")),
-        )
 
 
 def _peak(a: int | None, b: int | None) -> int | None:
@@ -243,68 +166,6 @@ def record(
         with contextlib.suppress(OSError):
             write(state_dir, merged)
     return merged
-
-
-def current(measurements: Iterable[Measurement], observed: ClusterState) -> list[Measurement]:
-    """The measurements of containers that still run with the config hash they were measured with."""
-    running = {
-        (node.node, c.model, c.replica, c.config_hash)
-        for node in observed.nodes.values()
-        for c in node.containers
-        if c.status == "running"
-    }
-    return [m for m in measurements if m.key in running]
-
-
-def by_model(measurements: Iterable[Measurement]) -> dict[str, list[Measured]]:
-    out: dict[str, list[Measured]] = {}
-    for m in measurements:
-        out.setdefault(m.model, []).append(m.measured())
-    return out
-
-
-Placer = Callable[[Mapping[str, Profile]], PlacementResult]
-
-
-def place_calibrated(
-    spec: ClusterSpec,
-    measurements: Sequence[Measurement],
-    placer: Placer,
-    profiles: Callable[[Mapping[str, Sequence[Measured]]], dict[str, Profile]],
-    ports: Mapping[tuple[str, str], int] | None = None,
-) -> tuple[PlacementResult, dict[str, Profile], list[Measurement]]:
-    """Place with the measurements; a measurement whose model the spec now configures differently on its node
-    (its `spec_digest` differs from the rendered container's) is discarded and the placement made again.
-    Returns (placement, the profiles it used, the measurements it used)."""
-    used = list(measurements)
-    while True:
-        profs = profiles(by_model(used))
-        placement = placer(profs)
-        if not used:
-            return placement, profs, used
-        try:
-            desired = render(spec, placement, ports)
-        except HomelabError:
-            return placement, profs, used  # the caller renders again and reports it
-        rendered = {
-            (n.node, c.model): spec_digest(c.config)
-            for n in desired.nodes.values()
-            for c in n.containers
-            if c.config is not None
-        }
-        keep = [m for m in used if rendered.get((m.node, m.model), m.spec_digest) == m.spec_digest]
-        if len(keep) == len(used):
-            return placement, profs, used
-        used = keep
-
-
-def default_profiles(
-    spec: ClusterSpec,
-    read_header: Callable[[str], GGUFHeader] | None,
-    cpus: Mapping[str, PlannedCpu] | None = None,
-) -> Callable[[Mapping[str, Sequence[Measured]]], dict[str, Profile]]:
-    """`profiles_for` with the measurements given to it (for `place_calibrated`; `cpus`: `host_cpus`)."""
-    return lambda measured: profiles_for(spec, read_header=read_header, measured=measured, cpus=cpus)
 
 
 # --------------------------------------------------------------------------- homelab status

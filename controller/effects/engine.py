@@ -6,9 +6,14 @@ and its dry run, `homelab watch`, recovery's container restart, `homelab
 gateway render` — does it through one `Session`:
 
     with Session(spec, wiring, state_dir) as session:     # opens nothing yet
-        prepared = session.prepare()                      # observe, place, render, diff, plan
-        result = session.executor(on_event=...).apply(prepared.plan)
+        prepared = session.prepare()                      # resolve (observe, place, render), diff, plan
+        result = session.executor(prepared, on_event=...).apply(prepared.plan)
+        session.calibrate()                               # what the new containers hold, for the next plan
     # every driver the session opened is closed here (Docker clients, SSH tunnels)
+
+Every command that needs "what runs where" — `health`, `route`, `wake`, `recover`, `status` and its page,
+`place`, `gateway render` — asks `Session.resolve()`, which calls the one recipe, `controller.core.resolve`.
+Planning writes nothing to the state directory.
 
 `Wiring` holds the process-wide seams — how nodes, Ollama servers, the gateway
 and GPUs are reached, how a started container is waited for, how health is
@@ -30,9 +35,9 @@ from typing import Any
 
 import httpx
 
-from controller.core.desired import ollama_requirements, render, source_sizes
 from controller.core.diff import DiffResult, PortConflict, diff
 from controller.core.plan import Plan, make_plan
+from controller.core.resolve import Resolved, resolve
 from controller.core.state import ClusterState, GatewayState, url_host
 from controller.drivers.base import DockerNode, Gateway, OllamaNode
 from controller.drivers.docker import DockerEngine
@@ -44,16 +49,35 @@ from controller.effects.apply import Executor, HealthCheck, wait_healthy
 from controller.effects.gpu_use import GpuReality, observe_gpus
 from controller.effects.health import HealthReport, check
 from controller.effects.hostcpu import HostCpu, host_cpus, local_cpu_flags
-from controller.effects.observe import observe, observe_gateway, ollama_model_info
-from solver.explain import calibration_lines
+from controller.effects.observe import keep_sha256s, observe_gateway, ollama_model_info
+from controller.effects.observe import observe as observe_nodes
 from solver.gguf import read_header
-from solver.place import SolveParams, place
-from solver.problem import CurrentAssignment, PlacementResult
-from solver.profiles import PlannedCpu, profiles_for
+from solver.place import SolveParams
+from solver.problem import PlacementResult
+from solver.profiles import Profile
 from specs.model import ClusterSpec, Node, Watch
 
 DEFAULT_SOLVE = SolveParams(time_limit=10.0, workers=1)
 """The solver settings every reconcile uses (10 deterministic seconds, one worker: the same plan every time)."""
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """What runs where (`controller.core.resolve.Resolved`) and what it was worked out from."""
+
+    resolved: Resolved
+    observed: ClusterState | None = None
+    """The cluster as observed (None: not observed, `Session.resolve(observe=False)`)."""
+    gpus: GpuReality | None = None
+    """What the GPUs really hold (None when not probed)."""
+
+    @property
+    def placement(self) -> PlacementResult:
+        return self.resolved.placement
+
+    def desired(self) -> ClusterState:
+        """The desired state; raises RenderError/GatewayError when the placement cannot be rendered."""
+        return self.resolved.state()
 
 
 @dataclass(frozen=True)
@@ -71,6 +95,8 @@ class Prepared:
     """Running replicas measured above their estimate that no longer fit where they run."""
     notes: tuple[str, ...] = ()
     """What nodes must be set to that homelab does not set itself (an Ollama node's OLLAMA_MAX_LOADED_MODELS)."""
+    profiles: Mapping[str, Profile] = field(default_factory=dict)
+    """The memory profiles the placement used (measurements applied)."""
 
 
 class CachingConnect:
@@ -133,96 +159,6 @@ def gateways(spec: ClusterSpec, connect: Callable[[Node], DockerNode], state_dir
         return LocalGateway(desired, state_dir)
 
     return make
-
-
-def current_placement(observed: ClusterState) -> dict[tuple[str, int], CurrentAssignment]:
-    """Where managed replicas run now, for the solver's stability objective."""
-    out: dict[tuple[str, int], CurrentAssignment] = {}
-    for node in observed.nodes.values():
-        for c in node.containers:
-            if c.config is None:
-                continue  # unreadable config label: its place is unknown, and it will be replaced anyway
-            gpus = c.config.gpus
-            for m in c.config.members:  # a swap pool's members are where their pool is
-                out[m.model, 0] = CurrentAssignment(
-                    node.node, gpus, m.gpu_layers, any_gpu=not gpus and m.gpu_layers > 0
-                )
-            if not c.pool:
-                layers = c.config.gpu_layers
-                out[c.model, c.replica] = CurrentAssignment(node.node, gpus, layers, any_gpu=not gpus and layers > 0)
-    return out
-
-
-def current_ports(observed: ClusterState) -> dict[tuple[str, str], int]:
-    return {(node.node, c.name): c.config.port for node in observed.nodes.values() for c in node.containers if c.config}
-
-
-def prepare(
-    spec: ClusterSpec,
-    connect: Callable[[Node], DockerNode],
-    params: SolveParams | None = None,
-    gpu_probe: GpuProbe | None = None,
-    *,
-    ollama: Callable[[Node], OllamaNode] | None = None,
-    gateway: GatewayFactory | None = None,
-    state: Path | None = None,
-    cpus: Mapping[str, PlannedCpu] | None = None,
-) -> Prepared:
-    """`gpu_probe` (e.g. `controller.drivers.gpu.discover_gpus`) makes the placement leave memory held by
-    other processes alone and plan smaller or missing GPUs as they are (`controller.effects.gpu_use`).
-    `state` (the state directory) keeps what the running containers really hold (`controller.effects.calibration`):
-    they are measured, and the placement reserves max(estimate, measured + margin) for them. `cpus` (`host_cpus`)
-    is the CPU each node's estimates are made for (default: the spec's `cpu:` alone)."""
-    # Ollama servers are observed through `ollama` (default: HTTP); the gateway through `gateway`
-    # when given (without it, the gateway is neither observed nor planned).
-    ollama = ollama if ollama is not None else CachingOllama()
-    observed = observe(spec, connect, ollama, state=state)
-    gpus = observe_gpus(spec, observed, connect, gpu_probe) if gpu_probe is not None else None
-    measured = calibration.current(calibration.record(state, spec, observed, connect, gpus), observed) if state else []
-    info = ollama_model_info(spec, observed, ollama)
-    running = current_placement(observed)
-    placement, profiles, _ = calibration.place_calibrated(
-        spec,
-        measured,
-        lambda profiles: place(
-            spec,
-            profiles,
-            current=running,
-            foreign_vram=gpus.foreign_vram if gpus is not None else None,
-            params=params or DEFAULT_SOLVE,
-        ),
-        lambda seen: profiles_for(spec, read_header=read_header, ollama_info=info, measured=seen, cpus=cpus),
-        current_ports(observed),
-    )
-    lines, warnings = calibration_lines(profiles, placement, running)
-    desired = render(spec, placement, current_ports(observed), source_sizes(observed))
-    planned = desired
-    if gateway is not None and desired.gateway is not None:
-        observed = replace(observed, gateway=observe_gateway(desired.gateway, gateway(desired.gateway)))
-    else:
-        planned = replace(desired, gateway=None)
-    result = diff(planned, observed, unplaced={u.model for u in placement.unplaced})
-    plan = make_plan(spec.cluster.name, result, observed.fingerprint())
-    notes = tuple(ollama_requirements(spec, placement))
-    return Prepared(placement, desired, observed, result, plan, gpus, lines, warnings, notes)
-
-
-def desired_state(
-    spec: ClusterSpec,
-    params: SolveParams | None = None,
-    running: ClusterState | None = None,
-    cpus: Mapping[str, PlannedCpu] | None = None,
-) -> ClusterState:
-    """Where the replicas go and on which ports, placed as a reconcile places them but without observing the
-    cluster (`running`: the containers seen running, so replicas stay and keep their ports; `cpus`: as for
-    `prepare`) — for health probes and routing. Raises RenderError/GatewayError."""
-    placement = place(
-        spec,
-        profiles_for(spec, read_header=read_header, cpus=cpus),
-        current=current_placement(running) if running is not None else None,
-        params=params or DEFAULT_SOLVE,
-    )
-    return render(spec, placement, current_ports(running) if running is not None else None)
 
 
 # --------------------------------------------------------------------------- ports held on this machine
@@ -372,28 +308,83 @@ class Session:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
 
-    def prepare(self, *, gateway: bool = True, gpus: bool = True) -> Prepared:
-        """Observe, place, render, diff and plan (`gateway`: observe and plan the gateway; `gpus`: probe them).
-        A port the plan starts a container on that a process of this machine holds is a PortConflict."""
-        prepared = prepare(
+    def resolve(self, *, observe: bool = True, gpus: bool = True) -> Resolution:
+        """What runs where, the one way every command works it out (`controller.core.resolve`): observe the nodes
+        (and their Ollama servers), probe the GPUs (`gpus`), read the measurements kept in the state directory and
+        what Ollama says of its models, then place with `wiring.solve` and render. Writes nothing.
+
+        `observe=False` touches no network (`homelab place`, `route --no-health`): replicas are placed as from
+        scratch, with every stored measurement whose configuration the spec has not changed since."""
+        assert self.state_dir is not None
+        stored = calibration.read(self.state_dir)
+        cpus = host_cpus(self.spec, self.wiring.host_cpu)
+        if not observe:
+            return Resolution(
+                resolve(self.spec, params=self.wiring.solve, measurements=stored, read_header=read_header, cpus=cpus)
+            )
+        observed = observe_nodes(self.spec, self.connect, self.ollama, state=self.state_dir)
+        reality = observe_gpus(self.spec, observed, self.connect, self.wiring.gpu_probe) if gpus else None
+        resolved = resolve(
             self.spec,
-            self.connect,
-            self.wiring.solve,
-            self.wiring.gpu_probe if gpus else None,
-            ollama=self.ollama,
-            gateway=self.gateway if gateway else None,
-            state=self.state_dir,
-            cpus=host_cpus(self.spec, self.wiring.host_cpu),
+            params=self.wiring.solve,
+            observed=observed,
+            measurements=stored,
+            foreign_vram=reality.foreign_vram if reality is not None else None,
+            read_header=read_header,
+            ollama_info=ollama_model_info(self.spec, observed, self.ollama),
+            cpus=cpus,
         )
+        return Resolution(resolved, observed, reality)
+
+    def prepare(self, *, gateway: bool = True, gpus: bool = True) -> Prepared:
+        """Resolve, observe the gateway, diff and plan (`gateway`: observe and plan the gateway; `gpus`: probe
+        them, so that memory held by other processes is left alone and smaller or missing GPUs are planned as
+        they are). Writes nothing: measurements are recorded after an apply (`calibrate`) and by the watch
+        (`record`)."""
+        found = self.resolve(gpus=gpus)
+        resolved = found.resolved
+        assert found.observed is not None
+        observed = found.observed
+        desired = resolved.state()
+        planned = desired
+        if gateway and desired.gateway is not None:
+            observed = replace(observed, gateway=observe_gateway(desired.gateway, self.gateway(desired.gateway)))
+        else:
+            planned = replace(desired, gateway=None)
+        result = diff(planned, observed, unplaced={u.model for u in resolved.placement.unplaced})
+        plan = make_plan(self.spec.cluster.name, result, observed.fingerprint())
+        prepared = Prepared(
+            resolved.placement,
+            desired,
+            observed,
+            result,
+            plan,
+            found.gpus,
+            resolved.calibration,
+            resolved.warnings,
+            resolved.notes,
+            resolved.profiles,
+        )
+        # A port the plan starts a container on that a process of this machine holds is a PortConflict.
         check_ports(self.spec, prepared, self.wiring.port_holder)
         return prepared
 
-    def calibrate(self) -> list[calibration.Measurement]:
-        """Measure what the running managed containers hold now and keep it in the state directory (after an
-        apply: the next plan reserves it)."""
+    def record(self, prepared: Prepared, *, attempts: int = 1) -> list[calibration.Measurement]:
+        """Keep what `prepared` observed in the state directory: what each running managed container holds
+        (`controller.effects.calibration`: the next plan reserves it) and the sha256s of the model files checked.
+        The watch calls it after each run; `calibrate` after an apply. Never called while planning."""
         assert self.state_dir is not None
-        observed = observe(self.spec, self.connect, self.ollama)
+        keep_sha256s(self.state_dir, prepared.observed)
+        return calibration.record(
+            self.state_dir, self.spec, prepared.observed, self.connect, prepared.gpus, attempts=attempts
+        )
+
+    def calibrate(self) -> list[calibration.Measurement]:
+        """Observe again and `record` (after an apply: what the new containers really hold)."""
+        assert self.state_dir is not None
+        observed = observe_nodes(self.spec, self.connect, self.ollama, state=self.state_dir)
         gpus = observe_gpus(self.spec, observed, self.connect, self.wiring.gpu_probe)
+        keep_sha256s(self.state_dir, observed)
         return calibration.record(
             self.state_dir, self.spec, observed, self.connect, gpus, attempts=calibration.AFTER_APPLY_ATTEMPTS
         )

@@ -311,7 +311,8 @@ def observe(
 ) -> ClusterState:
     """Every node of the spec, observed in parallel (Ollama servers too, when `ollama` is given), with the sizes
     of the model sources. With `state` (the state directory), model files the spec gives a sha256 of are checked
-    too (hashed once, then cached there: `SHA256_CACHE_FILE`)."""
+    too (hashed once, then cached there: `SHA256_CACHE_FILE`, written by `keep_sha256s` after an apply or a watch
+    run, never while planning)."""
     nodes = spec.nodes
     cache = read_sha256_cache(state) if state is not None else None
     checks = FileChecks(local_source_sizes(spec), cache)
@@ -319,7 +320,9 @@ def observe(
         states = list(
             pool.map(lambda n: observe_node(n, spec.cluster.name, connect, ollama, spec=spec, checks=checks), nodes)
         )
-    observed = ClusterState(cluster=spec.cluster.name, nodes={s.node: s for s in states})
-    if state is not None and cache is not None:
-        write_sha256_cache(state, cache, observed)
-    return observed
+    return ClusterState(cluster=spec.cluster.name, nodes={s.node: s for s in states})
+
+
+def keep_sha256s(state: Path, observed: ClusterState) -> None:
+    """Add the sha256s `observe` computed to the cache in the state directory (`SHA256_CACHE_FILE`)."""
+    write_sha256_cache(state, read_sha256_cache(state), observed)

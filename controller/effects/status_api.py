@@ -1,10 +1,11 @@
 """The status page's data: the state directory and the cluster as they are now, in one plain dict.
 
 `collect()` does the I/O — observe every node through its Docker engine and Ollama server (as
-`homelab status`), ask nvidia-smi where the spec has GPUs it can see, place as a reconcile would
-(`controller.effects.vram_status.placed_vs_actual`), probe every endpoint (`controller.effects.health.check`), read
-STATE_DIR/watch.json and the tail of STATE_DIR/events.jsonl — and `build()` turns what it found into
-the dict `controller.core.status_page` renders and `/api/status` serves (its keys are listed there).
+`homelab status`), ask nvidia-smi where the spec has GPUs it can see, place and render as a reconcile
+does (`Session.resolve`; planned vs actual VRAM: `controller.effects.vram_status.planned_vs_actual`), probe
+every endpoint (`controller.effects.health.check`), read STATE_DIR/watch.json and the tail of
+STATE_DIR/events.jsonl — and `build()` turns what it found into the dict `controller.core.status_page`
+renders and `/api/status` serves (its keys are listed there).
 The `nodes` part is exactly `homelab status --json`'s (`nodes_json`, which that command uses too).
 """
 
@@ -18,8 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from controller.core.desired import RenderError, container_name, render
-from controller.core.gateway_config import GatewayError
+from controller.core.desired import container_name
 from controller.core.routing import (
     Endpoint,
     EndpointHealth,
@@ -34,15 +34,13 @@ from controller.core.state import ClusterState, OllamaNodeState, pool_container_
 from controller.drivers.base import DriverError
 from controller.effects.apply import EVENTS_FILE
 from controller.effects.calibration import ContainerCalibration
-from controller.effects.engine import Session, Wiring, current_ports
+from controller.effects.engine import Session, Wiring
 from controller.effects.gpu_use import GpuReality, ModelVram, match_gpu
 from controller.effects.health import ANSWERING, HealthReport, Probe, mark_asleep, tier_verdict
-from controller.effects.hostcpu import host_cpus
-from controller.effects.observe import observe
 from controller.effects.pools import PoolNow, observe_pools
 from controller.effects.power import ASLEEP, AWAKE, WAKING, PowerStore
 from controller.effects.route_probe import Probed, endpoint_health
-from controller.effects.vram_status import StatusKey, placed_vs_actual
+from controller.effects.vram_status import StatusKey, planned_vs_actual
 from controller.effects.watch import read_status
 from solver.problem import PlacementResult, Pool
 from specs.enums import Category, Runtime
@@ -435,20 +433,17 @@ def find(spec: ClusterSpec, wiring: Wiring, sdir: Path) -> Found:
     with the power state kept in the state directory `sdir`. Never raises for a node that does not answer."""
     warnings: list[str] = []
     names = {n.name for n in spec.nodes}
-    with Session(spec, wiring) as session:
-        observed = observe(spec, session.connect, session.ollama)
-        vram, reality, placement = placed_vs_actual(
-            spec, observed, session.connect, wiring.gpu_probe, wiring.solve, host_cpus(spec, wiring.host_cpu)
-        )
+    with Session(spec, wiring, sdir) as session:
+        found = session.resolve()  # as `reconcile` places and renders (one recipe: `controller.core.resolve`)
+        observed, reality, placement = found.observed, found.gpus, found.placement
+        assert observed is not None and reality is not None
+        vram = planned_vs_actual(spec, observed, session.connect, reality, placement)
         pools = observe_pools(spec, observed, session.connect)
     power = PowerStore.of(spec, sdir).load()
     warnings.extend(reality.warnings)
-    desired: ClusterState | None
-    try:
-        desired = render(spec, placement, current_ports(observed))
-    except (RenderError, GatewayError) as exc:
-        desired = None
-        warnings.append(f"cannot render the desired state: {exc}")
+    desired = found.resolved.desired
+    if found.resolved.error is not None:
+        warnings.append(f"cannot render the desired state: {found.resolved.error}")
     try:
         # a node homelab put to sleep on purpose shows ASLEEP, not DOWN
         report: HealthReport | None = mark_asleep(wiring.health(spec, desired), set(power) & names)

@@ -1,28 +1,22 @@
 """Planned versus actual VRAM per managed model, for `homelab status`.
 
-Planned: the `vram_bytes` the placement gives the replica — the placement is
-computed as `controller.effects.engine.prepare` does (same profiles, the running
-replicas as the current placement, memory held by other processes left
-alone), and a replica counts as planned only where it runs on the node the
-placement puts it on. Actual: what `nvidia-smi` reports for the container's
+Planned: the `vram_bytes` the placement gives the replica — the placement
+`controller.effects.engine.Session.resolve` makes, as for a reconcile (this
+module places nothing) — and a replica counts as planned only where it runs on
+the node the placement puts it on. Actual: what `nvidia-smi` reports for the container's
 processes (`docker top` PIDs matched to `--query-compute-apps`). A model using
 more than planned by over `OVER_PLAN_FRACTION` (10 %) is flagged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 from controller.core.state import ClusterState, pool_container_name
 from controller.drivers.base import DockerNode
-from controller.drivers.gpu import GpuProbe
-from controller.effects.engine import current_placement
-from controller.effects.gpu_use import GpuReality, ModelVram, actual_vram, managed_pids, observe_gpus
+from controller.effects.gpu_use import GpuReality, ModelVram, actual_vram, managed_pids
 from solver.explain import gib
-from solver.gguf import read_header
-from solver.place import SolveParams, place
 from solver.problem import PlacementResult
-from solver.profiles import PlannedCpu, profiles_for
 from specs.model import ClusterSpec, Node
 
 StatusKey = tuple[str, str]
@@ -33,34 +27,12 @@ def planned_vs_actual(
     spec: ClusterSpec,
     observed: ClusterState,
     connect: Callable[[Node], DockerNode],
-    probe: GpuProbe,
-    params: SolveParams | None = None,
-    cpus: Mapping[str, PlannedCpu] | None = None,
-) -> tuple[dict[StatusKey, ModelVram], GpuReality]:
-    """Per running managed container: planned and actual VRAM; and what discovery found (`cpus`: the CPU each
-    node's estimates are for, `host_cpus`)."""
-    vram, reality, _ = placed_vs_actual(spec, observed, connect, probe, params, cpus)
-    return vram, reality
-
-
-def placed_vs_actual(
-    spec: ClusterSpec,
-    observed: ClusterState,
-    connect: Callable[[Node], DockerNode],
-    probe: GpuProbe,
-    params: SolveParams | None = None,
-    cpus: Mapping[str, PlannedCpu] | None = None,
-) -> tuple[dict[StatusKey, ModelVram], GpuReality, PlacementResult]:
-    """`planned_vs_actual`, and the placement it compared with (the status page draws it)."""
-    reality = observe_gpus(spec, observed, connect, probe)
+    reality: GpuReality,
+    placement: PlacementResult,
+) -> dict[StatusKey, ModelVram]:
+    """Per running managed container: the VRAM `placement` (`Session.resolve`'s) plans for it and what its
+    processes hold (`reality`: what discovery found)."""
     pids = managed_pids(spec, observed, connect)
-    placement = place(
-        spec,
-        profiles_for(spec, read_header=read_header, cpus=cpus),
-        current=current_placement(observed),
-        foreign_vram=reality.foreign_vram,
-        params=params or SolveParams(time_limit=10.0, workers=1),
-    )
     planned = {(a.node, a.model, a.replica): sum(a.vram_bytes.values()) for a in placement.assignments}
     pools = {(p.node, pool_container_name(p.key)): p.size_bytes for p in placement.pools if p.gpu is not None}
     out: dict[StatusKey, ModelVram] = {}
@@ -75,7 +47,7 @@ def placed_vs_actual(
                 pools.get((node.node, c.name)) if c.pool else planned.get((node.node, c.model, c.replica)),
                 actual_vram(report, container_pids),
             )
-    return out, reality, placement
+    return out
 
 
 def describe(v: ModelVram) -> str:

@@ -484,6 +484,8 @@ class Worker:
             else:  # pragma: no cover - the second pass runs the last good spec
                 raise AssertionError("no spec to run")
             self._placement_metrics(prepared)
+            if not self.dry_run:  # what the running containers hold, for the next plan (the plan itself writes nothing)
+                session.record(prepared)
             plan = self._without_sleepers(spec, prepared.plan)
             result["plan"] = {
                 "summary": plan.to_json().get("summary"),

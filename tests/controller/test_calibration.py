@@ -4,6 +4,7 @@ an unchanged cluster still plans nothing."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from controller.drivers.base import NodeUnreachable
 from controller.drivers.docker import stats_memory
 from controller.drivers.fake import FakeDockerNode
 from controller.effects import calibration
+from controller.effects.engine import Session
 from controller.effects.observe import observe
 from solver.estimate import LayerCurve
 from solver.profiles import MEASURED_MARGIN, Measured, calibrate_curve
@@ -42,6 +44,13 @@ def engines(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, wired: Wired) -> di
     return fakes
 
 
+def _record(tmp_path: Path, wired: Wired) -> None:
+    """What a run of `homelab watch` does besides planning: measure the running containers and keep it."""
+    spec = parse_spec((tmp_path / "cluster.yaml").read_text(), "cluster.yaml").spec
+    with Session(spec, wired.wiring, tmp_path / "state") as session:
+        session.record(session.prepare())
+
+
 def _measured(tmp_path: Path) -> list[dict[str, object]]:
     data = json.loads((tmp_path / "state" / calibration.MEASURED_FILE).read_text())
     return list(data["measurements"])
@@ -57,6 +66,8 @@ def test_measured_above_estimate_is_reserved_shown_and_causes_no_churn(
     code, out, err = wired.run("status")
     assert code == 0, err
     assert "    RAM estimate 1.00 GiB, measured 3.00 GiB (+2.00 GiB, +200%)" in out
+    assert not (tmp_path / "state" / calibration.MEASURED_FILE).exists()  # shown, not kept: a status is inert
+    _record(tmp_path, wired)
     [kept] = _measured(tmp_path)
     hash_now = engines["spare"].containers["homelab-tiny"].config_hash
     assert kept["node"] == "spare" and kept["model"] == "tiny" and kept["config_hash"] == hash_now
@@ -79,7 +90,7 @@ def test_measured_above_estimate_is_reserved_shown_and_causes_no_churn(
     assert f"tiny on spare: {reserved / GIB:.1f} GiB RAM" in out
     # A smaller figure later does not lower the peak kept.
     engines["spare"].memory["homelab-tiny"] = 2 * GIB
-    wired.run("status")
+    _record(tmp_path, wired)
     assert _measured(tmp_path)[0]["ram_bytes"] == 3 * GIB
 
 
@@ -88,7 +99,7 @@ def test_a_changed_config_discards_the_measurement(
 ) -> None:
     assert wired.run("reconcile", "--yes")[0] == 0
     engines["spare"].memory["homelab-tiny"] = 3 * GIB
-    wired.run("status")
+    _record(tmp_path, wired)
     assert len(_measured(tmp_path)) == 1
     (tmp_path / "cluster.yaml").write_text(
         SPEC.replace(
@@ -136,6 +147,7 @@ def test_a_model_measured_over_what_its_node_has_left_is_a_plan_warning(
     assert wired.run("reconcile", "--yes")[0] == 0
     assert set(engines["spare"].containers) == {"homelab-tiny", "homelab-coder"}
     engines["spare"].memory["homelab-tiny"] = 13 * GIB  # 13 + 4 GiB > 16 GiB: it endangers the node's RAM
+    _record(tmp_path, wired)
     code, out, err = wired.run("reconcile", "--dry-run")
     assert code == 2
     assert (
@@ -145,6 +157,7 @@ def test_a_model_measured_over_what_its_node_has_left_is_a_plan_warning(
     assert "  - container homelab-coder  (not placed: see the warnings)" in out
     # Measured beyond the whole node: the measured model itself no longer fits.
     engines["spare"].memory["homelab-tiny"] = 17 * GIB
+    _record(tmp_path, wired)
     code, out, err = wired.run("reconcile", "--dry-run")
     assert "tiny: measured 17.00 GiB RAM on spare, estimate 4.00 GiB (reserved 17.85 GiB): it fits nowhere now" in err
 
@@ -236,7 +249,28 @@ def test_with_gpu_access_none_a_model_that_stays_is_not_said_to_move(
     assert code == 0, err
     assert engines["box"].containers["homelab-chat"].config.gpus == ()  # type: ignore[union-attr]
     engines["box"].memory["homelab-chat"] = 3 * GIB  # above its RAM estimate; the node has room for it
+    _record(tmp_path, wired)
     code, out, err = wired.run("reconcile", "--dry-run")
     assert "chat: measured 3.00 GiB RAM on box" in out
     assert "no longer fits" not in err and "warning: chat" not in err, err
     assert code == 0 and "No changes. The cluster matches the spec." in out, out
+
+
+def _files(state: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(state)): hashlib.sha256(p.read_bytes()).hexdigest() for p in state.rglob("*") if p.is_file()
+    }
+
+
+def test_planning_is_inert(engines: dict[str, FakeDockerNode], tmp_path: Path, wired: Wired) -> None:
+    """`reconcile --dry-run`, `place` and `status` leave the state directory byte-identical (a measurement to take
+    and a sha256 to cache are there to write, and are not written)."""
+    assert wired.run("reconcile", "--yes")[0] == 0
+    engines["spare"].memory["homelab-tiny"] = 3 * GIB
+    _record(tmp_path, wired)
+    engines["spare"].memory["homelab-tiny"] = 5 * GIB  # a new peak a plan could keep
+    before = _files(tmp_path / "state")
+    assert "measured.json" in before
+    for args in (("reconcile", "--dry-run"), ("place",), ("status",), ("status", "--json")):
+        wired.run(*args)
+        assert _files(tmp_path / "state") == before, args

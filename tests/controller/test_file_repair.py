@@ -12,12 +12,13 @@ from controller.core.diff import file_damage
 from controller.core.plan import Plan, render_text
 from controller.core.state import LABEL_CLUSTER, LABEL_ROLE, LABEL_WRITES, FileState
 from controller.drivers.fake import FakeDockerNode
-from controller.effects.apply import EVENTS_FILE, Executor
-from controller.effects.engine import CachingConnect, Prepared, prepare
+from controller.effects.apply import EVENTS_FILE
+from controller.effects.engine import CachingConnect, Prepared, Session, Wiring
 from controller.effects.observe import SHA256_CACHE_FILE, read_sha256_cache
 from solver.place import SolveParams
 from specs import parse_spec
 from specs.model import ClusterSpec, Node
+from tests.support.wiring import prepare
 
 SHA = "ab" * 32
 NODE_SOURCE = "/srv/models/chat.gguf"
@@ -56,10 +57,14 @@ class Lab:
         return prepare(spec, CachingConnect(self.connect), SolveParams(time_limit=5, workers=1), state=state)
 
     def apply(self, spec: ClusterSpec, state: Path) -> Plan:
-        plan = self.prepare(spec, state).plan
-        result = Executor(spec.cluster.name, {"box": self.box}, state, health_check=lambda *_: None).apply(plan)
-        assert result.ok, result.summary()
-        return plan
+        """As `reconcile` applies: plan, apply, then keep what the new containers hold (and the sha256s)."""
+        wiring = Wiring(connect=lambda _spec: self.connect, gpu_probe=lambda _nodes: {}, health_check=lambda *_: None)
+        with Session(spec, wiring, state) as session:
+            prepared = session.prepare(gateway=False, gpus=False)
+            result = session.executor(prepared).apply(prepared.plan)
+            assert result.ok, result.summary()
+            session.calibrate()
+        return prepared.plan
 
 
 def calls(box: FakeDockerNode, method: str) -> list[str]:
@@ -110,14 +115,13 @@ def test_a_file_of_the_right_size_whose_sha256_differs_is_copied_again_and_hashe
     state = tmp_path / "state"
     lab = Lab({NODE_SOURCE: 5678})
     spec = spec_of(NODE_SOURCE, node=True, sha256=SHA)
-    lab.apply(spec, state)
     lab.box.calls.clear()
-    assert lab.prepare(spec, state).plan.in_sync
-    assert calls(lab.box, "hash_files") == ["models"]  # hashed once after the copy …
+    lab.apply(spec, state)
+    assert calls(lab.box, "hash_files") == ["models"]  # hashed once after the copy, kept after the apply …
+    assert list(read_sha256_cache(state).values()) == [SHA]
     lab.box.calls.clear()
     assert lab.prepare(spec, state).plan.in_sync
     assert calls(lab.box, "hash_files") == []  # … then read from the cache in the state directory
-    assert list(read_sha256_cache(state).values()) == [SHA]
     # the same size, other bytes (written again: a new mtime)
     lab.box.hashes["models", "chat.gguf"] = "cd" * 32
     lab.box.mtimes["models", "chat.gguf"] += 1

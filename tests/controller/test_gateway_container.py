@@ -20,10 +20,11 @@ from controller.drivers.base import DriverError
 from controller.drivers.fake import FakeDockerNode
 from controller.drivers.litellm import ContainerGateway
 from controller.effects.apply import Executor
-from controller.effects.engine import CachingConnect, Prepared, gateways, prepare
+from controller.effects.engine import CachingConnect, Prepared, gateways
 from solver.place import SolveParams
 from specs import parse_spec
 from specs.model import ClusterSpec
+from tests.support.wiring import prepare
 
 KEY = "sk-unit-" + "9f3c1a7e5b2d4c6f"
 

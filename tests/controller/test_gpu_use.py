@@ -11,12 +11,11 @@ import pytest
 from controller.commands import reconcile as reconcile_cmd
 from controller.core.state import ClusterState
 from controller.drivers.gpu import GpuInfo, GpuProcess, NodeGpus
-from controller.effects.engine import prepare
 from controller.effects.gpu_use import FOREIGN_MARGIN_MIN_BYTES, assess, with_margin
 from solver.place import SolveParams
 from specs.model import ClusterSpec, Node
 from tests.controller.test_reconcile import SPEC, Lab, spec_of
-from tests.support.wiring import Wired
+from tests.support.wiring import Wired, prepare
 
 GIB = 2**30
 MIB = 2**20

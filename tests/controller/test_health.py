@@ -157,10 +157,10 @@ def spec_text(**ports: object) -> str:
 
 
 def test_endpoints_and_their_timeouts() -> None:
-    from controller.effects.engine import desired_state
+    from tests.support.wiring import desired_of
 
     spec = parse_spec(spec_text(ssh=2222, llama=3000, ollama=11434, ollama2=11435, gateway=4000), "x.yaml").spec
-    eps = {e.name: e for e in endpoints(spec, desired_state(spec))}
+    eps = {e.name: e for e in endpoints(spec, desired_of(spec))}
     assert sorted(eps) == [
         "box/docker",
         "box/llamacpp/coder",

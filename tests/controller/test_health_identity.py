@@ -17,7 +17,7 @@ from controller.core.diff import PortConflict
 from controller.drivers.fake import FakeDockerNode
 from controller.drivers.llamacpp import identity
 from controller.effects.apply import Executor, StepFailed, wait_healthy
-from controller.effects.engine import CachingConnect, Session, Wiring, port_holder, prepare
+from controller.effects.engine import CachingConnect, Session, Wiring, port_holder
 from controller.effects.health import Endpoint as HealthEndpoint
 from controller.effects.health import Status, probe_all
 from solver.place import SolveParams
@@ -25,6 +25,7 @@ from specs import parse_spec
 from specs.errors import HomelabError
 from specs.model import Node
 from tests.support.ports import free_port
+from tests.support.wiring import prepare
 
 
 class Squatter:

@@ -17,14 +17,14 @@ from controller.drivers.fake import FakeDockerNode
 from controller.drivers.fake_gateway import FakeGateway
 from controller.drivers.fake_ollama import FakeOllamaNode
 from controller.effects.apply import Executor
-from controller.effects.engine import CachingConnect, Prepared, prepare
+from controller.effects.engine import CachingConnect, Prepared
 from solver.gguf import read_header
 from solver.place import SolveParams
 from specs import parse_spec
 from specs.enums import Category
 from specs.model import ClusterSpec, Node
 from tests.support.synth import shape_by_name, write_synth_gguf
-from tests.support.wiring import Wired
+from tests.support.wiring import Wired, prepare
 
 SPEC = """\
 cluster: {name: lab}

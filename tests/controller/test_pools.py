@@ -19,13 +19,14 @@ from controller.drivers.docker import pool_children
 from controller.drivers.fake import FakeDockerNode
 from controller.drivers.llamacpp import parse_router_models
 from controller.effects.apply import Executor
-from controller.effects.engine import CachingConnect, Prepared, prepare
+from controller.effects.engine import CachingConnect, Prepared
 from controller.effects.health import Endpoint, Probe, Status, Verdict, _pool_member, endpoints, tier_verdict
 from controller.effects.pools import observe_pools, pool_now
 from solver.place import SolveParams, place
 from solver.profiles import profiles_for
 from specs import parse_spec
 from specs.model import ClusterSpec, Node
+from tests.support.wiring import prepare
 
 SPEC = """\
 cluster: {name: pools-unit}

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from controller.core.desired import container_name, render
+from controller.core.resolve import current_ports
 from controller.core.state import ClusterState
-from controller.effects.engine import current_ports
 from solver.problem import Assignment, PlacementResult
 from specs.model import ClusterSpec
 

@@ -31,11 +31,11 @@ from controller.core.power_plugin import (
     power_plugin_source,
     say_who_answered,
 )
-from controller.effects.engine import desired_state
 from controller.effects.health import EXIT_CODES, Endpoint, Probe, Status, Verdict, classify, mark_asleep
 from controller.effects.power import ASLEEP, WAKING, IdleTracker, PowerStore, Usage, sleep_due
 from specs import parse_spec
 from specs.model import ClusterSpec
+from tests.support.wiring import desired_of
 
 SPEC = """\
 cluster: {name: lab}
@@ -166,7 +166,7 @@ def test_a_wake_whose_process_is_gone_is_asleep_again(tmp_path: Path) -> None:
 
 def test_the_gateway_config_loads_the_power_plugin_for_models_on_nodes_that_sleep() -> None:
     s = spec()
-    desired = desired_state(s)
+    desired = desired_of(s)
     gw = render_gateway(s, desired.nodes)
     assert gw is not None and gw.text is not None
     assert "homelab_power.handler" in gw.text

@@ -24,10 +24,11 @@ from controller.effects.apply import (
     apply_lock,
     cluster_lock_path,
 )
-from controller.effects.engine import CachingConnect, Prepared, Session, Wiring, prepare
+from controller.effects.engine import CachingConnect, Prepared, Session, Wiring
 from solver.place import SolveParams
 from specs import parse_spec
 from specs.model import ClusterSpec, Node
+from tests.support.wiring import prepare
 
 SPEC = """\
 cluster: {name: lab}

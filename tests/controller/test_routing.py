@@ -338,9 +338,9 @@ def test_health_by_url_and_unknown_is_healthy(spec: ClusterSpec) -> None:
 
 
 def test_endpoints_from_render(spec: ClusterSpec) -> None:
-    from controller.commands.route import endpoints_for
+    from tests.support.wiring import endpoints_of
 
-    eps = endpoints_for(spec)
+    eps = endpoints_of(spec)
     assert eps["coder-7b"][0].url == "http://127.0.0.1:3001/v1"
     assert eps["coder-7b"][0].health_url == "http://127.0.0.1:3001/health"
     assert eps["tiny"][0].url == "http://127.0.0.1:9"
@@ -549,12 +549,12 @@ def test_endpoints_follow_the_running_containers_ports() -> None:
 
     spec = parse_spec(spec_text().replace(", port: 3001}", "}")).spec  # coder-7b: any free port
 
-    from controller.commands.route import endpoints_for
     from controller.core.desired import render
     from controller.core.state import ClusterState, NodeState
     from solver.gguf import read_header
     from solver.place import SolveParams, place
     from solver.profiles import profiles_for
+    from tests.support.wiring import endpoints_of
 
     desired = render(spec, place(spec, profiles_for(spec, read_header=read_header), params=SolveParams(time_limit=5)))
     running = {}
@@ -566,6 +566,6 @@ def test_endpoints_follow_the_running_containers_ports() -> None:
                 c = replace(c, config=replace(c.config, port=3007))
             moved.append(c)
         running[name] = NodeState(node=name, containers=tuple(moved))
-    eps = endpoints_for(spec, ClusterState(spec.cluster.name, running))
+    eps = endpoints_of(spec, ClusterState(spec.cluster.name, running))
     assert eps["coder-7b"][0].url == "http://127.0.0.1:3007/v1"
-    assert endpoints_for(spec)["coder-7b"][0].url == "http://127.0.0.1:1024/v1"  # from scratch: the lowest free
+    assert endpoints_of(spec)["coder-7b"][0].url == "http://127.0.0.1:1024/v1"  # from scratch: the lowest free

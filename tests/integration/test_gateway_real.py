@@ -26,7 +26,7 @@ import pytest
 from controller.drivers.docker import DockerEngine
 from controller.drivers.litellm import LocalGateway
 from controller.effects.apply import Executor
-from controller.effects.engine import CachingConnect, CachingOllama, Prepared, local_gateway, prepare
+from controller.effects.engine import CachingConnect, CachingOllama, Prepared, local_gateway
 from solver.place import SolveParams
 from specs import parse_spec
 from specs.model import ClusterSpec
@@ -34,6 +34,7 @@ from tests.support import dockerd as dockerd_support
 from tests.support.llama_server import _stop, find_binary
 from tests.support.ollama_standin import OllamaStandin
 from tests.support.ports import free_port, free_port_range
+from tests.support.wiring import prepare
 
 SPEC = """\
 cluster: {{name: {cluster}}}

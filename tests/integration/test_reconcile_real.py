@@ -19,13 +19,13 @@ import pytest
 from controller.core.state import LABEL_CLUSTER
 from controller.drivers.docker import DockerEngine
 from controller.effects.apply import EVENTS_FILE, Executor
-from controller.effects.engine import CachingConnect, Prepared, prepare
+from controller.effects.engine import CachingConnect, Prepared
 from solver.place import SolveParams
 from specs import parse_spec
 from specs.model import ClusterSpec, Node
 from tests.support import dockerd as dockerd_support
 from tests.support.ports import free_port_range
-from tests.support.wiring import Wired
+from tests.support.wiring import Wired, prepare
 
 SPEC = """\
 cluster: {{name: {cluster}}}

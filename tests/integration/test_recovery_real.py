@@ -37,7 +37,7 @@ from controller.cli import app
 from controller.drivers.docker import DockerEngine
 from controller.drivers.wake import magic_packet
 from controller.effects.apply import EVENTS_FILE, Executor
-from controller.effects.engine import CachingConnect, prepare
+from controller.effects.engine import CachingConnect
 from controller.effects.recovery import STATE_FILE
 from solver.place import SolveParams
 from specs import parse_spec
@@ -47,6 +47,7 @@ from tests.support import images
 from tests.support import sshd as sshd_support
 from tests.support.ports import free_port_range
 from tests.support.synth import shape_by_name, write_synth_gguf
+from tests.support.wiring import prepare
 
 ADDRESS = "127.0.0.2"
 MAC = "02:00:00:00:00:02"

@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 from controller.cli import app
 from controller.drivers.litellm import LocalGateway
 from controller.effects.apply import Executor
-from controller.effects.engine import CachingConnect, CachingOllama, local_gateway, prepare
+from controller.effects.engine import CachingConnect, CachingOllama, local_gateway
 from solver.place import SolveParams
 from specs import parse_spec
 from specs.model import ClusterSpec
@@ -34,6 +34,7 @@ from tests.integration.test_gateway_real import BAN, SYNTH_NOT_TEXT
 from tests.support.llama_server import _stop, find_binary
 from tests.support.ollama_standin import OllamaStandin
 from tests.support.ports import free_port
+from tests.support.wiring import prepare
 
 GATEWAY_SPEC = """\
 cluster: {{name: {cluster}}}

@@ -16,10 +16,11 @@ import httpx
 from controller.drivers.docker import DockerEngine
 from controller.drivers.litellm import LocalGateway
 from controller.effects.apply import Executor
-from controller.effects.engine import CachingConnect, Prepared, local_gateway, prepare
+from controller.effects.engine import CachingConnect, Prepared, local_gateway
 from solver.place import SolveParams
 from specs import parse_spec
 from specs.model import ClusterSpec
+from tests.support.wiring import prepare
 
 SPEC = """\
 cluster: {{name: {cluster}}}
