@@ -290,6 +290,12 @@ class Metrics:
         self.tier_state = Gauge("homelab_tier_state", "1 for the tier's verdict", ["tier", "state"], registry=r)
         self.reconciles = Counter("homelab_reconcile", "reconciles run", ["trigger"], registry=r)
         self.failures = Counter("homelab_reconcile_failures", "reconciles that failed", registry=r)
+        self.deferred = Counter(
+            "homelab_reconcile_deferred",
+            "reconciles put off to the next interval, not failed: another apply held the lock (a recovery, a"
+            " `homelab reconcile`), or the cluster changed between the plan and the apply (a stale plan)",
+            registry=r,
+        )
         self.duration = Histogram(
             "homelab_reconcile_duration_seconds",
             "time of one reconcile (observe, place, plan, apply)",
@@ -523,9 +529,10 @@ class Worker:
             else:
                 result["error"] = outcome.summary()
                 self.say(("stopped:\n" if self._cancel.is_set() else "apply failed:\n") + outcome.summary(), True)
-        except LockHeld as exc:
+        except LockHeld as exc:  # StalePlan too: nothing failed, the next interval plans again from what is there
             result["error"] = f"{exc}; will retry at the next interval"
-            self.say(result["error"], True)
+            result["deferred"] = True
+            self.say(result["error"], False)
         except (HomelabError, OSError) as exc:  # a node, a rendering, the gateway config: reported, retried
             result["error"] = f"{exc}; will retry at the next interval"
             self.say(f"reconcile failed: {result['error']}", True)
@@ -577,7 +584,9 @@ class Worker:
     def _finish(self, result: dict[str, Any], t0: float) -> dict[str, Any]:
         result["duration_s"] = round(time.perf_counter() - t0, 3)
         self.metrics.duration.observe(result["duration_s"])
-        if not result["ok"]:
+        if result.get("deferred"):
+            self.metrics.deferred.inc()
+        elif not result["ok"]:
             self.metrics.failures.inc()
         self.last = result
         return result

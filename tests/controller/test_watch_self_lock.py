@@ -7,7 +7,16 @@ import threading
 import time
 from pathlib import Path
 
-from controller.effects.apply import apply_lock
+import pytest
+from prometheus_client import generate_latest
+
+from controller.drivers.fake import FakeDockerNode
+from controller.effects.apply import Executor, LockHeld, StalePlan, apply_lock
+from controller.effects.watch import FileSource, Metrics, Worker
+from tests.controller.test_watch import Said, engines
+from tests.support.wiring import Wired
+
+__all__ = ["engines"]  # the fixture, shared with test_watch.py
 
 
 def test_a_second_apply_in_the_same_process_waits_for_the_first(tmp_path: Path) -> None:
@@ -37,3 +46,30 @@ def test_a_second_apply_in_the_same_process_waits_for_the_first(tmp_path: Path) 
         t.join(10)
     assert errors == []
     assert order == ["first in", "first out", "second in"]
+
+
+@pytest.mark.parametrize(
+    "raised",
+    [
+        StalePlan("the cluster changed since this plan was made (another apply?)"),
+        LockHeld("another homelab apply is running (pid 1)"),
+    ],
+    ids=["stale-plan", "lock-held"],
+)
+def test_a_deferred_reconcile_is_not_counted_as_a_failure(
+    raised: LockHeld, engines: dict[str, FakeDockerNode], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, wired: Wired
+) -> None:
+    """The watch's own recovery (or a `homelab reconcile`) applied first: the watch's plan is stale, or the lock is
+    held. Nothing failed: `homelab_reconcile_deferred_total` counts it, `homelab_reconcile_failures_total` does not."""
+    spec = tmp_path / "cluster.yaml"  # the fixture wrote it: two fake engines, nothing running yet
+
+    def apply(self: Executor, plan: object) -> None:
+        raise raised
+
+    monkeypatch.setattr(Executor, "apply", apply)
+    metrics, said = Metrics(), Said()
+    result = Worker(FileSource(spec), tmp_path / "state", False, metrics, said, wired.wiring).run("interval")
+    assert not result["ok"] and result["deferred"] and "will retry at the next interval" in result["error"]
+    scraped = generate_latest(metrics.registry).decode()
+    assert "homelab_reconcile_failures_total 0.0" in scraped
+    assert "homelab_reconcile_deferred_total 1.0" in scraped
