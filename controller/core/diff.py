@@ -159,10 +159,11 @@ def diff(desired: ClusterState, observed: ClusterState, *, unplaced: Collection[
         if want.ollama is not None:
             got = have.ollama  # observed over HTTP whether or not the node's Docker engine answered
             if got is None or not got.reachable:
-                if want.ollama.models:
-                    why = (got.error if got is not None else None) or have.error or "not observed"
+                # said even when nothing is placed there: its models may be unplaced because it did not answer
+                why = (got.error if got is not None else None) or have.error or "not observed"
+                if why not in unreachable.get(name, ""):
                     unreachable[name] = f"{unreachable[name]}; {why}" if name in unreachable else why
-                    deferred.extend(_ollama_changes(name, want.ollama, OllamaNodeState(url=want.ollama.url)))
+                deferred.extend(_ollama_changes(name, want.ollama, OllamaNodeState(url=want.ollama.url)))
             else:
                 changes.extend(_ollama_changes(name, want.ollama, got))
     for name, have in observed.nodes.items():
