@@ -30,7 +30,9 @@ def register(app: typer.Typer) -> None:
     def ui(
         ctx: typer.Context,
         file: SpecFileOption = None,
-        port: Annotated[int, typer.Option("--port", help="Port to serve on (0: any free one).")] = DEFAULT_PORT,
+        port: Annotated[
+            int, typer.Option("--port", help="Port to serve on (0: any free one).", min=0, max=65535)
+        ] = DEFAULT_PORT,
         bind: Annotated[
             str, typer.Option("--bind", help="Address to listen on; anything but loopback is reachable by others.")
         ] = "127.0.0.1",

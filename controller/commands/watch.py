@@ -67,7 +67,9 @@ def register(app: typer.Typer) -> None:
         ] = False,
         metrics_port: Annotated[
             int | None,
-            typer.Option("--metrics-port", help="Serve Prometheus /metrics here [default: watch.metrics_port]"),
+            typer.Option(
+                "--metrics-port", help="Serve Prometheus /metrics here [default: watch.metrics_port]", min=1, max=65535
+            ),
         ] = None,
         metrics_host: Annotated[
             str, typer.Option("--metrics-host", help="Address /metrics and the status page (/) listen on.")

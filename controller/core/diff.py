@@ -166,10 +166,10 @@ def diff(desired: ClusterState, observed: ClusterState, *, unplaced: Collection[
         if want.ollama is not None:
             got = have.ollama  # observed over HTTP whether or not the node's Docker engine answered
             if got is None or not got.reachable:
-                # reported even when nothing is placed on it: a model may be unplaced only because this server
-                # did not answer (no estimate without /api/show), so "the cluster matches the spec" would be false
+                # said even when nothing is placed there: its models may be unplaced because it did not answer
                 why = (got.error if got is not None else None) or have.error or "not observed"
-                unreachable[name] = f"{unreachable[name]}; {why}" if name in unreachable else why
+                if why not in unreachable.get(name, ""):
+                    unreachable[name] = f"{unreachable[name]}; {why}" if name in unreachable else why
                 deferred.extend(_ollama_changes(name, want.ollama, OllamaNodeState(url=want.ollama.url)))
             else:
                 changes.extend(_ollama_changes(name, want.ollama, got))

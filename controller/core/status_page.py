@@ -107,7 +107,10 @@ def model_colour(model: str) -> str:
 def when(t: object) -> str:
     if not isinstance(t, int | float) or isinstance(t, bool) or t <= 0:
         return "?"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+    except (OverflowError, ValueError, OSError):  # inf, 1e300: no date
+        return "?"
 
 
 def duration(seconds: object) -> str:

@@ -197,6 +197,10 @@ class OllamaNode(Protocol):
         """A model's base and parameters, from `/api/show` (`details.parent_model`, `parameters`)."""
         ...
 
+    def derived_many(self, names: Sequence[str]) -> list[OllamaModelState]:
+        """`derived` of each name, in the order given (the HTTP driver reads them concurrently)."""
+        ...
+
     def model_info(self, name: str) -> dict[str, object]:
         """`/api/show`'s `model_info` (GGUF metadata keys) and `details`, for the memory estimator."""
         ...

@@ -7,6 +7,7 @@ an error — and records every call in `calls`. Nothing is downloaded or run.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from controller.core.state import OllamaModelState, ollama_tag
@@ -50,6 +51,9 @@ class FakeOllamaNode:
         if state is None:
             raise DriverError(f"model '{name}' not found")
         return replace(state, preload=False, keep_alive=None)
+
+    def derived_many(self, names: Sequence[str]) -> list[OllamaModelState]:
+        return [self.derived(name) for name in names]
 
     def model_info(self, name: str) -> dict[str, object]:
         self._check("model_info", name)

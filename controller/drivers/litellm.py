@@ -58,7 +58,8 @@ from controller.core.state import (
     gateway_container,
 )
 from controller.drivers.base import DockerNode, DriverError
-from controller.drivers.poll import poll_200
+from controller.drivers.httpjson import BadAnswer, read_capped
+from controller.drivers.poll import POLL_BYTES, poll_200
 from controller.drivers.secrets import Redactor, resolve_secret
 from specs.files import atomic_write
 
@@ -68,10 +69,11 @@ LIVELINESS = "/health/liveliness"
 
 
 def _answers(url: str, timeout: float) -> bool:
-    """One GET: 200 or not (the proxy's /health/liveliness)."""
+    """One GET, bounded in time and size: 200 or not (the proxy's /health/liveliness)."""
     try:
-        return httpx.get(url, timeout=timeout, trust_env=False).status_code == 200
-    except httpx.HTTPError:
+        with httpx.Client(trust_env=False) as client:
+            return read_capped(client, "GET", url, what=url, deadline=timeout, max_bytes=POLL_BYTES)[0] == 200
+    except (httpx.HTTPError, BadAnswer):
         return False
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 
 from controller.drivers.base import DriverError
+from controller.drivers.httpjson import BadAnswer, bounded_json
 
 LOADED = "loaded"
 LOADING = "loading"
@@ -65,19 +66,15 @@ def parse_router_models(data: Any) -> dict[str, RouterModel]:
 
 
 def router_models(base_url: str, timeout: float) -> dict[str, RouterModel]:
-    """`GET {base_url}/v1/models` of a router; DriverError when it does not answer one."""
+    """`GET {base_url}/v1/models` of a router (the whole request within `timeout`, its answer bounded);
+    DriverError when it does not answer one."""
     url = base_url.rstrip("/") + "/v1/models"
+    with httpx.Client(trust_env=False) as client:
+        data = bounded_json(client, "GET", url, what=url, deadline=timeout)
     try:
-        with httpx.Client(timeout=timeout, trust_env=False) as client:
-            r = client.get(url)
-    except httpx.HTTPError as exc:
-        raise DriverError(f"{url}: {type(exc).__name__}") from None
-    if r.status_code != 200:
-        raise DriverError(f"{url}: HTTP {r.status_code}")
-    try:
-        return parse_router_models(r.json())
-    except ValueError:
-        raise DriverError(f"{url}: not JSON") from None
+        return parse_router_models(data)
+    except DriverError as exc:
+        raise BadAnswer(f"{url}: {exc}") from None
 
 
 def listed_ids(data: Any) -> set[str]:

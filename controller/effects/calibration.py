@@ -29,11 +29,22 @@ from controller.core.measured import current, spec_digest
 from controller.core.state import ClusterState
 from controller.drivers.base import DockerNode, DriverError
 from controller.effects.gpu_use import GpuReality, actual_vram, managed_pids
+from controller.effects.statefile import NUMBER, read_json, set_aside
 from solver.profiles import MemoryProfile, Profile, as_profile, precise_gib
 from specs.files import atomic_write
 from specs.model import ClusterSpec, Node
 
 MEASURED_FILE = "measured.json"
+MEASURED_SHAPE: dict[str, Any] = {
+    "version": int,
+    "measurements": [
+        {
+            "node": str, "model": str, "replica": int, "container": str, "config_hash": str, "spec_digest": str,
+            "gpu_layers": int, "gpus": [int], "ram_bytes": NUMBER, "vram_bytes": NUMBER,
+        }
+    ],
+}  # fmt: skip
+"""measured.json as `read` needs it (`statefile.check`; a missing key is caught by `Measurement.from_json`)."""
 
 AFTER_APPLY_ATTEMPTS = 3
 """Stats samples tried per container right after an apply before it is left to the next observe (a figure was
@@ -51,10 +62,14 @@ def path_in(state_dir: Path) -> Path:
 def read(state_dir: Path) -> list[Measurement]:
     """The measurements kept in the state directory; none when the file is missing or unreadable (they are
     taken again at the next observation)."""
+    path = path_in(state_dir)
+    data = read_json(path, MEASURED_SHAPE)
+    if not isinstance(data, dict):
+        return []
     try:
-        data = json.loads(path_in(state_dir).read_text())
-        return [Measurement.from_json(d) for d in data["measurements"]]
-    except (OSError, ValueError, KeyError, TypeError):
+        return [Measurement.from_json(d) for d in data.get("measurements") or []]
+    except (KeyError, ValueError, TypeError) as exc:
+        set_aside(path, f"a measurement without {exc}" if isinstance(exc, KeyError) else str(exc))
         return []
 
 

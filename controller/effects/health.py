@@ -29,7 +29,9 @@ from controller.core.gateway_config import gateway_url
 from controller.core.state import ClusterState, url_host
 from controller.drivers.base import DriverError
 from controller.drivers.docker import DockerEngine
+from controller.drivers.httpjson import MAX_BYTES, BadAnswer, read_capped_async
 from controller.drivers.llamacpp import FAILED, LOADED, LOADING, SLEEPING, listed_ids, parse_router_models
+from specs.jsontext import loads
 from specs.model import ClusterSpec, Node
 
 GATEWAY_TIER = "gateway"
@@ -242,29 +244,42 @@ def _gateway_url(spec: ClusterSpec, node_name: str | None, port: int) -> str | N
 async def _probe_http(client: httpx.AsyncClient, e: Endpoint, slow: float) -> Probe:
     start = time.perf_counter()
     try:
-        r = await asyncio.wait_for(client.get(e.target, timeout=e.timeout), e.timeout)
+        code, raw = await asyncio.wait_for(
+            read_capped_async(client, "GET", e.target, what=e.target, timeout=e.timeout), e.timeout
+        )
     except (TimeoutError, httpx.TimeoutException):
         return Probe(e, Status.DOWN, error=f"no answer within {e.timeout:g}s")
     except httpx.HTTPError as exc:
         return Probe(e, Status.DOWN, error=_short(exc))
+    except BadAnswer:
+        return Probe(e, Status.DOWN, error=f"an answer larger than {MAX_BYTES} bytes")
     latency = time.perf_counter() - start
-    if e.kind == "llamacpp" and r.status_code == 503:
-        return Probe(e, Status.STARTING, r.status_code, latency, "loading the model")
-    if not 200 <= r.status_code < 300:
-        return Probe(e, Status.DOWN, r.status_code, latency, f"HTTP {r.status_code}")
+    if e.kind == "llamacpp" and code == 503:
+        return Probe(e, Status.STARTING, code, latency, "loading the model")
+    if not 200 <= code < 300:
+        return Probe(e, Status.DOWN, code, latency, f"HTTP {code}")
     status = Status.SLOW if latency > slow else Status.UP
     if e.kind == "llamacpp" and e.served is not None:
-        return await _llamacpp_identity(client, e, status, r.status_code, latency)
+        return await _llamacpp_identity(client, e, status, code, latency)
     if e.kind == "llamapool":
-        return _pool_member(e, r, status, latency)
+        return _pool_member(e, httpx.Response(code, content=raw), status, latency)
     if e.kind == "ollama":
-        try:
-            listed = r.json().get("models", [])
-            names = tuple(str(m.get("name") or m.get("model")) for m in listed if isinstance(m, dict))
-        except (ValueError, AttributeError):
-            return Probe(e, Status.DOWN, r.status_code, latency, "/api/tags did not answer JSON")
-        return Probe(e, status, r.status_code, latency, models=names)
-    return Probe(e, status, r.status_code, latency)
+        data = _json_or_none(raw)
+        listed = (data.get("models") or []) if isinstance(data, dict) else None
+        if not isinstance(listed, list):
+            return Probe(e, Status.DOWN, code, latency, "/api/tags did not answer JSON")
+        names = tuple(
+            name for m in listed if isinstance(m, dict) and isinstance(name := m.get("name") or m.get("model"), str)
+        )
+        return Probe(e, status, code, latency, models=names)
+    return Probe(e, status, code, latency)
+
+
+def _json_or_none(raw: bytes) -> Any:
+    try:
+        return loads(raw)
+    except ValueError:
+        return None
 
 
 async def _llamacpp_identity(
@@ -292,23 +307,24 @@ async def _llamacpp_identity(
 
 
 def _pool_member(e: Endpoint, r: httpx.Response, answered: Status, latency: float) -> Probe:
-    """One member of a swap pool, from its router's `/v1/models`."""
+    """One member of a swap pool, from its router's `/v1/models` (the answer as read, bounded)."""
+    code = r.status_code
     try:
-        states = parse_router_models(r.json())
-    except (ValueError, DriverError):
-        return Probe(e, Status.DOWN, r.status_code, latency, "/v1/models did not answer a router's model list")
+        states = parse_router_models(_json_or_none(r.content))
+    except DriverError:
+        return Probe(e, Status.DOWN, code, latency, "/v1/models did not answer a router's model list")
     got = states.get(e.served or "")
     if got is None:
-        return Probe(e, Status.DOWN, r.status_code, latency, f"'{e.served}' is not among the router's models")
+        return Probe(e, Status.DOWN, code, latency, f"'{e.served}' is not among the router's models")
     if got.state == LOADED:
-        return Probe(e, answered, r.status_code, latency)
+        return Probe(e, answered, code, latency)
     if got.state == LOADING:
-        return Probe(e, Status.STARTING, r.status_code, latency, "loading the model")
+        return Probe(e, Status.STARTING, code, latency, "loading the model")
     if got.state == FAILED:
-        code = f" (exit {got.exit_code})" if got.exit_code is not None else ""
-        return Probe(e, Status.DOWN, r.status_code, latency, f"its last load failed{code}")
+        exit_code = f" (exit {got.exit_code})" if got.exit_code is not None else ""
+        return Probe(e, Status.DOWN, code, latency, f"its last load failed{exit_code}")
     why = "asleep after its ttl" if got.state == SLEEPING else "not loaded"
-    return Probe(e, Status.IDLE, r.status_code, latency, f"{why}: loads on request")
+    return Probe(e, Status.IDLE, code, latency, f"{why}: loads on request")
 
 
 async def _probe_ssh(e: Endpoint, slow: float) -> Probe:

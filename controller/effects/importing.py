@@ -71,7 +71,7 @@ def gather(
         node = spec.node(name)
         assert node.ollama is not None
         server = ollama_connect(node)
-        tags = server.list_models()
-        models = [(tag, server.derived(tag).num_ctx) for tag in sorted(tags)]
+        tags = sorted(server.list_models())
+        models = [(tag, state.num_ctx) for tag, state in zip(tags, server.derived_many(tags), strict=True)]
         ofacts.append(OllamaFacts(name, node.address, node.ollama.url, models))
     return dfacts, ofacts

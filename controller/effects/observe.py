@@ -56,9 +56,8 @@ def observe_ollama(node: Node, connect: OllamaConnect) -> OllamaNodeState | None
         driver = connect(node)
         names = driver.list_models()
         loaded = set(driver.loaded())
-        models = [
-            replace(driver.derived(name), preload=name in loaded) for name in names if name.startswith(OLLAMA_PREFIX)
-        ]
+        ours = [name for name in names if name.startswith(OLLAMA_PREFIX)]
+        models = [replace(state, preload=state.name in loaded) for state in driver.derived_many(ours)]
     except DriverError as exc:
         return OllamaNodeState(url=url, reachable=False, error=str(exc))
     return OllamaNodeState(

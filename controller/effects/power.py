@@ -44,10 +44,13 @@ from controller.drivers.llamacpp import LOADED, LOADING, parse_router_models
 from controller.drivers.secrets import Redactor
 from controller.effects.engine import Wiring
 from controller.effects.recovery import EventFn, NodeActions, Outcome, Reach, Recoverer, Status, Step, in_words
+from controller.effects.statefile import TIME, read_json
 from specs.files import atomic_write
 from specs.model import ClusterSpec, Node
 
 STATE_FILE = "power.json"
+POWER_SHAPE: dict[str, Any] = {"*": {"state": str, "since": TIME, "reason": str, "pid": int, "host": str}}
+"""power.json as its readers need it (`statefile.check`)."""
 SLEEP_COMMAND_TIMEOUT_S = 60.0
 ASLEEP = "asleep"
 WAKING = "waking"
@@ -76,10 +79,7 @@ class PowerStore:
         return cls(state_dir, gateway_dir(spec))
 
     def load(self) -> dict[str, dict[str, Any]]:
-        try:
-            raw = json.loads((self.state_dir / STATE_FILE).read_text())
-        except (OSError, ValueError):
-            return {}
+        raw = read_json(self.state_dir / STATE_FILE, POWER_SHAPE)
         if not isinstance(raw, dict):
             return {}
         out = {str(k): v for k, v in raw.items() if isinstance(v, dict) and v.get("state") in (ASLEEP, WAKING)}

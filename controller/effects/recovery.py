@@ -49,6 +49,7 @@ from controller.effects.apply import LockHeld, LockUnavailable
 from controller.effects.engine import Prepared, Session, Wiring
 from controller.effects.health import Status as ProbeStatus
 from controller.effects.health import endpoints, probe_all
+from controller.effects.statefile import TIME, read_json
 from specs.files import atomic_write
 from specs.model import Backoff, ClusterSpec, Node
 
@@ -218,6 +219,12 @@ def node_hash(node: Node) -> str:
     return hashlib.sha256(node.model_dump_json().encode()).hexdigest()[:16]
 
 
+RECORDS_SHAPE: dict[str, Any] = {
+    "*": {"status": str, "attempts": int, "next_retry": TIME, "reason": str, "spec_hash": str}
+}
+"""recovery.json as `AttemptStore.load` needs it (`statefile.check`)."""
+
+
 class AttemptStore:
     """STATE_DIR/recovery.json: per node, its status, attempts and next retry (written atomically)."""
 
@@ -225,10 +232,7 @@ class AttemptStore:
         self.path = path
 
     def load(self) -> dict[str, NodeRecord]:
-        try:
-            raw = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}
+        raw = read_json(self.path, RECORDS_SHAPE)
         out: dict[str, NodeRecord] = {}
         for name, r in raw.items() if isinstance(raw, dict) else ():
             try:

@@ -12,7 +12,6 @@ The `nodes` part is exactly `homelab status --json`'s (`nodes_json`, which that 
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from controller.effects.health import ANSWERING, HealthReport, Probe, mark_aslee
 from controller.effects.pools import PoolNow, observe_pools
 from controller.effects.power import ASLEEP, AWAKE, WAKING, PowerStore
 from controller.effects.route_probe import Probed, endpoint_health
+from controller.effects.statefile import TIME, good_line
 from controller.effects.vram_status import StatusKey, planned_vs_actual
 from controller.effects.watch import read_status
 from solver.problem import PlacementResult, Pool
@@ -128,13 +128,14 @@ def read_events(state_dir: Path, keep: int = EVENTS_KEPT) -> list[dict[str, Any]
         return []
     out: list[dict[str, Any]] = []
     for line in tail.splitlines()[-keep:]:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
+        record = good_line(line, EVENT_SHAPE)  # a torn, corrupt or odd line is skipped
+        if record is not None:
             out.append(record)
     return out
+
+
+EVENT_SHAPE: dict[str, Any] = {"time": TIME, "event": str, "node": str, "step": str, "name": str}
+"""An events.jsonl line as the status page and /api/status need it (`statefile.check`)."""
 
 
 # --------------------------------------------------------------------------- what was found → the dict

@@ -60,6 +60,7 @@ from controller.effects.power import (
     wake_node,
 )
 from controller.effects.recovery import STATE_FILE, AttemptStore, Outcome, Step, due_nodes, run_all
+from controller.effects.statefile import NUMBER, TIME, read_json
 from controller.effects.status_http import StatusFn, StatusServer
 from solver.problem import Unplaced
 from specs import Diagnostic, LoadedSpec, SpecError, load_spec
@@ -980,11 +981,28 @@ async def serve(loop: WatchLoop, *, watch_path: Path | None, handle_signals: boo
                     await watcher
 
 
+STATUS_SHAPE: dict[str, Any] = {
+    "pid": int,
+    "source": {"*": str},
+    "applied": {"spec_hash": str, "commit": str, "time": TIME},
+    "head": str,
+    "spec_errors": [str],
+    "fetch_error": str,
+    "last_run": {"time": TIME, "trigger": str, "plan": {"summary": object, "steps": int, "text": str}},
+    "runs": int,
+    "health": {"time": TIME, "verdict": str, "reason": str, "tiers": {"*": str}, "nodes": {"*": str}},
+    "recovering": [str],
+    "power": {"*": {"state": str, "since": TIME, "idle_s": NUMBER, "reason": str, "sleep_after": NUMBER}},
+    "asleep": [str],
+    "next_run": TIME,
+    "updated": TIME,
+}
+"""What the readers of watch.json rely on (`statefile.check`); other keys are shown as they are."""
+
+
 def read_status(state_dir: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads((state_dir / STATUS_FILE).read_text())
-    except (OSError, ValueError):
-        return None
+    """STATE_DIR/watch.json, checked (a bad one is reported and set aside: read as absent)."""
+    data = read_json(state_dir / STATUS_FILE, {**STATUS_SHAPE, "*": object})
     return data if isinstance(data, dict) else None
 
 

@@ -120,3 +120,16 @@ def test_a_state_directory_that_is_a_file_is_one_line(cli: Wired, tmp_path: Path
     code, _, err = cli.run("reconcile", "--yes", "--state-dir", str(tmp_path / "state"))
     assert code == 1
     assert err.strip().splitlines()[-1].startswith(f"error: state directory {tmp_path / 'state'}:")
+
+
+@pytest.mark.parametrize(("args", "option"), [(["ui", "--port", "99999"], "--port"),
+                                              (["ui", "--port", "-1"], "--port"),
+                                              (["watch", "--metrics-port", "99999"], "--metrics-port"),
+                                              (["watch", "--metrics-port", "0"], "--metrics-port")])  # fmt: skip
+def test_a_port_out_of_range_is_a_usage_error(tmp_path: Path, args: list[str], option: str) -> None:
+    """Issue 29: `ui --port 99999` and `watch --metrics-port 99999` gave a traceback (OverflowError in bind).
+    A usage error exits 1 here, as every usage error of `homelab` does (`controller.cli.main`)."""
+    done = homelab(*args, cwd=tmp_path)
+    assert done.returncode == 1, (done.returncode, done.stderr)
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"error: Invalid value for '{option}'"), line
