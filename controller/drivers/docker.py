@@ -735,6 +735,17 @@ class DockerEngine:
                 raise DriverError(f"no container {name} on node {self.node}")
             container.start()
 
+    def stop_container(self, name: str, *, timeout: float = 5.0) -> None:
+        with self._errors(f"stop container {name}"):
+            container = self._managed(name)
+            if container is None:
+                return
+            try:
+                if container.status in ("running", "restarting", "paused"):
+                    container.stop(timeout=max(0, math.ceil(timeout)))
+            except docker.errors.NotFound:
+                return
+
     def remove_container(self, name: str, *, timeout: float = 5.0, adopt: bool = False) -> None:
         with self._errors(f"remove container {name}"):
             if adopt:

@@ -171,6 +171,13 @@ class FakeDockerNode:
             raise NotManaged(f"container {name} has no {LABEL_CLUSTER} label: not homelab's")
         self.containers[name] = replace(self.containers[name], status="running", exit_code=None)
 
+    def stop_container(self, name: str, *, timeout: float = 5.0) -> None:
+        self._check("stop_container", name)
+        if name in self.foreign or name in self.inspected:
+            raise NotManaged(f"container {name} has no {LABEL_CLUSTER} label: not homelab's")
+        if name in self.containers and self.containers[name].status == "running":
+            self.containers[name] = replace(self.containers[name], status="exited", exit_code=143)
+
     def remove_container(self, name: str, *, timeout: float = 5.0, adopt: bool = False) -> None:
         self._check("remove_container", name)
         if adopt and name in self.inspected:

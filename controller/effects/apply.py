@@ -422,6 +422,14 @@ class Executor:
                 self.health_check(step.container.health_url, timeout, self._stop.is_set, step.container.serves)
             except StepFailed as exc:
                 logs = driver.container_logs(step.name, tail=3).strip().replace("\n", " | ")
-                raise StepFailed(f"{exc}" + (f"; last log lines: {logs}" if logs else "")) from None
+                # Stopped, not left running: a running container with the spec's hash plans nothing, so the next
+                # plan would say "No changes" over a model that never came up. Stopped, it is started again (and
+                # waited for) by the next plan; `docker logs` keeps what it printed.
+                stopped = "; the container is stopped (the next plan starts it again)"
+                try:
+                    driver.stop_container(step.name)
+                except DriverError as stop_exc:
+                    stopped = f"; stopping it failed too ({stop_exc})"
+                raise StepFailed(f"{exc}" + (f"; last log lines: {logs}" if logs else "") + stopped) from None
         else:  # pragma: no cover - StepKind is closed
             raise AssertionError(step.kind)

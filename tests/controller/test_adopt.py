@@ -105,3 +105,25 @@ def test_a_volume_that_is_not_on_the_node_is_a_plan_error() -> None:
     with pytest.raises(MissingVolume, match=r"node box: model coder reads coder/qwen2.5-coder-7b.gguf from Docker"):
         lab.prepare(spec_of(CODER_IN_VOLUME))
     assert "mark-ii" in lab.engines["box"].inspected
+
+
+def test_after_a_failed_apply_the_next_plan_redoes_what_failed(tmp_path: Path) -> None:
+    """The adopted container is gone and its replacement never answered its health check: the next plan is not
+    "No changes" (the replacement was left running with the spec's hash) but starts it again and waits for it."""
+    from controller.effects.apply import Executor, StepFailed
+
+    lab = lab_with_mark_i()
+    spec = spec_of(ADOPTING)
+
+    def never(url: str, timeout: float, cancelled: object, serves: tuple[str, ...] = ()) -> None:
+        raise StepFailed(f"{url} did not answer 200 within {timeout:g}s")
+
+    result = Executor(spec.cluster.name, lab.engines, tmp_path, health_check=never).apply(lab.prepare(spec).plan)
+    assert not result.ok
+    assert "the container is stopped (the next plan starts it again)" in result.summary()
+    again = lab.prepare(spec).plan
+    assert not again.in_sync
+    box = [s for s in steps(again) if s[0] == "box"]
+    assert ("box", "wait-healthy", "homelab-chat") in box
+    assert any(s[2] == "homelab-chat" and s[1] in ("start-container", "run-container") for s in box)
+    assert "No changes" not in render_text(again)
