@@ -326,6 +326,9 @@ class NodeState:
     """Observed only: (GGUF path, bytes) of the model sources as they are now for this node — a `source.node`
     file of this node (read by the helper that lists its volume), any other one as this machine sees it; a
     source that could not be looked at is left out. The desired files carry these sizes (`desired.render`)."""
+    missing_helper_image: str | None = None
+    """Observed only: the node's `llamacpp.helper_image` when it is not on the node (None: it is, or the node has
+    no llama.cpp). File steps run in it: a plan that copies or removes a file there is refused."""
     spec_files: tuple[str, ...] = ()
     """Desired state only: every model file name the spec mentions, placed here or not. A file in a managed
     volume that is neither wanted here nor named in the spec is pruned; one of a model placed elsewhere

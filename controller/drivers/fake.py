@@ -20,6 +20,8 @@ class FakeDockerNode:
     node: str
     cluster: str = "lab"
     images: set[str] = field(default_factory=set)
+    helper_image: str | None = "busybox:latest"
+    """The helper image on the node besides `images` (the default `llamacpp.helper_image`; None: not there)."""
     source_files: dict[str, int] = field(default_factory=dict)
     """Files on the node's disk: path → size."""
     reachable: bool = True
@@ -63,7 +65,7 @@ class FakeDockerNode:
         self._check("ping", "")
 
     def image_exists(self, image: str) -> bool:
-        return image in self.images
+        return image in self.images or image == self.helper_image
 
     def list_containers(self, cluster: str) -> tuple[list[ContainerState], list[str]]:
         self._check("list_containers", cluster)

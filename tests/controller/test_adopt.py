@@ -127,3 +127,22 @@ def test_after_a_failed_apply_the_next_plan_redoes_what_failed(tmp_path: Path) -
     assert ("box", "wait-healthy", "homelab-chat") in box
     assert any(s[2] == "homelab-chat" and s[1] in ("start-container", "run-container") for s in box)
     assert "No changes" not in render_text(again)
+
+
+def test_a_missing_helper_image_is_a_plan_error_where_files_are_copied() -> None:
+    """The helper image copies model files: the dry run checks it is on each node with file steps, not the apply."""
+    from controller.core.diff import MissingHelperImage
+
+    lab = Lab()
+    lab.engines["box"].helper_image = None
+    with pytest.raises(MissingHelperImage) as err:
+        lab.prepare(spec_of())
+    message = str(err.value)
+    assert message.startswith("node box: helper image busybox:latest (llamacpp.helper_image)")
+    assert "docker pull busybox:latest" in message and "docker load" in message and "\n" not in message
+    # A node without file steps does not need it.
+    lab = Lab()
+    lab.engines["spare"].helper_image = None
+    moved = SPEC.replace("placement: {node: spare, cpu_only: true}", "placement: {node: box, cpu_only: true}")
+    plan = lab.prepare(spec_of(moved)).plan
+    assert not any(s[0] == "spare" for s in steps(plan))
