@@ -295,7 +295,7 @@ def _adoptions(want: NodeState, have: NodeState) -> list[Change]:
         if c.config is None or c.name in running:  # a stopped one must bind its port again when it starts
             continue
         for f in have.foreign:
-            if c.config.port in f.ports and adopted.get(f.name) != c.name:
+            if f.running and c.config.port in f.ports and adopted.get(f.name) != c.name:
                 raise PortConflict(
                     f"node {want.node}: container {c.name} would listen on port {c.config.port}, which container"
                     f" {f.name} (not managed by homelab) holds; adopt it (`adopt: {f.name}` on model {c.model})"

@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 
 from pydantic import ValidationError
 
-from controller.core.state import LABEL_CLUSTER, OLLAMA_PREFIX
+from controller.core.state import ADOPTED_SUFFIX, LABEL_CLUSTER, OLLAMA_PREFIX
 from specs.enums import Category, KVCacheType
 from specs.model import NAME_PATTERN, Model, gguf_file_name, volume_file
 from specs.validate import owned_flag
@@ -322,6 +322,8 @@ def llama_container(node: str, inspect: Mapping[str, Any]) -> Found | None:
     if parsed.model is None:
         return None
     cname = str(inspect.get("Name", "")).lstrip("/")
+    if cname.endswith(ADOPTED_SUFFIX):
+        raise NotImported("homelab set it aside when a managed container adopted it")
     image = str((inspect.get("Config") or {}).get("Image", ""))
     status = str((inspect.get("State") or {}).get("Status", "unknown"))
     origin = [f"from container {cname} on {node} ({status}, image {image})"]

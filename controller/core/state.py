@@ -335,6 +335,10 @@ class NodeState:
     for now is kept (copying it back would cost gigabytes)."""
 
 
+ADOPTED_SUFFIX = "-adopted-by-homelab"
+"""What an adopted container's name is given when homelab sets it aside (`DockerNode.set_aside`)."""
+
+
 @dataclass(frozen=True)
 class ForeignContainer:
     """A container without homelab labels (observed): never touched unless the spec adopts it."""
@@ -344,6 +348,8 @@ class ForeignContainer:
     """Host ports it holds (its -p mappings; llama-server's --port on the host network)."""
     bind_model: str | None = None
     """The host directory it reads its model through, when that is a bind mount."""
+    running: bool = True
+    """Docker's status is `running` (a stopped one holds no port: an adopted container homelab set aside)."""
 
 
 @dataclass(frozen=True)

@@ -395,7 +395,7 @@ class Executor:
         if step.kind in (StepKind.REMOVE_CONTAINER, StepKind.REMOVE_SERVICE):
             driver.remove_container(step.name)
         elif step.kind is StepKind.ADOPT_CONTAINER:
-            driver.remove_container(step.name, adopt=True)
+            driver.set_aside(step.name)
         elif step.kind is StepKind.REMOVE_FILE:
             assert step.file is not None
             driver.remove_file(step.file.volume, step.file.name)

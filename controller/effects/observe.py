@@ -232,7 +232,8 @@ def foreign_container(inspect: Mapping[str, Any]) -> ForeignContainer:
     model = parse_server_args(container_argv(inspect)).model
     mount = model_mount(inspect, model) if model is not None else None
     bind = mount.name if mount is not None and mount.kind == "bind" else None
-    return ForeignContainer(name, tuple(container_ports(inspect)), bind)
+    running = str((inspect.get("State") or {}).get("Status", "running")) == "running"
+    return ForeignContainer(name, tuple(container_ports(inspect)), bind, running)
 
 
 def _observe_docker(

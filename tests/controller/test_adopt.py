@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -40,11 +41,20 @@ def test_adopt_replaces_the_container_on_the_same_port(tmp_path: Path) -> None:
     assert ("box", "run-container", "homelab-chat") in box
     lab.apply(spec, tmp_path)
     engine = lab.engines["box"]
-    assert "mark-i" not in engine.inspected and ("remove_container", "mark-i") in engine.calls
+    # Stopped and kept, renamed, its restart policy off: its `docker run` settings are there to go back to.
+    assert "mark-i" not in engine.inspected and ("set_aside", "mark-i") in engine.calls
+    kept = engine.inspected["mark-i-adopted-by-homelab"]
+    assert kept["State"]["Status"] == "exited" and kept["HostConfig"]["RestartPolicy"] == {"Name": "no"}
+    assert kept["Args"] == MARK_I_ON_3009["Args"]
     chat = engine.containers["homelab-chat"].config
     assert chat is not None and chat.port == 3009
     again = lab.prepare(spec).plan
     assert again.in_sync and again.steps == ()
+    # The kept container holds no port: a managed container that must start again on 3009 is not a conflict.
+    engine.containers["homelab-chat"] = replace(engine.containers["homelab-chat"], status="exited", exit_code=1)
+    restart = lab.prepare(spec).plan
+    assert ("box", "start-container", "homelab-chat") in steps(restart)
+    assert all("mark-i" not in s[2] for s in steps(restart))
 
 
 def test_without_adopt_the_container_stays_and_its_port_is_a_plan_error() -> None:
@@ -146,3 +156,14 @@ def test_a_missing_helper_image_is_a_plan_error_where_files_are_copied() -> None
     moved = SPEC.replace("placement: {node: spare, cpu_only: true}", "placement: {node: box, cpu_only: true}")
     plan = lab.prepare(spec_of(moved)).plan
     assert not any(s[0] == "spare" for s in steps(plan))
+
+
+def test_a_container_set_aside_by_adoption_is_not_imported_again() -> None:
+    from controller.core.importer import DockerFacts, build_spec
+
+    kept = {**MARK_I_ON_3009, "Name": "/mark-i-adopted-by-homelab", "State": {"Status": "exited"}}
+    skipped: list[str] = []
+    build_spec("lab", [DockerFacts("box", "127.0.0.1", "unix:///x.sock", [kept])], skipped=skipped)
+    assert skipped == [
+        "container mark-i-adopted-by-homelab on box: homelab set it aside when a managed container adopted it"
+    ]
