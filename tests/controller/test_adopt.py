@@ -167,3 +167,39 @@ def test_a_container_set_aside_by_adoption_is_not_imported_again() -> None:
     assert skipped == [
         "container mark-i-adopted-by-homelab on box: homelab set it aside when a managed container adopted it"
     ]
+
+
+def _imported(*hosts: str) -> tuple[str, list[str]]:
+    from controller.core.importer import DockerFacts, build_spec
+
+    containers = []
+    for i, host in enumerate(hosts):
+        args = list(MARK_I_ON_3009["Args"])
+        args[args.index("--host") + 1] = host
+        args[args.index("--port") + 1] = str(3009 + i)
+        args[args.index("-m") + 1] = f"/models/model-{i}.gguf"
+        containers.append({**MARK_I_ON_3009, "Name": f"/mark-{i}", "Args": args})
+    warnings: list[str] = []
+    text = build_spec("lab", [DockerFacts("box", "127.0.0.1", "unix:///var/run/docker.sock", containers)], [], None,
+                      None, None, None, warnings)  # fmt: skip
+    return text, warnings
+
+
+def test_import_takes_the_node_address_from_the_hosts_its_servers_agree_on() -> None:
+    text, warnings = _imported("192.168.1.20", "192.168.1.20")
+    assert 'address: "192.168.1.20"' in text and "the --host of every container started by hand here" in text
+    assert warnings == []
+    # On all addresses, 127.0.0.1 (this machine, a unix:// engine) reaches them: not a guess worth a warning.
+    text, warnings = _imported("0.0.0.0")
+    assert 'address: "127.0.0.1"' in text and warnings == []
+    # They disagree: the endpoint's 127.0.0.1 is kept, said to be a guess in the comment and a warning.
+    text, warnings = _imported("192.168.1.20", "10.0.0.5")
+    assert 'address: "127.0.0.1"' in text
+    assert "guessed: address 127.0.0.1, from the unix:// Docker endpoint; its containers started by hand listen on" in (
+        text
+    )
+    assert warnings == [
+        "node box: address 127.0.0.1 is a guess from the unix:// Docker endpoint; its containers started by hand"
+        " listen on --host 10.0.0.5, 192.168.1.20; set the address its model servers answer on before"
+        " `homelab reconcile`"
+    ]
