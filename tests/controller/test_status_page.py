@@ -245,4 +245,4 @@ def test_an_asleep_node_is_quiet_not_red() -> None:
     # An awake node that does not answer stays red.
     status["nodes"]["remote"]["state"] = "DEGRADED"
     awake = render_page(status).split('<section class="node" id="node-remote"')[1].split("</section>")[0]
-    assert '<td class="bad">exited</td>' in awake and '<ul class=reasons>' in awake
+    assert '<td class="bad">exited</td>' in awake and "<ul class=reasons>" in awake
