@@ -94,8 +94,9 @@ def register(app: typer.Typer) -> None:
             ollama.close()
         sources = {k: str(v) for k, v in (("litellm", litellm), ("llama-swap", llama_swap)) if v is not None}
         skipped: list[str] = []
+        warnings: list[str] = []
         try:
-            text = build_spec(cluster, dfacts, ofacts, litellm_config, swap_config, sources, skipped)
+            text = build_spec(cluster, dfacts, ofacts, litellm_config, swap_config, sources, skipped, warnings)
         except ImportError_ as exc:
             message = _LINE_BREAK.sub(lambda m: repr(m[0])[1:-1], str(exc))  # a name's newline: still one line
             path = llama_swap if message.startswith("llama-swap") else litellm
@@ -111,4 +112,6 @@ def register(app: typer.Typer) -> None:
             fail(f"{output}: cannot write: {exc.strerror}")
         for note in skipped:
             err.print(f"warning: not imported: {note}", markup=False)
+        for warning in warnings:
+            err.print(f"warning: {warning}", markup=False)
         err.print(f"wrote {output}", markup=False)

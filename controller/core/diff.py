@@ -41,6 +41,10 @@ class MissingVolume(HomelabError):
     """A model is read from a volume of the user's (`source.volume`) that is not on its node."""
 
 
+class MissingHelperImage(HomelabError):
+    """A node's helper image (`llamacpp.helper_image`), which copies and removes model files, is not on it."""
+
+
 ADOPT = "adopt"
 """The kind of the change that replaces a container started by hand (`adopt:`) with a managed one."""
 
@@ -291,7 +295,7 @@ def _adoptions(want: NodeState, have: NodeState) -> list[Change]:
         if c.config is None or c.name in running:  # a stopped one must bind its port again when it starts
             continue
         for f in have.foreign:
-            if c.config.port in f.ports and adopted.get(f.name) != c.name:
+            if f.running and c.config.port in f.ports and adopted.get(f.name) != c.name:
                 raise PortConflict(
                     f"node {want.node}: container {c.name} would listen on port {c.config.port}, which container"
                     f" {f.name} (not managed by homelab) holds; adopt it (`adopt: {f.name}` on model {c.model})"
@@ -369,4 +373,19 @@ def _node_changes(want: NodeState, have: NodeState, why_gone: Callable[[Containe
     for extra in have.containers:
         if extra.name not in wanted:
             out.append(Change(Action.DELETE, "container", node, extra.name, why_gone(extra), before=extra))
+    _check_helper_image(node, have, out)
     return out
+
+
+def _check_helper_image(node: str, have: NodeState, changes: list[Change]) -> None:
+    """A plan with file steps on a node needs its helper image there: the dry run says so, not the apply."""
+    image = have.missing_helper_image
+    files = sorted(c.name for c in changes if c.kind == "file")
+    if image is None or not files:
+        return
+    more = f" and {len(files) - 1} more" if len(files) > 1 else ""
+    raise MissingHelperImage(
+        f"node {node}: helper image {image} (llamacpp.helper_image), which copies model files ({files[0]}{more}),"
+        f" is not on the node; get it there with `docker pull {image}` on the node (or `docker save {image}` here"
+        " and `docker load` there), or name an image the node has"
+    )

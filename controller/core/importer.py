@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 
 from pydantic import ValidationError
 
-from controller.core.state import LABEL_CLUSTER, OLLAMA_PREFIX
+from controller.core.state import ADOPTED_SUFFIX, LABEL_CLUSTER, OLLAMA_PREFIX
 from specs.enums import Category, KVCacheType
 from specs.model import NAME_PATTERN, Model, gguf_file_name, volume_file
 from specs.validate import owned_flag
@@ -322,6 +322,8 @@ def llama_container(node: str, inspect: Mapping[str, Any]) -> Found | None:
     if parsed.model is None:
         return None
     cname = str(inspect.get("Name", "")).lstrip("/")
+    if cname.endswith(ADOPTED_SUFFIX):
+        raise NotImported("homelab set it aside when a managed container adopted it")
     image = str((inspect.get("Config") or {}).get("Image", ""))
     status = str((inspect.get("State") or {}).get("Status", "unknown"))
     origin = [f"from container {cname} on {node} ({status}, image {image})"]
@@ -409,6 +411,29 @@ def _kv_cache(parsed: ServerArgs) -> str | None:
     if chosen in allowed and (k is None or v is None or k == v):
         return chosen
     return None
+
+
+_ANY_HOST = {"0.0.0.0", "::", "[::]", ""}
+
+
+def _node_address(facts: DockerFacts, hosts: set[str | None], notes: list[str], warnings: list[str]) -> str:
+    """The node's address: the `--host` its hand-started servers agree on (a specific one, not 0.0.0.0), else the
+    one its Docker endpoint gives — a guess for `unix://` (127.0.0.1), said so in the comment and as a warning
+    unless every server listens on all addresses (then 127.0.0.1, this machine, reaches them)."""
+    given = {h for h in hosts if h is not None}
+    if len(hosts) == 1 and len(given) == 1 and not given <= _ANY_HOST:
+        host = given.pop()
+        notes.append("address: the --host of every container started by hand here")
+        return host
+    if not facts.endpoint.startswith("unix://") or (given and given <= _ANY_HOST and None not in hosts):
+        return facts.address
+    listen = f"; its containers started by hand listen on --host {', '.join(sorted(given))}" if given else ""
+    notes.append(f"guessed: address {facts.address}, from the unix:// Docker endpoint{listen}")
+    warnings.append(
+        f"node {facts.node}: address {facts.address} is a guess from the unix:// Docker endpoint{listen}; set the"
+        " address its model servers answer on before `homelab reconcile`"
+    )
+    return facts.address
 
 
 def image_of(facts: DockerFacts) -> str | None:
@@ -762,10 +787,12 @@ def build_spec(
     llama_swap: Mapping[str, Any] | None = None,
     sources: Mapping[str, str] | None = None,
     skipped: list[str] | None = None,
+    warnings: list[str] | None = None,
 ) -> str:
     """The spec text. `sources` names the input files in comments (`litellm`, `llama-swap` → path); `skipped`,
     when given, gets what was not imported and why (also written as `# not imported:` comments)."""
     sources = sources or {}
+    warnings = warnings if warnings is not None else []
     found: list[Found] = []
     skipped = skipped if skipped is not None else []
     for facts in docker:
@@ -834,10 +861,11 @@ def build_spec(
             if len(values) == 1 and None not in values:
                 llamacpp[key] = values.pop()
                 notes.append(f"llamacpp.{key}: the {flag} of every container started by hand here")
+        address = _node_address(facts, {m.host for m in adopted}, notes, warnings)
         nodes[facts.node] = {
             "name": facts.node,
             "tier": "local",
-            "address": facts.address,
+            "address": address,
             "ram": "16GiB",
             "docker": {"endpoint": facts.endpoint},
             "llamacpp": llamacpp,

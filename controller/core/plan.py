@@ -44,7 +44,8 @@ PLAN_FORMAT = 1
 class StepKind(StrEnum):
     REMOVE_CONTAINER = "remove-container"
     ADOPT_CONTAINER = "adopt-container"
-    """Stop and remove a container started by hand that a managed one replaces (`adopt:`)."""
+    """Stop a container started by hand that a managed one replaces (`adopt:`) and keep it, renamed
+    `NAME-adopted-by-homelab` with restart policy `no` (`DockerNode.set_aside`)."""
     REMOVE_FILE = "remove-file"
     REMOVE_SERVICE = "remove-service"
     CREATE_VOLUME = "create-volume"

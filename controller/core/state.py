@@ -326,10 +326,17 @@ class NodeState:
     """Observed only: (GGUF path, bytes) of the model sources as they are now for this node — a `source.node`
     file of this node (read by the helper that lists its volume), any other one as this machine sees it; a
     source that could not be looked at is left out. The desired files carry these sizes (`desired.render`)."""
+    missing_helper_image: str | None = None
+    """Observed only: the node's `llamacpp.helper_image` when it is not on the node (None: it is, or the node has
+    no llama.cpp). File steps run in it: a plan that copies or removes a file there is refused."""
     spec_files: tuple[str, ...] = ()
     """Desired state only: every model file name the spec mentions, placed here or not. A file in a managed
     volume that is neither wanted here nor named in the spec is pruned; one of a model placed elsewhere
     for now is kept (copying it back would cost gigabytes)."""
+
+
+ADOPTED_SUFFIX = "-adopted-by-homelab"
+"""What an adopted container's name is given when homelab sets it aside (`DockerNode.set_aside`)."""
 
 
 @dataclass(frozen=True)
@@ -341,6 +348,8 @@ class ForeignContainer:
     """Host ports it holds (its -p mappings; llama-server's --port on the host network)."""
     bind_model: str | None = None
     """The host directory it reads its model through, when that is a bind mount."""
+    running: bool = True
+    """Docker's status is `running` (a stopped one holds no port: an adopted container homelab set aside)."""
 
 
 @dataclass(frozen=True)

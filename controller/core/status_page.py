@@ -288,6 +288,9 @@ def power_line(power: object) -> str:
 
 def node_card(name: str, n: Mapping[str, Any]) -> str:
     state = n.get("state") or "UNKNOWN"
+    # Asleep on purpose is its own quiet state: what an asleep node cannot answer is drawn grey, never red.
+    asleep = str(state).upper() == "ASLEEP"
+    down = "muted" if asleep else "bad"
     reasons = "".join(f"<li>{e(r)}</li>" for r in n.get("reasons") or [])
     gpus = "".join(gpu_bar(name, g) for g in n.get("gpus") or [])
     cpu_rows = "".join(
@@ -298,7 +301,7 @@ def node_card(name: str, n: Mapping[str, Any]) -> str:
     containers = n.get("containers") or []
     rows = "".join(
         f"<tr><td>{e(c.get('name'))}</td><td>{e(c.get('model'))}</td>"
-        f'<td class="{"ok" if c.get("status") == "running" else "bad"}">{e(c.get("status"))}</td>'
+        f'<td class="{"ok" if c.get("status") == "running" else down}">{e(c.get("status"))}</td>'
         f"<td>{e(','.join(map(str, c.get('gpus') or [])) or 'CPU')}</td><td>{e(c.get('port'))}</td>"
         f"<td>{e(c.get('gpu_layers'))}</td><td>{size(c.get('vram_planned_bytes'))}</td>"
         f"<td>{size(c.get('vram_actual_bytes'))}</td></tr>"
@@ -314,14 +317,14 @@ def node_card(name: str, n: Mapping[str, Any]) -> str:
     olines = ""
     if isinstance(ollama, Mapping):
         if not ollama.get("reachable"):
-            olines = f'<p class="bad">Ollama {e(ollama.get("url"))}: not observed ({e(ollama.get("error"))})</p>'
+            olines = f'<p class="{down}">Ollama {e(ollama.get("url"))}: not observed ({e(ollama.get("error"))})</p>'
         else:
             models = ", ".join(
                 f"{e(m.get('name'))}{' (loaded)' if m.get('loaded') else ''}" for m in ollama.get("models") or []
             )
             olines = f"<p>Ollama {e(ollama.get('url'))}: {models or 'no homelab models'}</p>"
     ram = f" · RAM {size(n.get('ram_bytes'))}" if n.get("ram_bytes") else ""
-    quiet = '"reasons muted"' if str(state).upper() == "ASLEEP" else "reasons"  # asleep on purpose: not alarming
+    quiet = '"reasons asleep"' if asleep else "reasons"
     return (
         f'<section class="node" id="node-{e(name)}" data-node="{e(name)}" data-state="{e(state)}">'
         f'<h3>{e(name)} <span class="muted">tier {e(n.get("tier"))}{ram}</span> {badge(state)}</h3>'
@@ -494,6 +497,7 @@ main{padding:8px 20px 40px}h2{font-size:16px;margin:18px 0 6px}h3{font-size:14px
 .tiers{display:flex;gap:10px;flex-wrap:wrap}
 .tier,.node{background:#fff;border:1px solid #dde;border-radius:6px;padding:8px 12px}
 .tier{min-width:180px}.node{margin:8px 0}.reasons{margin:4px 0;padding-left:18px;color:#a33}
+.reasons.asleep{color:#667;list-style:circle}
 .gpu{margin:6px 0}.gpuhead{font-size:12px;color:#334}
 .bar{display:flex;height:22px;border:1px solid #99a;border-radius:3px;overflow:hidden;background:#fff}
 .bar.actual{height:8px;margin-top:2px;border-color:#ccd}

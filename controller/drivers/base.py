@@ -136,6 +136,15 @@ class DockerNode(Protocol):
     def start_container(self, name: str) -> None:
         """Start an existing managed container (raises NotManaged for an unlabelled one)."""
 
+    def set_aside(self, name: str, *, timeout: float = 5.0) -> str:
+        """Stop an unlabelled container the spec adopts and keep it, renamed `NAME-adopted-by-homelab` with restart
+        policy `no` (its `docker run` settings stay, so the user can go back); returns its new name."""
+        ...
+
+    def stop_container(self, name: str, *, timeout: float = 5.0) -> None:
+        """Stop a running managed container and keep it (a container that failed its health check: the next plan
+        sees it stopped and starts it again; `docker logs` still has its output)."""
+
     def remove_container(self, name: str, *, timeout: float = 5.0, adopt: bool = False) -> None:
         """Stop (SIGTERM, then SIGKILL after `timeout`) and remove a managed container; with `adopt`, an
         unlabelled one the spec adopts (its replacement is started right after)."""

@@ -64,6 +64,7 @@ else:  # Docker's SDK (and paramiko under it) only when a command talks to an en
     docker = LazyModule("docker", "docker.constants", "docker.errors", "docker.types")
 
 from controller.core.state import (
+    ADOPTED_SUFFIX,
     LABEL_CLUSTER,
     LABEL_CONFIG,
     LABEL_HASH,
@@ -734,6 +735,38 @@ class DockerEngine:
             if container is None:
                 raise DriverError(f"no container {name} on node {self.node}")
             container.start()
+
+    def set_aside(self, name: str, *, timeout: float = 5.0) -> str:
+        with self._errors(f"set aside container {name}"):
+            try:
+                container = self.client.containers.get(name)
+            except docker.errors.NotFound:
+                raise DriverError(f"no container {name} on node {self.node}") from None
+            if LABEL_CLUSTER in (container.labels or {}):
+                raise NotManaged(f"container {name} on node {self.node} is homelab's already; not adopting it")
+            taken = {c.name for c in self.client.containers.list(all=True)}
+            new, n = f"{name}{ADOPTED_SUFFIX}", 2
+            while new in taken:
+                new, n = f"{name}{ADOPTED_SUFFIX}-{n}", n + 1
+            # Restart policy first (a stopped `--restart always` container would come back with the engine), the
+            # name before the stop (a `--rm` one is gone once stopped: that is the user's own choice).
+            container.update(restart_policy={"Name": "no"})
+            container.rename(new)
+            with suppress(docker.errors.NotFound):
+                if container.status in ("running", "restarting", "paused"):
+                    container.stop(timeout=max(0, math.ceil(timeout)))
+            return new
+
+    def stop_container(self, name: str, *, timeout: float = 5.0) -> None:
+        with self._errors(f"stop container {name}"):
+            container = self._managed(name)
+            if container is None:
+                return
+            try:
+                if container.status in ("running", "restarting", "paused"):
+                    container.stop(timeout=max(0, math.ceil(timeout)))
+            except docker.errors.NotFound:
+                return
 
     def remove_container(self, name: str, *, timeout: float = 5.0, adopt: bool = False) -> None:
         with self._errors(f"remove container {name}"):

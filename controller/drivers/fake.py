@@ -11,7 +11,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from controller.core.state import LABEL_CLUSTER, LABEL_WRITES, ContainerState, FileState, ServiceContainer, VolumeState
+from controller.core.state import (
+    ADOPTED_SUFFIX,
+    LABEL_CLUSTER,
+    LABEL_WRITES,
+    ContainerState,
+    FileState,
+    ServiceContainer,
+    VolumeState,
+)
 from controller.drivers.base import DriverError, NodeUnreachable, NotManaged, ProgressFn, VerifyFailed
 
 
@@ -20,6 +28,8 @@ class FakeDockerNode:
     node: str
     cluster: str = "lab"
     images: set[str] = field(default_factory=set)
+    helper_image: str | None = "busybox:latest"
+    """The helper image on the node besides `images` (the default `llamacpp.helper_image`; None: not there)."""
     source_files: dict[str, int] = field(default_factory=dict)
     """Files on the node's disk: path → size."""
     reachable: bool = True
@@ -63,7 +73,7 @@ class FakeDockerNode:
         self._check("ping", "")
 
     def image_exists(self, image: str) -> bool:
-        return image in self.images
+        return image in self.images or image == self.helper_image
 
     def list_containers(self, cluster: str) -> tuple[list[ContainerState], list[str]]:
         self._check("list_containers", cluster)
@@ -170,6 +180,29 @@ class FakeDockerNode:
         if name in self.foreign:
             raise NotManaged(f"container {name} has no {LABEL_CLUSTER} label: not homelab's")
         self.containers[name] = replace(self.containers[name], status="running", exit_code=None)
+
+    def set_aside(self, name: str, *, timeout: float = 5.0) -> str:
+        self._check("set_aside", name)
+        if name not in self.inspected:
+            raise DriverError(f"no container {name} on node {self.node}")
+        if LABEL_CLUSTER in ((self.inspected[name].get("Config") or {}).get("Labels") or {}):
+            raise NotManaged(f"container {name} on node {self.node} is homelab's already; not adopting it")
+        new = f"{name}{ADOPTED_SUFFIX}"
+        n = 2
+        while new in self.inspected or new in self.containers:
+            new, n = f"{name}{ADOPTED_SUFFIX}-{n}", n + 1
+        old = self.inspected.pop(name)
+        self.foreign.discard(name)
+        host = {**(old.get("HostConfig") or {}), "RestartPolicy": {"Name": "no"}}
+        self.inspected[new] = {**old, "Name": f"/{new}", "State": {"Status": "exited"}, "HostConfig": host}
+        return new
+
+    def stop_container(self, name: str, *, timeout: float = 5.0) -> None:
+        self._check("stop_container", name)
+        if name in self.foreign or name in self.inspected:
+            raise NotManaged(f"container {name} has no {LABEL_CLUSTER} label: not homelab's")
+        if name in self.containers and self.containers[name].status == "running":
+            self.containers[name] = replace(self.containers[name], status="exited", exit_code=143)
 
     def remove_container(self, name: str, *, timeout: float = 5.0, adopt: bool = False) -> None:
         self._check("remove_container", name)

@@ -395,7 +395,7 @@ class Executor:
         if step.kind in (StepKind.REMOVE_CONTAINER, StepKind.REMOVE_SERVICE):
             driver.remove_container(step.name)
         elif step.kind is StepKind.ADOPT_CONTAINER:
-            driver.remove_container(step.name, adopt=True)
+            driver.set_aside(step.name)
         elif step.kind is StepKind.REMOVE_FILE:
             assert step.file is not None
             driver.remove_file(step.file.volume, step.file.name)
@@ -422,6 +422,14 @@ class Executor:
                 self.health_check(step.container.health_url, timeout, self._stop.is_set, step.container.serves)
             except StepFailed as exc:
                 logs = driver.container_logs(step.name, tail=3).strip().replace("\n", " | ")
-                raise StepFailed(f"{exc}" + (f"; last log lines: {logs}" if logs else "")) from None
+                # Stopped, not left running: a running container with the spec's hash plans nothing, so the next
+                # plan would say "No changes" over a model that never came up. Stopped, it is started again (and
+                # waited for) by the next plan; `docker logs` keeps what it printed.
+                stopped = "; the container is stopped (the next plan starts it again)"
+                try:
+                    driver.stop_container(step.name)
+                except DriverError as stop_exc:
+                    stopped = f"; stopping it failed too ({stop_exc})"
+                raise StepFailed(f"{exc}" + (f"; last log lines: {logs}" if logs else "") + stopped) from None
         else:  # pragma: no cover - StepKind is closed
             raise AssertionError(step.kind)

@@ -231,7 +231,8 @@ def foreign_container(inspect: Mapping[str, Any]) -> ForeignContainer:
     model = parse_server_args(container_argv(inspect)).model
     mount = model_mount(inspect, model) if model is not None else None
     bind = mount.name if mount is not None and mount.kind == "bind" else None
-    return ForeignContainer(name, tuple(container_ports(inspect)), bind)
+    running = str((inspect.get("State") or {}).get("Status", "running")) == "running"
+    return ForeignContainer(name, tuple(container_ports(inspect)), bind, running)
 
 
 def _observe_docker(
@@ -258,6 +259,8 @@ def _observe_docker(
         services = [name for name in SERVICE_CONTAINERS if engine.service_status(name) is not None]
         unlabelled = [foreign_container(c) for c in engine.inspect_all() if _unlabelled(c)]
         volume_names = engine.volume_names()
+        helper = node.llamacpp.helper_image if node.llamacpp is not None else None
+        missing_helper = helper if helper is not None and not engine.image_exists(helper) else None
     except DriverError as exc:
         return NodeState(node=node.name, reachable=False, error=str(exc))
     return NodeState(
@@ -270,6 +273,7 @@ def _observe_docker(
         volume_names=tuple(sorted(volume_names)),
         services=tuple(services),
         source_sizes=tuple(sorted(sizes.items())),
+        missing_helper_image=missing_helper,
     )
 
 

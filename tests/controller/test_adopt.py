@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -40,11 +41,20 @@ def test_adopt_replaces_the_container_on_the_same_port(tmp_path: Path) -> None:
     assert ("box", "run-container", "homelab-chat") in box
     lab.apply(spec, tmp_path)
     engine = lab.engines["box"]
-    assert "mark-i" not in engine.inspected and ("remove_container", "mark-i") in engine.calls
+    # Stopped and kept, renamed, its restart policy off: its `docker run` settings are there to go back to.
+    assert "mark-i" not in engine.inspected and ("set_aside", "mark-i") in engine.calls
+    kept = engine.inspected["mark-i-adopted-by-homelab"]
+    assert kept["State"]["Status"] == "exited" and kept["HostConfig"]["RestartPolicy"] == {"Name": "no"}
+    assert kept["Args"] == MARK_I_ON_3009["Args"]
     chat = engine.containers["homelab-chat"].config
     assert chat is not None and chat.port == 3009
     again = lab.prepare(spec).plan
     assert again.in_sync and again.steps == ()
+    # The kept container holds no port: a managed container that must start again on 3009 is not a conflict.
+    engine.containers["homelab-chat"] = replace(engine.containers["homelab-chat"], status="exited", exit_code=1)
+    restart = lab.prepare(spec).plan
+    assert ("box", "start-container", "homelab-chat") in steps(restart)
+    assert all("mark-i" not in s[2] for s in steps(restart))
 
 
 def test_without_adopt_the_container_stays_and_its_port_is_a_plan_error() -> None:
@@ -105,3 +115,91 @@ def test_a_volume_that_is_not_on_the_node_is_a_plan_error() -> None:
     with pytest.raises(MissingVolume, match=r"node box: model coder reads coder/qwen2.5-coder-7b.gguf from Docker"):
         lab.prepare(spec_of(CODER_IN_VOLUME))
     assert "mark-ii" in lab.engines["box"].inspected
+
+
+def test_after_a_failed_apply_the_next_plan_redoes_what_failed(tmp_path: Path) -> None:
+    """The adopted container is gone and its replacement never answered its health check: the next plan is not
+    "No changes" (the replacement was left running with the spec's hash) but starts it again and waits for it."""
+    from controller.effects.apply import Executor, StepFailed
+
+    lab = lab_with_mark_i()
+    spec = spec_of(ADOPTING)
+
+    def never(url: str, timeout: float, cancelled: object, serves: tuple[str, ...] = ()) -> None:
+        raise StepFailed(f"{url} did not answer 200 within {timeout:g}s")
+
+    result = Executor(spec.cluster.name, lab.engines, tmp_path, health_check=never).apply(lab.prepare(spec).plan)
+    assert not result.ok
+    assert "the container is stopped (the next plan starts it again)" in result.summary()
+    again = lab.prepare(spec).plan
+    assert not again.in_sync
+    box = [s for s in steps(again) if s[0] == "box"]
+    assert ("box", "wait-healthy", "homelab-chat") in box
+    assert any(s[2] == "homelab-chat" and s[1] in ("start-container", "run-container") for s in box)
+    assert "No changes" not in render_text(again)
+
+
+def test_a_missing_helper_image_is_a_plan_error_where_files_are_copied() -> None:
+    """The helper image copies model files: the dry run checks it is on each node with file steps, not the apply."""
+    from controller.core.diff import MissingHelperImage
+
+    lab = Lab()
+    lab.engines["box"].helper_image = None
+    with pytest.raises(MissingHelperImage) as err:
+        lab.prepare(spec_of())
+    message = str(err.value)
+    assert message.startswith("node box: helper image busybox:latest (llamacpp.helper_image)")
+    assert "docker pull busybox:latest" in message and "docker load" in message and "\n" not in message
+    # A node without file steps does not need it.
+    lab = Lab()
+    lab.engines["spare"].helper_image = None
+    moved = SPEC.replace("placement: {node: spare, cpu_only: true}", "placement: {node: box, cpu_only: true}")
+    plan = lab.prepare(spec_of(moved)).plan
+    assert not any(s[0] == "spare" for s in steps(plan))
+
+
+def test_a_container_set_aside_by_adoption_is_not_imported_again() -> None:
+    from controller.core.importer import DockerFacts, build_spec
+
+    kept = {**MARK_I_ON_3009, "Name": "/mark-i-adopted-by-homelab", "State": {"Status": "exited"}}
+    skipped: list[str] = []
+    build_spec("lab", [DockerFacts("box", "127.0.0.1", "unix:///x.sock", [kept])], skipped=skipped)
+    assert skipped == [
+        "container mark-i-adopted-by-homelab on box: homelab set it aside when a managed container adopted it"
+    ]
+
+
+def _imported(*hosts: str) -> tuple[str, list[str]]:
+    from controller.core.importer import DockerFacts, build_spec
+
+    containers = []
+    for i, host in enumerate(hosts):
+        args = list(MARK_I_ON_3009["Args"])
+        args[args.index("--host") + 1] = host
+        args[args.index("--port") + 1] = str(3009 + i)
+        args[args.index("-m") + 1] = f"/models/model-{i}.gguf"
+        containers.append({**MARK_I_ON_3009, "Name": f"/mark-{i}", "Args": args})
+    warnings: list[str] = []
+    text = build_spec("lab", [DockerFacts("box", "127.0.0.1", "unix:///var/run/docker.sock", containers)], [], None,
+                      None, None, None, warnings)  # fmt: skip
+    return text, warnings
+
+
+def test_import_takes_the_node_address_from_the_hosts_its_servers_agree_on() -> None:
+    text, warnings = _imported("192.168.1.20", "192.168.1.20")
+    assert 'address: "192.168.1.20"' in text and "the --host of every container started by hand here" in text
+    assert warnings == []
+    # On all addresses, 127.0.0.1 (this machine, a unix:// engine) reaches them: not a guess worth a warning.
+    text, warnings = _imported("0.0.0.0")
+    assert 'address: "127.0.0.1"' in text and warnings == []
+    # They disagree: the endpoint's 127.0.0.1 is kept, said to be a guess in the comment and a warning.
+    text, warnings = _imported("192.168.1.20", "10.0.0.5")
+    assert 'address: "127.0.0.1"' in text
+    assert "guessed: address 127.0.0.1, from the unix:// Docker endpoint; its containers started by hand listen on" in (
+        text
+    )
+    assert warnings == [
+        "node box: address 127.0.0.1 is a guess from the unix:// Docker endpoint; its containers started by hand"
+        " listen on --host 10.0.0.5, 192.168.1.20; set the address its model servers answer on before"
+        " `homelab reconcile`"
+    ]

@@ -294,7 +294,8 @@ def test_health_timeout_fails_the_step(tmp_path: Path) -> None:
     result = Executor(spec.cluster.name, lab.engines, tmp_path, health_check=never).apply(lab.prepare(spec).plan)
     assert (
         result.outcomes["box"].error
-        == "http://127.0.0.1:3000/health did not answer 200 within 300s (last: loading (503))"
+        == "http://127.0.0.1:3000/health did not answer 200 within 300s (last: loading (503));"
+        " the container is stopped (the next plan starts it again)"
     )
     assert "homelab-coder" not in lab.engines["box"].containers  # the next GPU container never started
 

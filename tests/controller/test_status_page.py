@@ -221,3 +221,28 @@ def test_csp_allows_exactly_the_page_script() -> None:
     digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
     assert f"'sha256-{digest}'" in CSP
     assert "http" not in html.split("<script>")[0].split("<style>")[1]  # nothing external in the CSS
+
+
+def test_an_asleep_node_is_quiet_not_red() -> None:
+    """A node put to sleep on purpose: its reasons, its containers that do not answer and its Ollama are drawn in
+    the quiet grey of ASLEEP, never with the red of an error (the `.reasons` red used to win over `.muted`)."""
+    status = sample()
+    status["nodes"]["remote"].update(
+        state="ASLEEP",
+        reasons=["remote: asleep since 10:00 (idle 31 min)", "remote/llamacpp/coder: connection refused"],
+        containers=[{"name": "homelab-coder", "model": "coder", "status": "exited", "gpus": [0], "port": 3000}],
+        ollama={"url": "http://127.0.0.1:11434", "reachable": False, "error": "connection refused"},
+        power={"state": "asleep", "since": 1_699_999_500.0, "reason": "idle", "sleep_after": 600.0},
+        gpus=[],  # nothing measured while it sleeps
+    )
+    html = render_page(status)
+    card = html.split('<section class="node" id="node-remote"')[1].split("</section>")[0]
+    assert 'class="bad"' not in card and "badge bad" not in card
+    assert '<ul class="reasons asleep"><li>remote: asleep since 10:00' in card
+    assert '<td class="muted">exited</td>' in card and '<p class="muted">Ollama' in card
+    # The quiet rule is more specific than the red one, so it wins whatever the order of the rules.
+    assert ".reasons.asleep{color:#667" in html
+    # An awake node that does not answer stays red.
+    status["nodes"]["remote"]["state"] = "DEGRADED"
+    awake = render_page(status).split('<section class="node" id="node-remote"')[1].split("</section>")[0]
+    assert '<td class="bad">exited</td>' in awake and "<ul class=reasons>" in awake

@@ -275,8 +275,12 @@ def test_import_adopt_and_the_old_urls_still_answer(
         assert code == 0 and "No changes. The cluster matches the spec." in out, out + err
 
         # Each model file is served by exactly one container: the managed one, on the old port.
-        running = {c.name: c for c in docker_client.containers.list(all=True)}
+        every = {c.name: c for c in docker_client.containers.list(all=True)}
+        running = {name: c for name, c in every.items() if c.status == "running"}
         assert sorted(running) == ["homelab-coder-1b", "homelab-qwen-chat"]
+        # The hand-started ones are kept, stopped and renamed, restart policy off: the user can go back.
+        for kept in ("mark-i-adopted-by-homelab", "mark-ii-adopted-by-homelab"):
+            assert every[kept].status == "exited" and every[kept].attrs["HostConfig"]["RestartPolicy"]["Name"] == "no"
         mounts = {name: c.attrs["Mounts"] for name, c in running.items()}
         assert [(m["Type"], m["Name"], m["RW"]) for m in mounts["homelab-coder-1b"]] == [
             ("volume", "mark-ii-models", False)
