@@ -4,7 +4,8 @@
 
 Sets: `tune` (the built-in examples, `controller/core/routing_examples.jsonl`: the rules, the
 confidence threshold, k and the vote were tuned on it), `holdout1` (written with it, never
-looked at while tuning), `holdout2` (written separately, in another style), and `legacy`
+looked at while tuning), `holdout2` (written separately, in another style), `holdout3` (written
+separately, in eight languages and every request shape; recall per language too), and `legacy`
 (`tests/data/routing.jsonl`, the older set). The two-stage figure on `tune` is 5-fold
 cross-validation (stratified by category, `--seed`): each request's neighbours come from the
 other four folds only; the other sets use every built-in example. `by rules` / `by emb` count
@@ -41,6 +42,7 @@ SETS = {
     "tune": ROOT / "controller" / "core" / "routing_examples.jsonl",
     "holdout1": ROOT / "tests" / "data" / "routing_holdout1.jsonl",
     "holdout2": ROOT / "tests" / "data" / "routing_holdout2.jsonl",
+    "holdout3": ROOT / "tests" / "data" / "routing_holdout3.jsonl",
     "legacy": ROOT / "tests" / "data" / "routing.jsonl",
 }
 
@@ -102,7 +104,8 @@ def run(
     rows: Sequence[dict[str, object]], classifier: Classifier, asked: list[float] | None = None
 ) -> tuple[dict[tuple[str, str], int], list[str], int]:
     """Confusion matrix, misclassified rows and how many the embedding stage decided; `asked` gets the
-    wall time (s) of each classification that asked the embedding stage."""
+    wall time (s) of each classification that asked the embedding stage. A row with a `language` also
+    counts in the matrix as (`lang:` + language, right or wrong) (see `by_language`)."""
     matrix: dict[tuple[str, str], int] = {}
     errors: list[str] = []
     by_embedding = 0
@@ -114,10 +117,23 @@ def run(
         by_embedding += got.stage == core.EMBEDDING
         want = str(row["category"])
         matrix[want, got.category.value] = matrix.get((want, got.category.value), 0) + 1
+        if "language" in row:
+            key = (f"lang:{row['language']}", "right" if got.category.value == want else "wrong")
+            matrix[key] = matrix.get(key, 0) + 1
         if got.category.value != want:
             text = json.dumps(row["request"], ensure_ascii=False)[:100]
             errors.append(f"  want {want:6} got {got.category.value:6} [{got.stage}] {text}")
     return matrix, errors, by_embedding
+
+
+def by_language(matrix: dict[tuple[str, str], int]) -> str:
+    """Accuracy per language of the rows that name one ('' when none do)."""
+    langs = sorted({w[5:] for w, _ in matrix if w.startswith("lang:")})
+    parts = []
+    for lang in langs:
+        right, wrong = matrix.get((f"lang:{lang}", "right"), 0), matrix.get((f"lang:{lang}", "wrong"), 0)
+        parts.append(f"{lang} {100 * right / (right + wrong):.1f}")
+    return "  ".join(parts)
 
 
 def recall(matrix: dict[tuple[str, str], int], cat: str) -> str:
@@ -202,11 +218,13 @@ def main() -> None:
                 results.append(("two-stage", run(rows, two_stage, asked)))
             for label, (matrix, errors, by_emb) in results:
                 right = sum(n for (w, g), n in matrix.items() if w == g)
-                total = sum(matrix.values())
+                total = sum(n for (w, _), n in matrix.items() if not w.startswith("lang:"))
                 print(
                     f"{set_name:9} {label:19} {total:5d} {100 * right / total:8.1f}% {total - by_emb:8d} {by_emb:7d}  "
                     + " ".join(f"{recall(matrix, c):>6}" for c in cats)
                 )
+                if by_language(matrix):
+                    print(f"{'':9} {'  by language':19} {by_language(matrix)}")
                 if args.errors and errors:
                     print("\n".join(errors))
     print(f"(embedding model: {args.embed}; recall in % per expected category)")
@@ -231,6 +249,7 @@ def main() -> None:
         ("every row", requests),
         ("text rows", text),
         ("a 2 KB code paste", [paste]),
+        ("holdout3 rows", [r["request"] for r in load(SETS["holdout3"])]),
     ]
     for name, batch in batches:
         mean = sum(len(json.dumps(r)) for r in batch) / len(batch)

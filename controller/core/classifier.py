@@ -220,21 +220,127 @@ _CHAT_WORDS = (
 )  # fmt: skip
 
 
+# The same signals in German, French, Spanish, Portuguese, Italian, Chinese and Japanese (English is above).
+# Words are matched whole (accents optional: each keyword also matches without its accents); a keyword
+# in Chinese or Japanese script is matched as a substring, those scripts having no spaces between words.
+_CODE_KEYWORDS_I18N = (
+    # de
+    "funktion", "funktionen", "methode", "variable", "variablen", "schleife", "for-schleife", "verkettete liste",
+    "programmieren", "programmierung", "quellcode", "kompilieren", "fehlermeldung", "skript", "abfrage",
+    "datenbank", "klasse schreiben", "rekursion", "algorithmus", "zeichenkette", "befehl",
+    # fr
+    "fonction", "fonctions", "méthode", "boucle", "liste chaînée", "programmer", "programmation", "compiler",
+    "requête sql", "base de données", "chaîne de caractères", "récursivité", "algorithme", "dépôt", "déboguer",
+    "ligne de commande",
+    # es
+    "función", "funciones", "método", "bucle", "lista enlazada", "programar", "programación", "código",
+    "compilar", "base de datos", "cadena de texto", "recursividad", "algoritmo", "repositorio", "depurar",
+    "línea de comandos", "clave foránea",
+    # pt
+    "função", "funções", "laço", "lista ligada", "lista encadeada", "programação", "banco de dados",
+    "recursão", "proxy reverso",
+    # it
+    "funzione", "funzioni", "metodo", "ciclo for", "lista collegata", "programmazione", "codice",
+    "compilare", "ricorsione", "algoritmo", "stringa", "riga di comando",
+    # zh
+    "代码", "函数", "变量", "循环", "链表", "数组", "编程", "编译", "调试", "报错", "脚本", "数据库", "容器",
+    "正则", "接口", "算法", "递归", "字符串", "命令行", "部署", "防抖", "节流",
+    # ja
+    "コード", "関数", "変数", "ループ", "配列", "プログラム", "コンパイル", "デバッグ", "エラー", "スクリプト",
+    "データベース", "コンテナ", "正規表現", "アルゴリズム", "再帰", "文字列", "コマンド", "コミット", "ブランチ",
+    "リポジトリ", "メソッド",
+)  # fmt: skip
+
+_REASON_KEYWORDS_I18N = (
+    # de
+    "beweise", "beweisen", "beweis", "zeige, dass", "zeige dass", "wahrscheinlichkeit", "gleichung",
+    "gleichungen", "löse", "lösen", "berechne", "berechnen", "rechenweg", "schritt für schritt", "begründe",
+    "begründung", "zinsen", "zinseszins", "prozent", "rabatt", "ableitung", "integral", "primzahl", "primzahlen",
+    "irrational", "durchschnittsgeschwindigkeit", "teilbar", "rätsel", "logik", "winkel", "wie viele möglichkeiten",
+    # fr
+    "démontrer", "démontre", "démontrez", "prouver", "prouve", "prouvez", "preuve", "probabilité", "équation",
+    "équations", "résous", "résoudre", "résolvez", "calcule", "calculer", "calculez", "étape par étape",
+    "raisonnement", "justifie", "justifiez", "intérêts", "pour cent", "remise", "dérivée", "intégrale",
+    "nombre premier", "nombres premiers", "irrationnel", "irrationnelle", "vitesse moyenne", "divisible",
+    "énigme", "logique", "combien de façons", "combien de manières",
+    # es
+    "demuestra", "demostrar", "demuestre", "demostración", "probabilidad", "ecuación", "ecuaciones",
+    "resuelve", "resolver", "resuelva", "calcula", "calcular", "paso a paso", "razona", "razonamiento",
+    "justifica", "interés", "interés compuesto", "por ciento", "descuento", "derivada", "número primo",
+    "números primos", "irracional", "velocidad media", "divisible", "acertijo", "lógica", "ángulos",
+    "cuántas maneras", "muestra los pasos",
+    # pt
+    "prove que", "provar", "demonstre", "demonstração", "probabilidade", "equação", "equações", "resolva",
+    "resolver", "calcule", "calcular", "passo a passo", "raciocínio", "justifique", "juros", "juros compostos",
+    "por cento", "desconto", "derivada", "número primo", "números primos", "velocidade média", "divisível",
+    "enigma", "lógica", "de quantas maneiras", "ímpares",
+    # it
+    "dimostra", "dimostrare", "dimostrazione", "probabilità", "equazione", "equazioni", "risolvi",
+    "risolvere", "calcola", "calcolare", "passo dopo passo", "passo passo", "ragionamento", "ragiona",
+    "giustifica", "interessi", "per cento", "sconto", "derivata", "integrale", "numero primo", "numeri primi",
+    "irrazionale", "velocità media", "divisibile", "indovinello", "in quanti modi",
+    # zh
+    "证明", "概率", "几率", "方程", "解方程", "计算", "一步一步", "逐步", "推理", "推导", "利息", "利率",
+    "百分之", "折扣", "导数", "积分", "素数", "质数", "无理数", "平均速度", "整除", "谜题", "逻辑", "多少种",
+    # ja
+    "証明", "確率", "方程式", "解いて", "計算", "順を追って", "ステップ", "推論", "論理", "利息", "金利",
+    "割引", "導関数", "微分", "積分", "素数", "無理数", "平均速度", "割り切れ", "何通り",
+)  # fmt: skip
+
+_FAST_GREETINGS_I18N = (
+    "guten morgen", "guten tag", "guten abend", "servus", "moin", "danke", "danke schön", "vielen dank",
+    "tschüss", "salut", "bonsoir", "merci", "merci beaucoup", "au revoir", "buenos días", "buenas tardes",
+    "buenas noches", "gracias", "muchas gracias", "adiós", "oi", "olá", "bom dia", "boa tarde", "boa noite",
+    "obrigado", "obrigada", "tchau", "buongiorno", "buonasera", "grazie", "grazie mille", "arrivederci",
+    "你好", "您好", "谢谢", "再见", "早上好", "こんにちは", "こんばんは", "おはよう", "ありがとう", "さようなら",
+)  # fmt: skip
+
+_CHAT_WORDS_I18N = (
+    # de
+    "warum", "wieso", "erkläre", "erklär", "beschreibe", "schreib", "schreibe", "formuliere", "übersetze",
+    "zusammenfassung", "empfiehl", "empfehlen", "vorschlag", "ideen", "tipps", "meinung", "geschichte",
+    "gedicht", "brief", "mail", "hilf mir", "fühle", "soll ich", "wie kann ich", "unterschied",
+    # fr
+    "pourquoi", "explique", "expliquer", "décris", "écris", "écrire", "rédige", "traduis", "résume",
+    "recommande", "conseille", "conseil", "conseils", "idées", "avis", "histoire", "poème", "lettre",
+    "aide-moi", "aider", "discours", "raconte", "avantages", "inconvénients", "comment puis-je",
+    # es
+    "por qué", "explica", "explícame", "describe", "escribe", "escríbeme", "redacta", "traduce", "resume",
+    "recomienda", "recomiendas", "sugiere", "consejo", "consejos", "ideas", "opinión", "historia", "poema",
+    "carta", "correo", "ayúdame", "siento", "debería", "cómo puedo",
+    # pt
+    "por que", "porque", "explique", "descreva", "escreva", "traduza", "resuma", "recomende", "sugira",
+    "dicas", "conselho", "ideias", "opinião", "história", "carta", "mensagem", "me ajude", "pode me",
+    "o que você acha", "prós e contras", "curiosidade", "me conta",
+    # it
+    "perché", "spiega", "spiegami", "descrivi", "scrivi", "scrivimi", "traduci", "riassumi", "consiglia",
+    "consigliami", "consigli", "idee", "opinione", "storia", "poesia", "lettera", "aiutami", "mi aiuti",
+    "racconta", "raccontami", "barzelletta",
+    # zh
+    "为什么", "解释", "描述", "写一", "写个", "写首", "写篇", "翻译", "总结", "推荐", "建议", "想法",
+    "意见", "故事", "诗", "邮件",
+    "帮我", "感觉", "怎么办", "区别",
+    # ja
+    "なぜ", "どうして", "説明", "書いて", "翻訳", "要約", "おすすめ", "アイデア", "アドバイス", "意見",
+    "物語", "詩", "メール", "手伝", "どうすれば", "思いますか", "違い",
+)  # fmt: skip
+
+
 def _default_rules() -> dict[str, list[Rule]]:
     return {
         CODE: [
-            Rule(CODE, keywords=_CODE_KEYWORDS, file_extensions=_CODE_EXTENSIONS),
+            Rule(CODE, keywords=_CODE_KEYWORDS + _CODE_KEYWORDS_I18N, file_extensions=_CODE_EXTENSIONS),
             Rule(CODE, patterns=_CODE_PATTERNS, pattern_weight=3.0),
             Rule(CODE, patterns=_CODE_SYNTAX),
         ],
         REASON: [
-            Rule(REASON, keywords=_REASON_KEYWORDS),
+            Rule(REASON, keywords=_REASON_KEYWORDS + _REASON_KEYWORDS_I18N),
             Rule(REASON, patterns=_REASON_PATTERNS, pattern_weight=1.5, word_problems=True),
         ],
-        FAST: [Rule(FAST, keywords=_FAST_GREETINGS)],
+        FAST: [Rule(FAST, keywords=_FAST_GREETINGS + _FAST_GREETINGS_I18N)],
         # Conversational wording: too weak to win (0.5 < THRESHOLD), it keeps a short question
         # such as "why do cats purr?" from being sent to the fast model.
-        CHAT: [Rule(CHAT, keywords=_CHAT_WORDS, weight=0.5)],
+        CHAT: [Rule(CHAT, keywords=_CHAT_WORDS + _CHAT_WORDS_I18N, weight=0.5)],
     }
 
 
@@ -295,6 +401,8 @@ def _content(content: object, where: str) -> tuple[str, int]:
         return "", 0
     if isinstance(content, str):
         return content, 0
+    if isinstance(content, dict):
+        content = [content]  # one part on its own
     if not isinstance(content, list):
         raise RequestError(f"{where}.content: must be a string or a list of content parts")
     texts: list[str] = []
@@ -306,6 +414,8 @@ def _content(content: object, where: str) -> tuple[str, int]:
         if not isinstance(part, dict):
             raise RequestError(f"{where}.content[{i}]: must be an object with a `type`")
         kind = part.get("type")
+        if not isinstance(kind, str):
+            kind = "text" if isinstance(part.get("text"), str) else ""
         if kind in _TEXT_PARTS:
             value = part.get("text")
             if not isinstance(value, str):
@@ -313,7 +423,9 @@ def _content(content: object, where: str) -> tuple[str, int]:
             texts.append(value)
         elif kind in _IMAGE_PARTS:
             images += 1
-        # other parts (audio, files, tool results) carry no text to classify
+        elif isinstance(part.get("text"), str):
+            texts.append(part["text"])  # a part of a kind not known here, with text: routed by its text
+        # other parts (input_audio, files) carry no text to classify
     return "\n".join(texts), images
 
 
@@ -340,6 +452,9 @@ def _parse_messages(body: Mapping[str, Any]) -> ParsedRequest:
         if not isinstance(role, str):
             raise RequestError(f"messages[{i}].role: must be a string")
         text, images = _content(message.get("content"), f"messages[{i}]")
+        ollama_images = message.get("images")  # Ollama's shape: base64 pictures beside the content
+        if isinstance(ollama_images, list):
+            images += sum(1 for image in ollama_images if image)
         parsed.append((role, text, images))
         if role == "user":
             last_user = i
@@ -389,7 +504,11 @@ def parse_request(request: object) -> ParsedRequest:
     if "messages" in request:
         return _parse_messages(request)
     if "input" in request:
-        return _parse_embeddings(request["input"])
+        value = request["input"]
+        if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m for m in value):
+            # the Responses API: `input` holds messages, `instructions` the system prompt
+            return _parse_messages({"messages": value, "system": request.get("instructions")})
+        return _parse_embeddings(value)
     if "prompt" in request:
         prompt = request["prompt"]
         if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
@@ -401,7 +520,30 @@ def parse_request(request: object) -> ParsedRequest:
         if not prompt.strip():
             raise RequestError("prompt: empty prompt")
         return ParsedRequest(text=prompt, context=_system_text(request.get("system")), shape="completion")
+    text = "\n".join(_texts(request)).strip()
+    if text:
+        return ParsedRequest(text=text, shape="unknown")  # a shape not known here: routed by its text
     raise RequestError("request body has no `messages`, `prompt` or `input`")
+
+
+_TEXT_KEYS = frozenset({"text", "content", "prompt", "query", "question", "message", "parts", "contents"})
+
+
+def _texts(value: object, depth: int = 0) -> list[str]:
+    """The strings under text-like keys (`text`, `content`, `parts` …) of a body of a shape not known here."""
+    out: list[str] = []
+    if depth > 20:
+        return out
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if key in _TEXT_KEYS and isinstance(item, str):
+                out.append(item)
+            elif isinstance(item, (Mapping, list)):
+                out.extend(_texts(item, depth + 1))
+    elif isinstance(value, list):
+        for item in value:
+            out.extend(_texts(item, depth + 1))
+    return out
 
 
 # --------------------------------------------------------------------------- classifier
@@ -463,8 +605,17 @@ class Classification:
         return out
 
 
-_TOKEN_RE = re.compile(r"[a-z0-9_#+$]+(?:['.\-/][a-z0-9_#+]+)*")
-"""Words as the classifier sees them: `main.rs`, `docker-compose.yml`, `c++`, `don't` are one word each."""
+_CJK_CHARS = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+"""Chinese characters and Japanese kana: scripts written without spaces between words."""
+_CJK_RE = re.compile(f"[{_CJK_CHARS}]+")
+_WORD_CHAR = f"[^\\W{_CJK_CHARS}]"
+_TOKEN_RE = re.compile(f"(?:{_WORD_CHAR}|[#+$])+(?:['’.\\-/](?:{_WORD_CHAR}|[#+])+)*")
+"""Words as the classifier sees them: `main.rs`, `docker-compose.yml`, `c++`, `don't`, `équation` are one word
+each; Chinese and Japanese text is no word (its keywords are matched as substrings, `Classifier._cjk`)."""
+_ASCII_TOKEN_RE = re.compile(r"[a-z0-9_#+$]+(?:['.\-/][a-z0-9_#+]+)*")
+"""`_TOKEN_RE` for lowercased ASCII text (the same words, found faster)."""
+CJK_CHARS_PER_WORD = 2
+"""Chinese and Japanese text counts a word per this many characters (for `fast_max_words` and the like)."""
 _MAX_PHRASE = 4
 _NUMBER_WORDS = frozenset((
     "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
@@ -472,12 +623,26 @@ _NUMBER_WORDS = frozenset((
 ))  # fmt: skip
 _QUANTITY_QUESTION = re.compile(
     r"\b(?:how (?:long|many|much|far|fast|old|often|tall|big|heavy|thick)|what time|at what|which day"
-    r"|what day|which month|which year|what (?:was|is) the (?:original|total|final)|when (?:will|does|do|did|is))\b"
+    r"|what day|which month|which year|what (?:was|is) the (?:original|total|final)|when (?:will|does|do|did|is)"
+    # de, fr, es, pt, it
+    r"|wie (?:lange|viel|viele|weit|schnell|alt|oft|hoch|groß)|wann|um wie viel uhr"
+    r"|combien|en combien de temps|à quelle heure|quand"
+    r"|cu[aá]nt[oa]s?|cu[aá]ndo|a qu[eé] hora|qu[eé] d[ií]a"
+    r"|quant[oa]s?|quando|qual (?:foi|é|e|será) (?:o|a)|a que horas"
+    r"|quant[oiea]|in quanto tempo|a che ora|quale giorno)\b"
+    # zh, ja
+    r"|多少|几[天个小点岁次]|多久|多长|多远|哪一天|什么时候|いくら|何[日時分個人回歳年]|どのくらい|いつ"
 )
 _FACT_QUESTION = re.compile(
-    r"^\W*(?:quick (?:question|one)\W*)?(?:what(?:'s|s)?(?! are)|who|whom|when|where|which|in what"
+    r"^\W*(?:q\s*:\s*)?(?:quick (?:question|one)\W*)?(?:what(?:'s|s)?(?! are)|who|whom|when|where|which|in what"
     r"|how (?:many|much|far|tall|old|long|big|heavy|deep|hot|cold|fast)"
-    r"|is|are|was|were|does|do|did|can|yes or no|true or false)\b"
+    r"|is|are|was|were|does|do|did|can|yes or no|true or false"
+    # de, fr, es, pt, it
+    r"|wer|wann|wo|welche[rsnm]?|was ist|wie (?:viele|viel|hoch|alt|lang|weit|heißt)|ist|sind|hat"
+    r"|qui|quand|où|quel(?:le)?s?|combien|est-ce que"
+    r"|qu[eé]|qui[eé]n|cu[aá]ndo|d[oó]nde|cu[aá]l(?:es)?|cu[aá]nt[oa]s?|en qu[eé]"
+    r"|qual|quais|quem|quando|onde|quant[oa]s?|em que"
+    r"|chi|quale|quali|dove|quant[oiea]|in che)\b"
 )
 """A question that asks for a fact: what, who, when, where, which, how many …, is/are/does …, yes or no."""
 FACT_MAX_WORDS = 12
@@ -496,6 +661,15 @@ WORD_PROBLEM_NUMBERS = 2
 
 def _tokens(text: str) -> list[str]:
     return _TOKEN_RE.findall(text.lower())
+
+
+def _without_accents(text: str) -> str:
+    """`text` with the accents taken off Latin letters (é → e, ñ → n, ç → c); the same text when it has none."""
+    if text.isascii() or _CJK_RE.search(text):
+        return text
+    import unicodedata
+
+    return "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
 
 
 @dataclass(frozen=True)
@@ -526,6 +700,8 @@ class Classifier:
         self._phrase_sizes: dict[str, list[int]] = {}
         """First word of a phrase → the lengths of the phrases starting with it."""
         self._extensions: dict[str, list[Signal]] = {}
+        self._cjk: dict[str, list[Signal]] = {}
+        """Keywords in Chinese or Japanese script: matched as substrings (no spaces to find words by)."""
         self._patterns: list[_Pattern] = []
         self._word_problems: list[Signal] = []
         self._made: dict[tuple[str, str, float], Signal] = {}
@@ -541,17 +717,24 @@ class Classifier:
 
     def _add(self, category: str, rule: Rule) -> None:
         for keyword in rule.keywords:
-            words = tuple(_tokens(keyword))[:_MAX_PHRASE]
-            if not words:
+            lowered = keyword.lower().strip()
+            if not lowered:
                 continue
-            signal = self._signal(category, f"keyword '{keyword.lower()}'", rule.weight)
-            if len(words) == 1:
-                self._words.setdefault(words[0], []).append(signal)
-            else:
-                self._phrases.setdefault(words, []).append(signal)
-                sizes = self._phrase_sizes.setdefault(words[0], [])
-                if len(words) not in sizes:
-                    sizes.append(len(words))
+            signal = self._signal(category, f"keyword '{lowered}'", rule.weight)
+            if _CJK_RE.search(lowered):
+                self._cjk.setdefault(lowered, []).append(signal)
+                continue
+            for variant in dict.fromkeys((lowered, _without_accents(lowered))):
+                words = tuple(_tokens(variant))[:_MAX_PHRASE]
+                if not words:
+                    continue
+                if len(words) == 1:
+                    self._words.setdefault(words[0], []).append(signal)
+                else:
+                    self._phrases.setdefault(words, []).append(signal)
+                    sizes = self._phrase_sizes.setdefault(words[0], [])
+                    if len(words) not in sizes:
+                        sizes.append(len(words))
         for ext in rule.file_extensions:
             self._extensions.setdefault(ext.lower(), []).append(
                 self._signal(category, f"file name *{ext.lower()}", rule.weight)
@@ -589,7 +772,8 @@ class Classifier:
         if len(text) > SCAN_HEAD + SCAN_TAIL:
             text = text[:SCAN_HEAD] + "\n" + text[-SCAN_TAIL:]
         lowered = text.lower()
-        tokens = _TOKEN_RE.findall(lowered)
+        ascii_only = lowered.isascii()
+        tokens = (_ASCII_TOKEN_RE if ascii_only else _TOKEN_RE).findall(lowered)
         found: list[Signal] = []
         words = self._words
         extensions = self._extensions
@@ -601,6 +785,11 @@ class Classifier:
             signals = words.get(token)
             if signals is not None:
                 found.extend(signals)
+            elif "-" in token:  # a compound (Docker-Container, CSV-Datei): its parts
+                for part in token.split("-"):
+                    signals = words.get(part)
+                    if signals is not None:
+                        found.extend(signals)
             sizes = phrase_sizes.get(token)
             if sizes is not None:
                 for size in sizes:
@@ -617,6 +806,12 @@ class Classifier:
                     signals = extensions.get(token[dot:])
                     if signals is not None:
                         found.extend(signals)
+        cjk = None if ascii_only else _CJK_RE.findall(text)
+        if cjk:
+            n += (sum(map(len, cjk)) + CJK_CHARS_PER_WORD - 1) // CJK_CHARS_PER_WORD
+            for phrase, signals in self._cjk.items():
+                if phrase in lowered:
+                    found.extend(signals)
         for p in self._patterns:
             if p.prefilter:
                 for marker in p.prefilter:
