@@ -723,6 +723,10 @@ def _source_key(src: Mapping[str, Any]) -> str:
     return f"gguf:{src.get('node', '')}:{posixpath.normpath(path)}"
 
 
+def _from_llama_swap(m: Found) -> bool:
+    return bool(m.origin) and m.origin[0].startswith("from llama-swap model ")
+
+
 def _dedupe(models: list[Found]) -> list[Found]:
     """One model per file or tag (no model served twice), names made unique."""
     seen: dict[str, Found] = {}
@@ -733,9 +737,27 @@ def _dedupe(models: list[Found]) -> list[Found]:
         src = m.fields["source"]
         if "gguf" in src:
             same_base.setdefault((src.get("node", ""), gguf_file_name(src["gguf"])), set()).add(_source_key(src))
+    # A llama-swap model names its file as llama-swap's host sees it; a container's file is named by where Docker
+    # keeps it (a volume's directory, a bind mount's source). A llama-swap model whose file has the base name of
+    # exactly one container's file is that file (llama-swap starting the server the container runs): one model.
+    from_containers: dict[tuple[str, str], set[str]] = {}
     for m in models:
         src = m.fields["source"]
-        key = _source_key(src)
+        if "gguf" in src and not _from_llama_swap(m):
+            base_key = (src.get("node", ""), gguf_file_name(src["gguf"]))
+            from_containers.setdefault(base_key, set()).add(_source_key(src))
+    redirect: dict[int, str] = {}
+    for m in models:
+        src = m.fields["source"]
+        if "gguf" in src and _from_llama_swap(m):
+            base_key = (src.get("node", ""), gguf_file_name(src["gguf"]))
+            matches = from_containers.get(base_key, set())
+            if len(matches) == 1 and _source_key(src) not in matches:
+                redirect[id(m)] = next(iter(matches))
+                same_base[base_key].discard(_source_key(src))
+    for m in sorted(models, key=_from_llama_swap):  # a container's model first: its file is the one Docker holds
+        src = m.fields["source"]
+        key = redirect.get(id(m), _source_key(src))
         if "gguf" in src and "alias" not in m.fields:
             base = gguf_file_name(src["gguf"])
             others = same_base[src.get("node", ""), base] - {key}
@@ -761,6 +783,8 @@ def _dedupe(models: list[Found]) -> list[Found]:
         m.name = name
         m.fields["name"] = name
         out.append(m)
+    order = {id(m): i for i, m in enumerate(models)}
+    out.sort(key=lambda m: order[id(m)])  # as found, whichever was processed first
     # A node's model volume holds one file of a name (`specs.validate`): of different files that share a base
     # name on one node, the first is a model, the others are written commented out, to rename and uncomment.
     first_of: dict[tuple[str, str], Found] = {}

@@ -444,3 +444,15 @@ def test_model_paths_that_climb_out_or_into_a_bind_mounted_root_are_refused() ->
     assert "# not imported: container vol-climb on n: its model path /data/../../../etc/shadow climbs out" in text
     assert "# not imported: container rooted on n: its model /host/etc/shadow is read through a bind mount of" in text
     assert "# not imported: llama-swap model sneaky: its model path /srv/models/../../etc/shadow climbs out" in text
+
+
+def test_a_llama_swap_model_of_a_containers_file_is_that_model() -> None:
+    """llama-swap names its file as its own host sees it (`/srv/models/coder-1b.gguf`); the container reads the same
+    file from a Docker volume: one model, not two of one base name (one commented out as a clash)."""
+    coder = inspect("mark-ii", ["llama-server", "-m", "/data/coder-1b.gguf", "--port", "3002", "-a", "coder-1b"],
+                    mounts=[VOLUME])  # fmt: skip
+    swap = {"models": {"coder-1b": {"cmd": "llama-server --port ${PORT} -m /srv/models/coder-1b.gguf -c 512"}}}
+    text, spec = _spec(docker=[DockerFacts("n", "127.0.0.1", "unix:///x", [coder])], llama_swap=swap)
+    assert [(m.name, m.adopt) for m in spec.models] == [("coder-1b", "mark-ii")]
+    assert "not a model yet" not in text
+    assert "also llama-swap model coder-1b" in text

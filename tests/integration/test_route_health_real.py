@@ -79,10 +79,26 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: floa
     raise AssertionError(f"{url} did not answer 200 within {timeout}s")
 
 
-def _llama_server(gguf: Path, port: int, log_path: Path) -> subprocess.Popen[bytes]:
+def _llama_server(gguf: Path, port: int, log_path: Path, alias: str | None = None) -> subprocess.Popen[bytes]:
+    """A llama-server on 127.0.0.1:PORT; `alias`: the model it stands for (`--alias`, as homelab renders it, and
+    what health checks on `/v1/models` to know the server is that model's)."""
+    extra = ["--alias", alias] if alias else []
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [find_binary(), "-m", str(gguf), "-c", "512", "-t", "1", "--host", "127.0.0.1", "--port", str(port)],
+            [
+                find_binary(),
+                "-m",
+                str(gguf),
+                "-c",
+                "512",
+                "-t",
+                "1",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                *extra,
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -228,7 +244,10 @@ def test_route_probes_real_llama_servers_and_falls_back(
     spec_file.write_text(
         ROUTE_SPEC.format(cluster=cluster, tmp=tmp_path, low=low, high=high, port_a=port_a, port_b=port_b)
     )
-    procs = {port: _llama_server(small_gguf, port, tmp_path / f"{port}.log") for port in (port_a, port_b)}
+    procs = {
+        port: _llama_server(small_gguf, port, tmp_path / f"{port}.log", alias)
+        for port, alias in ((port_a, "coder-a"), (port_b, "coder-b"))
+    }
     try:
         for port, proc in procs.items():
             _wait_http(f"http://127.0.0.1:{port}/health", proc, tmp_path / f"{port}.log")
