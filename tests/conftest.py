@@ -24,6 +24,8 @@ SLOW_FILES = frozenset(
         "specs/test_hostile.py",  # every case in a forked child with CPU and memory limits
         "controller/test_cli_hostile.py",
         "controller/test_import_hostile.py",
+        "controller/test_hostile_nodes.py",  # a hostile HTTP server per case: trickles, deadlines, 3,000 tags
+        "controller/test_corrupt_state.py",  # every corrupt state file through every command
         "architecture/test_startup.py",  # fresh interpreters, to see what an import loads
         "architecture/test_markers.py",  # pytest in a subprocess
         "controller/test_calibration.py",  # full reconciles with stats passes, seconds each
