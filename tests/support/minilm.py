@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import json
 import struct
-import subprocess
-import time
-import urllib.request
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,8 +19,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from tests.support.llama_server import exit_reason, find_binary
-from tests.support.ports import free_port
+from tests.support.llama_server import serve
 
 MODEL_NAME = "minilm"
 _DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64}
@@ -113,36 +109,15 @@ def embedding_server(
     model: Path, binary: str | None = None, timeout: float = 120.0, pooling: str | None = None
 ) -> Iterator[str]:
     """A real llama-server with `--embedding` on `model` at 127.0.0.1; yields its base URL (`…/v1`)."""
-    port = free_port()
-    log = model.parent / f"{model.stem}-server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [find_binary(binary), "-m", str(model), "--embedding", "--host", "127.0.0.1", "--port", str(port),
-             "-t", "1",
-             "-c", "512", "-b", "512", "-ub", "512", "--alias", MODEL_NAME,
-             *(("--pooling", pooling) if pooling else ())],
-            stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                why = exit_reason(proc.returncode)
-                raise RuntimeError(f"llama-server ended ({why}): {log.read_text(errors='replace')[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"llama-server not healthy after {timeout:.0f} s")
-            time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    extra = [
+        "--embedding",
+        "-b",
+        "512",
+        "-ub",
+        "512",
+        "--alias",
+        MODEL_NAME,
+        *(("--pooling", pooling) if pooling else ()),
+    ]
+    with serve(model, binary=binary, ctx=512, extra_args=extra, timeout_s=timeout) as server:
+        yield f"{server.url}/v1"
