@@ -398,7 +398,7 @@ def _build(cache: Path, root: Path, cmake: str, generator: list[str], compiler: 
     found = _load(root)
     if found is None:
         raise LlamaCppBuildError(f"the build in {root} is incomplete")
-    size = sum(p.stat().st_size for p in found.bin.iterdir())
+    size = sum(p.stat().st_size for p in found.bin.iterdir() if not p.is_symlink())  # a .so link is its target
     _say(f"built in {seconds:.0f} s: {len(found.variants)} CPU variants, {size / 1e6:.0f} MB in {found.bin}")
     return found
 
