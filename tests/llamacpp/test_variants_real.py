@@ -8,6 +8,7 @@ answer a completion here. The full build must load the variant ggml's scoring pi
 from __future__ import annotations
 
 import json
+import subprocess
 import urllib.request
 from pathlib import Path
 
@@ -40,6 +41,12 @@ def test_the_build_holds_every_x86_variant_and_rpc(build: lb.LlamaCppBuild) -> N
     assert (build.bin / "libggml-rpc.so").is_file()
     data = json.loads((build.root / "build.json").read_text())
     assert "-DGGML_NATIVE=OFF" in data["cmake_options"] and "-DGGML_CPU_ALL_VARIANTS=ON" in data["cmake_options"]
+    # Every library the executables link is found next to them (RUNPATH $ORIGIN), not in a build tree.
+    for exe in (build.server, build.rpc_server):
+        listed = subprocess.run(["ldd", str(exe)], capture_output=True, text=True, check=True).stdout
+        assert "not found" not in listed, listed
+        own = [ln for ln in listed.splitlines() if "libllama" in ln or "libggml" in ln]
+        assert own and all(str(build.bin) in ln for ln in own), listed
 
 
 def test_the_best_variant_for_this_cpu_loads_and_answers(build: lb.LlamaCppBuild, gemma_file: Path) -> None:

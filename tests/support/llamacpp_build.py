@@ -68,6 +68,10 @@ CMAKE_OPTIONS: tuple[str, ...] = (
     "-DLLAMA_OPENSSL=OFF",
     "-DLLAMA_BUILD_TESTS=OFF",
     "-DLLAMA_BUILD_EXAMPLES=OFF",
+    # The executables find the build's libraries next to themselves wherever the build is moved (by default the
+    # RUNPATH is the scratch build tree, which is gone once the build is in the cache).
+    "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON",
+    "-DCMAKE_INSTALL_RPATH=$ORIGIN",
 )
 TARGETS: tuple[str, ...] = ("llama-server", "ggml-rpc-server")
 SERVER = "llama-server"
@@ -398,9 +402,23 @@ def _build(cache: Path, root: Path, cmake: str, generator: list[str], compiler: 
     found = _load(root)
     if found is None:
         raise LlamaCppBuildError(f"the build in {root} is incomplete")
+    check_loads(found)
     size = sum(p.stat().st_size for p in found.bin.iterdir() if not p.is_symlink())  # a .so link is its target
     _say(f"built in {seconds:.0f} s: {len(found.variants)} CPU variants, {size / 1e6:.0f} MB in {found.bin}")
     return found
+
+
+def check_loads(build: LlamaCppBuild) -> None:
+    """Both executables start from where the build is (`--version`; `--help` for the RPC worker): every library
+    they link is found there. A build that cannot is moved aside and is an error, never a cache entry."""
+    for exe, flag in ((build.server, "--version"), (build.rpc_server, "--help")):
+        done = subprocess.run([str(exe), flag], capture_output=True, text=True, timeout=60, check=False)
+        text = done.stdout + done.stderr
+        if "error while loading shared libraries" in text or done.returncode == 127:
+            aside = build.root.with_name(f".{build.root.name}.broken-{os.getpid()}")
+            build.root.replace(aside)
+            line = next((ln for ln in text.splitlines() if "error" in ln), text.strip()[:200])
+            raise LlamaCppBuildError(f"{exe.name} of the new build does not start: {line} (moved to {aside})")
 
 
 def install(out: Path, tree: Path, root: Path, *, seconds: float, compiler: str) -> None:
