@@ -68,7 +68,10 @@ def register(app: typer.Typer) -> None:
         metrics_port: Annotated[
             int | None,
             typer.Option(
-                "--metrics-port", help="Serve Prometheus /metrics here [default: watch.metrics_port]", min=1, max=65535
+                "--metrics-port",
+                help="Serve Prometheus /metrics here (0: any free port) [default: watch.metrics_port]",
+                min=0,
+                max=65535,
             ),
         ] = None,
         metrics_host: Annotated[

@@ -125,7 +125,7 @@ def test_a_state_directory_that_is_a_file_is_one_line(cli: Wired, tmp_path: Path
 @pytest.mark.parametrize(("args", "option"), [(["ui", "--port", "99999"], "--port"),
                                               (["ui", "--port", "-1"], "--port"),
                                               (["watch", "--metrics-port", "99999"], "--metrics-port"),
-                                              (["watch", "--metrics-port", "0"], "--metrics-port")])  # fmt: skip
+                                              (["watch", "--metrics-port", "-1"], "--metrics-port")])  # fmt: skip
 def test_a_port_out_of_range_is_a_usage_error(tmp_path: Path, args: list[str], option: str) -> None:
     """Issue 29: `ui --port 99999` and `watch --metrics-port 99999` gave a traceback (OverflowError in bind).
     A usage error exits 1 here, as every usage error of `homelab` does (`controller.cli.main`)."""

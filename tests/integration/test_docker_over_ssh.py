@@ -108,12 +108,13 @@ def _proxy_dirs() -> int:
 
 
 def test_a_watch_over_ssh_keeps_threads_fds_and_temp_dirs_flat(
-    server: tuple[sshd_support.Sshd, Path], cluster: str, tmp_path: Path
+    server: tuple[sshd_support.Sshd, Path], cluster: str, tmp_path: Path, busybox_image: str
 ) -> None:
     """200 watch intervals against an ssh:// engine: each reconcile's Session closes what it opened (the SSH
     tunnel's accept thread, its socket and its temporary directory), so nothing grows with the intervals."""
     s, key = server
     far = node(s, key, s.known_hosts).model_dump(mode="json", exclude_none=True)
+    far["llamacpp"]["helper_image"] = busybox_image  # the plan copies a file: its helper must be on the node
     spec = tmp_path / "cluster.yaml"
     spec.write_text(
         json.dumps(
