@@ -344,9 +344,10 @@ def test_edit_apply_invalid_fix(engines: dict[str, FakeDockerNode], tmp_path: Pa
             before = dict(box.containers)
             runs = loop.runs
             spec.write_text(SPEC.replace("context: 4096", "contxt: 2048"))
-            await until(lambda: loop.runs > runs)
+            located = "cluster.yaml:20:5: models[0].contxt: unknown key (did you mean 'context'?)"
+            # a run already under way when the file was saved may end first: wait for the run that read it
+            await until(lambda: loop.runs > runs and located in said.errors)
             assert box.containers == before
-            assert "cluster.yaml:20:5: models[0].contxt: unknown key (did you mean 'context'?)" in said.errors
             status = read_status(tmp_path / "state")
             assert status is not None and status["spec_errors"][0].endswith("unknown key (did you mean 'context'?)")
             # 3. infeasible: 30 GiB, all of it on a 24 GiB GPU: reported at the model, nothing applied
